@@ -1,0 +1,45 @@
+"""KV codecs: a registry of named codecs that turn a KV tensor [2, L, T, C] into a self-describing blob.
+
+    from lmcached.codecs import get_codec
+    blob = get_codec("cachegen").encode(kv)
+    kv2 = get_codec("cachegen").decode(blob)
+
+This package never imports asyncio, aiohttp or Textual.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmcached.errors import CodecError
+
+from .base import Codec
+
+_REGISTRY: dict[str, str] = {"cachegen": "CacheGenCodec", "lossless": "LosslessCodec"}
+
+
+def available_codecs() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_codec(name: str, **params: Any) -> Codec:
+    """A codec by name; keyword params override its defaults. Raises CodecError for an unknown name."""
+    if name not in _REGISTRY:
+        raise CodecError(f"unknown codec {name!r}; available: {', '.join(available_codecs())}")
+    if name == "cachegen":
+        from .cachegen import CacheGenCodec
+
+        return CacheGenCodec(**params)
+    from .lossless import LosslessCodec
+
+    return LosslessCodec(**params)
+
+
+def decode(blob: bytes) -> Any:
+    """Decode any lmcached blob, whichever codec wrote it (the blob names it)."""
+    from .format import unpack
+
+    return get_codec(unpack(blob).codec).decode(blob)
+
+
+__all__ = ["Codec", "CodecError", "available_codecs", "get_codec", "decode"]

@@ -1,0 +1,72 @@
+"""The codec contract: encode a KV tensor [2, L, T, C] to a self-describing blob and back."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmcached.errors import CodecError
+
+DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+TORCH_DTYPES = {v: k for k, v in DTYPES.items()}
+
+
+class Codec:
+    """Base of every codec; subclasses set `name` and implement encode/decode."""
+
+    name: str = ""
+    lossy: bool = False
+    params: dict[str, Any]
+
+    def encode(self, kv: torch.Tensor) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, blob: bytes, device: str | torch.device | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def check(kv: Any) -> tuple[str, tuple[int, int, int, int]]:
+        if not isinstance(kv, torch.Tensor):
+            raise CodecError("kv must be a torch.Tensor")
+        if kv.dim() != 4 or kv.shape[0] != 2:
+            raise CodecError(f"kv must have shape [2, L, T, C], got {list(kv.shape)}")
+        if kv.dtype not in DTYPES:
+            raise CodecError(f"kv dtype {kv.dtype} is not supported (float16, bfloat16, float32)")
+        if min(kv.shape) == 0:
+            raise CodecError(f"kv must not be empty, got shape {list(kv.shape)}")
+        return DTYPES[kv.dtype], tuple(int(d) for d in kv.shape)  # type: ignore[return-value]
+
+    @staticmethod
+    def check_finite(kv: torch.Tensor) -> None:
+        """Lossy codecs need finite values (a NaN has no spread to scale by)."""
+        if not bool(torch.isfinite(kv).all()):
+            raise CodecError("kv holds NaN or infinite values")
+
+    @staticmethod
+    def _array(section: memoryview, count: int | None, dtype: Any) -> np.ndarray:
+        dt = np.dtype(dtype)
+        if section.nbytes % dt.itemsize or (count is not None and section.nbytes != count * dt.itemsize):
+            raise CodecError("a blob section has the wrong size")
+        return np.frombuffer(section, dtype=dt)
+
+
+def as_float32_numpy(kv: torch.Tensor) -> np.ndarray:
+    return kv.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+def from_float32(out: np.ndarray, dtype: str, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(out).to(device=device, dtype=TORCH_DTYPES[dtype])
+
+
+@functools.cache
+def gpu_available() -> bool:
+    """True when Numba can reach a CUDA device (or its simulator is on)."""
+    try:
+        from numba import cuda
+
+        return bool(cuda.is_available())
+    except Exception:  # numba-cuda missing or its driver probe failed: no GPU path
+        return False

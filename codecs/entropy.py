@@ -1,0 +1,123 @@
+"""Entropy coding of byte symbols in groups: frequency tables, their compact serialisation, lanes of rANS.
+
+This module validates and picks the target; `rans_cpu` (Numba) and `rans_cuda` (Numba-CUDA) hold the kernels.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmcached.errors import CodecError
+
+from . import rans_cpu
+from .rans_cpu import PROB_BITS, PROB_SCALE, STATE_WORDS
+
+_TABLE_HEAD = struct.Struct("<BH")
+
+
+def normalize(counts: np.ndarray) -> np.ndarray:
+    """Histograms [G, 256] -> frequencies summing to 2**PROB_BITS per group, every seen symbol at least 1."""
+    counts = counts.astype(np.int64)
+    totals = np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    freq = (counts * PROB_SCALE) // totals
+    freq[(counts > 0) & (freq == 0)] = 1
+    for g in range(freq.shape[0]):
+        row = freq[g]
+        if row.sum() == 0:  # an empty group still needs a valid table
+            row[0] = PROB_SCALE
+        diff = PROB_SCALE - int(row.sum())
+        while diff != 0:
+            top = int(np.argmax(row))
+            step = diff if diff > 0 else -min(-diff, int(row[top]) - 1)
+            row[top] += step
+            diff -= step
+    return freq.astype(np.uint32)
+
+
+def pack_tables(freq: np.ndarray) -> bytes:
+    """Only the span of symbols a table uses: first symbol, count, then 16-bit frequencies."""
+    parts = []
+    for row in freq:
+        used = np.nonzero(row)[0]
+        first, last = int(used[0]), int(used[-1])
+        parts.append(_TABLE_HEAD.pack(first, last - first + 1))
+        parts.append(row[first : last + 1].astype("<u2").tobytes())
+    return b"".join(parts)
+
+
+def unpack_tables(data: memoryview, groups: int) -> np.ndarray:
+    freq = np.zeros((groups, 256), dtype=np.uint32)
+    pos = 0
+    raw = bytes(data)
+    for g in range(groups):
+        if pos + _TABLE_HEAD.size > len(raw):
+            raise CodecError("frequency tables are truncated")
+        first, count = _TABLE_HEAD.unpack_from(raw, pos)
+        pos += _TABLE_HEAD.size
+        if first + count > 256 or count == 0 or pos + 2 * count > len(raw):
+            raise CodecError("frequency table is malformed")
+        freq[g, first : first + count] = np.frombuffer(raw, dtype="<u2", count=count, offset=pos)
+        pos += 2 * count
+    if pos != len(raw):
+        raise CodecError("frequency tables have trailing bytes")
+    return freq
+
+
+def cumulative(freq: np.ndarray) -> np.ndarray:
+    cum = np.zeros_like(freq)
+    np.cumsum(freq[:, :-1], axis=1, out=cum[:, 1:])
+    return cum
+
+
+@dataclass
+class Coded:
+    tables: bytes
+    offsets: np.ndarray  # uint32 [lanes + 1], in words
+    words: np.ndarray  # uint16
+
+
+def lanes_for(group_len: int, lane_size: int) -> int:
+    return -(-group_len // lane_size)
+
+
+def encode(symbols: np.ndarray, groups: int, group_len: int, lane_size: int) -> Coded:
+    """rANS-code `symbols` (uint8, groups * group_len) with one table per group."""
+    counts = rans_cpu.histogram(symbols, groups, group_len)
+    freq = normalize(counts)
+    cum = cumulative(freq)
+    lanes = groups * lanes_for(group_len, lane_size)
+    scratch = np.empty((lanes, lane_size + STATE_WORDS), dtype=np.uint16)
+    lane_words = np.zeros(lanes, dtype=np.int64)
+    rans_cpu.encode_lanes(symbols, groups, group_len, lane_size, freq, cum, scratch, lane_words)
+    offsets = np.zeros(lanes + 1, dtype=np.int64)
+    np.cumsum(lane_words, out=offsets[1:])
+    words = np.empty(int(offsets[-1]), dtype=np.uint16)
+    rans_cpu.gather_lanes(scratch, lane_words, offsets, words)
+    return Coded(pack_tables(freq), offsets.astype("<u4"), words)
+
+
+def decode(tables: memoryview, offsets: np.ndarray, words: np.ndarray, groups: int, group_len: int, lane_size: int) -> np.ndarray:
+    """Inverse of `encode`; raises CodecError when the coded data does not decode cleanly."""
+    freq = unpack_tables(tables, groups)
+    if not np.all(freq.sum(axis=1) == PROB_SCALE):
+        raise CodecError("frequency table does not sum to the coder's scale")
+    lanes = groups * lanes_for(group_len, lane_size)
+    offsets = offsets.astype(np.int64)
+    if offsets.shape[0] != lanes + 1 or offsets[0] != 0 or offsets[-1] != words.shape[0] or np.any(np.diff(offsets) < 0):
+        raise CodecError("lane offsets do not match the coded words")
+    cum = cumulative(freq)
+    slot2sym = np.empty((groups, PROB_SCALE), dtype=np.uint8)
+    symbols = np.arange(256, dtype=np.uint8)
+    for g in range(groups):
+        slot2sym[g] = np.repeat(symbols, freq[g])
+    out = np.empty(groups * group_len, dtype=np.uint8)
+    bad = rans_cpu.decode_lanes(words, offsets, groups, group_len, lane_size, freq, cum, slot2sym, out)
+    if bad:
+        raise CodecError(f"{bad} rANS lane(s) failed to decode: the blob is corrupted")
+    return out
+
+
+__all__ = ["PROB_BITS", "Coded", "encode", "decode", "normalize"]

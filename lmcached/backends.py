@@ -1,0 +1,419 @@
+"""Storage backends of a worker: chunks in RAM (LocalCPUBackend) and in a directory (LocalDiskBackend)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from lmcached.errors import InvalidRequest, LmcachedError
+
+log = logging.getLogger(__name__)
+
+CPU: str = "LocalCPUBackend"
+DISK: str = "LocalDiskBackend"
+LOCATIONS = (CPU, DISK)
+
+
+class StoreFull(LmcachedError):
+    """A chunk does not fit: the backend is full of pinned chunks, or the chunk exceeds the capacity."""
+
+    http_status = 507
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One chunk's KV, raw or compressed. Immutable: a compress swaps in a new Chunk, readers keep theirs."""
+
+    key: int
+    num_tokens: int
+    shape: tuple[int, ...]  # [2, L, T, C] of the raw tensor
+    dtype: str  # "float16", "bfloat16" or "float32"
+    data: bytes  # raw tensor bytes (C order), or a codec blob
+    method: str | None = None  # None: raw; else the codec name that made `data`
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "num_tokens": self.num_tokens,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "method": self.method,
+            "nbytes": self.nbytes,
+        }
+
+    @staticmethod
+    def from_meta(meta: dict[str, Any], data: bytes) -> Chunk:
+        return Chunk(
+            key=int(meta["key"]),
+            num_tokens=int(meta["num_tokens"]),
+            shape=tuple(int(d) for d in meta["shape"]),
+            dtype=str(meta["dtype"]),
+            data=data,
+            method=meta.get("method"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkInfo:
+    """What the controller's index knows of a chunk at one location (no data)."""
+
+    key: int
+    num_tokens: int
+    nbytes: int
+    method: str | None
+    pinned: bool
+
+    def as_wire(self) -> list[Any]:
+        return [self.key, self.num_tokens, self.nbytes, self.method, self.pinned]
+
+
+class Backend:
+    """Shared bookkeeping: LRU order, pinning, capacity and the statistics the controller shows."""
+
+    name: str = ""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        # key -> (num_tokens, nbytes, method); the order is least recently used first.
+        self._meta: OrderedDict[int, tuple[int, int, str | None]] = OrderedDict()
+        self._pinned: set[int] = set()
+        self.used_bytes = 0
+        self._lock = threading.RLock()
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._meta
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def keys(self) -> list[int]:
+        with self._lock:
+            return list(self._meta)
+
+    def info(self, key: int) -> ChunkInfo | None:
+        with self._lock:
+            entry = self._meta.get(key)
+            if entry is None:
+                return None
+            return ChunkInfo(key, entry[0], entry[1], entry[2], key in self._pinned)
+
+    def infos(self) -> Iterator[ChunkInfo]:
+        for key in self.keys():
+            info = self.info(key)
+            if info is not None:
+                yield info
+
+    def is_pinned(self, key: int) -> bool:
+        return key in self._pinned
+
+    def set_pinned(self, key: int, pinned: bool) -> bool:
+        """Pin or unpin a stored chunk; False when the chunk is not here."""
+        with self._lock:
+            if key not in self._meta:
+                return False
+            if pinned:
+                self._pinned.add(key)
+            else:
+                self._pinned.discard(key)
+            return True
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            compressed = [m for m in self._meta.values() if m[2] is not None]
+            return {
+                "chunks": len(self._meta),
+                "tokens": sum(m[0] for m in self._meta.values()),
+                "bytes": self.used_bytes,
+                "capacity_bytes": self.capacity_bytes,
+                "compressed_chunks": len(compressed),
+                "pinned_chunks": len(self._pinned),
+            }
+
+    def _admit_meta(self, chunk: Chunk) -> list[int]:
+        """Record a chunk, evicting least recently used unpinned chunks to fit; returns the evicted keys."""
+        if chunk.nbytes > self.capacity_bytes:
+            raise StoreFull(f"{self.name}: a {chunk.nbytes}-byte chunk exceeds the capacity of {self.capacity_bytes}")
+        old = self._meta.pop(chunk.key, None)
+        if old is not None:
+            self.used_bytes -= old[1]
+        evicted: list[int] = []
+        victims = iter(list(self._meta))
+        while self.used_bytes + chunk.nbytes > self.capacity_bytes:
+            victim = next((k for k in victims if k not in self._pinned), None)
+            if victim is None:
+                if old is not None:  # put the previous version back untouched
+                    self._meta[chunk.key] = old
+                    self.used_bytes += old[1]
+                raise StoreFull(f"{self.name} is full of pinned chunks ({self.used_bytes} of {self.capacity_bytes} bytes)")
+            self._drop(victim)
+            evicted.append(victim)
+        self._meta[chunk.key] = (chunk.num_tokens, chunk.nbytes, chunk.method)
+        self.used_bytes += chunk.nbytes
+        return evicted
+
+    def _forget_meta(self, key: int) -> bool:
+        entry = self._meta.pop(key, None)
+        if entry is None:
+            return False
+        self.used_bytes -= entry[1]
+        self._pinned.discard(key)
+        return True
+
+    def _touch(self, key: int) -> None:
+        if key in self._meta:
+            self._meta.move_to_end(key)
+
+    # Subclass hooks ---------------------------------------------------------------------------------
+    def _drop(self, key: int) -> None:
+        """Evict one chunk (metadata and data)."""
+        raise NotImplementedError
+
+    def put(self, chunk: Chunk) -> list[int]:
+        raise NotImplementedError
+
+    def get(self, key: int) -> Chunk | None:
+        raise NotImplementedError
+
+    def remove(self, key: int) -> bool:
+        raise NotImplementedError
+
+
+class LocalCPUBackend(Backend):
+    """Chunks in RAM, LRU-evicted past `max_local_cpu_size` except when pinned."""
+
+    name = CPU
+
+    def __init__(self, capacity_bytes: int) -> None:
+        super().__init__(capacity_bytes)
+        self._data: dict[int, Chunk] = {}
+
+    def put(self, chunk: Chunk) -> list[int]:
+        with self._lock:
+            evicted = self._admit_meta(chunk)
+            self._data[chunk.key] = chunk
+            return evicted
+
+    def get(self, key: int) -> Chunk | None:
+        with self._lock:
+            chunk = self._data.get(key)
+            if chunk is not None:
+                self._touch(key)
+            return chunk
+
+    def replace_if_same(self, old: Chunk, new: Chunk) -> bool:
+        """Swap `old` for `new` unless the chunk changed or left meanwhile (compare-and-set for compress)."""
+        with self._lock:
+            if self._data.get(old.key) is not old:
+                return False
+            pinned = old.key in self._pinned
+            self._forget_meta(old.key)
+            self._data.pop(old.key, None)
+            try:
+                self.put(new)
+            except StoreFull:
+                self.put(old)
+                raise
+            if pinned:
+                self._pinned.add(new.key)
+            return True
+
+    def _drop(self, key: int) -> None:
+        self._forget_meta(key)
+        self._data.pop(key, None)
+
+    def remove(self, key: int) -> bool:
+        with self._lock:
+            self._data.pop(key, None)
+            return self._forget_meta(key)
+
+
+_DISK_MAGIC = b"LMCDISK1"
+_DISK_HEAD = struct.Struct("<8sI")
+_CHECKSUM_BYTES = 16
+
+
+class CorruptChunkFile(LmcachedError):
+    """A chunk file on disk failed its checksum or could not be parsed; it is dropped, never served."""
+
+
+class LocalDiskBackend(Backend):
+    """Chunks as files in a directory: atomic writes (temp, fsync, rename) with a checksum verified on read.
+
+    The directory survives restarts: on start the backend re-reads every file's metadata. Call its methods
+    from the worker's executor, never from the event loop: they do disk I/O.
+    """
+
+    name = DISK
+    SUFFIX = ".kv"
+
+    def __init__(self, directory: Path, capacity_bytes: int) -> None:
+        super().__init__(capacity_bytes)
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.dropped_corrupt: list[int] = []
+        self._scan()
+
+    def _path(self, key: int) -> Path:
+        return self.directory / f"{key:016x}{self.SUFFIX}"
+
+    def _scan(self) -> None:
+        for tmp in self.directory.glob("*.tmp"):  # a write that died before its rename
+            tmp.unlink(missing_ok=True)
+        files = sorted(self.directory.glob(f"*{self.SUFFIX}"), key=lambda p: p.stat().st_mtime)
+        for path in files:
+            try:
+                meta = self._read_meta(path)
+                chunk = Chunk.from_meta(meta, b"")
+                if chunk.key != int(path.stem, 16):
+                    raise CorruptChunkFile(f"{path.name}: key in file does not match its name")
+                self._meta[chunk.key] = (chunk.num_tokens, int(meta["nbytes"]), chunk.method)
+                self.used_bytes += int(meta["nbytes"])
+                if meta.get("pinned"):
+                    self._pinned.add(chunk.key)
+            except (CorruptChunkFile, OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("dropping unreadable chunk file %s: %s", path, exc)
+                path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _read_meta(path: Path) -> dict[str, Any]:
+        with path.open("rb") as f:
+            head = f.read(_DISK_HEAD.size)
+            if len(head) < _DISK_HEAD.size:
+                raise CorruptChunkFile(f"{path.name}: truncated header")
+            magic, meta_len = _DISK_HEAD.unpack(head)
+            if magic != _DISK_MAGIC or meta_len > 1 << 20:
+                raise CorruptChunkFile(f"{path.name}: not an lmcached chunk file")
+            meta = orjson.loads(f.read(meta_len))
+        if not isinstance(meta, dict):
+            raise CorruptChunkFile(f"{path.name}: metadata is not an object")
+        return meta
+
+    def _write(self, chunk: Chunk, pinned: bool) -> None:
+        meta = orjson.dumps({**chunk.meta(), "pinned": pinned})
+        checksum = hashlib.blake2b(meta, digest_size=_CHECKSUM_BYTES)
+        checksum.update(chunk.data)
+        path = self._path(chunk.key)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with tmp.open("wb") as f:
+            f.write(_DISK_HEAD.pack(_DISK_MAGIC, len(meta)))
+            f.write(meta)
+            f.write(chunk.data)
+            f.write(checksum.digest())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def put(self, chunk: Chunk) -> list[int]:
+        with self._lock:
+            pinned = chunk.key in self._pinned
+            evicted = self._admit_meta(chunk)
+            try:
+                self._write(chunk, pinned)
+            except OSError:
+                self._forget_meta(chunk.key)
+                raise
+            return evicted
+
+    def get(self, key: int) -> Chunk | None:
+        with self._lock:
+            if key not in self._meta:
+                return None
+            path = self._path(key)
+            try:
+                raw = path.read_bytes()
+                chunk = self._parse(raw, path.name)
+            except (OSError, CorruptChunkFile) as exc:
+                log.error("chunk %016x on disk is unreadable, dropping it: %s", key, exc)
+                self.dropped_corrupt.append(key)
+                self._forget_meta(key)
+                path.unlink(missing_ok=True)
+                return None
+            self._touch(key)
+            return chunk
+
+    @staticmethod
+    def _parse(raw: bytes, name: str) -> Chunk:
+        if len(raw) < _DISK_HEAD.size + _CHECKSUM_BYTES:
+            raise CorruptChunkFile(f"{name}: truncated")
+        magic, meta_len = _DISK_HEAD.unpack_from(raw)
+        body_end = len(raw) - _CHECKSUM_BYTES
+        meta_end = _DISK_HEAD.size + meta_len
+        if magic != _DISK_MAGIC or meta_end > body_end:
+            raise CorruptChunkFile(f"{name}: bad header")
+        view = memoryview(raw)
+        checksum = hashlib.blake2b(view[_DISK_HEAD.size : meta_end], digest_size=_CHECKSUM_BYTES)
+        checksum.update(view[meta_end:body_end])
+        if checksum.digest() != raw[body_end:]:
+            raise CorruptChunkFile(f"{name}: checksum mismatch")
+        try:
+            meta = orjson.loads(view[_DISK_HEAD.size : meta_end])
+            return Chunk.from_meta(meta, bytes(view[meta_end:body_end]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise CorruptChunkFile(f"{name}: bad metadata ({exc})") from None
+
+    def set_pinned(self, key: int, pinned: bool) -> bool:
+        with self._lock:
+            if not super().set_pinned(key, pinned):
+                return False
+            # Pinning survives a restart: rewrite the file with the new flag.
+            chunk = self.get(key)
+            if chunk is not None:
+                self._write(chunk, pinned)
+            return chunk is not None
+
+    def replace_if_same(self, old: Chunk, new: Chunk) -> bool:
+        """Swap in a new version unless the chunk changed on disk meanwhile; the file swap is atomic."""
+        with self._lock:
+            current = self._meta.get(old.key)
+            if current is None or current[1:] != (old.nbytes, old.method):
+                return False
+            pinned = old.key in self._pinned
+            self._forget_meta(old.key)
+            if pinned:
+                self._pinned.add(old.key)
+            try:
+                self.put(new)
+            except (StoreFull, OSError):
+                self._meta[old.key] = (old.num_tokens, old.nbytes, old.method)
+                self.used_bytes += old.nbytes
+                raise
+            return True
+
+    def _drop(self, key: int) -> None:
+        self._forget_meta(key)
+        self._path(key).unlink(missing_ok=True)
+
+    def remove(self, key: int) -> bool:
+        with self._lock:
+            if not self._forget_meta(key):
+                return False
+            self._path(key).unlink(missing_ok=True)
+            return True
+
+
+def check_location(location: Any) -> str:
+    """Validate a location name from a request."""
+    if not isinstance(location, str):
+        raise InvalidRequest("location must be a string", "location", 422)
+    if location not in LOCATIONS:
+        raise InvalidRequest(f"unknown location {location!r}; known: {', '.join(LOCATIONS)}", "location")
+    return location

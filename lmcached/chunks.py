@@ -1,0 +1,73 @@
+"""Tokens to chunks: the one function that computes chunk keys, used by client, worker and controller alike."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmcached.errors import InvalidRequest
+
+KEY_BYTES = 8
+#: The chain starts from this value, so chunk 0's key depends on nothing but its own tokens.
+ROOT_KEY = bytes(KEY_BYTES)
+MAX_TOKEN_ID = 2**32 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkSpan:
+    """One chunk of a token sequence: its key and the token range [start, end) it covers."""
+
+    key: int
+    start: int
+    end: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+def tokens_array(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Validate token ids and pack them as little-endian uint32, the form the hash reads."""
+    try:
+        arr = np.asarray(tokens)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidRequest("tokens must be a list of integers", "tokens", 422) from None
+    if arr.ndim != 1:
+        raise InvalidRequest("tokens must be a flat list of integers", "tokens", 422)
+    if arr.size == 0:
+        return np.zeros(0, dtype="<u4")
+    if arr.dtype.kind not in "iu":
+        raise InvalidRequest("tokens must be a list of integers", "tokens", 422)
+    if int(arr.min()) < 0 or int(arr.max()) > MAX_TOKEN_ID:
+        raise InvalidRequest(f"token ids must lie in 0..{MAX_TOKEN_ID}", "tokens", 422)
+    return arr.astype("<u4", copy=False)
+
+
+def chunk_spans(tokens: Sequence[int] | np.ndarray, chunk_size: int, save_unfull_chunk: bool = True) -> list[ChunkSpan]:
+    """Cut tokens into chunks and key each one by a chained hash: h_i = blake2b(h_{i-1} || tokens of chunk i).
+
+    The hash is blake2b with an 8-byte digest, stable across processes and machines (Python's hash() is
+    salted per process, which broke LMCache's lookups across workers). The last, partial chunk is kept
+    unless `save_unfull_chunk` is off.
+    """
+    arr = tokens_array(tokens)
+    spans: list[ChunkSpan] = []
+    previous = ROOT_KEY
+    n = len(arr)
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        if end - start < chunk_size and not save_unfull_chunk:
+            break
+        digest = hashlib.blake2b(previous, digest_size=KEY_BYTES)
+        digest.update(arr[start:end].tobytes())
+        previous = digest.digest()
+        spans.append(ChunkSpan(int.from_bytes(previous, "little"), start, end))
+    return spans
+
+
+def key_hex(key: int) -> str:
+    """A chunk key as 16 hex digits, the way logs and the TUI show it."""
+    return f"{key:016x}"

@@ -1,0 +1,356 @@
+"""The `lmcached` command line: thin typer commands that forward to one function each.
+
+Heavy modules (torch, numba, aiohttp, Textual) are imported inside the commands that need them, so
+`lmcached --help` and the scripted operations start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+
+from lmcached import DEFAULT_INSTANCE_ID
+from lmcached.errors import LmcachedError
+
+app = typer.Typer(
+    name="lmcached",
+    help="A KV-cache daemon for LLM serving: see where a prompt's KV cache lives; compress, pin, move and clear it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DEFAULT_CONTROLLER = "http://127.0.0.1:9000"
+CPU_LOCATION = "LocalCPUBackend"
+
+ControllerOpt = typer.Option(DEFAULT_CONTROLLER, "--controller", envvar="LMCACHED_CONTROLLER", help="Controller URL.")
+TokenOpt = typer.Option(None, "--auth-token", envvar="LMCACHED_AUTH_TOKEN", help="Bearer token, when the daemon has one.")
+TokensOpt = typer.Option(None, "--tokens", help="Token ids, comma-separated: 1,2,3.")
+TokensFileOpt = typer.Option(None, "--tokens-file", help="A file of token ids: a JSON list, or ids separated by commas/spaces.")
+InstanceOpt = typer.Option(DEFAULT_INSTANCE_ID, "--instance-id", help="The instance to act on.")
+LocationOpt = typer.Option(CPU_LOCATION, "--location", help="LocalCPUBackend or LocalDiskBackend.")
+MethodOpt = typer.Option("cachegen", "--method", help="Codec: cachegen (lossy, default) or lossless.")
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+# ---------------------------------------------------------------------------------------------- daemons
+def _load_config(config_file: Path | None, overrides: dict[str, Any]) -> Any:
+    from lmcached.config import load_config
+    from lmcached.errors import ConfigError
+
+    try:
+        return load_config(config_file, overrides)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+
+
+def _setup_logging(verbose: bool) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+@app.command()
+def serve(
+    host: str | None = typer.Option(None, help="Address to bind (default 127.0.0.1)."),
+    port: int | None = typer.Option(None, help="HTTP controller port (default 9000)."),
+    monitor_port: int | None = typer.Option(None, help="Worker/monitor TCP port (default 9001)."),
+    worker_port: int | None = typer.Option(None, help="Data-plane port of the embedded instance (default 8001)."),
+    config: Path | None = typer.Option(None, "--config", help="YAML config (LMCache's keys); also LMCACHE_CONFIG_FILE."),
+    auth_token: str | None = typer.Option(None, "--auth-token", help="Require this token (also LMCACHED_AUTH_TOKEN)."),
+    local_disk: str | None = typer.Option(None, "--local-disk", help="Directory for the embedded instance's disk backend."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run the controller, the worker/monitor port and the embedded default instance."""
+    import asyncio
+
+    from lmcached.serve import run
+
+    cfg = _load_config(
+        config,
+        {
+            "host": host,
+            "port": port,
+            "monitor_port": monitor_port,
+            "lmcache_worker_port": worker_port,
+            "auth_token": auth_token,
+            "local_disk": local_disk,
+        },
+    )
+    _setup_logging(verbose)
+    try:
+        asyncio.run(run(cfg))
+    except OSError as exc:
+        fail(f"cannot start: {exc}")
+    except LmcachedError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def worker(
+    instance_id: str | None = typer.Option(None, "--instance-id", help="Instance this worker serves."),
+    controller: str | None = typer.Option(None, "--controller", help="Controller's worker port, HOST:PORT (default localhost:9001)."),
+    host: str | None = typer.Option(None, help="Address the data plane binds."),
+    port: int | None = typer.Option(None, "--port", help="Data-plane port (default 8001)."),
+    local_disk: str | None = typer.Option(None, "--local-disk", help="Directory for the disk backend."),
+    config: Path | None = typer.Option(None, "--config"),
+    auth_token: str | None = typer.Option(None, "--auth-token"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run a worker alone that dials a controller (reconnecting with backoff)."""
+    import asyncio
+    import signal
+
+    from lmcached.worker import Worker
+
+    cfg = _load_config(
+        config,
+        {
+            "lmcache_instance_id": instance_id,
+            "controller_url": controller,
+            "host": host,
+            "lmcache_worker_port": port,
+            "local_disk": local_disk,
+            "auth_token": auth_token,
+        },
+    )
+    _setup_logging(verbose)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        w = Worker(cfg)
+        await w.start()
+        print(
+            "lmcached worker ready " + json.dumps({"instance_id": w.instance_id, "worker_id": w.worker_id, "data": w.data_port}), flush=True
+        )
+        try:
+            await stop.wait()
+        finally:
+            await w.stop()
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        fail(f"cannot start: {exc}")
+    except LmcachedError as exc:
+        fail(str(exc))
+
+
+# ---------------------------------------------------------------------------------------------- operations
+def _tokens(tokens: str | None, tokens_file: Path | None) -> list[int]:
+    if (tokens is None) == (tokens_file is None):
+        fail("give exactly one of --tokens or --tokens-file", 2)
+    text = tokens if tokens is not None else _read(tokens_file)  # type: ignore[arg-type]
+    text = text.strip()
+    try:
+        if text.startswith("["):
+            values = json.loads(text)
+        else:
+            values = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError as exc:
+        fail(f"token ids must be integers: {exc}", 2)
+    if not isinstance(values, list) or not all(type(v) is int for v in values):
+        fail("token ids must be a list of integers", 2)
+    return values
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror}", 2)
+
+
+def call(controller: str, path: str, body: dict[str, Any] | None, token: str | None) -> dict[str, Any]:
+    """POST (or GET when body is None) to the controller; print nothing, raise nothing: fail() on errors."""
+    url = controller.rstrip("/") + path
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST")
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read()).get("detail", exc.reason)
+        except (ValueError, AttributeError):
+            detail = exc.reason
+        fail(f"{exc.code}: {detail}")
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        fail(f"cannot reach the controller at {controller}: {reason}")
+
+
+def _print(answer: dict[str, Any]) -> None:
+    typer.echo(json.dumps(answer, indent=2))
+
+
+@app.command()
+def lookup(
+    tokens: str | None = TokensOpt,
+    tokens_file: Path | None = TokensFileOpt,
+    controller: str = ControllerOpt,
+    auth_token: str | None = TokenOpt,
+) -> None:
+    """Which instances hold a prefix of these tokens, where, and how long."""
+    _print(call(controller, "/lookup", {"tokens": _tokens(tokens, tokens_file)}, auth_token))
+
+
+def _on_prefix(
+    op: str,
+    tokens: str | None,
+    tokens_file: Path | None,
+    instance_id: str,
+    location: str,
+    controller: str,
+    auth_token: str | None,
+    method: str | None = None,
+) -> None:
+    body: dict[str, Any] = {"instance_id": instance_id, "location": location, "tokens": _tokens(tokens, tokens_file)}
+    if method is not None:
+        body["method"] = method
+    _print(call(controller, f"/{op}", body, auth_token))
+
+
+@app.command()
+def compress(
+    tokens: str | None = TokensOpt,
+    tokens_file: Path | None = TokensFileOpt,
+    instance_id: str = InstanceOpt,
+    location: str = LocationOpt,
+    method: str = MethodOpt,
+    controller: str = ControllerOpt,
+    auth_token: str | None = TokenOpt,
+) -> None:
+    """Compress the cached prefix of these tokens (keeps the raw bytes until the compressed ones are whole)."""
+    _on_prefix("compress", tokens, tokens_file, instance_id, location, controller, auth_token, method)
+
+
+@app.command()
+def decompress(
+    tokens: str | None = TokensOpt,
+    tokens_file: Path | None = TokensFileOpt,
+    instance_id: str = InstanceOpt,
+    location: str = LocationOpt,
+    method: str = MethodOpt,
+    controller: str = ControllerOpt,
+    auth_token: str | None = TokenOpt,
+) -> None:
+    """Decompress the cached prefix of these tokens back to raw KV."""
+    _on_prefix("decompress", tokens, tokens_file, instance_id, location, controller, auth_token, method)
+
+
+@app.command()
+def pin(
+    tokens: str | None = TokensOpt,
+    tokens_file: Path | None = TokensFileOpt,
+    instance_id: str = InstanceOpt,
+    location: str = LocationOpt,
+    controller: str = ControllerOpt,
+    auth_token: str | None = TokenOpt,
+) -> None:
+    """Pin the cached prefix of these tokens: never evicted until unpinned."""
+    _on_prefix("pin", tokens, tokens_file, instance_id, location, controller, auth_token)
+
+
+@app.command()
+def unpin(
+    tokens: str | None = TokensOpt,
+    tokens_file: Path | None = TokensFileOpt,
+    instance_id: str = InstanceOpt,
+    location: str = LocationOpt,
+    controller: str = ControllerOpt,
+    auth_token: str | None = TokenOpt,
+) -> None:
+    """Unpin the cached prefix of these tokens."""
+    _on_prefix("unpin", tokens, tokens_file, instance_id, location, controller, auth_token)
+
+
+@app.command()
+def clear(
+    tokens: str | None = typer.Option(None, "--tokens", help="Token ids; omit to clear the whole location."),
+    tokens_file: Path | None = TokensFileOpt,
+    instance_id: str = InstanceOpt,
+    location: str = LocationOpt,
+    controller: str = ControllerOpt,
+    auth_token: str | None = TokenOpt,
+) -> None:
+    """Clear a prompt's chunks (or, without tokens, everything) at a location."""
+    body: dict[str, Any] = {"instance_id": instance_id, "location": location}
+    if tokens is not None or tokens_file is not None:
+        body["tokens"] = _tokens(tokens, tokens_file)
+    _print(call(controller, "/clear", body, auth_token))
+
+
+@app.command()
+def move(
+    tokens: str | None = TokensOpt,
+    tokens_file: Path | None = TokensFileOpt,
+    instance_id: str = InstanceOpt,
+    location: str = LocationOpt,
+    to_instance: str | None = typer.Option(None, "--to-instance", help="Target instance (default: the same)."),
+    to_location: str = typer.Option(..., "--to-location", help="Target location."),
+    copy: bool = typer.Option(False, "--copy", help="Keep the source chunks."),
+    controller: str = ControllerOpt,
+    auth_token: str | None = TokenOpt,
+) -> None:
+    """Move (or copy) a prompt's chunks to another location or instance."""
+    body = {
+        "old_position": [instance_id, location],
+        "new_position": [to_instance or instance_id, to_location],
+        "tokens": _tokens(tokens, tokens_file),
+        "copy": copy,
+    }
+    _print(call(controller, "/move", body, auth_token))
+
+
+@app.command()
+def health(instance_id: str = InstanceOpt, controller: str = ControllerOpt, auth_token: str | None = TokenOpt) -> None:
+    """Ask every worker of an instance whether it answers (0 = healthy)."""
+    answer = call(controller, "/health", {"instance_id": instance_id}, auth_token)
+    _print(answer)
+    if any(code != 0 for code in answer.get("error_codes", {}).values()):
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    event_id: str = typer.Argument(..., help="The event_id an operation returned."),
+    controller: str = ControllerOpt,
+    auth_token: str | None = TokenOpt,
+) -> None:
+    """The status of an operation (/check_finish): pending, running, finished or failed."""
+    answer = call(controller, "/check_finish", {"event_id": event_id}, auth_token)
+    _print(answer)
+    if answer.get("status") == "failed":
+        raise typer.Exit(1)
+
+
+@app.command()
+def instances(controller: str = ControllerOpt, auth_token: str | None = TokenOpt) -> None:
+    """Every instance with its workers and, per location, chunks, tokens and bytes."""
+    _print(call(controller, "/instances", None, auth_token))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""KVClient / AsyncKVClient: store, look up and retrieve a prompt's KV on a worker's data plane.
+
+    with KVClient("127.0.0.1:8001") as c:
+        c.store(tokens, kv)      # kv: torch.Tensor [2, L, len(tokens), C]; returns tokens stored
+        c.lookup(tokens)         # -> cached prefix length
+        c.retrieve(tokens)       # -> torch.Tensor [2, L, n, C] for the cached prefix, or None
+
+KV travels as raw bytes in frames. The blocking client reads payloads straight into the result's buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lmcached.backends import Chunk
+from lmcached.chunks import ChunkSpan, chunk_spans
+from lmcached.dataplane import CLIENT_ROLE, chunk_headers
+from lmcached.errors import LmcachedError, ProtocolError, Unauthorized
+from lmcached.frames import (
+    MAX_DATA_PAYLOAD_BYTES,
+    PREFIX_BYTES,
+    Kind,
+    decode_header,
+    decode_prefix,
+    frame_parts,
+    read_frame_head,
+    read_payload,
+)
+from lmcached.tensors import byte_view, check_kv, dtype_from_name, dtype_name
+from lmcached.worker import parse_address
+
+
+class DataPlaneError(LmcachedError):
+    """The worker refused a data-plane request (it says why)."""
+
+
+def _store_frame(spans: list[ChunkSpan], kv: torch.Tensor, req_id: int) -> list[Any]:
+    dtype = dtype_name(kv.dtype)
+    metas, payloads = [], []
+    for span in spans:
+        part = kv[:, :, span.start : span.end, :].contiguous()
+        view = byte_view(part)
+        metas.append(
+            {
+                "key": span.key,
+                "num_tokens": span.num_tokens,
+                "shape": list(part.shape),
+                "dtype": dtype,
+                "method": None,
+                "nbytes": view.nbytes,
+            }
+        )
+        payloads.append(view)
+    return frame_parts(Kind.STORE, {"req_id": req_id, "chunks": metas}, payloads)
+
+
+def _chunks_frame(chunks: Sequence[Chunk], location: str | None, req_id: int) -> list[Any]:
+    header = {"req_id": req_id, "chunks": [c.meta() for c in chunks], "location": location}
+    return frame_parts(Kind.STORE, header, [c.data for c in chunks])
+
+
+def _check_reply(kind: Kind, header: dict[str, Any]) -> dict[str, Any]:
+    if kind == Kind.ERROR:
+        status = header.get("status")
+        detail = str(header.get("detail", "worker error"))
+        raise Unauthorized(detail) if status == 401 else ProtocolError(detail)
+    if kind != Kind.REPLY:
+        raise ProtocolError(f"expected a reply, got {kind.name}")
+    if "error" in header:
+        raise DataPlaneError(str(header["error"]))
+    return header
+
+
+def _assemble(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+def _hello(token: str | None) -> dict[str, Any]:
+    return {"role": CLIENT_ROLE, "token": token}
+
+
+class KVClient:
+    """A blocking data-plane client (one connection; not thread-safe: one per thread)."""
+
+    def __init__(self, address: str, *, auth_token: str | None = None, timeout: float = 60.0) -> None:
+        self.address = address
+        self._host, self._port = parse_address(address, 8001)
+        self._token = auth_token
+        self._timeout = timeout
+        self._sock: socket.socket | None = None
+        self._req_ids = itertools.count(1)
+        self.chunk_size = 256
+        self.save_unfull_chunk = True
+
+    def __enter__(self) -> KVClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._host, self._port), timeout=self._timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        try:
+            self._send(frame_parts(Kind.HELLO, _hello(self._token), []))
+            kind, header, _ = self._read_head()
+            welcome = header if kind == Kind.WELCOME else _check_reply(kind, header)
+        except BaseException:
+            self.close()
+            raise
+        self.chunk_size = int(welcome["chunk_size"])
+        self.save_unfull_chunk = bool(welcome.get("save_unfull_chunk", True))
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def spans(self, tokens: Sequence[int]) -> list[ChunkSpan]:
+        return chunk_spans(tokens, self.chunk_size, self.save_unfull_chunk)
+
+    def store(self, tokens: Sequence[int], kv: torch.Tensor) -> int:
+        """Store every chunk of `tokens`' KV; returns the number of tokens stored."""
+        kv = check_kv(kv, len(tokens))
+        spans = self.spans(tokens)
+        if not spans:
+            return 0
+        self._send(_store_frame(spans, kv, next(self._req_ids)))
+        return int(self._reply()["num_tokens"])
+
+    def lookup(self, tokens: Sequence[int]) -> int:
+        """The length of `tokens`' prefix that the worker holds."""
+        self._send(frame_parts(Kind.LOOKUP, {"req_id": next(self._req_ids), "keys": [s.key for s in self.spans(tokens)]}, []))
+        return int(self._reply()["num_tokens"])
+
+    def retrieve(self, tokens: Sequence[int]) -> torch.Tensor | None:
+        """The KV of the cached prefix [2, L, n, C] (compressed chunks come back decoded), or None."""
+        self._send(frame_parts(Kind.RETRIEVE, {"req_id": next(self._req_ids), "keys": [s.key for s in self.spans(tokens)]}, []))
+        kind, header, payload_len = self._read_head()
+        metas = chunk_headers(_check_reply(kind, header))
+        if sum(m["nbytes"] for m in metas) != payload_len:
+            raise ProtocolError("retrieve reply sizes do not add up")
+        parts = []
+        for meta in metas:
+            tensor = torch.empty(meta["shape"], dtype=dtype_from_name(meta["dtype"]))
+            self._recv_into(byte_view_writable(tensor))
+            parts.append(tensor)
+        return _assemble(parts)
+
+    # -- I/O
+    def _conn(self) -> socket.socket:
+        if self._sock is None:
+            raise LmcachedError("KVClient is not connected (use it as a context manager or call connect())")
+        return self._sock
+
+    def _send(self, parts: list[Any]) -> None:
+        sock = self._conn()
+        if sum(memoryview(p).nbytes for p in parts) < 65536:
+            sock.sendall(b"".join(parts))  # one segment for small requests (TCP_NODELAY is on)
+            return
+        for part in parts:  # big KV payloads go out from the tensors' own memory
+            sock.sendall(part)
+
+    def _recv_into(self, view: memoryview) -> None:
+        sock = self._conn()
+        got, total = 0, view.nbytes
+        while got < total:
+            n = sock.recv_into(view[got:], total - got)
+            if n == 0:
+                raise ProtocolError("worker closed the connection")
+            got += n
+
+    def _recv(self, size: int) -> bytearray:
+        buf = bytearray(size)
+        self._recv_into(memoryview(buf))
+        return buf
+
+    def _read_head(self) -> tuple[Kind, dict[str, Any], int]:
+        kind, header_len, payload_len = decode_prefix(bytes(self._recv(PREFIX_BYTES)), MAX_DATA_PAYLOAD_BYTES)
+        return kind, decode_header(bytes(self._recv(header_len))) if header_len else {}, payload_len
+
+    def _reply(self) -> dict[str, Any]:
+        kind, header, payload_len = self._read_head()
+        if payload_len:
+            self._recv(payload_len)
+        return _check_reply(kind, header)
+
+
+def byte_view_writable(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor, for reading a payload straight into it."""
+    return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+
+
+class AsyncKVClient:
+    """The asyncio twin of KVClient; its requests are serialised on one connection."""
+
+    def __init__(self, address: str, *, auth_token: str | None = None, timeout: float = 60.0) -> None:
+        self.address = address
+        self._host, self._port = parse_address(address, 8001)
+        self._token = auth_token
+        self._timeout = timeout
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._lock = asyncio.Lock()
+        self._req_ids = itertools.count(1)
+        self.chunk_size = 256
+        self.save_unfull_chunk = True
+
+    async def __aenter__(self) -> AsyncKVClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        self._reader, self._writer = await asyncio.wait_for(asyncio.open_connection(self._host, self._port), self._timeout)
+        try:
+            self._writer.writelines(frame_parts(Kind.HELLO, _hello(self._token), []))
+            kind, header, _ = await self._read_head()
+            welcome = header if kind == Kind.WELCOME else _check_reply(kind, header)
+        except BaseException:
+            await self.close()
+            raise
+        self.chunk_size = int(welcome["chunk_size"])
+        self.save_unfull_chunk = bool(welcome.get("save_unfull_chunk", True))
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            try:
+                await self._writer.wait_closed()
+            except ConnectionError:
+                pass
+            self._writer = None
+
+    def spans(self, tokens: Sequence[int]) -> list[ChunkSpan]:
+        return chunk_spans(tokens, self.chunk_size, self.save_unfull_chunk)
+
+    async def store(self, tokens: Sequence[int], kv: torch.Tensor) -> int:
+        kv = check_kv(kv, len(tokens))
+        spans = self.spans(tokens)
+        if not spans:
+            return 0
+        async with self._lock:
+            return int((await self._request(_store_frame(spans, kv, next(self._req_ids))))["num_tokens"])
+
+    async def store_chunks(self, chunks: Sequence[Chunk], location: str | None = None) -> int:
+        """Store ready-made chunks (raw or compressed) as they are: how workers move KV to each other."""
+        if not chunks:
+            return 0
+        async with self._lock:
+            return int((await self._request(_chunks_frame(chunks, location, next(self._req_ids))))["num_tokens"])
+
+    async def lookup(self, tokens: Sequence[int]) -> int:
+        async with self._lock:
+            frame = frame_parts(Kind.LOOKUP, {"req_id": next(self._req_ids), "keys": [s.key for s in self.spans(tokens)]}, [])
+            return int((await self._request(frame))["num_tokens"])
+
+    async def retrieve(self, tokens: Sequence[int]) -> torch.Tensor | None:
+        async with self._lock:
+            writer, reader = self._streams()
+            writer.writelines(frame_parts(Kind.RETRIEVE, {"req_id": next(self._req_ids), "keys": [s.key for s in self.spans(tokens)]}, []))
+            await writer.drain()
+            kind, header, payload_len = await self._read_head()
+            metas = chunk_headers(_check_reply(kind, header))
+            if sum(m["nbytes"] for m in metas) != payload_len:
+                raise ProtocolError("retrieve reply sizes do not add up")
+            parts = []
+            for meta in metas:
+                data = await asyncio.wait_for(read_payload(reader, meta["nbytes"]), self._timeout)
+                tensor = torch.empty(meta["shape"], dtype=dtype_from_name(meta["dtype"]))
+                byte_view_writable(tensor)[:] = data
+                parts.append(tensor)
+            return _assemble(parts)
+
+    def _streams(self) -> tuple[asyncio.StreamWriter, asyncio.StreamReader]:
+        if self._writer is None or self._reader is None:
+            raise LmcachedError("AsyncKVClient is not connected (use `async with` or await connect())")
+        return self._writer, self._reader
+
+    async def _read_head(self) -> tuple[Kind, dict[str, Any], int]:
+        _, reader = self._streams()
+        head = await asyncio.wait_for(read_frame_head(reader, MAX_DATA_PAYLOAD_BYTES), self._timeout)
+        if head is None:
+            raise ProtocolError("worker closed the connection")
+        return head
+
+    async def _request(self, parts: list[Any]) -> dict[str, Any]:
+        writer, reader = self._streams()
+        writer.writelines(parts)
+        await writer.drain()
+        kind, header, payload_len = await self._read_head()
+        await read_payload(reader, payload_len)
+        return _check_reply(kind, header)

@@ -1,0 +1,175 @@
+"""Configuration: LMCache's keys plus lmcached's own, merged as flags > LMCACHE_<KEY> env > YAML file > defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from lmcached import DEFAULT_INSTANCE_ID
+from lmcached.errors import ConfigError
+
+ENV_PREFIX = "LMCACHE_"
+CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
+AUTH_TOKEN_ENV = "LMCACHED_AUTH_TOKEN"
+GB = 1024**3
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a controller or worker, with LMCache's names where LMCache has one."""
+
+    # LMCache's keys.
+    chunk_size: int = 256
+    local_cpu: bool = True
+    max_local_cpu_size: float = 5.0  # GB
+    local_disk: str | None = None  # a directory; LMCache's "file:///path/" spelling is accepted
+    max_local_disk_size: float = 5.0  # GB
+    save_unfull_chunk: bool = True
+    enable_controller: bool = True
+    lmcache_instance_id: str = DEFAULT_INSTANCE_ID
+    controller_url: str = "localhost:9001"
+    lmcache_worker_port: int = 8001
+    # lmcached's own keys.
+    host: str = "127.0.0.1"
+    port: int = 9000
+    monitor_port: int = 9001
+    auth_token: str | None = None
+    heartbeat_interval: float = 1.0  # seconds between a worker's heartbeats
+    heartbeat_timeout: float = 5.0  # a worker silent this long is dropped from the index (LMCache issue 4808)
+    command_timeout: float = 30.0  # a controller command a worker has not answered by then fails
+    max_request_bytes: int = 16 * 1024 * 1024  # HTTP bodies above this get a 413
+
+    def __post_init__(self) -> None:
+        if self.chunk_size <= 0:
+            raise ConfigError(f"chunk_size must be positive, got {self.chunk_size}", "chunk_size")
+        for key in ("max_local_cpu_size", "max_local_disk_size"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0 GB, got {getattr(self, key)}", key)
+        for key in ("port", "monitor_port", "lmcache_worker_port"):
+            if not 0 <= getattr(self, key) <= 65535:
+                raise ConfigError(f"{key} must be a port number (0-65535), got {getattr(self, key)}", key)
+        for key in ("heartbeat_interval", "heartbeat_timeout", "command_timeout"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be positive seconds, got {getattr(self, key)}", key)
+        if self.max_request_bytes <= 0:
+            raise ConfigError("max_request_bytes must be positive", "max_request_bytes")
+
+    @property
+    def local_disk_path(self) -> Path | None:
+        """The disk backend's directory, or None when disk caching is off."""
+        if not self.local_disk:
+            return None
+        return Path(self.local_disk.removeprefix("file://"))
+
+    @property
+    def max_local_cpu_bytes(self) -> int:
+        return int(self.max_local_cpu_size * GB)
+
+    @property
+    def max_local_disk_bytes(self) -> int:
+        return int(self.max_local_disk_size * GB)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+_FIELDS = {f.name: f for f in fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+
+
+def _base_type(key: str) -> tuple[type, bool]:
+    """The scalar type of a field and whether it accepts None."""
+    hint = _HINTS[key]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], True
+    return hint, False
+
+
+def coerce(key: str, value: Any, *, from_text: bool = False) -> Any:
+    """Check (and, for environment text, parse) one value for `key`; raise ConfigError naming the key."""
+    if key not in _FIELDS:
+        raise ConfigError(f"unknown configuration key {key!r}", key)
+    kind, optional = _base_type(key)
+    if value is None or (from_text and optional and str(value).strip().lower() in ("", "none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"configuration key {key!r} must not be empty", key)
+    if from_text:
+        text = str(value).strip()
+        if kind is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"configuration key {key!r} must be true or false, got {text!r}", key)
+        try:
+            return kind(text)
+        except ValueError:
+            raise ConfigError(f"configuration key {key!r} must be {kind.__name__}, got {text!r}", key) from None
+    # Values from YAML or flags already carry a type; accept int where float is wanted, nothing looser.
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"configuration key {key!r} must be true or false, got {value!r}", key)
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"configuration key {key!r} must be an integer, got {value!r}", key)
+    if not isinstance(value, kind):
+        raise ConfigError(f"configuration key {key!r} must be {kind.__name__}, got {value!r}", key)
+    return value
+
+
+def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML config file into checked values."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return {str(k): coerce(str(k), v) for k, v in data.items()}
+
+
+def load_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Read LMCACHE_<KEY> variables for known keys (others are left to the engines that also read them)."""
+    values: dict[str, Any] = {}
+    for key in _FIELDS:
+        name = ENV_PREFIX + key.upper()
+        if name in environ:
+            values[key] = coerce(key, environ[name], from_text=True)
+    if AUTH_TOKEN_ENV in environ:
+        values["auth_token"] = coerce("auth_token", environ[AUTH_TOKEN_ENV], from_text=True)
+    return values
+
+
+def load_config(
+    config_file: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Merge defaults < file < environment < overrides (flags); None in overrides means "not given"."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config_file = config_file or environ.get(CONFIG_FILE_ENV) or None
+    if config_file:
+        values.update(load_file(config_file))
+    values.update(load_env(environ))
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = coerce(key, value)
+    return Config(**values)

@@ -1,0 +1,283 @@
+"""The HTTP controller (port 9000): LMCache's orchestration API with real event status and 4xx errors."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from lmcached import fields
+from lmcached.chunks import chunk_spans
+from lmcached.config import Config
+from lmcached.errors import InvalidRequest, LmcachedError, WorkerUnavailable
+from lmcached.events import Event, EventLog
+from lmcached.hub import Hub
+from lmcached.index import ChunkIndex, WorkerKey
+from lmcached.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: A compress or decompress gets this much time per chunk on top of command_timeout.
+PER_CHUNK_TIMEOUT_S = 0.5
+HEALTH_TIMEOUT_S = 5.0
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def error_response(status: int, detail: str, field: str | None = None) -> web.Response:
+    body: dict[str, Any] = {"detail": detail, "status": status}
+    if field:
+        body["field"] = field
+    return json_response(body, status)
+
+
+class Controller:
+    """The orchestration API over the index and the hub's worker sessions."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.index = ChunkIndex()
+        self.events = EventLog()
+        self.hub = Hub(config, self.index, self.snapshot)
+        self.metrics = Metrics(self.index)
+        self._tasks: set[asyncio.Task[None]] = set()
+        from lmcached.codecs import available_codecs
+
+        self.methods = available_codecs()
+
+    # ------------------------------------------------------------------ app
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_request_bytes, middlewares=[self._errors, self._auth])
+        routes = {
+            "/lookup": self.lookup,
+            "/compress": self.compress,
+            "/decompress": self.decompress,
+            "/pin": self.pin,
+            "/unpin": self.unpin,
+            "/clear": self.clear,
+            "/move": self.move,
+            "/health": self.health,
+            "/check_finish": self.check_finish,
+            "/query_worker_info": self.query_worker_info,
+        }
+        for path, handler in routes.items():
+            app.router.add_post(path, handler)
+        app.router.add_get("/instances", self.instances)
+        app.router.add_get("/metrics", self.prometheus)
+        app.router.add_get("/", self.root)
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        token = self.config.auth_token
+        if token is not None:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return error_response(401, "missing or wrong 'Authorization: Bearer <token>' header")
+        return await handler(request)
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every failure leaves as JSON with a `detail`; only a bug is a 500 (and is logged as one)."""
+        started = time.perf_counter()
+        endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        try:
+            response = await handler(request)
+        except LmcachedError as exc:
+            response = error_response(exc.http_status, str(exc), getattr(exc, "field", None))
+        except web.HTTPException as exc:
+            if exc.status == 413:
+                detail = f"request body exceeds the limit of {self.config.max_request_bytes} bytes"
+            else:
+                detail = exc.reason
+            response = error_response(exc.status, detail)
+        except Exception:
+            log.exception("bug: unhandled error on %s", request.path)
+            response = error_response(500, "internal error (a bug; see the daemon's log)")
+        self.metrics.requests.labels(endpoint, str(response.status)).inc()
+        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    async def _body(request: web.Request) -> dict[str, Any]:
+        return fields.parse_body(await request.read())
+
+    def _spans(self, body: dict[str, Any]) -> list[Any]:
+        return chunk_spans(fields.tokens(body), self.config.chunk_size)
+
+    def _launch(self, event: Event, calls: list[tuple[WorkerKey, str, dict[str, Any], float]]) -> None:
+        """Run worker commands in the background; the event tells how they went."""
+
+        async def run() -> None:
+            self.events.start(event)
+            try:
+                results = await asyncio.gather(*(self.hub.session(key).command(op, args, timeout) for key, op, args, timeout in calls))
+            except LmcachedError as exc:
+                self.events.fail(event, str(exc))
+            else:
+                merged: dict[str, Any] = {}
+                for result in results:
+                    for name, value in result.items():
+                        merged[name] = (
+                            merged.get(name, 0) + value if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+                        )
+                self.events.finish(event, merged)
+            self.metrics.operations.labels(event.op, event.status).inc()
+            self.hub.publish("operation", **event.as_dict())
+
+        task = asyncio.create_task(run(), name=f"event-{event.event_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _scheduled(
+        self, op: str, instance_id: str, num_tokens: int, calls: list[tuple[WorkerKey, str, dict[str, Any], float]]
+    ) -> web.Response:
+        event = self.events.create(op, instance_id, num_tokens)
+        if calls:
+            self._launch(event, calls)
+        else:  # nothing cached: nothing to do, and the event says so at once
+            self.events.finish(event, {"num_tokens": 0})
+            self.metrics.operations.labels(op, "finished").inc()
+        return json_response({"event_id": event.event_id, "num_tokens": num_tokens})
+
+    def _timeout(self, keys: list[int]) -> float:
+        return self.config.command_timeout + PER_CHUNK_TIMEOUT_S * len(keys)
+
+    async def _on_prefix(self, request: web.Request, op: str, extra: Callable[[dict[str, Any]], dict[str, Any]]) -> web.Response:
+        body = await self._body(request)
+        instance_id = fields.string(body, "instance_id")
+        location = fields.location(body)
+        args_extra = extra(body)
+        spans = self._spans(body)
+        self.index.instance_workers(instance_id)  # 404 for an unknown instance, before anything else happens
+        num_tokens, by_worker = self.index.prefix(instance_id, location, spans)
+        calls = [(key, op, {"location": location, "keys": keys, **args_extra}, self._timeout(keys)) for key, keys in by_worker.items()]
+        return self._scheduled(op, instance_id, num_tokens, calls)
+
+    # ------------------------------------------------------------------ endpoints
+    async def root(self, request: web.Request) -> web.Response:
+        from lmcached import __version__
+
+        return json_response(
+            {"service": "lmcached", "version": __version__, "methods": self.methods, "instances": self.index.instance_ids()}
+        )
+
+    async def lookup(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        spans = self._spans(body)
+        layout = {inst: [loc, length] for inst, (loc, length) in self.index.lookup(spans).items()}
+        event = self.events.create("lookup", None, max((v[1] for v in layout.values()), default=0))
+        self.events.finish(event, {"layout_info": layout})
+        return json_response({"event_id": event.event_id, "layout_info": layout})
+
+    async def compress(self, request: web.Request) -> web.Response:
+        return await self._on_prefix(request, "compress", lambda body: {"method": fields.method(body, self.methods)})
+
+    async def decompress(self, request: web.Request) -> web.Response:
+        return await self._on_prefix(request, "decompress", lambda body: {"method": fields.method(body, self.methods)})
+
+    async def pin(self, request: web.Request) -> web.Response:
+        return await self._on_prefix(request, "pin", lambda body: {})
+
+    async def unpin(self, request: web.Request) -> web.Response:
+        return await self._on_prefix(request, "unpin", lambda body: {})
+
+    async def clear(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        instance_id = fields.string(body, "instance_id")
+        location = fields.location(body)
+        if body.get("tokens") is None:
+            num_tokens, by_worker = self.index.all_at(instance_id, location)
+            calls = [(key, "clear", {"location": location, "keys": None}, self.config.command_timeout) for key in by_worker]
+        else:
+            spans = self._spans(body)
+            self.index.instance_workers(instance_id)
+            num_tokens, by_worker = self.index.prefix(instance_id, location, spans)
+            calls = [(key, "clear", {"location": location, "keys": keys}, self.config.command_timeout) for key, keys in by_worker.items()]
+        return self._scheduled("clear", instance_id, num_tokens, calls)
+
+    async def move(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        src_instance, src_location = fields.position(body, "old_position")
+        dst_instance, dst_location = fields.position(body, "new_position")
+        copy = fields.boolean(body, "copy", False)
+        spans = self._spans(body)
+        self.index.instance_workers(src_instance)
+        target = self.index.instance_workers(dst_instance)[0]
+        if (src_instance, src_location) == (dst_instance, dst_location):
+            raise InvalidRequest("old_position and new_position are the same", "new_position")
+        num_tokens, by_worker = self.index.prefix(src_instance, src_location, spans)
+        calls = []
+        for key, keys in by_worker.items():
+            address = None if key == target.key else target.data_address
+            args = {"location": src_location, "keys": keys, "target_location": dst_location, "target_address": address, "copy": copy}
+            calls.append((key, "move", args, self._timeout(keys)))
+        return self._scheduled("move", src_instance, num_tokens, calls)
+
+    async def health(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        instance_id = fields.string(body, "instance_id")
+        workers = self.index.instance_workers(instance_id)
+        timeout = min(HEALTH_TIMEOUT_S, self.config.command_timeout)
+
+        async def probe(key: WorkerKey) -> int:
+            try:
+                await self.hub.session(key).command("health", {}, timeout)
+                return 0
+            except WorkerUnavailable:
+                return 1
+            except LmcachedError:
+                return 2
+
+        codes = await asyncio.gather(*(probe(r.key) for r in workers))
+        error_codes = {r.worker_id: code for r, code in zip(workers, codes, strict=False)}
+        event = self.events.create("health", instance_id, 0)
+        self.events.finish(event, {"error_codes": error_codes})
+        return json_response({"event_id": event.event_id, "error_codes": error_codes})
+
+    async def check_finish(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        return json_response(self.events.get(fields.string(body, "event_id")).as_dict())
+
+    async def query_worker_info(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        instance_id = fields.string(body, "instance_id")
+        wanted = fields.string_list(body, "worker_ids")
+        records = list(self.index.workers.values()) if instance_id == "all" else self.index.instance_workers(instance_id)
+        infos = [r.describe() for r in records if wanted is None or r.worker_id in wanted]
+        event = self.events.create("query_worker_info", instance_id, 0)
+        self.events.finish(event, {"workers": len(infos)})
+        return json_response({"event_id": event.event_id, "worker_infos": infos})
+
+    async def instances(self, request: web.Request) -> web.Response:
+        return json_response(self.index.describe_instances())
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a monitor gets on connect (and again when it falls behind)."""
+        return {
+            "instances": self.index.describe_instances(),
+            "events": [e.as_dict() for e in self.events.recent(200)],
+            "methods": self.methods,
+            "time": time.time(),
+        }
+
+    async def drain(self, timeout: float) -> None:
+        """Let running operations finish (bounded), then cancel stragglers."""
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)

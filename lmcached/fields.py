@@ -1,0 +1,94 @@
+"""Request bodies: JSON parsing and field checks that name the field at fault (400/422, never 500)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from lmcached.backends import check_location
+from lmcached.chunks import tokens_array
+from lmcached.errors import InvalidRequest
+
+#: A token list longer than this is refused outright (1M tokens is far beyond any model's context).
+MAX_TOKENS = 1_000_000
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise InvalidRequest("request body is empty; send a JSON object")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return body
+
+
+def required(body: dict[str, Any], name: str) -> Any:
+    if name not in body or body[name] is None:
+        raise InvalidRequest(f"missing field {name!r}", name, 422)
+    return body[name]
+
+
+def string(body: dict[str, Any], name: str, default: str | None = None) -> str:
+    value = body.get(name, default) if default is not None else required(body, name)
+    if value is None:
+        value = default
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"field {name!r} must be a non-empty string", name, 422)
+    if len(value) > 1024:
+        raise InvalidRequest(f"field {name!r} is too long", name, 422)
+    return value
+
+
+def boolean(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"field {name!r} must be true or false", name, 422)
+    return value
+
+
+def tokens(body: dict[str, Any], name: str = "tokens") -> list[int]:
+    value = required(body, name)
+    if not isinstance(value, list):
+        raise InvalidRequest(f"field {name!r} must be a list of token ids", name, 422)
+    if len(value) > MAX_TOKENS:
+        raise InvalidRequest(f"field {name!r} has {len(value)} tokens; the limit is {MAX_TOKENS}", name, 413)
+    if not all(type(t) is int for t in value):  # bool is an int subclass; type() excludes it
+        raise InvalidRequest(f"field {name!r} must hold integers only", name, 422)
+    tokens_array(value)  # range check
+    return value
+
+
+def location(body: dict[str, Any], name: str = "location", default: str | None = None) -> str:
+    value = body.get(name, default)
+    if value is None:
+        raise InvalidRequest(f"missing field {name!r}", name, 422)
+    return check_location(value)
+
+
+def position(body: dict[str, Any], name: str) -> tuple[str, str]:
+    value = required(body, name)
+    if not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, str) for v in value):
+        raise InvalidRequest(f"field {name!r} must be [instance_id, location]", name, 422)
+    return value[0], check_location(value[1])
+
+
+def method(body: dict[str, Any], known: list[str]) -> str:
+    value = string(body, "method")
+    if value not in known:
+        raise InvalidRequest(f"unknown method {value!r}; available: {', '.join(known)}", "method")
+    return value
+
+
+def string_list(body: dict[str, Any], name: str) -> list[str] | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidRequest(f"field {name!r} must be a list of strings", name, 422)
+    return value

@@ -1,0 +1,148 @@
+"""Wire frames: a fixed binary header, an orjson header object, then raw payload bytes.
+
+    magic  version  kind  header_len  payload_len
+    4s     u8       u8    u32         u64          (little-endian, 18 bytes)
+
+Sizes are checked against the reader's limits before anything past the fixed header is read, so a peer
+cannot make us allocate what it merely declares.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+
+from lmcached.errors import FrameTooLarge, ProtocolError
+
+MAGIC: Final = b"LMKV"
+VERSION: Final = 1
+PREFIX: Final = struct.Struct("<4sBBIQ")
+PREFIX_BYTES: Final = PREFIX.size
+MAX_HEADER_BYTES: Final = 16 * 1024 * 1024
+#: Control connections (port 9001) carry reports and commands, never KV.
+MAX_CONTROL_PAYLOAD_BYTES: Final = 64 * 1024 * 1024
+#: Data-plane frames carry KV; one store of a long prompt can be large.
+MAX_DATA_PAYLOAD_BYTES: Final = 8 * 1024**3
+
+
+class Kind(enum.IntEnum):
+    """What a frame is; the header object carries its fields."""
+
+    HELLO = 1  # first frame of any connection: role, ids, token
+    WELCOME = 2  # the answer to a hello
+    ERROR = 3  # a refusal or failure, with "detail"; after a protocol error the sender closes
+    HEARTBEAT = 4
+    REPORT = 5  # a worker's batch of admitted/evicted chunks (or a full resync)
+    COMMAND = 6  # controller -> worker, with "req_id", "op", "timeout"
+    REPLY = 7  # the answer to a COMMAND or a data-plane request, same "req_id"
+    STORE = 8  # data plane: chunks in the payload
+    RETRIEVE = 9  # data plane: ask for a prefix's chunks
+    LOOKUP = 10  # data plane: ask for a prefix's length
+    SNAPSHOT = 11  # controller -> monitor: the whole state
+    EVENT = 12  # controller -> monitor: one thing that happened
+
+
+@dataclass(slots=True)
+class Frame:
+    """One decoded frame."""
+
+    kind: Kind
+    header: dict[str, Any]
+    payload: bytes | bytearray | memoryview = field(default=b"")
+
+
+def encode_prefix(kind: Kind, header_len: int, payload_len: int) -> bytes:
+    return PREFIX.pack(MAGIC, VERSION, int(kind), header_len, payload_len)
+
+
+def encode_frame(kind: Kind, header: dict[str, Any] | None = None, payload: bytes = b"") -> bytes:
+    """A whole frame as one bytes object (for small frames; big payloads go through `frame_parts`)."""
+    head = orjson.dumps(header or {})
+    return encode_prefix(kind, len(head), len(payload)) + head + payload
+
+
+def frame_parts(kind: Kind, header: dict[str, Any], payloads: list[Any]) -> list[Any]:
+    """A frame as a list of buffers for `writer.writelines`, so KV payloads are never joined in memory."""
+    head = orjson.dumps(header)
+    total = sum(memoryview(p).nbytes for p in payloads)
+    return [encode_prefix(kind, len(head), total), head, *payloads]
+
+
+def decode_prefix(prefix: bytes, max_payload: int) -> tuple[Kind, int, int]:
+    """Check a fixed header and return (kind, header length, payload length)."""
+    magic, version, kind, header_len, payload_len = PREFIX.unpack(prefix)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic!r} (expected {MAGIC!r}): not an lmcached peer")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version} (this side speaks {VERSION})")
+    try:
+        frame_kind = Kind(kind)
+    except ValueError:
+        raise ProtocolError(f"unknown frame kind {kind}") from None
+    if header_len > MAX_HEADER_BYTES:
+        raise FrameTooLarge(f"frame header of {header_len} bytes exceeds the limit of {MAX_HEADER_BYTES}")
+    if payload_len > max_payload:
+        raise FrameTooLarge(f"frame payload of {payload_len} bytes exceeds the limit of {max_payload}")
+    return frame_kind, header_len, payload_len
+
+
+async def read_frame_head(
+    reader: asyncio.StreamReader, max_payload: int = MAX_CONTROL_PAYLOAD_BYTES
+) -> tuple[Kind, dict[str, Any], int] | None:
+    """Read a frame's fixed header and header object, leaving the payload in the stream.
+
+    Returns (kind, header, payload length), or None on a clean end of stream before a frame starts.
+    Raises ProtocolError for bad magic, version or kind, an oversize length, a header that is not a JSON
+    object, or a stream that ends inside a frame.
+    """
+    try:
+        prefix = await reader.readexactly(PREFIX_BYTES)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            return None
+        raise ProtocolError("connection closed inside a frame header") from None
+    kind, header_len, payload_len = decode_prefix(prefix, max_payload)
+    try:
+        head = await reader.readexactly(header_len) if header_len else b"{}"
+    except asyncio.IncompleteReadError:
+        raise ProtocolError("connection closed inside a frame header") from None
+    return kind, decode_header(head), payload_len
+
+
+def decode_header(head: bytes) -> dict[str, Any]:
+    try:
+        header = orjson.loads(head)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"frame header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("frame header must be a JSON object")
+    return header
+
+
+async def read_payload(reader: asyncio.StreamReader, size: int) -> bytes:
+    try:
+        return await reader.readexactly(size) if size else b""
+    except asyncio.IncompleteReadError:
+        raise ProtocolError("connection closed inside a frame payload") from None
+
+
+async def read_frame(reader: asyncio.StreamReader, max_payload: int = MAX_CONTROL_PAYLOAD_BYTES) -> Frame | None:
+    """Read one whole frame; None on a clean end of stream before a frame starts (see read_frame_head)."""
+    head = await read_frame_head(reader, max_payload)
+    if head is None:
+        return None
+    kind, header, payload_len = head
+    return Frame(kind, header, await read_payload(reader, payload_len))
+
+
+async def write_frame(
+    writer: asyncio.StreamWriter, kind: Kind, header: dict[str, Any] | None = None, payloads: list[Any] | None = None
+) -> None:
+    """Write one frame and wait for the transport to drain."""
+    writer.writelines(frame_parts(kind, header or {}, payloads or []))
+    await writer.drain()

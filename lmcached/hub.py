@@ -1,0 +1,266 @@
+"""The control port (9001): workers register, heartbeat and report; monitors subscribe to snapshots and events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lmcached.config import Config
+from lmcached.errors import LmcachedError, ProtocolError, Unauthorized, WorkerUnavailable
+from lmcached.frames import Kind, read_frame, write_frame
+from lmcached.index import ChunkIndex, WorkerKey, WorkerRecord
+from lmcached.worker import WORKER_ROLE, token_matches
+
+log = logging.getLogger(__name__)
+
+MONITOR_ROLE = "monitor"
+#: Events a monitor may fall behind by before its queue is dropped and it gets a fresh snapshot instead.
+MONITOR_QUEUE = 1000
+#: How long a connection may take to say hello.
+HELLO_TIMEOUT_S = 10.0
+
+
+class WorkerSession:
+    """A connected worker: its record, its connection and its commands in flight."""
+
+    def __init__(self, record: WorkerRecord, writer: asyncio.StreamWriter) -> None:
+        self.record = record
+        self.writer = writer
+        self.send_lock = asyncio.Lock()
+        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._req_ids = itertools.count(1)
+        self.closed = False
+
+    async def command(self, op: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send a command and wait for its reply; fails fast when the worker is gone (LMCache issue 1702)."""
+        if self.closed:
+            raise WorkerUnavailable(f"worker {self.record.worker_id} is disconnected")
+        req_id = next(self._req_ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.pending[req_id] = future
+        try:
+            async with self.send_lock:
+                await write_frame(self.writer, Kind.COMMAND, {"req_id": req_id, "op": op, "args": args, "timeout": timeout})
+            reply = await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise WorkerUnavailable(f"worker {self.record.worker_id} did not answer {op!r} within {timeout:.0f}s") from None
+        except ConnectionError as exc:
+            raise WorkerUnavailable(f"worker {self.record.worker_id} connection failed: {exc}") from None
+        finally:
+            self.pending.pop(req_id, None)
+        if not reply.get("ok"):
+            error = LmcachedError(str(reply.get("error", "worker error")))
+            error.http_status = int(reply.get("status") or 500)
+            raise error
+        return dict(reply.get("result") or {})
+
+    def resolve(self, header: dict[str, Any]) -> None:
+        future = self.pending.get(header.get("req_id"))  # type: ignore[arg-type]
+        if future is not None and not future.done():
+            future.set_result(header)
+
+    def fail_all(self, reason: str) -> None:
+        self.closed = True
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(WorkerUnavailable(reason))
+
+
+class MonitorSession:
+    """A subscribed monitor: a bounded queue of events; when it overflows, the newest snapshot wins."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(MONITOR_QUEUE)
+        self.needs_snapshot = asyncio.Event()
+
+    def offer(self, event: dict[str, Any]) -> None:
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.needs_snapshot.set()
+
+
+class Hub:
+    """Serves the control port and owns the live worker sessions."""
+
+    def __init__(self, config: Config, index: ChunkIndex, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.config = config
+        self.index = index
+        self.sessions: dict[WorkerKey, WorkerSession] = {}
+        self.monitors: set[MonitorSession] = set()
+        self._snapshot = snapshot
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._watchdog: asyncio.Task[None] | None = None
+        self.port: int | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(self._serve, host, port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._watchdog = asyncio.create_task(self._heartbeat_watchdog(), name="heartbeat-watchdog")
+
+    async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def session(self, key: WorkerKey) -> WorkerSession:
+        try:
+            return self.sessions[key]
+        except KeyError:
+            raise WorkerUnavailable(f"worker {key[1]} of {key[0]} is not connected") from None
+
+    # -- events to monitors
+    def publish(self, kind: str, **fields: Any) -> None:
+        event = {"type": kind, "time": time.time(), **fields}
+        for monitor in self.monitors:
+            monitor.offer(event)
+
+    # -- connections
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        peer = writer.get_extra_info("peername")
+        try:
+            hello = await asyncio.wait_for(read_frame(reader), HELLO_TIMEOUT_S)
+            if hello is None:
+                return
+            if hello.kind != Kind.HELLO:
+                raise ProtocolError("the first frame must be a hello")
+            if not token_matches(self.config.auth_token, hello.header.get("token")):
+                raise Unauthorized("bad or missing auth token")
+            role = hello.header.get("role")
+            if role == WORKER_ROLE:
+                await self._serve_worker(hello.header, reader, writer)
+            elif role == MONITOR_ROLE:
+                await self._serve_monitor(reader, writer)
+            else:
+                raise ProtocolError(f"unknown role {role!r} (expected 'worker' or 'monitor')")
+        except (ProtocolError, Unauthorized) as exc:
+            log.warning("control peer %s: %s; closing", peer, exc)
+            with contextlib.suppress(ConnectionError):
+                await write_frame(writer, Kind.ERROR, {"detail": str(exc), "status": exc.http_status})
+        except asyncio.TimeoutError:
+            log.warning("control peer %s sent no hello in %.0fs; closing", peer, HELLO_TIMEOUT_S)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                await writer.wait_closed()
+
+    async def _serve_worker(self, hello: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        instance_id, worker_id, address = hello.get("instance_id"), hello.get("worker_id"), hello.get("data_address")
+        if not all(isinstance(v, str) and v for v in (instance_id, worker_id, address)):
+            raise ProtocolError("a worker hello needs instance_id, worker_id and data_address strings")
+        if hello.get("chunk_size") != self.config.chunk_size:
+            raise ProtocolError(f"worker chunk_size {hello.get('chunk_size')} differs from the controller's {self.config.chunk_size}")
+        record = WorkerRecord(instance_id, worker_id, address)
+        old = self.sessions.pop(record.key, None)
+        if old is not None:  # the same worker reconnected before we noticed it left
+            old.fail_all("worker reconnected")
+            old.writer.close()
+        self.index.add_worker(record)
+        session = WorkerSession(record, writer)
+        self.sessions[record.key] = session
+        await write_frame(writer, Kind.WELCOME, {"heartbeat_interval": self.config.heartbeat_interval})
+        log.info("worker %s of %s registered from %s", worker_id, instance_id, address)
+        self.publish("worker_registered", instance_id=instance_id, worker_id=worker_id, data_address=address)
+        try:
+            while True:
+                frame = await read_frame(reader)
+                if frame is None:
+                    return
+                record.last_heartbeat = time.monotonic()
+                record.last_heartbeat_wall = time.time()
+                if frame.kind == Kind.HEARTBEAT:
+                    locations = frame.header.get("locations")
+                    if isinstance(locations, dict):
+                        record.heartbeat_stats = locations
+                elif frame.kind == Kind.REPORT:
+                    self._apply_report(record, frame.header)
+                elif frame.kind == Kind.REPLY:
+                    session.resolve(frame.header)
+                else:
+                    raise ProtocolError(f"unexpected {frame.kind.name} frame from a worker")
+        finally:
+            self._drop(session, "connection closed")
+
+    def _apply_report(self, record: WorkerRecord, header: dict[str, Any]) -> None:
+        admitted, evicted = header.get("admitted", []), header.get("evicted", [])
+        try:
+            n_admitted, n_evicted = self.index.apply_report(record, admitted, evicted, bool(header.get("full")))
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"malformed report: {exc}") from None
+        if n_admitted or n_evicted:
+            self.publish(
+                "chunks_reported",
+                instance_id=record.instance_id,
+                worker_id=record.worker_id,
+                admitted=n_admitted,
+                evicted=n_evicted,
+                full=bool(header.get("full")),
+            )
+
+    def _drop(self, session: WorkerSession, reason: str) -> None:
+        key = session.record.key
+        session.fail_all(f"worker {key[1]} lost: {reason}")
+        if self.sessions.get(key) is session:
+            del self.sessions[key]
+            self.index.remove_worker(key)
+            log.warning("worker %s of %s lost: %s", key[1], key[0], reason)
+            self.publish("worker_lost", instance_id=key[0], worker_id=key[1], reason=reason)
+
+    async def _heartbeat_watchdog(self) -> None:
+        """Drop workers silent for longer than heartbeat_timeout (heartbeats are on by default: LMCache issue 4808)."""
+        while True:
+            await asyncio.sleep(min(1.0, self.config.heartbeat_timeout / 4))
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                if now - session.record.last_heartbeat > self.config.heartbeat_timeout:
+                    self._drop(session, f"no heartbeat for {self.config.heartbeat_timeout:.0f}s")
+                    session.writer.close()
+
+    async def _serve_monitor(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        monitor = MonitorSession(writer)
+        self.monitors.add(monitor)
+        reader_task = asyncio.create_task(self._drain_monitor_input(reader))
+        try:
+            await write_frame(writer, Kind.WELCOME, {"role": MONITOR_ROLE})
+            await write_frame(writer, Kind.SNAPSHOT, self._snapshot())
+            while not reader_task.done():
+                getter = asyncio.create_task(monitor.queue.get())
+                snap = asyncio.create_task(monitor.needs_snapshot.wait())
+                done, _ = await asyncio.wait({getter, snap, reader_task}, return_when=asyncio.FIRST_COMPLETED)
+                getter.cancel()
+                snap.cancel()
+                if getter in done:
+                    await write_frame(writer, Kind.EVENT, getter.result())
+                if snap in done:
+                    monitor.needs_snapshot.clear()
+                    await write_frame(writer, Kind.SNAPSHOT, self._snapshot())
+        finally:
+            self.monitors.discard(monitor)
+            reader_task.cancel()
+
+    @staticmethod
+    async def _drain_monitor_input(reader: asyncio.StreamReader) -> None:
+        """Monitors only listen; reading tells us when they leave."""
+        while await read_frame(reader) is not None:
+            pass

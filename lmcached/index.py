@@ -1,0 +1,191 @@
+"""The controller's chunk index: which worker of which instance holds which chunk, where."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmcached.backends import ChunkInfo
+from lmcached.chunks import ChunkSpan
+from lmcached.errors import NotFound
+
+WorkerKey = tuple[str, str]  # (instance_id, worker_id)
+Holder = tuple[str, str, str]  # (instance_id, worker_id, location)
+
+
+@dataclass
+class WorkerRecord:
+    """A registered worker as the controller sees it."""
+
+    instance_id: str
+    worker_id: str
+    data_address: str
+    connected_at: float = field(default_factory=time.time)
+    last_heartbeat: float = field(default_factory=time.monotonic)
+    last_heartbeat_wall: float = field(default_factory=time.time)
+    #: location -> key -> what the worker reported
+    locations: dict[str, dict[int, ChunkInfo]] = field(default_factory=lambda: defaultdict(dict))
+    #: location -> the worker's own statistics from its last heartbeat (capacity, bytes)
+    heartbeat_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def key(self) -> WorkerKey:
+        return (self.instance_id, self.worker_id)
+
+    def location_stats(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for location in sorted(set(self.locations) | set(self.heartbeat_stats)):
+            infos = self.locations.get(location, {}).values()
+            out[location] = {
+                "chunks": len(infos),
+                "tokens": sum(i.num_tokens for i in infos),
+                "bytes": sum(i.nbytes for i in infos),
+                "compressed_chunks": sum(1 for i in infos if i.method is not None),
+                "pinned_chunks": sum(1 for i in infos if i.pinned),
+                "capacity_bytes": self.heartbeat_stats.get(location, {}).get("capacity_bytes"),
+            }
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "instance_id": self.instance_id,
+            "worker_id": self.worker_id,
+            "data_address": self.data_address,
+            "connected_at": self.connected_at,
+            "last_heartbeat": self.last_heartbeat_wall,
+            "seconds_since_heartbeat": round(time.monotonic() - self.last_heartbeat, 3),
+            "alive": True,
+            "locations": self.location_stats(),
+        }
+
+
+class ChunkIndex:
+    """Workers and the chunks they report; answers prefix questions in O(chunks of the prompt)."""
+
+    def __init__(self) -> None:
+        self.workers: dict[WorkerKey, WorkerRecord] = {}
+        self._holders: dict[int, set[Holder]] = {}
+
+    # -- membership
+    def add_worker(self, record: WorkerRecord) -> None:
+        if record.key in self.workers:
+            self.remove_worker(record.key)
+        self.workers[record.key] = record
+
+    def remove_worker(self, key: WorkerKey) -> WorkerRecord | None:
+        record = self.workers.pop(key, None)
+        if record is None:
+            return None
+        for location, chunks in record.locations.items():
+            holder = (*key, location)
+            for chunk_key in chunks:
+                self._unhold(chunk_key, holder)
+        return record
+
+    def instance_ids(self) -> list[str]:
+        return sorted({inst for inst, _ in self.workers})
+
+    def instance_workers(self, instance_id: str) -> list[WorkerRecord]:
+        """The workers of an instance; NotFound when it has none (it never registered, or all were lost)."""
+        workers = [r for (inst, _), r in self.workers.items() if inst == instance_id]
+        if not workers:
+            known = ", ".join(self.instance_ids()) or "none"
+            raise NotFound(f"unknown instance {instance_id!r} (registered: {known})")
+        return workers
+
+    # -- reports
+    def apply_report(
+        self, record: WorkerRecord, admitted: Iterable[Sequence[Any]], evicted: Iterable[Sequence[Any]], full: bool
+    ) -> tuple[int, int]:
+        """Apply a worker's batch; a full report replaces everything it had. Returns (admitted, evicted) counts."""
+        if full:
+            for location, chunks in record.locations.items():
+                for chunk_key in chunks:
+                    self._unhold(chunk_key, (*record.key, location))
+            record.locations.clear()
+        n_admitted = n_evicted = 0
+        for location, key, num_tokens, nbytes, method, pinned in admitted:
+            record.locations[location][key] = ChunkInfo(key, num_tokens, nbytes, method, bool(pinned))
+            self._holders.setdefault(key, set()).add((*record.key, location))
+            n_admitted += 1
+        for location, key in evicted:
+            if record.locations.get(location, {}).pop(key, None) is not None:
+                self._unhold(key, (*record.key, location))
+                n_evicted += 1
+        return n_admitted, n_evicted
+
+    def _unhold(self, key: int, holder: Holder) -> None:
+        holders = self._holders.get(key)
+        if holders is not None:
+            holders.discard(holder)
+            if not holders:
+                del self._holders[key]
+
+    @property
+    def total_chunks(self) -> int:
+        return len(self._holders)
+
+    # -- questions
+    def lookup(self, spans: Sequence[ChunkSpan]) -> dict[str, tuple[str, int]]:
+        """For each instance holding a prefix of `spans`: (location with the longest prefix, its length)."""
+        matched: dict[tuple[str, str], int] = {}
+        candidates: set[tuple[str, str]] | None = None
+        for span in spans:
+            holders = self._holders.get(span.key)
+            if not holders:
+                break
+            present = {(inst, loc) for inst, _, loc in holders}
+            candidates = present if candidates is None else candidates & present
+            if not candidates:
+                break
+            for candidate in candidates:
+                matched[candidate] = span.end
+        best: dict[str, tuple[str, int]] = {}
+        for (inst, loc), length in sorted(matched.items()):
+            if inst not in best or length > best[inst][1]:
+                best[inst] = (loc, length)
+        return best
+
+    def prefix(self, instance_id: str, location: str, spans: Sequence[ChunkSpan]) -> tuple[int, dict[WorkerKey, list[int]]]:
+        """The prefix of `spans` held at (instance, location): its token count and which worker holds which key."""
+        by_worker: dict[WorkerKey, list[int]] = {}
+        num_tokens = 0
+        for span in spans:
+            holder = next(
+                ((inst, wid) for inst, wid, loc in self._holders.get(span.key, ()) if inst == instance_id and loc == location), None
+            )
+            if holder is None:
+                break
+            by_worker.setdefault(holder, []).append(span.key)
+            num_tokens = span.end
+        return num_tokens, by_worker
+
+    def all_at(self, instance_id: str, location: str) -> tuple[int, dict[WorkerKey, list[int]]]:
+        """Every chunk of an instance at a location (for a clear without tokens)."""
+        by_worker: dict[WorkerKey, list[int]] = {}
+        tokens = 0
+        for record in self.instance_workers(instance_id):
+            chunks = record.locations.get(location, {})
+            if chunks:
+                by_worker[record.key] = list(chunks)
+                tokens += sum(i.num_tokens for i in chunks.values())
+        return tokens, by_worker
+
+    def describe_instances(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for inst in self.instance_ids():
+            workers = [r.describe() for r in self.instance_workers(inst)]
+            totals: dict[str, dict[str, Any]] = {}
+            for worker in workers:
+                for location, stats in worker["locations"].items():
+                    agg = totals.setdefault(
+                        location, {"chunks": 0, "tokens": 0, "bytes": 0, "compressed_chunks": 0, "pinned_chunks": 0, "capacity_bytes": 0}
+                    )
+                    for field_name in ("chunks", "tokens", "bytes", "compressed_chunks", "pinned_chunks"):
+                        agg[field_name] += stats[field_name]
+                    agg["capacity_bytes"] += stats["capacity_bytes"] or 0
+            out[inst] = {"workers": workers, "locations": totals}
+        return out

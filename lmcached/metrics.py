@@ -1,0 +1,62 @@
+"""Prometheus metrics of the controller (prometheus-client; one registry per controller)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from lmcached.index import ChunkIndex
+
+
+class IndexCollector(Collector):
+    """Reads chunk, token and byte gauges from the index at scrape time (nothing to keep in sync)."""
+
+    def __init__(self, index: ChunkIndex) -> None:
+        self.index = index
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["instance_id", "worker_id", "location"]
+        families = {
+            name: GaugeMetricFamily(f"lmcached_{name}", doc, labels=labels)
+            for name, doc in (
+                ("chunks", "Chunks held"),
+                ("tokens", "Tokens whose KV is held"),
+                ("bytes", "Bytes held (compressed chunks count at their compressed size)"),
+                ("compressed_chunks", "Chunks held in compressed form"),
+                ("pinned_chunks", "Chunks pinned against eviction"),
+            )
+        }
+        workers = GaugeMetricFamily("lmcached_workers", "Connected workers", labels=["instance_id"])
+        per_instance: dict[str, int] = {}
+        for record in list(self.index.workers.values()):
+            per_instance[record.instance_id] = per_instance.get(record.instance_id, 0) + 1
+            for location, stats in record.location_stats().items():
+                for name, family in families.items():
+                    family.add_metric([record.instance_id, record.worker_id, location], stats[name])
+        for instance, count in per_instance.items():
+            workers.add_metric([instance], count)
+        yield from families.values()
+        yield workers
+
+
+class Metrics:
+    def __init__(self, index: ChunkIndex) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "lmcached_http_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry
+        )
+        self.operations = Counter("lmcached_operations", "Operations by kind and outcome", ["op", "status"], registry=self.registry)
+        self.latency = Histogram(
+            "lmcached_http_request_seconds",
+            "HTTP request latency",
+            ["endpoint"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+        )
+        self.registry.register(IndexCollector(index))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

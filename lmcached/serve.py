@@ -1,0 +1,123 @@
+"""`lmcached serve`: the controller (HTTP 9000), the control port (9001) and the embedded default instance
+(data plane 8001) in one asyncio process, started and stopped in a fixed order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from lmcached.config import Config
+from lmcached.controller import Controller
+from lmcached.worker import Worker
+
+log = logging.getLogger(__name__)
+
+#: How long running operations get to finish on shutdown before they are cancelled.
+DRAIN_TIMEOUT_S = 5.0
+
+
+@dataclass
+class Ports:
+    http: int
+    monitor: int
+    data: int
+
+
+class Daemon:
+    """The parts of `lmcached serve`, so tests can start and stop them in-process on port 0."""
+
+    def __init__(self, config: Config, embedded: bool = True) -> None:
+        self.config = config
+        self.executor = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="lmcached")
+        self.controller = Controller(config)
+        self.worker: Worker | None = None
+        self.embedded = embedded
+        self._runner: web.AppRunner | None = None
+        self.ports: Ports | None = None
+
+    async def start(self) -> Ports:
+        config = self.config
+        self._runner = web.AppRunner(self.controller.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, config.host, config.port)
+        await site.start()
+        http_port = self._runner.addresses[0][1]
+        await self.controller.hub.start(config.host, config.monitor_port)
+        assert self.controller.hub.port is not None
+        data_port = 0
+        if self.embedded:
+            local_host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+            worker_config = config.replace(controller_url=f"{local_host}:{self.controller.hub.port}", enable_controller=True)
+            self.worker = Worker(worker_config, executor=self.executor)
+            await self.worker.start()
+            data_port = self.worker.data_port
+            await asyncio.wait_for(self.worker.connected.wait(), 10)
+        self.ports = Ports(http_port, self.controller.hub.port, data_port)
+        return self.ports
+
+    async def stop(self) -> None:
+        """Stop accepting, let operations finish (bounded), then close workers, the control port and HTTP."""
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()
+        await self.controller.drain(DRAIN_TIMEOUT_S)
+        if self.worker is not None:
+            await self.worker.stop()
+        await self.controller.hub.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def warn_if_open(config: Config) -> None:
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.auth_token:
+        print(
+            f"warning: listening on {config.host} without --auth-token: anyone who can reach these ports can "
+            "read, move and clear the cache",
+            file=sys.stderr,
+        )
+
+
+async def run(config: Config) -> None:
+    """Run until SIGINT/SIGTERM; a second signal exits at once."""
+    warn_if_open(config)
+    daemon = Daemon(config)
+    ports = await daemon.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            print("forced exit", file=sys.stderr)
+            os._exit(130)
+        print("shutting down (press Ctrl-C again to force)", file=sys.stderr)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    # One machine-readable line, so scripts and tests started with port 0 learn the real ports.
+    print(
+        "lmcached ready "
+        + json.dumps(
+            {
+                "http": ports.http,
+                "monitor": ports.monitor,
+                "data": ports.data,
+                "host": config.host,
+                "instance_id": config.lmcache_instance_id,
+            }
+        ),
+        flush=True,
+    )
+    try:
+        await stop.wait()
+    finally:
+        await daemon.stop()

@@ -1,0 +1,155 @@
+"""Shared fixtures: an in-process daemon on port 0, a real `lmcached serve` subprocess, KV helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import torch
+
+from lmcached.config import Config
+from lmcached.serve import Daemon
+
+SEED_TOKENS = [128000, 849, 21435, 279, 26431, 315, 85748, 6636, 304, 4221, 4211, 13]
+INSTANCE = "lmcache_default_instance"
+CPU = "LocalCPUBackend"
+DISK = "LocalDiskBackend"
+
+
+def make_kv(num_tokens: int, layers: int = 4, channels: int = 64, dtype: torch.dtype = torch.float16, seed: int = 0) -> torch.Tensor:
+    """A KV tensor [2, L, T, C] with per-channel scales, like real keys."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.linspace(0.2, 3.0, channels)
+    return (torch.randn(2, layers, num_tokens, channels, generator=gen) * scale).to(dtype)
+
+
+def test_config(**changes: Any) -> Config:
+    base = dict(port=0, monitor_port=0, lmcache_worker_port=0, chunk_size=16, heartbeat_interval=0.2, heartbeat_timeout=2.0, command_timeout=10.0)
+    base.update(changes)
+    return Config(**base)
+
+
+test_config.__test__ = False  # type: ignore[attr-defined]
+
+
+@dataclass
+class Running:
+    daemon: Daemon
+    http: aiohttp.ClientSession
+    base: str
+    data: str
+
+    async def post(self, path: str, body: Any, **kw: Any) -> tuple[int, Any]:
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        async with self.http.post(self.base + path, data=data, **kw) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        async with self.http.get(self.base + path) as resp:
+            text = await resp.text()
+            return resp.status, (json.loads(text) if resp.content_type == "application/json" else text)
+
+    async def wait_event(self, event_id: str, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            status, body = await self.post("/check_finish", {"event_id": event_id})
+            assert status == 200, body
+            if body["status"] in ("finished", "failed") or time.monotonic() > deadline:
+                return body
+            await _sleep(0.02)
+
+
+    async def wait_cached(self, tokens: list[int], expected: int, timeout: float = 10.0) -> None:
+        """Wait until the controller's index shows `expected` tokens of `tokens` (reports are asynchronous)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            _, body = await self.post("/lookup", {"tokens": tokens})
+            found = max((v[1] for v in body["layout_info"].values()), default=0)
+            if found == expected:
+                return
+            assert time.monotonic() < deadline, f"index shows {found} tokens, expected {expected}"
+            await _sleep(0.02)
+
+    async def store(self, tokens: list[int], kv: torch.Tensor) -> None:
+        from lmcached.client import AsyncKVClient
+
+        async with AsyncKVClient(self.data) as client:
+            assert await client.store(tokens, kv) == len(tokens)
+        await self.wait_cached(tokens, len(tokens))
+
+
+async def _sleep(s: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(s)
+
+
+@pytest.fixture
+async def running(tmp_path: Path) -> AsyncIterator[Running]:
+    """A daemon (controller + embedded worker with a disk backend) on port 0, and an HTTP session to it."""
+    daemon = Daemon(test_config(local_disk=str(tmp_path / "disk")))
+    ports = await daemon.start()
+    async with aiohttp.ClientSession() as http:
+        yield Running(daemon, http, f"http://127.0.0.1:{ports.http}", f"127.0.0.1:{ports.data}")
+    await daemon.stop()
+
+
+@dataclass
+class ServeProcess:
+    proc: subprocess.Popen[str]
+    ports: dict[str, Any]
+    output: list[str]
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.ports['http']}"
+
+    @property
+    def data(self) -> str:
+        return f"127.0.0.1:{self.ports['data']}"
+
+
+def start_serve(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> ServeProcess:
+    """Start `python -m lmcached serve` on port 0 and wait for its ready line."""
+    cmd = [sys.executable, "-m", "lmcached", "serve", "--port", "0", "--monitor-port", "0", "--worker-port", "0", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("lmcached ready "):
+            # Keep reading its output, so a chatty daemon never blocks on a full pipe.
+            threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()  # type: ignore[arg-type]
+            return ServeProcess(proc, json.loads(line[len("lmcached ready ") :]), lines)
+    proc.kill()
+    raise AssertionError("lmcached serve did not become ready:\n" + "".join(lines))
+
+
+def stop_serve(server: ServeProcess) -> int:
+    server.proc.terminate()
+    try:
+        return server.proc.wait(20)
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+
+
+@pytest.fixture
+def serve_process() -> Iterator[ServeProcess]:
+    server = start_serve()
+    yield server
+    stop_serve(server)

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lmcached.chunks import chunk_spans
+from lmcached.errors import InvalidRequest
+
+from .conftest import SEED_TOKENS
+
+token_lists = st.lists(st.integers(0, 2**32 - 1), max_size=200)
+
+
+def test_seed_prompt_is_one_partial_chunk() -> None:
+    spans = chunk_spans(SEED_TOKENS, 256)
+    assert [(s.start, s.end) for s in spans] == [(0, 12)]
+
+
+def test_last_partial_chunk_is_kept_unless_disabled() -> None:
+    tokens = list(range(600))
+    assert [(s.start, s.end) for s in chunk_spans(tokens, 256)] == [(0, 256), (256, 512), (512, 600)]
+    assert [(s.start, s.end) for s in chunk_spans(tokens, 256, save_unfull_chunk=False)] == [(0, 256), (256, 512)]
+
+
+def test_keys_are_stable_across_processes() -> None:
+    code = "from lmcached.chunks import chunk_spans; print([s.key for s in chunk_spans(list(range(700)), 256)])"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
+    assert len(outs) == 1
+    assert outs.pop().strip() == str([s.key for s in chunk_spans(list(range(700)), 256)])
+
+
+def test_key_golden_value() -> None:
+    # Pinned: changing the hash would orphan every chunk on every disk.
+    assert f"{chunk_spans(SEED_TOKENS, 256)[0].key:016x}" == GOLDEN_SEED_KEY
+
+
+@given(token_lists, st.integers(1, 64))
+def test_keys_of_a_prefix_are_a_prefix_of_keys(tokens: list[int], chunk_size: int) -> None:
+    full = chunk_spans(tokens, chunk_size)
+    cut = (len(tokens) // chunk_size) * chunk_size
+    prefix = chunk_spans(tokens[:cut], chunk_size)
+    assert [s.key for s in prefix] == [s.key for s in full[: len(prefix)]]
+
+
+@given(token_lists, st.integers(1, 64))
+def test_chunk_key_depends_on_everything_before_it(tokens: list[int], chunk_size: int) -> None:
+    if len(tokens) <= chunk_size:
+        return
+    changed = [tokens[0] ^ 1, *tokens[1:]]
+    assert all(a.key != b.key for a, b in zip(chunk_spans(tokens, chunk_size), chunk_spans(changed, chunk_size)))
+
+
+@pytest.mark.parametrize("bad", [[-1], [2**32], [1.5], ["a"], [[1]]])
+def test_bad_token_ids_are_refused(bad: list[object]) -> None:
+    with pytest.raises(InvalidRequest):
+        chunk_spans(bad, 256)  # type: ignore[arg-type]
+
+
+GOLDEN_SEED_KEY = "bed3f9cec8da59f4"

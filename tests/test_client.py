@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from lmcached.client import AsyncKVClient, KVClient
+from lmcached.errors import LmcachedError
+
+from .conftest import SEED_TOKENS, Running, make_kv
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+async def test_store_lookup_retrieve_is_bit_exact(running: Running, dtype: torch.dtype) -> None:
+    tokens = list(range(1000, 1050))  # chunk_size 16 in tests: 3 full chunks and a partial one
+    kv = make_kv(len(tokens), dtype=dtype)
+
+    def go() -> None:
+        with KVClient(running.data) as client:
+            assert client.store(tokens, kv) == 50
+            assert client.lookup(tokens) == 50
+            assert client.lookup(tokens[:40]) == 32  # prefix semantics: whole chunks only
+            assert client.lookup([1, 2, 3]) == 0
+            out = client.retrieve(tokens)
+            assert out is not None and out.dtype == dtype
+            assert torch.equal(out, kv)
+            assert client.retrieve([9, 9, 9]) is None
+
+    await asyncio.to_thread(go)
+
+
+async def test_async_client_matches_blocking_client(running: Running) -> None:
+    kv = make_kv(len(SEED_TOKENS))
+    async with AsyncKVClient(running.data) as client:
+        assert await client.store(SEED_TOKENS, kv) == 12
+        assert await client.lookup(SEED_TOKENS) == 12
+        out = await client.retrieve(SEED_TOKENS)
+    assert out is not None and torch.equal(out, kv)
+
+
+async def test_store_refuses_kv_of_the_wrong_length(running: Running) -> None:
+    async with AsyncKVClient(running.data) as client:
+        with pytest.raises(LmcachedError, match="covers 5 tokens"):
+            await client.store(SEED_TOKENS, make_kv(5))
+
+
+async def test_retrieve_decodes_compressed_chunks(running: Running) -> None:
+    tokens = list(range(64))
+    kv = make_kv(64, dtype=torch.float32)
+    async with AsyncKVClient(running.data) as client:
+        await client.store(tokens, kv)
+    status, body = await running.post("/compress", {"instance_id": "lmcache_default_instance", "method": "lossless", "location": "LocalCPUBackend", "tokens": tokens})
+    assert status == 200 and body["num_tokens"] == 64
+    assert (await running.wait_event(body["event_id"]))["status"] == "finished"
+    # Raw in RAM is now compressed; the disk copy is still raw: clear it to force decoding.
+    status, body = await running.post("/clear", {"instance_id": "lmcache_default_instance", "location": "LocalDiskBackend"})
+    await running.wait_event(body["event_id"])
+    async with AsyncKVClient(running.data) as client:
+        out = await client.retrieve(tokens)
+    assert out is not None and torch.equal(out, kv)

@@ -1,0 +1,268 @@
+"""The HTTP API against a real daemon on port 0: every endpoint, its answers and its errors."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmcached.client import AsyncKVClient
+from lmcached.config import Config
+from lmcached.worker import Worker
+
+from .conftest import CPU, DISK, INSTANCE, SEED_TOKENS, Running, make_kv, test_config
+
+TOKENS = list(range(500, 560))  # 3 full chunks of 16 and a partial one of 12
+
+
+def body(**kw: object) -> dict[str, object]:
+    return {"instance_id": INSTANCE, "location": CPU, "tokens": TOKENS, **kw}
+
+
+async def test_seed_flow_lookup_compress_check_finish_decompress(running: Running) -> None:
+    kv = make_kv(len(SEED_TOKENS))
+    await running.store(SEED_TOKENS, kv)
+    status, answer = await running.post("/lookup", {"tokens": SEED_TOKENS})
+    assert status == 200 and answer["layout_info"] == {INSTANCE: [CPU, 12]} and answer["event_id"]
+
+    status, answer = await running.post("/compress", {"instance_id": INSTANCE, "method": "cachegen", "location": CPU, "tokens": SEED_TOKENS})
+    assert status == 200 and answer["num_tokens"] == 12
+    event = await running.wait_event(answer["event_id"])
+    assert event["status"] == "finished" and event["result"]["num_tokens"] == 12
+    assert event["result"]["bytes_after"] < event["result"]["bytes_before"]
+
+    _, instances = await running.get("/instances")
+    cpu = instances[INSTANCE]["locations"][CPU]
+    assert cpu["compressed_chunks"] == 1 and cpu["bytes"] == event["result"]["bytes_after"]
+
+    async with AsyncKVClient(running.data) as client:
+        out = await client.retrieve(SEED_TOKENS)
+    assert out is not None and out.shape == kv.shape and not torch.equal(out, kv)  # lossy, decoded transparently
+    assert (out.float() - kv.float()).norm() / kv.float().norm() < 0.2
+
+    status, answer = await running.post("/decompress", {"instance_id": INSTANCE, "method": "cachegen", "location": CPU, "tokens": SEED_TOKENS})
+    assert status == 200 and answer["num_tokens"] == 12
+    assert (await running.wait_event(answer["event_id"]))["status"] == "finished"
+    _, instances = await running.get("/instances")
+    assert instances[INSTANCE]["locations"][CPU]["compressed_chunks"] == 0
+
+
+async def test_lossless_compress_round_trips_bit_exact(running: Running) -> None:
+    kv = make_kv(len(TOKENS), dtype=torch.bfloat16)
+    await running.store(TOKENS, kv)
+    await running.post("/clear", body(location=DISK))  # only the compressed RAM copy remains
+    _, answer = await running.post("/compress", body(method="lossless"))
+    assert (await running.wait_event(answer["event_id"]))["status"] == "finished"
+    await running.wait_cached(TOKENS, len(TOKENS))
+    async with AsyncKVClient(running.data) as client:
+        out = await client.retrieve(TOKENS)
+    assert out is not None and torch.equal(out, kv)
+
+
+async def test_nothing_cached_is_200_with_zero_tokens(running: Running) -> None:
+    for path, extra in (("/compress", {"method": "cachegen"}), ("/pin", {}), ("/unpin", {}), ("/clear", {})):
+        status, answer = await running.post(path, body(tokens=[1, 2, 3], **extra))
+        assert (status, answer["num_tokens"]) == (200, 0), path
+        assert (await running.wait_event(answer["event_id"]))["status"] == "finished"
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "status", "needle"),
+    [
+        ("/compress", b"{not json", 400, "not valid JSON"),
+        ("/compress", b"", 400, "empty"),
+        ("/compress", b"[1, 2]", 400, "JSON object"),
+        ("/compress", {"instance_id": INSTANCE, "location": CPU, "tokens": [1]}, 422, "method"),
+        ("/compress", {"instance_id": INSTANCE, "location": CPU, "tokens": [1], "method": "zip"}, 400, "unknown method"),
+        ("/compress", {"instance_id": "nope", "location": CPU, "tokens": [1], "method": "cachegen"}, 404, "unknown instance"),
+        ("/compress", {"instance_id": INSTANCE, "location": "GPU", "tokens": [1], "method": "cachegen"}, 400, "unknown location"),
+        ("/compress", {"instance_id": INSTANCE, "location": CPU, "tokens": "1,2", "method": "cachegen"}, 422, "tokens"),
+        ("/compress", {"instance_id": INSTANCE, "location": CPU, "tokens": [1, True], "method": "cachegen"}, 422, "integers"),
+        ("/compress", {"instance_id": INSTANCE, "location": CPU, "tokens": [-4], "method": "cachegen"}, 422, "token ids"),
+        ("/compress", {"instance_id": 7, "location": CPU, "tokens": [1], "method": "cachegen"}, 422, "instance_id"),
+        ("/lookup", {}, 422, "tokens"),
+        ("/pin", {"instance_id": INSTANCE, "tokens": [1]}, 422, "location"),
+        ("/move", {"old_position": [INSTANCE], "new_position": [INSTANCE, DISK], "tokens": [1]}, 422, "old_position"),
+        ("/move", {"old_position": [INSTANCE, CPU], "new_position": [INSTANCE, CPU], "tokens": [1]}, 400, "same"),
+        ("/move", {"old_position": [INSTANCE, CPU], "new_position": ["ghost", CPU], "tokens": [1]}, 404, "ghost"),
+        ("/check_finish", {"event_id": "no-such-event"}, 404, "unknown event_id"),
+        ("/health", {"instance_id": "nope"}, 404, "unknown instance"),
+        ("/query_worker_info", {"instance_id": "nope"}, 404, "unknown instance"),
+    ],
+)
+async def test_bad_requests_get_4xx_with_detail(running: Running, path: str, payload: object, status: int, needle: str) -> None:
+    got, answer = await running.post(path, payload)
+    assert got == status, answer
+    assert needle in answer["detail"]
+
+
+async def test_unknown_path_is_json_404(running: Running) -> None:
+    got, answer = await running.post("/compres", {})
+    assert got == 404 and "detail" in answer
+    got, answer = await running.get("/compress")
+    assert got == 405
+
+
+async def test_oversize_body_is_413(tmp_path: Path) -> None:
+    from lmcached.serve import Daemon
+
+    daemon = Daemon(test_config(max_request_bytes=1000))
+    ports = await daemon.start()
+    try:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"http://127.0.0.1:{ports.http}/lookup", data=b"[" + b"1," * 2000 + b"1]") as resp:
+                assert resp.status == 413
+                assert "limit of 1000 bytes" in (await resp.json())["detail"]
+    finally:
+        await daemon.stop()
+
+
+async def test_pin_protects_from_eviction_and_unpin_releases(tmp_path: Path) -> None:
+    from lmcached.serve import Daemon
+
+    kv = make_kv(16, layers=2, channels=16)  # 2 KB per chunk
+    daemon = Daemon(test_config(max_local_cpu_size=5000 / 1024**3))
+    ports = await daemon.start()
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        run = Running(daemon, http, f"http://127.0.0.1:{ports.http}", f"127.0.0.1:{ports.data}")
+        first = list(range(16))
+        await run.store(first, kv)
+        _, answer = await run.post("/pin", {"instance_id": INSTANCE, "location": CPU, "tokens": first})
+        assert answer["num_tokens"] == 16
+        await run.wait_event(answer["event_id"])
+        for i in range(1, 5):  # a store storm: only unpinned chunks may go
+            async with AsyncKVClient(run.data) as client:
+                await client.store(list(range(100 * i, 100 * i + 16)), kv)
+        await asyncio.sleep(0.2)
+        assert (await run.post("/lookup", {"tokens": first}))[1]["layout_info"] == {INSTANCE: [CPU, 16]}
+        _, instances = await run.get("/instances")
+        assert instances[INSTANCE]["locations"][CPU]["pinned_chunks"] == 1
+        assert instances[INSTANCE]["locations"][CPU]["bytes"] <= 5000
+        _, answer = await run.post("/unpin", {"instance_id": INSTANCE, "location": CPU, "tokens": first})
+        assert answer["num_tokens"] == 16
+        await run.wait_event(answer["event_id"])
+        _, instances = await run.get("/instances")
+        assert instances[INSTANCE]["locations"][CPU]["pinned_chunks"] == 0
+    await daemon.stop()
+
+
+async def test_clear_with_and_without_tokens(running: Running) -> None:
+    await running.store(TOKENS, make_kv(len(TOKENS)))
+    await running.store(SEED_TOKENS, make_kv(len(SEED_TOKENS)))
+    _, answer = await running.post("/clear", body())
+    assert answer["num_tokens"] == 60
+    await running.wait_event(answer["event_id"])
+    _, answer = await running.post("/lookup", {"tokens": TOKENS})
+    assert answer["layout_info"] == {INSTANCE: [DISK, 60]}  # the disk copy is still there
+    _, answer = await running.post("/clear", {"instance_id": INSTANCE, "location": DISK})
+    assert answer["num_tokens"] == 72
+    await running.wait_event(answer["event_id"])
+    await running.wait_cached(SEED_TOKENS, 12)  # RAM copy of the seed prompt remains
+    await running.wait_cached(TOKENS, 0)
+
+
+async def test_move_between_locations_and_copy(running: Running) -> None:
+    kv = make_kv(len(TOKENS))
+    await running.store(TOKENS, kv)
+    await running.post("/clear", body(location=DISK))
+    await asyncio.sleep(0.1)
+    _, answer = await running.post("/move", {"old_position": [INSTANCE, CPU], "new_position": [INSTANCE, DISK], "tokens": TOKENS, "copy": True})
+    assert answer["num_tokens"] == 60
+    assert (await running.wait_event(answer["event_id"]))["status"] == "finished"
+    _, instances = await running.get("/instances")
+    assert instances[INSTANCE]["locations"][CPU]["tokens"] == 60 and instances[INSTANCE]["locations"][DISK]["tokens"] == 60
+    _, answer = await running.post("/move", {"old_position": [INSTANCE, DISK], "new_position": [INSTANCE, CPU], "tokens": TOKENS})
+    await running.wait_event(answer["event_id"])
+    _, instances = await running.get("/instances")
+    assert instances[INSTANCE]["locations"][DISK]["tokens"] == 0
+
+
+async def test_move_to_another_worker_over_the_data_plane(running: Running, tmp_path: Path) -> None:
+    hub_port = running.daemon.controller.hub.port
+    other = Worker(Config(**{**test_config().__dict__, "controller_url": f"127.0.0.1:{hub_port}", "lmcache_instance_id": "second"}))
+    await other.start()
+    try:
+        await asyncio.wait_for(other.connected.wait(), 5)
+        kv = make_kv(len(TOKENS))
+        await running.store(TOKENS, kv)
+        _, answer = await running.post("/move", {"old_position": [INSTANCE, CPU], "new_position": ["second", CPU], "tokens": TOKENS})
+        assert answer["num_tokens"] == 60
+        event = await running.wait_event(answer["event_id"])
+        assert event["status"] == "finished", event
+        async with AsyncKVClient(f"127.0.0.1:{other.data_port}") as client:
+            out = await client.retrieve(TOKENS)
+        assert out is not None and torch.equal(out, kv)
+        _, answer = await running.post("/lookup", {"tokens": TOKENS})
+        assert answer["layout_info"]["second"] == [CPU, 60]
+        assert answer["layout_info"][INSTANCE] == [DISK, 60]  # moved out of RAM; the disk copy stays
+    finally:
+        await other.stop()
+
+
+async def test_health_query_worker_info_and_metrics(running: Running) -> None:
+    status, answer = await running.post("/health", {"instance_id": INSTANCE})
+    assert status == 200 and list(answer["error_codes"].values()) == [0]
+    worker_id = next(iter(answer["error_codes"]))
+    status, answer = await running.post("/query_worker_info", {"instance_id": INSTANCE, "worker_ids": [worker_id]})
+    assert status == 200 and answer["worker_infos"][0]["worker_id"] == worker_id
+    _, answer = await running.post("/query_worker_info", {"instance_id": "all"})
+    assert len(answer["worker_infos"]) == 1
+    await running.store(SEED_TOKENS, make_kv(12))
+    status, text = await running.get("/metrics")
+    assert status == 200
+    assert f'lmcached_tokens{{instance_id="{INSTANCE}",location="{CPU}",worker_id="{worker_id}"}} 12.0' in text
+    assert 'lmcached_http_requests_total{endpoint="/health",status="200"} 1.0' in text
+
+
+async def test_check_finish_reports_a_failed_operation(running: Running) -> None:
+    await running.store(SEED_TOKENS, make_kv(12))
+    # Make the worker's codec fail for real: a NaN in the stored KV cannot be quantised.
+    worker = running.daemon.worker
+    assert worker is not None
+    backend = worker.backends[CPU]
+    chunk = backend.get(next(iter(backend.keys())))
+    assert chunk is not None
+    bad = torch.full((2, 4, 12, 64), float("nan"), dtype=torch.float16)
+    from dataclasses import replace
+
+    from lmcached.tensors import byte_view
+
+    backend.put(replace(chunk, data=bytes(byte_view(bad))))
+    _, answer = await running.post("/compress", {"instance_id": INSTANCE, "method": "cachegen", "location": CPU, "tokens": SEED_TOKENS})
+    event = await running.wait_event(answer["event_id"])
+    assert event["status"] == "failed" and "NaN" in event["error"]
+    async with AsyncKVClient(running.data) as client:  # nothing was lost: the raw chunk is still served
+        out = await client.retrieve(SEED_TOKENS)
+    assert out is not None and torch.isnan(out).all()
+
+
+async def test_auth_token_guards_http_and_tcp(tmp_path: Path) -> None:
+    import aiohttp
+
+    from lmcached.errors import Unauthorized
+    from lmcached.serve import Daemon
+
+    daemon = Daemon(test_config(auth_token="s3cret"))
+    ports = await daemon.start()  # the embedded worker itself must pass the TCP hello with the token
+    try:
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{ports.http}/lookup"
+            async with http.post(url, json={"tokens": [1]}) as resp:
+                assert resp.status == 401
+            async with http.post(url, json={"tokens": [1]}, headers={"Authorization": "Bearer wrong"}) as resp:
+                assert resp.status == 401
+            async with http.post(url, json={"tokens": [1]}, headers={"Authorization": "Bearer s3cret"}) as resp:
+                assert resp.status == 200
+        with pytest.raises(Unauthorized):
+            async with AsyncKVClient(f"127.0.0.1:{ports.data}") as client:
+                await client.lookup([1])
+        async with AsyncKVClient(f"127.0.0.1:{ports.data}", auth_token="s3cret") as client:
+            assert await client.lookup([1]) == 0
+    finally:
+        await daemon.stop()
