@@ -34,7 +34,9 @@ def make_kv(num_tokens: int, layers: int = 4, channels: int = 64, dtype: torch.d
 
 
 def test_config(**changes: Any) -> Config:
-    base = dict(port=0, monitor_port=0, lmcache_worker_port=0, chunk_size=16, heartbeat_interval=0.2, heartbeat_timeout=2.0, command_timeout=10.0)
+    base = dict(
+        port=0, monitor_port=0, lmcache_worker_port=0, chunk_size=16, heartbeat_interval=0.2, heartbeat_timeout=2.0, command_timeout=10.0
+    )
     base.update(changes)
     return Config(**base)
 
@@ -67,7 +69,6 @@ class Running:
             if body["status"] in ("finished", "failed") or time.monotonic() > deadline:
                 return body
             await _sleep(0.02)
-
 
     async def wait_cached(self, tokens: list[int], expected: int, timeout: float = 10.0) -> None:
         """Wait until the controller's index shows `expected` tokens of `tokens` (reports are asynchronous)."""
@@ -109,6 +110,7 @@ class ServeProcess:
     proc: subprocess.Popen[str]
     ports: dict[str, Any]
     output: list[str]
+    drain: threading.Thread
 
     @property
     def http(self) -> str:
@@ -119,24 +121,32 @@ class ServeProcess:
         return f"127.0.0.1:{self.ports['data']}"
 
 
-def start_serve(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> ServeProcess:
-    """Start `python -m lmcached serve` on port 0 and wait for its ready line."""
-    cmd = [sys.executable, "-m", "lmcached", "serve", "--port", "0", "--monitor-port", "0", "--worker-port", "0", *args]
+def start_process(cmd: list[str], ready: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> ServeProcess:
+    """Start a daemon and wait for its `ready` line (which carries JSON: its ports)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None
-    lines = []
+    lines: list[str] = []
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
             break
         lines.append(line)
-        if line.startswith("lmcached ready "):
+        if line.startswith(ready):
             # Keep reading its output, so a chatty daemon never blocks on a full pipe.
-            threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()  # type: ignore[arg-type]
-            return ServeProcess(proc, json.loads(line[len("lmcached ready ") :]), lines)
+            drain = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+            drain.start()
+            return ServeProcess(proc, json.loads(line[len(ready) :]), lines, drain)
     proc.kill()
-    raise AssertionError("lmcached serve did not become ready:\n" + "".join(lines))
+    proc.wait()
+    proc.stdout.close()
+    raise AssertionError(f"{cmd[3]} did not become ready:\n" + "".join(lines))
+
+
+def start_serve(*args: str, env: dict[str, str] | None = None, http: int = 0, monitor: int = 0) -> ServeProcess:
+    """Start `python -m lmcached serve` (on port 0 unless told) and wait for its ready line."""
+    cmd = [sys.executable, "-m", "lmcached", "serve", "--port", str(http), "--monitor-port", str(monitor), "--worker-port", "0", *args]
+    return start_process(cmd, "lmcached ready ", env)
 
 
 def stop_serve(server: ServeProcess) -> int:
@@ -146,6 +156,10 @@ def stop_serve(server: ServeProcess) -> int:
     finally:
         if server.proc.poll() is None:
             server.proc.kill()
+            server.proc.wait()
+        server.drain.join(5)
+        assert server.proc.stdout is not None
+        server.proc.stdout.close()
 
 
 @pytest.fixture

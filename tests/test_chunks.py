@@ -51,7 +51,7 @@ def test_chunk_key_depends_on_everything_before_it(tokens: list[int], chunk_size
     if len(tokens) <= chunk_size:
         return
     changed = [tokens[0] ^ 1, *tokens[1:]]
-    assert all(a.key != b.key for a, b in zip(chunk_spans(tokens, chunk_size), chunk_spans(changed, chunk_size)))
+    assert all(a.key != b.key for a, b in zip(chunk_spans(tokens, chunk_size), chunk_spans(changed, chunk_size), strict=True))
 
 
 @pytest.mark.parametrize("bad", [[-1], [2**32], [1.5], ["a"], [[1]]])

@@ -50,7 +50,9 @@ async def test_retrieve_decodes_compressed_chunks(running: Running) -> None:
     kv = make_kv(64, dtype=torch.float32)
     async with AsyncKVClient(running.data) as client:
         await client.store(tokens, kv)
-    status, body = await running.post("/compress", {"instance_id": "lmcache_default_instance", "method": "lossless", "location": "LocalCPUBackend", "tokens": tokens})
+    status, body = await running.post(
+        "/compress", {"instance_id": "lmcache_default_instance", "method": "lossless", "location": "LocalCPUBackend", "tokens": tokens}
+    )
     assert status == 200 and body["num_tokens"] == 64
     assert (await running.wait_event(body["event_id"]))["status"] == "finished"
     # Raw in RAM is now compressed; the disk copy is still raw: clear it to force decoding.

@@ -44,7 +44,9 @@ def test_unknown_file_key_is_named(tmp_path: Path) -> None:
         load_config(path, environ={})
 
 
-@pytest.mark.parametrize(("text", "key"), [("chunk_size: many\n", "chunk_size"), ("local_cpu: 3\n", "local_cpu"), ("chunk_size: -1\n", "chunk_size")])
+@pytest.mark.parametrize(
+    ("text", "key"), [("chunk_size: many\n", "chunk_size"), ("local_cpu: 3\n", "local_cpu"), ("chunk_size: -1\n", "chunk_size")]
+)
 def test_ill_typed_key_is_named(tmp_path: Path, text: str, key: str) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(text)

@@ -27,7 +27,9 @@ async def test_seed_flow_lookup_compress_check_finish_decompress(running: Runnin
     status, answer = await running.post("/lookup", {"tokens": SEED_TOKENS})
     assert status == 200 and answer["layout_info"] == {INSTANCE: [CPU, 12]} and answer["event_id"]
 
-    status, answer = await running.post("/compress", {"instance_id": INSTANCE, "method": "cachegen", "location": CPU, "tokens": SEED_TOKENS})
+    status, answer = await running.post(
+        "/compress", {"instance_id": INSTANCE, "method": "cachegen", "location": CPU, "tokens": SEED_TOKENS}
+    )
     assert status == 200 and answer["num_tokens"] == 12
     event = await running.wait_event(answer["event_id"])
     assert event["status"] == "finished" and event["result"]["num_tokens"] == 12
@@ -42,7 +44,9 @@ async def test_seed_flow_lookup_compress_check_finish_decompress(running: Runnin
     assert out is not None and out.shape == kv.shape and not torch.equal(out, kv)  # lossy, decoded transparently
     assert (out.float() - kv.float()).norm() / kv.float().norm() < 0.2
 
-    status, answer = await running.post("/decompress", {"instance_id": INSTANCE, "method": "cachegen", "location": CPU, "tokens": SEED_TOKENS})
+    status, answer = await running.post(
+        "/decompress", {"instance_id": INSTANCE, "method": "cachegen", "location": CPU, "tokens": SEED_TOKENS}
+    )
     assert status == 200 and answer["num_tokens"] == 12
     assert (await running.wait_event(answer["event_id"]))["status"] == "finished"
     _, instances = await running.get("/instances")
@@ -172,7 +176,9 @@ async def test_move_between_locations_and_copy(running: Running) -> None:
     await running.store(TOKENS, kv)
     await running.post("/clear", body(location=DISK))
     await asyncio.sleep(0.1)
-    _, answer = await running.post("/move", {"old_position": [INSTANCE, CPU], "new_position": [INSTANCE, DISK], "tokens": TOKENS, "copy": True})
+    _, answer = await running.post(
+        "/move", {"old_position": [INSTANCE, CPU], "new_position": [INSTANCE, DISK], "tokens": TOKENS, "copy": True}
+    )
     assert answer["num_tokens"] == 60
     assert (await running.wait_event(answer["event_id"]))["status"] == "finished"
     _, instances = await running.get("/instances")

@@ -1,0 +1,170 @@
+"""End to end: `lmcached serve` as a real subprocess, driven with the seed's curl bodies and the CLI."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from lmcached.client import KVClient
+
+from .conftest import CPU, INSTANCE, SEED_TOKENS, ServeProcess, make_kv, start_process, start_serve, stop_serve
+
+
+def post(server: ServeProcess, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(server.http + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def wait_for(predicate: Any, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+def cli(server: ServeProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lmcached", *args, "--controller", server.http], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_seed_flow_against_a_real_serve_process(serve_process: ServeProcess) -> None:
+    server = serve_process
+    kv = make_kv(len(SEED_TOKENS), layers=30, channels=192)  # SmolLM2's shape
+    with KVClient(server.data) as client:
+        assert client.store(SEED_TOKENS, kv) == 12
+
+    seed_body = {"instance_id": INSTANCE, "method": "cachegen", "location": CPU, "tokens": SEED_TOKENS}
+    layout = wait_for(lambda: post(server, "/lookup", {"tokens": SEED_TOKENS})["layout_info"])
+    assert layout == {INSTANCE: [CPU, 12]}
+
+    answer = post(server, "/compress", seed_body)
+    assert answer["num_tokens"] == 12 and answer["event_id"]
+    event = wait_for(
+        lambda: (e := post(server, "/check_finish", {"event_id": answer["event_id"]}))["status"] in ("finished", "failed") and e
+    )
+    assert event["status"] == "finished" and event["result"]["num_tokens"] == 12
+
+    with KVClient(server.data) as client:
+        out = client.retrieve(SEED_TOKENS)
+    assert out is not None and out.shape == kv.shape
+    assert (out.float() - kv.float()).norm() / kv.float().norm() < 0.2
+
+    answer = post(server, "/decompress", seed_body)
+    assert answer["num_tokens"] == 12
+    event = wait_for(
+        lambda: (e := post(server, "/check_finish", {"event_id": answer["event_id"]}))["status"] in ("finished", "failed") and e
+    )
+    assert event["status"] == "finished"
+
+
+def test_cli_subcommands_print_json_and_exit_codes(serve_process: ServeProcess, tmp_path: Path) -> None:
+    server = serve_process
+    with KVClient(server.data) as client:
+        client.store(SEED_TOKENS, make_kv(12))
+    tokens = ",".join(map(str, SEED_TOKENS))
+    wait_for(lambda: json.loads(cli(server, "lookup", "--tokens", tokens).stdout)["layout_info"])
+
+    done = cli(server, "compress", "--tokens", tokens)
+    assert done.returncode == 0, done.stderr
+    event_id = json.loads(done.stdout)["event_id"]
+    status = wait_for(lambda: json.loads(cli(server, "status", event_id).stdout)["status"] == "finished")
+    assert status
+
+    token_file = tmp_path / "tokens.json"
+    token_file.write_text(json.dumps(SEED_TOKENS))
+    for args in (
+        ["pin", "--tokens-file", str(token_file)],
+        ["unpin", "--tokens", tokens],
+        ["decompress", "--tokens", tokens],
+        ["move", "--tokens", tokens, "--to-location", "LocalCPUBackend", "--to-instance", INSTANCE, "--copy"],
+    ):
+        done = cli(server, *args)
+        if args[0] == "move":  # same position: a clear 400
+            assert done.returncode == 1 and done.stderr.startswith("error: 400") and len(done.stderr.splitlines()) == 1
+        else:
+            assert done.returncode == 0 and json.loads(done.stdout)["num_tokens"] == 12, (args, done.stderr)
+
+    done = cli(server, "health")
+    assert done.returncode == 0 and list(json.loads(done.stdout)["error_codes"].values()) == [0]
+    done = cli(server, "compress", "--tokens", tokens, "--instance-id", "ghost")
+    assert done.returncode == 1 and done.stderr.strip() == "error: 404: unknown instance 'ghost' (registered: lmcache_default_instance)"
+    done = cli(server, "status", "nope")
+    assert done.returncode == 1 and "unknown event_id" in done.stderr
+    done = cli(server, "clear")
+    assert done.returncode == 0 and json.loads(done.stdout)["num_tokens"] == 12
+    done = cli(server, "lookup", "--tokens", "1,x")
+    assert done.returncode == 2 and "integers" in done.stderr
+
+
+def test_cli_reports_an_unreachable_controller() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "lmcached", "lookup", "--tokens", "1", "--controller", "http://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and done.stderr.startswith("error: cannot reach the controller")
+
+
+def test_standalone_worker_registers_and_survives_a_controller_restart(tmp_path: Path) -> None:
+    server = start_serve()
+    monitor_port = server.ports["monitor"]
+    worker = start_process(
+        [
+            sys.executable,
+            "-m",
+            "lmcached",
+            "worker",
+            "--instance-id",
+            "remote",
+            "--controller",
+            f"127.0.0.1:{monitor_port}",
+            "--port",
+            "0",
+            "--local-disk",
+            str(tmp_path / "disk"),
+        ],
+        "lmcached worker ready ",
+    )
+    try:
+        data_port = worker.ports["data"]
+        with KVClient(f"127.0.0.1:{data_port}") as client:
+            client.store(SEED_TOKENS, make_kv(12))
+        assert wait_for(lambda: post(server, "/lookup", {"tokens": SEED_TOKENS})["layout_info"].get("remote")) == [CPU, 12]
+
+        # Restart the controller on the same ports: the worker reconnects and resyncs without a restart.
+        stop_serve(server)
+        server = start_serve_on(server.ports)
+        assert wait_for(lambda: post(server, "/lookup", {"tokens": SEED_TOKENS})["layout_info"].get("remote"), 30) == [CPU, 12]
+        assert worker.proc.poll() is None
+    finally:
+        assert stop_serve(worker) == 0
+        stop_serve(server)
+
+
+def start_serve_on(ports: dict[str, Any]) -> ServeProcess:
+    deadline = time.monotonic() + 20
+    while True:  # the old process's ports may linger for a moment
+        try:
+            return start_serve(http=ports["http"], monitor=ports["monitor"])
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_serve_shuts_down_cleanly_on_sigint() -> None:
+    server = start_serve()
+    server.proc.send_signal(signal.SIGINT)
+    assert server.proc.wait(20) == 0
+    assert stop_serve(server) == 0

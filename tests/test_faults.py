@@ -1,0 +1,125 @@
+"""Faults caused for real: garbage on the TCP ports, a worker that stops answering, a worker that dies."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+
+from lmcached.chunks import chunk_spans
+from lmcached.client import AsyncKVClient
+from lmcached.frames import Kind, encode_frame, read_frame, write_frame
+from lmcached.serve import Daemon
+
+from .conftest import CPU, SEED_TOKENS, Running, make_kv, test_config
+
+
+async def assert_closed_by_peer(reader: asyncio.StreamReader, within: float = 5.0) -> None:
+    data = await asyncio.wait_for(reader.read(), within)  # EOF arrives (after an optional error frame)
+    assert reader.at_eof(), data
+
+
+async def test_garbage_closes_only_that_connection(running: Running) -> None:
+    hub_port = running.daemon.controller.hub.port
+    host, data_port = running.data.split(":")
+    async with AsyncKVClient(running.data) as healthy:
+        await healthy.store(SEED_TOKENS, make_kv(12))
+        for port in (hub_port, int(data_port)):
+            for garbage in (b"GET / HTTP/1.1\r\n\r\n", b"LMKV\x09\x01" + bytes(12), b"\x00" * 64):
+                reader, writer = await asyncio.open_connection(host, port)
+                writer.write(garbage)
+                await writer.drain()
+                await assert_closed_by_peer(reader)
+                writer.close()
+        assert await healthy.lookup(SEED_TOKENS) == 12  # the other connection never noticed
+    status, _ = await running.post("/health", {"instance_id": "lmcache_default_instance"})
+    assert status == 200
+
+
+async def test_oversize_declared_length_is_refused_before_reading(running: Running) -> None:
+    from lmcached.frames import MAGIC, PREFIX, VERSION
+
+    reader, writer = await asyncio.open_connection(*running.data.split(":"))
+    writer.write(encode_frame(Kind.HELLO, {"role": "client"}))
+    assert (await read_frame(reader)).kind == Kind.WELCOME  # type: ignore[union-attr]
+    writer.write(PREFIX.pack(MAGIC, VERSION, int(Kind.STORE), 2, 2**62) + b"{}")
+    error = await read_frame(reader)
+    assert error is not None and error.kind == Kind.ERROR and "exceeds the limit" in error.header["detail"]
+    await assert_closed_by_peer(reader)
+    writer.close()
+
+
+async def fake_worker(port: int, instance_id: str, key: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A real TCP peer that registers a chunk, heartbeats, and never answers a command."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await write_frame(
+        writer,
+        Kind.HELLO,
+        {"role": "worker", "instance_id": instance_id, "worker_id": "mute", "data_address": "127.0.0.1:1", "chunk_size": 16},
+    )
+    assert (await read_frame(reader)).kind == Kind.WELCOME  # type: ignore[union-attr]
+    await write_frame(writer, Kind.REPORT, {"full": True, "admitted": [[CPU, key, 12, 100, None, False]], "evicted": []})
+    return reader, writer
+
+
+async def test_a_worker_that_stops_answering_fails_its_commands_in_time() -> None:
+    daemon = Daemon(test_config(command_timeout=1.0, heartbeat_timeout=30.0))
+    ports = await daemon.start()
+    key = chunk_spans(SEED_TOKENS, 16)[0].key
+    reader, writer = await fake_worker(ports.monitor, "mute-instance", key)
+    try:
+        async with aiohttp.ClientSession() as http:
+            run = Running(daemon, http, f"http://127.0.0.1:{ports.http}", f"127.0.0.1:{ports.data}")
+            await run.wait_cached(SEED_TOKENS, 12)
+            started = time.monotonic()
+            _, answer = await run.post(
+                "/compress", {"instance_id": "mute-instance", "method": "cachegen", "location": CPU, "tokens": SEED_TOKENS}
+            )
+            assert answer["num_tokens"] == 12
+            # The controller keeps serving meanwhile.
+            status, _ = await run.post("/lookup", {"tokens": SEED_TOKENS})
+            assert status == 200
+            event = await run.wait_event(answer["event_id"])
+            assert event["status"] == "failed" and "did not answer" in event["error"]
+            assert time.monotonic() - started < 5.0
+            _, health = await run.post("/health", {"instance_id": "mute-instance"})
+            assert health["error_codes"] == {"mute": 1}
+    finally:
+        writer.close()
+        await daemon.stop()
+
+
+async def test_a_dead_worker_fails_pending_commands_and_leaves_the_index() -> None:
+    daemon = Daemon(test_config(command_timeout=30.0, heartbeat_timeout=30.0))
+    ports = await daemon.start()
+    key = chunk_spans(SEED_TOKENS, 16)[0].key
+    reader, writer = await fake_worker(ports.monitor, "doomed", key)
+    try:
+        async with aiohttp.ClientSession() as http:
+            run = Running(daemon, http, f"http://127.0.0.1:{ports.http}", f"127.0.0.1:{ports.data}")
+            await run.wait_cached(SEED_TOKENS, 12)
+            _, answer = await run.post("/pin", {"instance_id": "doomed", "location": CPU, "tokens": SEED_TOKENS})
+            await asyncio.sleep(0.1)
+            writer.transport.abort()  # the worker dies mid-command
+            event = await run.wait_event(answer["event_id"], timeout=5)
+            assert event["status"] == "failed" and "lost" in event["error"]
+            status, body = await run.post("/pin", {"instance_id": "doomed", "location": CPU, "tokens": SEED_TOKENS})
+            assert status == 404 and "unknown instance" in body["detail"]
+    finally:
+        await daemon.stop()
+
+
+async def test_a_silent_worker_is_dropped_after_the_heartbeat_timeout() -> None:
+    daemon = Daemon(test_config(heartbeat_timeout=0.5))
+    ports = await daemon.start()
+    reader, writer = await fake_worker(ports.monitor, "silent", 1234)
+    try:
+        deadline = time.monotonic() + 5
+        while "silent" in daemon.controller.index.instance_ids():
+            assert time.monotonic() < deadline, "silent worker was never dropped"
+            await asyncio.sleep(0.05)
+        assert "lmcache_default_instance" in daemon.controller.index.instance_ids()  # the heartbeating one stays
+    finally:
+        writer.close()
+        await daemon.stop()
