@@ -354,3 +354,28 @@ def instances(controller: str = ControllerOpt, auth_token: str | None = TokenOpt
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+BENCH_KINDS = ("dataplane", "index", "codec", "engine", "all")
+
+
+@app.command()
+def bench(
+    kind: str = typer.Argument("all", help="dataplane, index, codec, engine or all."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write plots to this PNG file."),
+    quick: bool = typer.Option(False, "--quick", help="Smaller sizes, fewer repeats (a smoke run)."),
+) -> None:
+    """Measure lmcached beside its baselines in the same run and print the figures."""
+    if kind not in BENCH_KINDS:
+        fail(f"unknown benchmark {kind!r}; choose one of {', '.join(BENCH_KINDS)}", 2)
+    from lmcached.bench import run_benchmarks
+
+    report = run_benchmarks(kind, quick)
+    if as_json:
+        typer.echo(report.as_json())
+    else:
+        report.print_table()
+    if plot is not None:
+        report.plot(plot)
+        typer.echo(f"plot written to {plot}", err=True)

@@ -32,6 +32,7 @@ from lmcached.frames import (
     read_frame_head,
     read_payload,
 )
+from lmcached.sockio import SocketStream
 from lmcached.tensors import byte_view, check_kv, dtype_from_name, dtype_name
 from lmcached.worker import parse_address
 
@@ -202,15 +203,14 @@ def byte_view_writable(tensor: torch.Tensor) -> memoryview:
 
 
 class AsyncKVClient:
-    """The asyncio twin of KVClient; its requests are serialised on one connection."""
+    """The asyncio twin of KVClient (zero-copy socket I/O too); its requests are serialised on one connection."""
 
     def __init__(self, address: str, *, auth_token: str | None = None, timeout: float = 60.0) -> None:
         self.address = address
         self._host, self._port = parse_address(address, 8001)
         self._token = auth_token
         self._timeout = timeout
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._stream: SocketStream | None = None
         self._lock = asyncio.Lock()
         self._req_ids = itertools.count(1)
         self.chunk_size = 256
@@ -224,9 +224,9 @@ class AsyncKVClient:
         await self.close()
 
     async def connect(self) -> None:
-        self._reader, self._writer = await asyncio.wait_for(asyncio.open_connection(self._host, self._port), self._timeout)
+        self._stream = await SocketStream.connect(self._host, self._port, self._timeout)
         try:
-            self._writer.writelines(frame_parts(Kind.HELLO, _hello(self._token), []))
+            await self._stream.sendall(frame_parts(Kind.HELLO, _hello(self._token), []))
             kind, header, _ = await self._read_head()
             welcome = header if kind == Kind.WELCOME else _check_reply(kind, header)
         except BaseException:
@@ -236,18 +236,15 @@ class AsyncKVClient:
         self.save_unfull_chunk = bool(welcome.get("save_unfull_chunk", True))
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            try:
-                await self._writer.wait_closed()
-            except ConnectionError:
-                pass
-            self._writer = None
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
 
     def spans(self, tokens: Sequence[int]) -> list[ChunkSpan]:
         return chunk_spans(tokens, self.chunk_size, self.save_unfull_chunk)
 
     async def store(self, tokens: Sequence[int], kv: torch.Tensor) -> int:
+        """Store every chunk of `tokens`' KV; returns the number of tokens stored."""
         kv = check_kv(kv, len(tokens))
         spans = self.spans(tokens)
         if not spans:
@@ -263,43 +260,46 @@ class AsyncKVClient:
             return int((await self._request(_chunks_frame(chunks, location, next(self._req_ids))))["num_tokens"])
 
     async def lookup(self, tokens: Sequence[int]) -> int:
+        """The length of `tokens`' prefix that the worker holds."""
         async with self._lock:
             frame = frame_parts(Kind.LOOKUP, {"req_id": next(self._req_ids), "keys": [s.key for s in self.spans(tokens)]}, [])
             return int((await self._request(frame))["num_tokens"])
 
     async def retrieve(self, tokens: Sequence[int]) -> torch.Tensor | None:
+        """The KV of the cached prefix [2, L, n, C] (compressed chunks come back decoded), or None."""
         async with self._lock:
-            writer, reader = self._streams()
-            writer.writelines(frame_parts(Kind.RETRIEVE, {"req_id": next(self._req_ids), "keys": [s.key for s in self.spans(tokens)]}, []))
-            await writer.drain()
+            stream = self._conn()
+            await stream.sendall(
+                frame_parts(Kind.RETRIEVE, {"req_id": next(self._req_ids), "keys": [s.key for s in self.spans(tokens)]}, [])
+            )
             kind, header, payload_len = await self._read_head()
             metas = chunk_headers(_check_reply(kind, header))
             if sum(m["nbytes"] for m in metas) != payload_len:
                 raise ProtocolError("retrieve reply sizes do not add up")
             parts = []
             for meta in metas:
-                data = await asyncio.wait_for(read_payload(reader, meta["nbytes"]), self._timeout)
                 tensor = torch.empty(meta["shape"], dtype=dtype_from_name(meta["dtype"]))
-                byte_view_writable(tensor)[:] = data
+                await asyncio.wait_for(stream.readinto(byte_view_writable(tensor)), self._timeout)
                 parts.append(tensor)
             return _assemble(parts)
 
-    def _streams(self) -> tuple[asyncio.StreamWriter, asyncio.StreamReader]:
-        if self._writer is None or self._reader is None:
+    def _conn(self) -> SocketStream:
+        if self._stream is None:
             raise LmcachedError("AsyncKVClient is not connected (use `async with` or await connect())")
-        return self._writer, self._reader
+        return self._stream
 
     async def _read_head(self) -> tuple[Kind, dict[str, Any], int]:
-        _, reader = self._streams()
-        head = await asyncio.wait_for(read_frame_head(reader, MAX_DATA_PAYLOAD_BYTES), self._timeout)
+        try:
+            head = await asyncio.wait_for(read_frame_head(self._conn(), MAX_DATA_PAYLOAD_BYTES), self._timeout)
+        except asyncio.IncompleteReadError:
+            raise ProtocolError("worker closed the connection") from None
         if head is None:
             raise ProtocolError("worker closed the connection")
         return head
 
     async def _request(self, parts: list[Any]) -> dict[str, Any]:
-        writer, reader = self._streams()
-        writer.writelines(parts)
-        await writer.drain()
+        stream = self._conn()
+        await stream.sendall(parts)
         kind, header, payload_len = await self._read_head()
-        await read_payload(reader, payload_len)
+        await read_payload(stream, payload_len)
         return _check_reply(kind, header)

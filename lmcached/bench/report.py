@@ -1,0 +1,106 @@
+"""Benchmark results: rows with their baseline, a table for people, JSON for machines, a plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Row:
+    section: str
+    name: str
+    value: float
+    unit: str
+    baseline: float | None = None
+    baseline_name: str = ""
+    target: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.baseline in (None, 0):
+            return None
+        return self.value / self.baseline  # type: ignore[operator]
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    #: plot title -> {"x": [...], "xlabel": str, "ylabel": str, "lines": {label: [y...]}}
+    series: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, *args: Any, **kwargs: Any) -> Row:
+        row = Row(*args, **kwargs)
+        self.rows.append(row)
+        return row
+
+    def machine(self) -> dict[str, Any]:
+        return {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        }
+
+    def as_json(self) -> str:
+        return json.dumps(
+            {"machine": self.machine(), "rows": [{**asdict(r), "ratio": r.ratio} for r in self.rows], "series": self.series}, indent=2
+        )
+
+    def print_table(self) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="lmcached bench")
+        for col in ("section", "figure", "value", "baseline", "ratio", "target"):
+            table.add_column(col, justify="right" if col in ("value", "ratio") else "left")
+        for r in self.rows:
+            base = f"{r.baseline:.4g} {r.unit} ({r.baseline_name})" if r.baseline is not None else ""
+            ratio = f"{r.ratio:.2f}×" if r.ratio is not None else ""
+            table.add_row(r.section, r.name, f"{r.value:.4g} {r.unit}", base, ratio, r.target)
+        Console(width=max(160, Console().width)).print(table)
+
+    def plot(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = list(self.series)
+        if not names:
+            return
+        fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+        for ax, name in zip(axes[0], names, strict=True):
+            data = self.series[name]
+            for label, values in data["lines"].items():
+                ax.plot(data["x"], values, marker="o", label=label)
+            ax.set_title(name)
+            ax.set_xlabel(data.get("xlabel", ""))
+            ax.set_ylabel(data.get("ylabel", ""))
+            if data.get("xlog"):
+                ax.set_xscale("log")
+            ax.legend()
+            ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def progress() -> Any:
+    """A rich progress bar on stderr (so --json output on stdout stays clean)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )

@@ -1,0 +1,131 @@
+"""Zero-copy socket I/O for the data plane: reads land in the caller's buffer, writes leave from it.
+
+asyncio's streams copy every payload several times (into the reader's buffer, out of it, and in 3.11
+`writelines` joins all buffers into one bytes object). KV chunks are megabytes, so the data plane uses the
+loop's socket methods directly: `sock_recv_into` and `sock_sendall` on a non-blocking socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+#: Small reads (frame prefixes and headers) come through a buffer of this size to save syscalls.
+READ_AHEAD = 64 * 1024
+#: A single read into the read-ahead buffer; larger reads go straight into the caller's memory.
+DIRECT_READ_MIN = 16 * 1024
+
+
+class SocketStream:
+    """One connected non-blocking socket with exact-size reads and gather writes."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._ahead = bytearray(READ_AHEAD)
+        self._start = 0
+        self._end = 0
+        self.closed = False
+
+    @classmethod
+    async def connect(cls, host: str, port: int, timeout: float) -> SocketStream:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        last: OSError | None = None
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, address), timeout)
+                return cls(sock)
+            except (OSError, asyncio.TimeoutError) as exc:
+                sock.close()
+                last = exc if isinstance(exc, OSError) else OSError(f"connect to {host}:{port} timed out")
+        raise last or OSError(f"cannot resolve {host}")
+
+    def peername(self) -> Any:
+        try:
+            return self.sock.getpeername()
+        except OSError:
+            return None
+
+    async def readinto(self, view: memoryview) -> None:
+        """Fill `view` exactly; raises asyncio.IncompleteReadError on EOF."""
+        total = view.nbytes
+        got = min(self._end - self._start, total)
+        if got:
+            view[:got] = self._ahead[self._start : self._start + got]
+            self._start += got
+        while got < total:
+            if total - got < DIRECT_READ_MIN:
+                await self._fill()
+                take = min(self._end - self._start, total - got)
+                view[got : got + take] = self._ahead[self._start : self._start + take]
+                self._start += take
+                got += take
+                continue
+            n = await self._loop.sock_recv_into(self.sock, view[got:])
+            if n == 0:
+                raise asyncio.IncompleteReadError(bytes(view[:got]), total)
+            got += n
+
+    async def _fill(self) -> None:
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(self._ahead) - self._end < DIRECT_READ_MIN:  # make room: move the unread bytes to the front
+            unread = self._end - self._start
+            self._ahead[:unread] = self._ahead[self._start : self._end]
+            self._start, self._end = 0, unread
+        n = await self._loop.sock_recv_into(self.sock, memoryview(self._ahead)[self._end :])
+        if n == 0:
+            raise asyncio.IncompleteReadError(bytes(self._ahead[self._start : self._end]), None)
+        self._end += n
+
+    async def readexactly(self, n: int) -> bytearray:
+        """The StreamReader-compatible read that `frames.read_frame_head` uses; returns a fresh buffer."""
+        buf = bytearray(n)
+        try:
+            await self.readinto(memoryview(buf))
+        except asyncio.IncompleteReadError as exc:
+            raise asyncio.IncompleteReadError(exc.partial, n) from None
+        return buf
+
+    async def sendall(self, parts: list[Any]) -> None:
+        """Send buffers in order: small ones joined into one segment, large ones straight from their memory."""
+        small: list[Any] = []
+        for part in parts:
+            view = memoryview(part).cast("B")
+            if view.nbytes < DIRECT_READ_MIN:
+                small.append(view)
+                continue
+            if small:
+                await self._loop.sock_sendall(self.sock, b"".join(small))
+                small = []
+            await self._loop.sock_sendall(self.sock, view)
+        if small:
+            await self._loop.sock_sendall(self.sock, b"".join(small))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sock.close()
+
+
+async def serve_sockets(
+    host: str, port: int, handler: Callable[[SocketStream], Awaitable[None]]
+) -> tuple[socket.socket, asyncio.Task[None]]:
+    """Listen and run `handler` for each connection; returns the listening socket and the accept task."""
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server((host, port), backlog=512)
+    listener.setblocking(False)
+
+    async def accept_loop() -> None:
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            loop.create_task(handler(SocketStream(conn)))
+
+    return listener, loop.create_task(accept_loop(), name=f"accept-{host}:{port}")
