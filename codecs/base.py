@@ -12,6 +12,7 @@ from lmcached.errors import CodecError
 
 DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 TORCH_DTYPES = {v: k for k, v in DTYPES.items()}
+TORCH_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 class Codec:
@@ -38,12 +39,6 @@ class Codec:
         if min(kv.shape) == 0:
             raise CodecError(f"kv must not be empty, got shape {list(kv.shape)}")
         return DTYPES[kv.dtype], tuple(int(d) for d in kv.shape)  # type: ignore[return-value]
-
-    @staticmethod
-    def check_finite(kv: torch.Tensor) -> None:
-        """Lossy codecs need finite values (a NaN has no spread to scale by)."""
-        if not bool(torch.isfinite(kv).all()):
-            raise CodecError("kv holds NaN or infinite values")
 
     @staticmethod
     def _array(section: memoryview, count: int | None, dtype: Any) -> np.ndarray:

@@ -91,7 +91,7 @@ def encode(symbols: np.ndarray, groups: int, group_len: int, lane_size: int) -> 
     lanes = groups * lanes_for(group_len, lane_size)
     scratch = np.empty((lanes, lane_size + STATE_WORDS), dtype=np.uint16)
     lane_words = np.zeros(lanes, dtype=np.int64)
-    rans_cpu.encode_lanes(symbols, groups, group_len, lane_size, freq, cum, scratch, lane_words)
+    rans_cpu.encode_lanes(symbols, groups, group_len, lane_size, rans_cpu.encoder_tables(freq, cum), scratch, lane_words)
     offsets = np.zeros(lanes + 1, dtype=np.int64)
     np.cumsum(lane_words, out=offsets[1:])
     words = np.empty(int(offsets[-1]), dtype=np.uint16)
@@ -108,13 +108,9 @@ def decode(tables: memoryview, offsets: np.ndarray, words: np.ndarray, groups: i
     offsets = offsets.astype(np.int64)
     if offsets.shape[0] != lanes + 1 or offsets[0] != 0 or offsets[-1] != words.shape[0] or np.any(np.diff(offsets) < 0):
         raise CodecError("lane offsets do not match the coded words")
-    cum = cumulative(freq)
-    slot2sym = np.empty((groups, PROB_SCALE), dtype=np.uint8)
-    symbols = np.arange(256, dtype=np.uint8)
-    for g in range(groups):
-        slot2sym[g] = np.repeat(symbols, freq[g])
+    dtab = rans_cpu.decoder_tables(freq, cumulative(freq))
     out = np.empty(groups * group_len, dtype=np.uint8)
-    bad = rans_cpu.decode_lanes(words, offsets, groups, group_len, lane_size, freq, cum, slot2sym, out)
+    bad = rans_cpu.decode_lanes(words, offsets, groups, group_len, lane_size, dtab, out)
     if bad:
         raise CodecError(f"{bad} rANS lane(s) failed to decode: the blob is corrupted")
     return out

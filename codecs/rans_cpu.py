@@ -30,16 +30,44 @@ def histogram(symbols, groups, group_len):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
-def _enc(x, f, c, buf, pos):  # pragma: no cover - compiled
-    if x >= (f << np.uint64(20)):  # (RANS_L >> PROB_BITS) << 16 == 1 << 20
+def _enc(x, x_max, rcp, shift, bias, cmpl, buf, pos):  # pragma: no cover - compiled
+    if x >= x_max:
         buf[pos] = np.uint16(x & np.uint64(0xFFFF))
         pos += 1
         x >>= np.uint64(16)
-    return ((x // f) << np.uint64(PROB_BITS)) + (x % f) + c, pos
+    # x // freq by a multiply with a precomputed reciprocal (ryg_rans), then x' = x + bias + q * (M - freq).
+    q = ((x * rcp) >> np.uint64(32)) >> shift
+    return x + bias + q * cmpl, pos
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def encode_lanes(symbols, groups, group_len, lane_size, freq, cum, scratch, lane_words):  # pragma: no cover
+def encoder_tables(freq, cum):  # pragma: no cover - compiled
+    """Per group and symbol: renormalisation bound, reciprocal, shift, bias and complement (ryg_rans)."""
+    groups = freq.shape[0]
+    tab = np.zeros((groups, 256, 5), dtype=np.uint64)
+    for g in prange(groups):
+        for s in range(256):
+            f = np.uint64(freq[g, s])
+            if f == 0:
+                continue
+            tab[g, s, 0] = f << np.uint64(20)  # ((RANS_L >> PROB_BITS) << 16) * f
+            tab[g, s, 4] = np.uint64(PROB_SCALE) - f
+            if f < 2:
+                tab[g, s, 1] = np.uint64(0xFFFFFFFF)
+                tab[g, s, 2] = 0
+                tab[g, s, 3] = np.uint64(cum[g, s]) + np.uint64(PROB_SCALE) - np.uint64(1)
+            else:
+                shift = np.uint64(0)
+                while (np.uint64(1) << shift) < f:
+                    shift += np.uint64(1)
+                tab[g, s, 1] = ((np.uint64(1) << (shift + np.uint64(31))) + f - np.uint64(1)) // f
+                tab[g, s, 2] = shift - np.uint64(1)
+                tab[g, s, 3] = np.uint64(cum[g, s])
+    return tab
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def encode_lanes(symbols, groups, group_len, lane_size, tab, scratch, lane_words):  # pragma: no cover
     """Encode every lane into its row of `scratch` (in reading order, right-aligned); count its words."""
     lanes_per_group = (group_len + lane_size - 1) // lane_size
     for lane in prange(groups * lanes_per_group):
@@ -54,19 +82,30 @@ def encode_lanes(symbols, groups, group_len, lane_size, freq, cum, scratch, lane
         x2 = np.uint64(RANS_L)
         x3 = np.uint64(RANS_L)
         # rANS encodes backwards: the last symbol first, each with the state the decoder will use for it.
-        for i in range(n - 1, -1, -1):
-            s = symbols[start + i]
-            f = np.uint64(freq[g, s])
-            c = np.uint64(cum[g, s])
+        n4 = n & ~3
+        # rANS encodes backwards, each symbol with the state its decoder will use (i % 4): first the
+        # ragged tail one by one, then whole groups of four, unrolled.
+        for i in range(n - 1, n4 - 1, -1):
+            sym = symbols[start + i]
             k = i & 3
+            x = x0 if k == 0 else (x1 if k == 1 else x2)
+            x, pos = _enc(x, tab[g, sym, 0], tab[g, sym, 1], tab[g, sym, 2], tab[g, sym, 3], tab[g, sym, 4], row, pos)
             if k == 0:
-                x0, pos = _enc(x0, f, c, row, pos)
+                x0 = x
             elif k == 1:
-                x1, pos = _enc(x1, f, c, row, pos)
-            elif k == 2:
-                x2, pos = _enc(x2, f, c, row, pos)
+                x1 = x
             else:
-                x3, pos = _enc(x3, f, c, row, pos)
+                x2 = x
+        for i in range(n4 - 4, -1, -4):
+            base = start + i
+            sym = symbols[base + 3]
+            x3, pos = _enc(x3, tab[g, sym, 0], tab[g, sym, 1], tab[g, sym, 2], tab[g, sym, 3], tab[g, sym, 4], row, pos)
+            sym = symbols[base + 2]
+            x2, pos = _enc(x2, tab[g, sym, 0], tab[g, sym, 1], tab[g, sym, 2], tab[g, sym, 3], tab[g, sym, 4], row, pos)
+            sym = symbols[base + 1]
+            x1, pos = _enc(x1, tab[g, sym, 0], tab[g, sym, 1], tab[g, sym, 2], tab[g, sym, 3], tab[g, sym, 4], row, pos)
+            sym = symbols[base]
+            x0, pos = _enc(x0, tab[g, sym, 0], tab[g, sym, 1], tab[g, sym, 2], tab[g, sym, 3], tab[g, sym, 4], row, pos)
         for x in (x3, x2, x1, x0):  # emitted last = read first: x0 high, x0 low, x1 high, ...
             row[pos] = np.uint16(x & np.uint64(0xFFFF))
             row[pos + 1] = np.uint16(x >> np.uint64(16))
@@ -87,15 +126,28 @@ def gather_lanes(scratch, lane_words, offsets, out):  # pragma: no cover - compi
             out[o + k] = scratch[lane, k]
 
 
+@njit(nogil=True, cache=True, parallel=True)
+def decoder_tables(freq, cum):  # pragma: no cover - compiled
+    """Per group and slot, one 32-bit entry: symbol | (freq - 1) << 8 | (slot - cum) << 20: one load a symbol."""
+    groups = freq.shape[0]
+    tab = np.zeros((groups, PROB_SCALE), dtype=np.uint32)
+    for g in prange(groups):
+        for s in range(256):
+            f = freq[g, s]
+            c = cum[g, s]
+            for j in range(f):
+                tab[g, c + j] = np.uint32(s) | (np.uint32(f - 1) << np.uint32(8)) | (np.uint32(j) << np.uint32(20))
+    return tab
+
+
 @njit(inline="always")
-def _dec(x, slot2sym, freq, cum, words, pos):  # pragma: no cover - compiled
-    slot = x & np.uint64(PROB_SCALE - 1)
-    s = slot2sym[slot]
-    x = np.uint64(freq[s]) * (x >> np.uint64(PROB_BITS)) + slot - np.uint64(cum[s])
+def _dec(x, tab, words, pos):  # pragma: no cover - compiled
+    e = np.uint64(tab[x & np.uint64(PROB_SCALE - 1)])
+    x = ((e >> np.uint64(8)) & np.uint64(0xFFF)) * (x >> np.uint64(PROB_BITS)) + (x >> np.uint64(PROB_BITS)) + (e >> np.uint64(20))
     if x < np.uint64(RANS_L):
         x = (x << np.uint64(16)) | np.uint64(words[pos])
         pos += 1
-    return x, s, pos
+    return x, np.uint8(e & np.uint64(0xFF)), pos
 
 
 @njit(nogil=True, cache=True)
@@ -104,7 +156,7 @@ def _read_state(words, pos):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def decode_lanes(words, offsets, groups, group_len, lane_size, freq, cum, slot2sym, out):  # pragma: no cover
+def decode_lanes(words, offsets, groups, group_len, lane_size, dtab, out):  # pragma: no cover
     """Decode every lane into `out` (uint8, groups * group_len). Returns the number of corrupt lanes."""
     lanes_per_group = (group_len + lane_size - 1) // lane_size
     bad = np.zeros(groups * lanes_per_group, dtype=np.uint8)
@@ -123,30 +175,28 @@ def decode_lanes(words, offsets, groups, group_len, lane_size, freq, cum, slot2s
         x2 = _read_state(words, pos + 4)
         x3 = _read_state(words, pos + 6)
         pos += STATE_WORDS
-        f_tab = freq[g]
-        c_tab = cum[g]
-        s_tab = slot2sym[g]
+        d_tab = dtab[g]
         n4 = n & ~3
         # A corrupt lane could read past its words; the bound costs one compare per four symbols.
         limit = end - 4
         i = 0
         while i < n4 and pos <= limit:
-            x0, s, pos = _dec(x0, s_tab, f_tab, c_tab, words, pos)
+            x0, s, pos = _dec(x0, d_tab, words, pos)
             out[start + i] = s
-            x1, s, pos = _dec(x1, s_tab, f_tab, c_tab, words, pos)
+            x1, s, pos = _dec(x1, d_tab, words, pos)
             out[start + i + 1] = s
-            x2, s, pos = _dec(x2, s_tab, f_tab, c_tab, words, pos)
+            x2, s, pos = _dec(x2, d_tab, words, pos)
             out[start + i + 2] = s
-            x3, s, pos = _dec(x3, s_tab, f_tab, c_tab, words, pos)
+            x3, s, pos = _dec(x3, d_tab, words, pos)
             out[start + i + 3] = s
             i += 4
         overflow = False
         while i < n:  # the tail, and any lane that ran near its end: check every read
             k = i & 3
             x = x0 if k == 0 else (x1 if k == 1 else (x2 if k == 2 else x3))
-            slot = x & np.uint64(PROB_SCALE - 1)
-            s = s_tab[slot]
-            x = np.uint64(f_tab[s]) * (x >> np.uint64(PROB_BITS)) + slot - np.uint64(c_tab[s])
+            e = np.uint64(d_tab[x & np.uint64(PROB_SCALE - 1)])
+            s = np.uint8(e & np.uint64(0xFF))
+            x = ((e >> np.uint64(8)) & np.uint64(0xFFF)) * (x >> np.uint64(PROB_BITS)) + (x >> np.uint64(PROB_BITS)) + (e >> np.uint64(20))
             if x < np.uint64(RANS_L):
                 if pos >= end:
                     overflow = True

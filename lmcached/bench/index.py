@@ -80,7 +80,10 @@ def run(report: Report, quick: bool = False) -> None:
     try:
         with progress() as bar:
             task = bar.add_task("index", total=len(sizes) + 1)
+            worker: FakeWorker | None = None
             for size in sizes:
+                if worker is not None:
+                    worker.close()  # each size stands alone: the previous worker leaves the index
                 worker = FakeWorker(ports["monitor"], f"bench-{size}")
                 keys = prompt_keys + [int(k) for k in rng.integers(1, 2**63, size - len(prompt_keys), dtype=np.int64)]
                 for start in range(0, size, 20_000):

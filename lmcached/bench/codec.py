@@ -1,0 +1,216 @@
+"""Codec quality and speed on real KV: SmolLM2-135M's cache of real text, scored by the continuation's
+perplexity and top-1 agreement; sizes and throughputs beside LMCache's CacheGen (emulated), plain int8 and zstd."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lmcached.bench.report import Report, progress
+
+PREFIX = 768
+CONTINUATION = 256
+CHUNK = 256
+#: Long prose from the Python language reference, which ships with every CPython (pydoc_data): real text,
+#: no download, the same on every machine.
+TOPICS = ("execmodel", "assignment", "import", "function", "comparisons", "customization", "try", "naming", "calls", "types")
+
+
+@dataclass
+class Sample:
+    name: str
+    ids: torch.Tensor  # [1, PREFIX + CONTINUATION]
+    kv: torch.Tensor  # [2, L, PREFIX, C] fp16, as an engine would store it
+    ref_logits: torch.Tensor  # continuation logits with the original (fp16) KV
+
+
+def texts(tokenizer: object, count: int) -> list[tuple[str, torch.Tensor]]:
+    from pydoc_data.topics import topics
+
+    out = []
+    for name in TOPICS:
+        ids = tokenizer(topics[name], return_tensors="pt").input_ids[:, : PREFIX + CONTINUATION]  # type: ignore[operator]
+        if ids.shape[1] == PREFIX + CONTINUATION:
+            out.append((name, ids))
+        if len(out) == count:
+            break
+    return out
+
+
+def continuation_logits(loaded: object, kv: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    from lmcached.model import cache_from_kv
+
+    cache = cache_from_kv(kv, loaded.kv_heads)  # type: ignore[attr-defined]
+    with torch.no_grad():
+        return loaded.model(ids[:, PREFIX:], cache=cache).logits[0].float()  # type: ignore[attr-defined]
+
+
+def samples(loaded: object, count: int) -> list[Sample]:
+    from lmcached.model import kv_from_cache
+
+    out = []
+    for name, ids in texts(loaded.tokenizer, count):  # type: ignore[attr-defined]
+        with torch.no_grad():
+            prefill = loaded.model(ids[:, :PREFIX], use_cache=True)  # type: ignore[attr-defined]
+        kv = kv_from_cache(prefill.past_key_values).half()
+        out.append(Sample(name, ids, kv, continuation_logits(loaded, kv, ids)))
+    return out
+
+
+def score(logits: torch.Tensor, ref: torch.Tensor, ids: torch.Tensor) -> tuple[float, float, float]:
+    """(perplexity, reference perplexity, top-1 agreement) of the continuation."""
+    targets = ids[0, PREFIX + 1 :]
+    nll = torch.nn.functional.cross_entropy(logits[:-1], targets)
+    ref_nll = torch.nn.functional.cross_entropy(ref[:-1], targets)
+    agree = (logits.argmax(-1) == ref.argmax(-1)).float().mean()
+    return math.exp(nll.item()), math.exp(ref_nll.item()), agree.item()
+
+
+# ---------------------------------------------------------------------------------------- the contenders
+Method = Callable[[torch.Tensor], tuple[torch.Tensor, int]]  # fp16 chunk -> (decoded chunk, bytes it took)
+
+
+def lmcached_codec(name: str, **params: float) -> Method:
+    from lmcached.codecs import get_codec
+
+    codec = get_codec(name, **params)
+
+    def run(chunk: torch.Tensor) -> tuple[torch.Tensor, int]:
+        blob = codec.encode(chunk)
+        return codec.decode(blob), len(blob)
+
+    return run
+
+
+def int8_per_token(chunk: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Plain int8: symmetric, one fp16 scale per token and layer, no entropy coding."""
+    x = chunk.float()
+    scale = (x.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-8).half().float()
+    q = torch.round(x / scale).clamp(-127, 127)
+    return (q * scale).half(), q.numel() + scale.numel() * 2
+
+
+def lmcache_cachegen(chunk: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """LMCache's CacheGen, emulated: per-token max-normalised quantisation with 32 bins in the first layers
+    (10 for keys, 2 for values) and 16 after, an arithmetic coder (counted at its ideal size: the entropy of
+    each layer-and-channel's symbols) and the 33-entry int16 CDF table per layer and channel it ships."""
+    out = torch.empty_like(chunk)
+    total_bits = 0.0
+    _, layers, tokens, channels = chunk.shape
+    for kv_index, first_layers in ((0, 10), (1, 2)):
+        x = chunk[kv_index].float()  # [L, T, C]
+        bins = torch.tensor([32 if layer < first_layers else 16 for layer in range(layers)]).view(-1, 1, 1)
+        levels = (bins // 2 - 1).float()
+        peak = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8).half().float()
+        q = torch.round(x / peak * levels)
+        out[kv_index] = (q / levels * peak).half()
+        sym = (q + 16).to(torch.int64).numpy()  # [L, T, C] in 0..32
+        for layer in range(layers):
+            counts = np.zeros((channels, 33))
+            np.add.at(counts, (np.broadcast_to(np.arange(channels), (tokens, channels)), sym[layer]), 1)
+            p = counts / tokens
+            with np.errstate(divide="ignore", invalid="ignore"):
+                total_bits += float(-(counts * np.where(p > 0, np.log2(p), 0)).sum())
+        total_bits += layers * channels * 33 * 16 + layers * tokens * 16  # CDF tables + per-token maxima
+    return out, int(total_bits / 8)
+
+
+def zstd_size(chunk: torch.Tensor, level: int) -> int:
+    import zstandard
+
+    return len(zstandard.ZstdCompressor(level=level).compress(chunk.numpy().tobytes()))
+
+
+# ---------------------------------------------------------------------------------------- the run
+def run(report: Report, quick: bool = False) -> None:
+    from lmcached.model import load_model
+
+    loaded = load_model()
+    data = samples(loaded, 3 if quick else 8)
+    methods: dict[str, Method] = {
+        "lmcached cachegen": lmcached_codec("cachegen"),
+        "LMCache CacheGen (emulated)": lmcache_cachegen,
+        "int8 per token": int8_per_token,
+    }
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in methods}
+    with progress() as bar:
+        task = bar.add_task("codec quality", total=len(data) * len(methods))
+        for sample in data:
+            fp16_bytes = sample.kv.numel() * 2
+            for name, method in methods.items():
+                parts, size = [], 0
+                for start in range(0, PREFIX, CHUNK):
+                    decoded, nbytes = method(sample.kv[:, :, start : start + CHUNK].contiguous())
+                    parts.append(decoded)
+                    size += nbytes
+                ppl, ref_ppl, agree = score(continuation_logits(loaded, torch.cat(parts, dim=2), sample.ids), sample.ref_logits, sample.ids)
+                results[name].append((fp16_bytes / size, ppl / ref_ppl - 1, agree))
+                bar.advance(task)
+    for name, rows in results.items():
+        ratio, dppl, agree = (float(np.mean([r[i] for r in rows])) for i in range(3))
+        report.add("codec quality", f"{name}: size vs fp16", ratio, "×", target="≥ 4.5×" if name == "lmcached cachegen" else "")
+        report.add("codec quality", f"{name}: perplexity change", 100 * dppl, "%", target="≤ +1.0%" if name == "lmcached cachegen" else "")
+        report.add("codec quality", f"{name}: top-1 agreement", agree, "", target="≥ 0.95" if name == "lmcached cachegen" else "")
+    speed(report, [s.kv[:, :, i : i + CHUNK].contiguous() for s in data for i in range(0, PREFIX, CHUNK)], quick)
+
+
+def best_of(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def speed(report: Report, chunks: list[torch.Tensor], quick: bool) -> None:
+    import zstandard
+
+    from lmcached.codecs import get_codec
+
+    repeats = 2 if quick else 3
+    raw = [c.numpy().tobytes() for c in chunks]
+    total = sum(len(r) for r in raw) / 1e9
+    z3 = zstandard.ZstdCompressor(level=3)
+    zstd3 = best_of(lambda: [z3.compress(r) for r in raw], repeats)
+    for name in ("cachegen", "lossless"):
+        codec = get_codec(name)
+        blobs = [codec.encode(c) for c in chunks]  # also compiles the kernels before timing
+        [codec.decode(b) for b in blobs]
+        enc = best_of(lambda: [codec.encode(c) for c in chunks], repeats)
+        dec = best_of(lambda: [codec.decode(b) for b in blobs], repeats)
+        report.add(
+            "codec speed",
+            f"{name} encode (fp16 in)",
+            total / enc,
+            "GB/s",
+            total / zstd3,
+            "zstd -3 compress",
+            "≥ zstd -3" if name == "cachegen" else "",
+        )
+        report.add(
+            "codec speed",
+            f"{name} decode (fp16 out)",
+            total / dec,
+            "GB/s",
+            total / zstd3,
+            "zstd -3 compress",
+            "≥ 2× zstd -3" if name == "cachegen" else "",
+        )
+        if name == "lossless":
+            assert all(torch.equal(codec.decode(b), c) for b, c in zip(blobs, chunks, strict=True)), "lossless is not exact"
+            size = sum(len(b) for b in blobs)
+            z19 = zstandard.ZstdCompressor(level=19)
+            z19_time = best_of(lambda: [z19.compress(r) for r in raw[:2]], 1) * len(raw) / 2
+            z19_size = sum(len(z19.compress(r)) for r in raw[:2]) * len(raw) / 2
+            report.add(
+                "codec speed", "lossless size vs fp16", total * 1e9 / size, "×", total * 1e9 / z19_size, "zstd -19", "smaller than zstd -19"
+            )
+            report.add(
+                "codec speed", "lossless encode vs zstd -19", total / enc, "GB/s", total / z19_time, "zstd -19 compress", "several × faster"
+            )

