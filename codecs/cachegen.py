@@ -10,6 +10,7 @@ lane offsets, rANS words, and the exact rows of the first `exact_tokens` tokens 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from lmcached.errors import CodecError
 
 from . import entropy, quant_cpu
-from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, as_float32_numpy, from_float32, gpu_available
+from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, as_float32_numpy, gpu_available
 from .format import pack, unpack
 
 DEFAULTS: dict[str, Any] = {
@@ -58,40 +59,46 @@ class CacheGenCodec(Codec):
         if int(self.params["exact_tokens"]) < 0:
             raise CodecError("cachegen exact_tokens must be >= 0")
 
-    def quantize_params(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Per-channel key and per-token value steps and offsets, rounded to fp16 as stored."""
-        _, L, T, C = x.shape
-        k_mean, k_std = np.empty((L, C)), np.empty((L, C))
-        quant_cpu.column_stats(x[0], k_mean, k_std)
-        v_mean, v_std = np.empty((L, T)), np.empty((L, T))
-        quant_cpu.row_stats(x[1], v_mean, v_std)
+    def steps(self, k_mean: np.ndarray, k_std: np.ndarray, v_mean: np.ndarray, v_std: np.ndarray) -> Steps:
+        """Steps and offsets from the statistics, rounded to fp16 as stored (CPU and GPU share this)."""
         # A NaN or infinity anywhere poisons its channel's (or token's) statistics: checking those is cheap.
         if not (np.isfinite(k_std).all() and np.isfinite(v_std).all()):
             raise CodecError("kv holds NaN or infinite values")
         k_step = _f16(np.maximum(k_std * self.params["key_step"], MIN_STEP))
         v_step = _f16(np.maximum(v_std * self.params["value_step"], MIN_STEP))
-        return k_step, _f16(k_mean), v_step, _f16(v_mean)
+        return Steps(k_step, _f16(k_mean), v_step, _f16(v_mean))
+
+    def blob(self, dtype: str, shape: tuple[int, ...], steps: Steps, coded: entropy.Coded, kv: torch.Tensor) -> bytes:
+        exact = min(int(self.params["exact_tokens"]), shape[2])
+        exact_rows = kv[:, :, :exact, :].detach().to("cpu").contiguous().view(torch.uint8).numpy()
+        params = {
+            "key_step": self.params["key_step"],
+            "value_step": self.params["value_step"],
+            "lane_size": int(self.params["lane_size"]),
+            "exact_tokens": exact,
+        }
+        sections = [steps.k_step, steps.k_off, steps.v_step, steps.v_off, coded.tables, coded.offsets, coded.words, exact_rows]
+        return pack(self.name, dtype, shape, params, sections)
 
     def encode(self, kv: torch.Tensor) -> bytes:
         dtype, shape = self.check(kv)
         if kv.is_cuda and gpu_available():
             from . import gpu
 
-            return gpu.cachegen_encode(kv, self.params, dtype, shape)
+            return gpu.cachegen_encode(self, kv, dtype, shape)
         x = as_float32_numpy(kv)
         _, L, T, C = shape
-        k_step, k_off, v_step, v_off = self.quantize_params(x)
+        k_mean, k_std = np.empty((L, C)), np.empty((L, C))
+        quant_cpu.column_stats(x[0], k_mean, k_std)
+        v_mean, v_std = np.empty((L, T)), np.empty((L, T))
+        quant_cpu.row_stats(x[1], v_mean, v_std)
+        steps = self.steps(k_mean, k_std, v_mean, v_std)
         sym = np.empty((2, L, T, C), dtype=np.uint8)
-        unit = _Unit(L, T, C)
-        quant_cpu.quantize(x[0], k_step.astype(np.float32), k_off.astype(np.float32), unit.ones_r, unit.zeros_r, sym[0])
-        quant_cpu.quantize(x[1], unit.ones_c, unit.zeros_c, v_step.astype(np.float32), v_off.astype(np.float32), sym[1])
-        lane = int(self.params["lane_size"])
-        coded = entropy.encode(sym.reshape(-1), 2 * L, T * C, lane)
-        exact = min(int(self.params["exact_tokens"]), T)
-        exact_rows = kv[:, :, :exact, :].detach().to("cpu").contiguous().view(torch.uint8).numpy()
-        params = {"key_step": self.params["key_step"], "value_step": self.params["value_step"], "lane_size": lane, "exact_tokens": exact}
-        sections = [k_step, k_off, v_step, v_off, coded.tables, coded.offsets, coded.words, exact_rows]
-        return pack(self.name, dtype, shape, params, sections)
+        unit = Unit(L, T, C)
+        quant_cpu.quantize(x[0], steps.k_step.astype(np.float32), steps.k_off.astype(np.float32), unit.ones_r, unit.zeros_r, sym[0])
+        quant_cpu.quantize(x[1], unit.ones_c, unit.zeros_c, steps.v_step.astype(np.float32), steps.v_off.astype(np.float32), sym[1])
+        coded = entropy.encode(sym.reshape(-1), 2 * L, T * C, int(self.params["lane_size"]))
+        return self.blob(dtype, shape, steps, coded, kv)
 
     def decode(self, blob: bytes, device: str | torch.device | None = None) -> torch.Tensor:
         b = unpack(blob, self.name)
@@ -101,9 +108,8 @@ class CacheGenCodec(Codec):
         lane, exact = b.params.get("lane_size"), b.params.get("exact_tokens")
         if not isinstance(lane, int) or lane < 16 or not isinstance(exact, int) or not 0 <= exact <= T:
             raise CodecError("cachegen blob has bad parameters")
-        k_step, k_off, v_step, v_off = (
-            self._array(s, n, np.float16) for s, n in zip(b.sections[:4], (L * C, L * C, L * T, L * T), strict=True)
-        )
+        sizes = (L * C, L * C, L * T, L * T)
+        steps = Steps(*(self._array(s, n, np.float16) for s, n in zip(b.sections[:4], sizes, strict=True)))
         offsets = self._array(b.sections[5], None, np.dtype("<u4"))
         words = self._array(b.sections[6], None, np.dtype("<u2"))
         exact_rows = self._array(b.sections[7], 2 * L * exact * C * TORCH_ITEMSIZE[b.dtype], np.uint8)
@@ -111,21 +117,51 @@ class CacheGenCodec(Codec):
         if target.type == "cuda" and gpu_available():
             from . import gpu
 
-            return gpu.cachegen_decode(b, (k_step, k_off, v_step, v_off), offsets, words, exact_rows, target)
+            return gpu.cachegen_decode(b, steps, offsets, words, exact_rows, target)
         sym = entropy.decode(b.sections[4], offsets, words, 2 * L, T * C, lane).reshape(2, L, T, C)
-        out = np.empty((2, L, T, C), dtype=np.float32)
-        unit = _Unit(L, T, C)
-        k_step32, k_off32 = k_step.reshape(L, C).astype(np.float32), k_off.reshape(L, C).astype(np.float32)
-        v_step32, v_off32 = v_step.reshape(L, T).astype(np.float32), v_off.reshape(L, T).astype(np.float32)
-        quant_cpu.dequantize(sym[0], k_step32, k_off32, unit.ones_r, unit.zeros_r, out[0])
-        quant_cpu.dequantize(sym[1], unit.ones_c, unit.zeros_c, v_step32, v_off32, out[1])
-        result = from_float32(out, b.dtype, torch.device("cpu"))
-        if exact:
-            result[:, :, :exact, :] = torch.from_numpy(exact_rows.copy()).view(TORCH_DTYPES[b.dtype]).reshape(2, L, exact, C)
-        return result.to(target)
+        unit = Unit(L, T, C)
+        f32 = steps.as_float32(L, T, C)
+        if b.dtype == "float32":
+            out = np.empty((2, L, T, C), dtype=np.float32)
+            quant_cpu.dequantize(sym[0], f32.k_step, f32.k_off, unit.ones_r, unit.zeros_r, out[0])
+            quant_cpu.dequantize(sym[1], unit.ones_c, unit.zeros_c, f32.v_step, f32.v_off, out[1])
+            result = torch.from_numpy(out)
+        else:  # half precision written directly: no float32 tensor and no conversion pass
+            bfloat = b.dtype == "bfloat16"
+            bits = np.empty((2, L, T, C), dtype=np.uint16)
+            quant_cpu.dequantize_half(sym[0], f32.k_step, f32.k_off, unit.ones_r, unit.zeros_r, bfloat, bits[0])
+            quant_cpu.dequantize_half(sym[1], unit.ones_c, unit.zeros_c, f32.v_step, f32.v_off, bfloat, bits[1])
+            result = torch.from_numpy(bits).view(TORCH_DTYPES[b.dtype])
+        return with_exact_rows(result, exact_rows, b.dtype, exact).to(target)
 
 
-class _Unit:
+def with_exact_rows(result: torch.Tensor, exact_rows: np.ndarray, dtype: str, exact: int) -> torch.Tensor:
+    if exact:
+        _, L, _, C = result.shape
+        rows = torch.from_numpy(exact_rows.copy()).view(TORCH_DTYPES[dtype]).reshape(2, L, exact, C)
+        result[:, :, :exact, :] = rows.to(result.device)
+    return result
+
+
+@dataclass
+class Steps:
+    """Quantisation parameters as stored (fp16): keys per (layer, channel), values per (layer, token)."""
+
+    k_step: np.ndarray
+    k_off: np.ndarray
+    v_step: np.ndarray
+    v_off: np.ndarray
+
+    def as_float32(self, L: int, T: int, C: int) -> Steps:
+        return Steps(
+            self.k_step.reshape(L, C).astype(np.float32),
+            self.k_off.reshape(L, C).astype(np.float32),
+            self.v_step.reshape(L, T).astype(np.float32),
+            self.v_off.reshape(L, T).astype(np.float32),
+        )
+
+
+class Unit:
     """Neutral separable parameters: the side (rows or columns) a tensor is not scaled along."""
 
     def __init__(self, L: int, T: int, C: int) -> None:

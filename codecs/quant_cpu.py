@@ -23,7 +23,7 @@ def column_stats(x, mean, std):  # pragma: no cover - compiled
         acc2 = np.zeros(C, dtype=np.float64)
         for r in range(R):
             for c in range(C):
-                v = x[g, r, c]
+                v = np.float64(x[g, r, c])
                 acc[c] += v
                 acc2[c] += v * v
         for c in range(C):
@@ -42,7 +42,7 @@ def row_stats(x, mean, std):  # pragma: no cover - compiled
         s = 0.0
         s2 = 0.0
         for c in range(C):
-            v = x[g, r, c]
+            v = np.float64(x[g, r, c])
             s += v
             s2 += v * v
         m = s / C
@@ -66,6 +66,9 @@ def quantize(x, col_step, col_off, row_step, row_off, out):  # pragma: no cover 
 
 @njit(nogil=True, cache=True, parallel=True)
 def dequantize(sym, col_step, col_off, row_step, row_off, out):  # pragma: no cover - compiled
+    """q * step + offset in float32. Bit-identical on every device: q has 8 bits and a step 11 (fp16), so the
+    product is exact, and a fused multiply-add (the GPU) rounds the same single sum as a plain one (the CPU).
+    One of each separable pair is 1 (or 0), so those products (and sums) are exact too."""
     G, R, C = sym.shape
     for gr in prange(G * R):
         g = gr // R
@@ -74,3 +77,54 @@ def dequantize(sym, col_step, col_off, row_step, row_off, out):  # pragma: no co
         ro = row_off[g, r]
         for c in range(C):
             out[g, r, c] = np.float32(np.int32(sym[g, r, c]) - ZERO) * (col_step[g, c] * rs) + (col_off[g, c] + ro)
+
+
+#: float32 bits of 0.5, the magic addend that rounds a float16 subnormal into the low mantissa bits.
+_DENORM_MAGIC_BITS = ((127 - 15) + (23 - 10) + 1) << 23
+
+
+@njit(inline="always")
+def f32_to_f16_bits(row, bits, c):  # pragma: no cover - compiled
+    """row[c] (float32, aliased by the uint32 view `bits`) to float16 bits, round to nearest even.
+
+    F. Giesen's float_to_half_fast3_rtne: branch-free in the common (normal) case, where a data-dependent
+    rounding branch would mispredict; subnormals round through a float add of a magic number.
+    """
+    u = bits[c]
+    sign = np.uint16((u >> np.uint32(16)) & np.uint32(0x8000))
+    a = u & np.uint32(0x7FFFFFFF)
+    if a >= np.uint32(0x47800000):  # overflow to infinity, or infinity, or NaN
+        return sign | (np.uint16(0x7E00) if a > np.uint32(0x7F800000) else np.uint16(0x7C00))
+    if a < np.uint32(0x38800000):  # a float16 subnormal, or zero
+        row[c] = abs(row[c]) + np.float32(0.5)  # 0.5's bits are _DENORM_MAGIC_BITS
+        return sign | np.uint16(bits[c] - np.uint32(_DENORM_MAGIC_BITS))
+    # Rebias the exponent (-(127 - 15) << 23, wrapped), add 0xfff plus the odd bit: round to nearest even.
+    return sign | np.uint16((a + np.uint32(0xC8000FFF) + ((a >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13))
+
+
+@njit(inline="always")
+def f32_bits_to_bf16_bits(f):  # pragma: no cover - compiled
+    if (f & np.uint32(0x7F800000)) == np.uint32(0x7F800000) and (f & np.uint32(0x7FFFFF)) != 0:
+        return np.uint16((f >> np.uint32(16)) | np.uint32(0x40))  # keep NaN a NaN
+    return np.uint16((f + np.uint32(0x7FFF) + ((f >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def dequantize_half(sym, col_step, col_off, row_step, row_off, bfloat, out):  # pragma: no cover - compiled
+    """Dequantise straight to float16 (or bfloat16) bits, rounded to nearest even: exactly `dequantize`
+    followed by torch's conversion, without the float32 array in between."""
+    G, R, C = sym.shape
+    for g in prange(G):
+        row = np.empty(C, dtype=np.float32)  # one scratch row per layer, not per token
+        bits = row.view(np.uint32)
+        for r in range(R):
+            rs = row_step[g, r]
+            ro = row_off[g, r]
+            for c in range(C):
+                row[c] = np.float32(np.int32(sym[g, r, c]) - ZERO) * (col_step[g, c] * rs) + (col_off[g, c] + ro)
+            if bfloat:
+                for c in range(C):
+                    out[g, r, c] = f32_bits_to_bf16_bits(bits[c])
+            else:
+                for c in range(C):
+                    out[g, r, c] = f32_to_f16_bits(row, bits, c)

@@ -30,39 +30,43 @@ def histogram(symbols, groups, group_len):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
-def _enc(x, x_max, rcp, shift, bias, cmpl, buf, pos):  # pragma: no cover - compiled
-    if x >= x_max:
-        buf[pos] = np.uint16(x & np.uint64(0xFFFF))
-        pos += 1
-        x >>= np.uint64(16)
+def _enc(x, lo, hi, buf, pos):  # pragma: no cover - compiled
+    """One symbol: `lo` packs reciprocal | bias << 32, `hi` packs freq | shift << 32 (two loads, not five)."""
+    f = hi & np.uint64(0xFFFFFFFF)
+    # Branchless renormalisation: the word is always written, but only kept (pos advances) when the
+    # state is over its bound; a data-dependent branch here mispredicts about a third of the time.
+    out = np.uint64(x >= (f << np.uint64(20)))  # ((RANS_L >> PROB_BITS) << 16) * freq
+    buf[pos] = np.uint16(x & np.uint64(0xFFFF))
+    pos += out
+    x >>= out << np.uint64(4)
     # x // freq by a multiply with a precomputed reciprocal (ryg_rans), then x' = x + bias + q * (M - freq).
-    q = ((x * rcp) >> np.uint64(32)) >> shift
-    return x + bias + q * cmpl, pos
+    q = ((x * (lo & np.uint64(0xFFFFFFFF))) >> np.uint64(32)) >> (hi >> np.uint64(32))
+    return x + (lo >> np.uint64(32)) + q * (np.uint64(PROB_SCALE) - f), pos
 
 
 @njit(nogil=True, cache=True, parallel=True)
 def encoder_tables(freq, cum):  # pragma: no cover - compiled
-    """Per group and symbol: renormalisation bound, reciprocal, shift, bias and complement (ryg_rans)."""
+    """Per group and symbol, two words: reciprocal | bias << 32 and freq | shift << 32 (ryg_rans's method)."""
     groups = freq.shape[0]
-    tab = np.zeros((groups, 256, 5), dtype=np.uint64)
+    tab = np.zeros((groups, 256, 2), dtype=np.uint64)
     for g in prange(groups):
         for s in range(256):
             f = np.uint64(freq[g, s])
             if f == 0:
                 continue
-            tab[g, s, 0] = f << np.uint64(20)  # ((RANS_L >> PROB_BITS) << 16) * f
-            tab[g, s, 4] = np.uint64(PROB_SCALE) - f
             if f < 2:
-                tab[g, s, 1] = np.uint64(0xFFFFFFFF)
-                tab[g, s, 2] = 0
-                tab[g, s, 3] = np.uint64(cum[g, s]) + np.uint64(PROB_SCALE) - np.uint64(1)
+                rcp = np.uint64(0xFFFFFFFF)
+                shift = np.uint64(0)
+                bias = np.uint64(cum[g, s]) + np.uint64(PROB_SCALE) - np.uint64(1)
             else:
                 shift = np.uint64(0)
                 while (np.uint64(1) << shift) < f:
                     shift += np.uint64(1)
-                tab[g, s, 1] = ((np.uint64(1) << (shift + np.uint64(31))) + f - np.uint64(1)) // f
-                tab[g, s, 2] = shift - np.uint64(1)
-                tab[g, s, 3] = np.uint64(cum[g, s])
+                rcp = ((np.uint64(1) << (shift + np.uint64(31))) + f - np.uint64(1)) // f
+                shift -= np.uint64(1)
+                bias = np.uint64(cum[g, s])
+            tab[g, s, 0] = rcp | (bias << np.uint64(32))
+            tab[g, s, 1] = f | (shift << np.uint64(32))
     return tab
 
 
@@ -89,7 +93,7 @@ def encode_lanes(symbols, groups, group_len, lane_size, tab, scratch, lane_words
             sym = symbols[start + i]
             k = i & 3
             x = x0 if k == 0 else (x1 if k == 1 else x2)
-            x, pos = _enc(x, tab[g, sym, 0], tab[g, sym, 1], tab[g, sym, 2], tab[g, sym, 3], tab[g, sym, 4], row, pos)
+            x, pos = _enc(x, tab[g, sym, 0], tab[g, sym, 1], row, pos)
             if k == 0:
                 x0 = x
             elif k == 1:
@@ -99,13 +103,13 @@ def encode_lanes(symbols, groups, group_len, lane_size, tab, scratch, lane_words
         for i in range(n4 - 4, -1, -4):
             base = start + i
             sym = symbols[base + 3]
-            x3, pos = _enc(x3, tab[g, sym, 0], tab[g, sym, 1], tab[g, sym, 2], tab[g, sym, 3], tab[g, sym, 4], row, pos)
+            x3, pos = _enc(x3, tab[g, sym, 0], tab[g, sym, 1], row, pos)
             sym = symbols[base + 2]
-            x2, pos = _enc(x2, tab[g, sym, 0], tab[g, sym, 1], tab[g, sym, 2], tab[g, sym, 3], tab[g, sym, 4], row, pos)
+            x2, pos = _enc(x2, tab[g, sym, 0], tab[g, sym, 1], row, pos)
             sym = symbols[base + 1]
-            x1, pos = _enc(x1, tab[g, sym, 0], tab[g, sym, 1], tab[g, sym, 2], tab[g, sym, 3], tab[g, sym, 4], row, pos)
+            x1, pos = _enc(x1, tab[g, sym, 0], tab[g, sym, 1], row, pos)
             sym = symbols[base]
-            x0, pos = _enc(x0, tab[g, sym, 0], tab[g, sym, 1], tab[g, sym, 2], tab[g, sym, 3], tab[g, sym, 4], row, pos)
+            x0, pos = _enc(x0, tab[g, sym, 0], tab[g, sym, 1], row, pos)
         for x in (x3, x2, x1, x0):  # emitted last = read first: x0 high, x0 low, x1 high, ...
             row[pos] = np.uint16(x & np.uint64(0xFFFF))
             row[pos + 1] = np.uint16(x >> np.uint64(16))
@@ -142,12 +146,14 @@ def decoder_tables(freq, cum):  # pragma: no cover - compiled
 
 @njit(inline="always")
 def _dec(x, tab, words, pos):  # pragma: no cover - compiled
+    """One symbol, branchless: the next word is always read (the caller guarantees it exists) and kept only
+    when the state fell below its bound."""
     e = np.uint64(tab[x & np.uint64(PROB_SCALE - 1)])
     x = ((e >> np.uint64(8)) & np.uint64(0xFFF)) * (x >> np.uint64(PROB_BITS)) + (x >> np.uint64(PROB_BITS)) + (e >> np.uint64(20))
-    if x < np.uint64(RANS_L):
-        x = (x << np.uint64(16)) | np.uint64(words[pos])
-        pos += 1
-    return x, np.uint8(e & np.uint64(0xFF)), pos
+    take = np.uint64(x < np.uint64(RANS_L))
+    shift = take << np.uint64(4)
+    x = (x << shift) | (np.uint64(words[pos]) & (np.uint64(0) - take))
+    return x, np.uint8(e & np.uint64(0xFF)), pos + np.int64(take)
 
 
 @njit(nogil=True, cache=True)

@@ -58,8 +58,13 @@ def _load_config(config_file: Path | None, overrides: dict[str, Any]) -> Any:
         fail(str(exc), 2)
 
 
-def _setup_logging(verbose: bool) -> None:
+def _prepare_process(verbose: bool) -> None:
+    """Logging and allocator settings for the long-running commands."""
     import logging
+
+    from lmcached.memory import tune_allocator
+
+    tune_allocator()
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
@@ -92,7 +97,7 @@ def serve(
             "local_disk": local_disk,
         },
     )
-    _setup_logging(verbose)
+    _prepare_process(verbose)
     try:
         asyncio.run(run(cfg))
     except OSError as exc:
@@ -129,7 +134,7 @@ def worker(
             "auth_token": auth_token,
         },
     )
-    _setup_logging(verbose)
+    _prepare_process(verbose)
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -370,7 +375,9 @@ def bench(
     if kind not in BENCH_KINDS:
         fail(f"unknown benchmark {kind!r}; choose one of {', '.join(BENCH_KINDS)}", 2)
     from lmcached.bench import run_benchmarks
+    from lmcached.memory import tune_allocator
 
+    tune_allocator()
     report = run_benchmarks(kind, quick)
     if as_json:
         typer.echo(report.as_json())

@@ -13,17 +13,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import pytest
 import torch
 
-from lmcached.config import Config
-from lmcached.serve import Daemon
+# Without a GPU, numba.cuda runs the CUDA kernels in its simulator, so their logic is tested everywhere.
+# This must happen before numba is first imported; on a machine with a GPU the real device is used.
+if not torch.cuda.is_available():
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+import aiohttp  # noqa: E402
+import pytest  # noqa: E402
+
+from lmcached.config import Config  # noqa: E402
+from lmcached.serve import Daemon  # noqa: E402
 
 SEED_TOKENS = [128000, 849, 21435, 279, 26431, 315, 85748, 6636, 304, 4221, 4211, 13]
 INSTANCE = "lmcache_default_instance"
 CPU = "LocalCPUBackend"
 DISK = "LocalDiskBackend"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 def make_kv(num_tokens: int, layers: int = 4, channels: int = 64, dtype: torch.dtype = torch.float16, seed: int = 0) -> torch.Tensor:

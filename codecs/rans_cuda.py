@@ -1,0 +1,139 @@
+"""rANS entropy coding on the GPU (Numba-CUDA): the twin of `rans_cpu`, one thread per lane, same format.
+
+Kernels are plain loops with no validation; `codecs/gpu.py` validates, builds the tables on the host (they
+are tiny) and launches them. Their logic runs without a GPU under NUMBA_ENABLE_CUDASIM=1 (see the tests).
+"""
+
+from __future__ import annotations
+
+from numba import cuda, uint8, uint16, uint32, uint64
+
+from .rans_cpu import PROB_BITS, PROB_SCALE, RANS_L, STATE_WORDS
+
+HIST_THREADS = 256
+
+
+@cuda.jit
+def histogram_kernel(symbols, group_len, counts):  # pragma: no cover - device code
+    """Block (x: segment, y: group) counts its symbols in shared memory, then adds to the group's counts."""
+    hist = cuda.shared.array(256, dtype=uint32)
+    tid = cuda.threadIdx.x
+    for i in range(tid, 256, cuda.blockDim.x):
+        hist[i] = 0
+    cuda.syncthreads()
+    g = cuda.blockIdx.y
+    base = g * group_len
+    stride = cuda.blockDim.x * cuda.gridDim.x
+    i = cuda.blockIdx.x * cuda.blockDim.x + tid
+    while i < group_len:
+        cuda.atomic.add(hist, symbols[base + i], 1)
+        i += stride
+    cuda.syncthreads()
+    for s in range(tid, 256, cuda.blockDim.x):
+        if hist[s]:
+            cuda.atomic.add(counts, (g, s), hist[s])
+
+
+@cuda.jit(device=True, inline=True)
+def _enc(x, lo, hi, row, pos):  # pragma: no cover - device code
+    f = hi & uint64(0xFFFFFFFF)
+    if x >= (f << uint64(20)):
+        row[pos] = uint16(x & uint64(0xFFFF))
+        pos += 1
+        x >>= uint64(16)
+    q = ((x * (lo & uint64(0xFFFFFFFF))) >> uint64(32)) >> (hi >> uint64(32))
+    return x + (lo >> uint64(32)) + q * (uint64(PROB_SCALE) - f), pos
+
+
+@cuda.jit
+def encode_kernel(symbols, groups, group_len, lane_size, tab, scratch, lane_words):  # pragma: no cover
+    lanes_per_group = (group_len + lane_size - 1) // lane_size
+    lane = cuda.grid(1)
+    if lane >= groups * lanes_per_group:
+        return
+    g = lane // lanes_per_group
+    j = lane - g * lanes_per_group
+    start = g * group_len + j * lane_size
+    n = min(lane_size, group_len - j * lane_size)
+    row = scratch[lane]
+    pos = 0
+    x0 = uint64(RANS_L)
+    x1 = uint64(RANS_L)
+    x2 = uint64(RANS_L)
+    x3 = uint64(RANS_L)
+    for i in range(n - 1, -1, -1):
+        sym = symbols[start + i]
+        k = i & 3
+        x = x0 if k == 0 else (x1 if k == 1 else (x2 if k == 2 else x3))
+        x, pos = _enc(x, tab[g, sym, 0], tab[g, sym, 1], row, pos)
+        if k == 0:
+            x0 = x
+        elif k == 1:
+            x1 = x
+        elif k == 2:
+            x2 = x
+        else:
+            x3 = x
+    for k in range(4):  # emitted last = read first: x0 high, x0 low, x1 high, ...
+        x = x3 if k == 0 else (x2 if k == 1 else (x1 if k == 2 else x0))
+        row[pos] = uint16(x & uint64(0xFFFF))
+        row[pos + 1] = uint16(x >> uint64(16))
+        pos += 2
+    for a in range(pos // 2):
+        tmp = row[a]
+        row[a] = row[pos - 1 - a]
+        row[pos - 1 - a] = tmp
+    lane_words[lane] = pos
+
+
+@cuda.jit
+def gather_kernel(scratch, lane_words, offsets, out):  # pragma: no cover - device code
+    """Block per lane: its threads copy the lane's words to their place in the packed stream."""
+    lane = cuda.blockIdx.x
+    o = offsets[lane]
+    for k in range(cuda.threadIdx.x, lane_words[lane], cuda.blockDim.x):
+        out[o + k] = scratch[lane, k]
+
+
+@cuda.jit
+def decode_kernel(words, offsets, groups, group_len, lane_size, dtab, out, bad):  # pragma: no cover
+    lanes_per_group = (group_len + lane_size - 1) // lane_size
+    lane = cuda.grid(1)
+    if lane >= groups * lanes_per_group:
+        return
+    g = lane // lanes_per_group
+    j = lane - g * lanes_per_group
+    start = g * group_len + j * lane_size
+    n = min(lane_size, group_len - j * lane_size)
+    pos = offsets[lane]
+    end = offsets[lane + 1]
+    if end - pos < STATE_WORDS:
+        bad[lane] = 1
+        return
+    x0 = (uint64(words[pos]) << uint64(16)) | uint64(words[pos + 1])
+    x1 = (uint64(words[pos + 2]) << uint64(16)) | uint64(words[pos + 3])
+    x2 = (uint64(words[pos + 4]) << uint64(16)) | uint64(words[pos + 5])
+    x3 = (uint64(words[pos + 6]) << uint64(16)) | uint64(words[pos + 7])
+    pos += STATE_WORDS
+    for i in range(n):
+        k = i & 3
+        x = x0 if k == 0 else (x1 if k == 1 else (x2 if k == 2 else x3))
+        e = uint64(dtab[g, x & uint64(PROB_SCALE - 1)])
+        x = ((e >> uint64(8)) & uint64(0xFFF)) * (x >> uint64(PROB_BITS)) + (x >> uint64(PROB_BITS)) + (e >> uint64(20))
+        if x < uint64(RANS_L):
+            if pos >= end:
+                bad[lane] = 1
+                return
+            x = (x << uint64(16)) | uint64(words[pos])
+            pos += 1
+        out[start + i] = uint8(e & uint64(0xFF))
+        if k == 0:
+            x0 = x
+        elif k == 1:
+            x1 = x
+        elif k == 2:
+            x2 = x
+        else:
+            x3 = x
+    if pos != end or x0 != RANS_L or x1 != RANS_L or x2 != RANS_L or x3 != RANS_L:
+        bad[lane] = 1

@@ -1,0 +1,86 @@
+"""The Numba-CUDA kernels against their CPU twins. Without a GPU these run in numba's CUDA simulator
+(tests/conftest.py turns it on), on small inputs; the `gpu` tests need a real device."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from lmcached.codecs import entropy, get_codec, gpu, quant_cpu, quant_cuda, rans_cpu, rans_cuda
+from lmcached.codecs.cachegen import Steps
+from lmcached.codecs.format import unpack
+from numba import cuda
+
+from .codec_helpers import kv_like_real, relative_error
+
+
+def test_histogram_kernel_matches_cpu() -> None:
+    sym = np.random.default_rng(0).integers(120, 136, 2 * 300, dtype=np.uint8)
+    counts = cuda.to_device(np.zeros((2, 256), np.uint32))
+    rans_cuda.histogram_kernel[(2, 2), 64](cuda.to_device(sym), 300, counts)
+    assert (counts.copy_to_host() == rans_cpu.histogram(sym, 2, 300)).all()
+
+
+def test_stats_and_quantize_kernels_match_cpu() -> None:
+    x = np.random.default_rng(1).normal(size=(2, 6, 5)).astype(np.float32)
+    dm, ds = cuda.device_array((2, 5), np.float64), cuda.device_array((2, 5), np.float64)
+    quant_cuda.column_stats_kernel[1, 32](cuda.to_device(x), dm, ds)
+    cm, cs = np.empty((2, 5)), np.empty((2, 5))
+    quant_cpu.column_stats(x, cm, cs)
+    np.testing.assert_allclose(ds.copy_to_host(), cs, rtol=1e-7)
+    rm, rs = cuda.device_array((2, 6), np.float64), cuda.device_array((2, 6), np.float64)
+    quant_cuda.row_stats_kernel[1, 32](cuda.to_device(x), rm, rs)
+    crm, crs = np.empty((2, 6)), np.empty((2, 6))
+    quant_cpu.row_stats(x, crm, crs)
+    np.testing.assert_allclose(rs.copy_to_host(), crs, rtol=1e-7)
+    col_step, col_off = (cs * 0.4).astype(np.float32), cm.astype(np.float32)
+    ones, zeros = np.ones((2, 6), np.float32), np.zeros((2, 6), np.float32)
+    dsym = cuda.device_array(x.shape, np.uint8)
+    quant_cuda.quantize_kernel[1, 64](
+        cuda.to_device(x), cuda.to_device(col_step), cuda.to_device(col_off), cuda.to_device(ones), cuda.to_device(zeros), dsym
+    )
+    sym = np.empty(x.shape, np.uint8)
+    quant_cpu.quantize(x, col_step, col_off, ones, zeros, sym)
+    assert (dsym.copy_to_host() == sym).all()
+    dout = cuda.device_array(x.shape, np.float32)
+    quant_cuda.dequantize_kernel[1, 64](
+        cuda.to_device(sym), cuda.to_device(col_step), cuda.to_device(col_off), cuda.to_device(ones), cuda.to_device(zeros), dout
+    )
+    out = np.empty(x.shape, np.float32)
+    quant_cpu.dequantize(sym, col_step, col_off, ones, zeros, out)
+    assert (dout.copy_to_host() == out).all()  # bit for bit
+
+
+def test_rans_kernels_round_trip_and_match_the_cpu_format() -> None:
+    sym = np.clip(np.random.default_rng(2).normal(128, 4, 3 * 100).round(), 0, 255).astype(np.uint8)
+    coded = gpu.entropy_encode(cuda.to_device(sym), 3, 100, 32)
+    cpu = entropy.encode(sym, 3, 100, 32)
+    assert coded.tables == cpu.tables
+    assert (coded.offsets == cpu.offsets).all() and (coded.words == cpu.words).all()  # the same bytes
+    assert (entropy.decode(memoryview(coded.tables), coded.offsets, coded.words, 3, 100, 32) == sym).all()
+
+
+def test_blob_encoded_on_the_device_decodes_on_the_cpu_and_back() -> None:
+    kv = kv_like_real(2, 12, 16, torch.float16)
+    codec = get_codec("cachegen")
+    device_blob = gpu.encode_arrays(codec, cuda.to_device(kv.float().numpy()), "float16", tuple(kv.shape), kv)
+    assert relative_error(codec.decode(device_blob), kv) < 0.3
+    cpu_blob = codec.encode(kv)
+    parsed = unpack(cpu_blob)
+    steps = Steps(*(np.frombuffer(s, np.float16) for s in parsed.sections[:4]))
+    dev = gpu.decode_arrays(parsed, steps, np.frombuffer(parsed.sections[5], "<u4"), np.frombuffer(parsed.sections[6], "<u2"))
+    on_device = torch.from_numpy(dev.copy_to_host()).half()
+    on_device[:, :, :1] = kv[:, :, :1]
+    assert torch.equal(on_device, codec.decode(cpu_blob))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_and_cpu_decode_to_the_same_tensor(dtype: torch.dtype) -> None:
+    kv = kv_like_real(30, 256, 192, dtype).cuda()
+    codec = get_codec("cachegen")
+    gpu_blob = codec.encode(kv)
+    cpu_blob = codec.encode(kv.cpu())
+    for blob in (gpu_blob, cpu_blob):
+        assert torch.equal(codec.decode(blob, device="cuda").cpu(), codec.decode(blob))
+    assert relative_error(codec.decode(gpu_blob), kv.cpu()) < 0.3

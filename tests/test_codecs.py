@@ -1,0 +1,280 @@
+"""The codec contract: round trips, the versioned format, golden blobs, corrupt blobs, kernels vs references."""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from lmcached.codecs import available_codecs, decode, entropy, get_codec, quant_cpu, rans_cpu
+from lmcached.codecs.format import MAGIC, unpack
+
+from lmcached.errors import CodecError
+
+from .codec_helpers import assert_round_trip, kv_like_real, relative_error
+
+GOLDEN = Path(__file__).parent.parent / "codecs" / "golden"
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def test_registry() -> None:
+    assert available_codecs() == ["cachegen", "lossless"]
+    with pytest.raises(CodecError, match="unknown codec 'zip'"):
+        get_codec("zip")
+    with pytest.raises(CodecError, match="unknown cachegen parameter"):
+        get_codec("cachegen", bins=3)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(DTYPES), st.integers(1, 4), st.integers(1, 40), st.integers(1, 48), st.integers(0, 2**31))
+def test_lossless_round_trip_is_bit_exact(dtype: torch.dtype, layers: int, tokens: int, channels: int, seed: int) -> None:
+    assert_round_trip(get_codec("lossless"), kv_like_real(layers, tokens, channels, dtype, seed))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(DTYPES), st.integers(1, 4), st.integers(2, 40), st.integers(1, 48), st.integers(0, 2**31))
+def test_cachegen_round_trip_within_error(dtype: torch.dtype, layers: int, tokens: int, channels: int, seed: int) -> None:
+    kv = kv_like_real(layers, tokens, channels, dtype, seed)
+    codec = get_codec("cachegen")
+    blob = assert_round_trip(codec, kv, max_relative_error=0.3)
+    assert torch.equal(codec.decode(blob)[:, :, :1], kv[:, :, :1])  # the sink row is exact
+
+
+def test_lossless_keeps_special_values() -> None:
+    kv = kv_like_real(2, 16, 8, torch.float16)
+    kv[0, 0, 0, 0], kv[1, 1, 2, 3], kv[0, 1, 5, 7] = float("nan"), float("inf"), -0.0
+    assert_round_trip(get_codec("lossless"), kv)
+
+
+def test_cachegen_refuses_non_finite_values() -> None:
+    kv = kv_like_real(2, 16, 8, torch.float16)
+    kv[1, 0, 3, 2] = float("inf")
+    with pytest.raises(CodecError, match="NaN or infinite"):
+        get_codec("cachegen").encode(kv)
+
+
+@pytest.mark.parametrize(
+    "bad", [torch.zeros(3, 2, 4, 4), torch.zeros(2, 2, 4), torch.zeros(2, 2, 0, 4), torch.zeros(2, 1, 4, 4, dtype=torch.int32), "kv"]
+)
+def test_bad_inputs_raise_codec_error(bad: object) -> None:
+    for name in available_codecs():
+        with pytest.raises(CodecError):
+            get_codec(name).encode(bad)  # type: ignore[arg-type]
+
+
+def test_cachegen_compresses_real_shaped_kv_about_five_times() -> None:
+    kv = kv_like_real(4, 256, 192, torch.float16)
+    blob = get_codec("cachegen").encode(kv)
+    assert kv.numel() * 2 / len(blob) > 4.0
+
+
+def test_step_parameters_trade_size_for_error() -> None:
+    kv = kv_like_real(2, 128, 64, torch.float16)
+    fine, coarse = get_codec("cachegen", key_step=0.1, value_step=0.1), get_codec("cachegen", key_step=1.0, value_step=1.0)
+    fine_blob, coarse_blob = fine.encode(kv), coarse.encode(kv)
+    assert len(fine_blob) > len(coarse_blob)
+    assert relative_error(fine.decode(fine_blob), kv) < relative_error(coarse.decode(coarse_blob), kv)
+
+
+def test_blob_is_self_describing() -> None:
+    kv = kv_like_real(2, 16, 8, torch.bfloat16)
+    blob = get_codec("cachegen", key_step=0.3).encode(kv)
+    parsed = unpack(blob)
+    assert (parsed.codec, parsed.dtype, parsed.shape) == ("cachegen", "bfloat16", (2, 2, 16, 8))
+    assert parsed.params["key_step"] == 0.3
+    assert blob[:4] == MAGIC
+    assert torch.equal(decode(blob), get_codec("cachegen").decode(blob))  # any codec instance decodes any blob
+
+
+# ---------------------------------------------------------------------------------------------- golden blobs
+def golden_input(dtype: torch.dtype) -> torch.Tensor:
+    return kv_like_real(3, 20, 24, dtype, seed=1234)
+
+
+GOLDEN_CASES = [("cachegen", torch.float16), ("cachegen", torch.bfloat16), ("lossless", torch.float16), ("lossless", torch.float32)]
+
+
+@pytest.mark.parametrize(("name", "dtype"), GOLDEN_CASES, ids=[f"{n}-{d}".replace("torch.", "") for n, d in GOLDEN_CASES])
+def test_golden_blobs_still_decode(name: str, dtype: torch.dtype) -> None:
+    """Blobs written by format version 1 decode to exactly what they decoded to when committed."""
+    stem = f"{name}-{str(dtype).removeprefix('torch.')}-v1"
+    blob_path, expected_path = GOLDEN / f"{stem}.bin", GOLDEN / f"{stem}.expected.bin"
+    if os.environ.get("LMCACHED_WRITE_GOLDEN"):
+        codec = get_codec(name)
+        blob = codec.encode(golden_input(dtype))
+        blob_path.write_bytes(blob)
+        expected_path.write_bytes(codec.decode(blob).contiguous().view(torch.uint8).numpy().tobytes())
+    out = decode(blob_path.read_bytes())
+    assert out.dtype == dtype and out.shape == (2, 3, 20, 24)
+    assert out.contiguous().view(torch.uint8).numpy().tobytes() == expected_path.read_bytes()
+    if name == "lossless":
+        assert torch.equal(out, golden_input(dtype))
+
+
+# ---------------------------------------------------------------------------------------------- corrupt blobs
+@pytest.fixture(scope="module")
+def blob() -> bytes:
+    return get_codec("cachegen").encode(kv_like_real(2, 64, 32, torch.float16))
+
+
+def test_truncated_blobs_raise(blob: bytes) -> None:
+    for cut in (0, 3, 10, 30, len(blob) // 2, len(blob) - 1):
+        with pytest.raises(CodecError):
+            decode(blob[:cut])
+
+
+def test_flipped_bytes_are_caught_by_the_checksum(blob: bytes) -> None:
+    for position in (0, 5, 20, len(blob) // 3, len(blob) - 10):
+        bad = bytearray(blob)
+        bad[position] ^= 0x40
+        with pytest.raises(CodecError):
+            decode(bytes(bad))
+
+
+def test_foreign_and_empty_blobs_raise() -> None:
+    for junk in (b"", b"hello world" * 10, bytes(1000), b"\x89PNG\r\n\x1a\n" + bytes(100)):
+        with pytest.raises(CodecError, match="blob"):
+            decode(junk)
+
+
+def test_wrong_codec_is_named(blob: bytes) -> None:
+    with pytest.raises(CodecError, match="written by codec 'cachegen'"):
+        get_codec("lossless").decode(blob)
+
+
+def refresh_crc(data: bytearray) -> bytes:
+    data[-4:] = struct.pack("<I", zlib.crc32(bytes(data[:-4])))
+    return bytes(data)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_corruption_behind_a_valid_checksum_never_crashes(blob: bytes, data: st.DataObject) -> None:
+    """Even with a recomputed checksum, corrupt content gives a CodecError or a tensor of the right shape."""
+    bad = bytearray(blob)
+    for _ in range(data.draw(st.integers(1, 8))):
+        bad[data.draw(st.integers(0, len(bad) - 5))] = data.draw(st.integers(0, 255))
+    try:
+        out = decode(refresh_crc(bad))
+    except CodecError:
+        return
+    assert out.shape == (2, 2, 64, 32)
+
+
+def test_corrupt_coded_words_fail_the_lane_check(blob: bytes) -> None:
+    parsed = unpack(blob)
+    words_start = len(blob) - 4 - parsed.sections[7].nbytes - parsed.sections[6].nbytes
+    bad = bytearray(blob)
+    for i in range(words_start + 20, words_start + 60):
+        bad[i] ^= 0xA5
+    with pytest.raises(CodecError, match="lane"):
+        decode(refresh_crc(bad))
+
+
+# ---------------------------------------------------------------------------------------------- kernels vs references
+def reference_rans_decode(words: np.ndarray, freq: np.ndarray, n: int) -> list[int]:
+    """The slow, obvious rANS decoder of one lane (four interleaved states)."""
+    cum = np.concatenate([[0], np.cumsum(freq)[:-1]])
+    states = [(int(words[2 * k]) << 16) | int(words[2 * k + 1]) for k in range(4)]
+    pos, out = 8, []
+    for i in range(n):
+        x = states[i % 4]
+        slot = x % 4096
+        s = int(np.searchsorted(cum, slot, side="right") - 1)
+        x = int(freq[s]) * (x >> 12) + slot - int(cum[s])
+        if x < 1 << 16:
+            x = (x << 16) | int(words[pos])
+            pos += 1
+        states[i % 4] = x
+        out.append(s)
+    assert pos == len(words) and states == [1 << 16] * 4
+    return out
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.integers(0, 255), min_size=1, max_size=300), st.integers(1, 64))
+def test_rans_kernels_match_the_reference(symbols: list[int], lane_size: int) -> None:
+    lane_size = max(lane_size, 16)
+    arr = np.array(symbols, dtype=np.uint8)
+    coded = entropy.encode(arr, 1, len(arr), lane_size)
+    freq = entropy.unpack_tables(memoryview(coded.tables), 1)
+    assert freq.sum() == 4096
+    decoded = []
+    for lane in range(len(coded.offsets) - 1):
+        words = coded.words[coded.offsets[lane] : coded.offsets[lane + 1]]
+        decoded += reference_rans_decode(words, freq[0], min(lane_size, len(arr) - lane * lane_size))
+    assert decoded == symbols
+    assert entropy.decode(memoryview(coded.tables), coded.offsets, coded.words, 1, len(arr), lane_size).tolist() == symbols
+
+
+def test_histogram_matches_bincount() -> None:
+    sym = np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8)
+    counts = rans_cpu.histogram(sym, 3, 1000)
+    for g in range(3):
+        assert counts[g].tolist() == np.bincount(sym[g * 1000 : (g + 1) * 1000], minlength=256).tolist()
+
+
+def test_normalize_keeps_every_symbol_and_sums_to_scale() -> None:
+    counts = np.zeros((2, 256), dtype=np.int64)
+    counts[0, :200] = 1
+    counts[0, 5] = 10**9
+    counts[1, 7] = 3
+    freq = entropy.normalize(counts)
+    assert (freq.sum(axis=1) == 4096).all()
+    assert ((counts > 0) == (freq > 0)).all()
+
+
+def test_quant_kernels_match_numpy() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 17, 11)).astype(np.float32) * 3
+    mean, std = np.empty((3, 11)), np.empty((3, 11))
+    quant_cpu.column_stats(x, mean, std)
+    np.testing.assert_allclose(mean, x.mean(axis=1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(std, x.std(axis=1), rtol=1e-5, atol=1e-6)
+    rmean, rstd = np.empty((3, 17)), np.empty((3, 17))
+    quant_cpu.row_stats(x, rmean, rstd)
+    np.testing.assert_allclose(rstd, x.std(axis=2), rtol=1e-5, atol=1e-6)
+    col_step, col_off = (std * 0.3).astype(np.float32), mean.astype(np.float32)
+    row_step, row_off = np.ones((3, 17), np.float32), np.zeros((3, 17), np.float32)
+    sym = np.empty(x.shape, np.uint8)
+    quant_cpu.quantize(x, col_step, col_off, row_step, row_off, sym)
+    q = np.clip(np.rint((x - col_off[:, None, :]) / col_step[:, None, :]), -127, 127)
+    assert (sym.astype(int) - 128 == q).all()
+    out = np.empty(x.shape, np.float32)
+    quant_cpu.dequantize(sym, col_step, col_off, row_step, row_off, out)
+    np.testing.assert_array_equal(out, q.astype(np.float32) * col_step[:, None, :] + col_off[:, None, :])
+    half = np.empty(x.shape, np.uint16)
+    quant_cpu.dequantize_half(sym, col_step, col_off, row_step, row_off, False, half)
+    assert (half == torch.from_numpy(out).half().view(torch.int16).numpy().view(np.uint16)).all()  # torch's rounding
+    quant_cpu.dequantize_half(sym, col_step, col_off, row_step, row_off, True, half)
+    assert (half == torch.from_numpy(out).bfloat16().view(torch.int16).numpy().view(np.uint16)).all()
+
+
+def test_half_conversion_rounds_like_torch_at_the_edges() -> None:
+    rng = np.random.default_rng(3)
+    values = np.concatenate(
+        [
+            rng.normal(0, 1, 5000),
+            rng.normal(0, 1e-6, 5000),
+            rng.normal(0, 4e4, 2000),
+            [0.0, 65504, 65519, 65520, 2.98e-8, 2.9802322e-08, 5.96e-8, 8.940697e-08, np.inf, -np.inf],
+        ]
+    ).astype(np.float32)
+    sym = np.full((1, 1, values.size), 129, np.uint8)  # q = 1: the output is the step itself
+    half = np.empty(sym.shape, np.uint16)
+    quant_cpu.dequantize_half(
+        sym,
+        values.reshape(1, -1),
+        np.zeros((1, values.size), np.float32),
+        np.ones((1, 1), np.float32),
+        np.zeros((1, 1), np.float32),
+        False,
+        half,
+    )
+    assert (half[0, 0] == torch.from_numpy(values).half().view(torch.int16).numpy().view(np.uint16)).all()
