@@ -10,6 +10,7 @@ lane offsets, rANS words, and the exact rows of the first `exact_tokens` tokens 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,7 +95,7 @@ class CacheGenCodec(Codec):
         quant_cpu.row_stats(x[1], v_mean, v_std)
         steps = self.steps(k_mean, k_std, v_mean, v_std)
         sym = np.empty((2, L, T, C), dtype=np.uint8)
-        unit = Unit(L, T, C)
+        unit = unit_params(L, T, C)
         quant_cpu.quantize(x[0], steps.k_step.astype(np.float32), steps.k_off.astype(np.float32), unit.ones_r, unit.zeros_r, sym[0])
         quant_cpu.quantize(x[1], unit.ones_c, unit.zeros_c, steps.v_step.astype(np.float32), steps.v_off.astype(np.float32), sym[1])
         coded = entropy.encode(sym.reshape(-1), 2 * L, T * C, int(self.params["lane_size"]))
@@ -119,7 +120,7 @@ class CacheGenCodec(Codec):
 
             return gpu.cachegen_decode(b, steps, offsets, words, exact_rows, target)
         sym = entropy.decode(b.sections[4], offsets, words, 2 * L, T * C, lane).reshape(2, L, T, C)
-        unit = Unit(L, T, C)
+        unit = unit_params(L, T, C)
         f32 = steps.as_float32(L, T, C)
         if b.dtype == "float32":
             out = np.empty((2, L, T, C), dtype=np.float32)
@@ -161,9 +162,20 @@ class Steps:
         )
 
 
+@dataclass(frozen=True)
 class Unit:
     """Neutral separable parameters: the side (rows or columns) a tensor is not scaled along."""
 
-    def __init__(self, L: int, T: int, C: int) -> None:
-        self.ones_c, self.zeros_c = np.ones((L, C), np.float32), np.zeros((L, C), np.float32)
-        self.ones_r, self.zeros_r = np.ones((L, T), np.float32), np.zeros((L, T), np.float32)
+    ones_c: np.ndarray
+    zeros_c: np.ndarray
+    ones_r: np.ndarray
+    zeros_r: np.ndarray
+
+
+@functools.lru_cache(maxsize=64)
+def unit_params(L: int, T: int, C: int) -> Unit:
+    """Read-only and cached per shape: every chunk of a model has the same one."""
+    arrays = [np.ones((L, C), np.float32), np.zeros((L, C), np.float32), np.ones((L, T), np.float32), np.zeros((L, T), np.float32)]
+    for array in arrays:
+        array.flags.writeable = False
+    return Unit(*arrays)

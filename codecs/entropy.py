@@ -49,9 +49,9 @@ def pack_tables(freq: np.ndarray) -> bytes:
 
 
 def unpack_tables(data: memoryview, groups: int) -> np.ndarray:
+    raw = bytes(data)
     freq = np.zeros((groups, 256), dtype=np.uint32)
     pos = 0
-    raw = bytes(data)
     for g in range(groups):
         if pos + _TABLE_HEAD.size > len(raw):
             raise CodecError("frequency tables are truncated")

@@ -54,12 +54,12 @@ def entropy_encode(dsym: Any, groups: int, group_len: int, lane_size: int) -> en
 
 def encode_arrays(codec: Any, dx: Any, dtype: str, shape: tuple[int, ...], kv: torch.Tensor) -> bytes:
     """Encode a float32 device array [2, L, T, C]; `kv` supplies the exact rows in its own dtype."""
-    from .cachegen import Unit
+    from .cachegen import unit_params
 
     _, L, T, C = shape
     steps = codec.steps(*stats(dx[0], dx[1]))
     f32 = steps.as_float32(L, T, C)
-    unit = Unit(L, T, C)
+    unit = unit_params(L, T, C)
     dsym = cuda.device_array((2, L, T, C), dtype=np.uint8)
     n = L * T * C
     quant_cuda.quantize_kernel[_blocks(n), THREADS](
@@ -81,7 +81,7 @@ def cachegen_encode(codec: Any, kv: torch.Tensor, dtype: str, shape: tuple[int, 
 
 def decode_arrays(b: Any, steps: Any, offsets: np.ndarray, words: np.ndarray) -> Any:
     """Decode a blob's symbols and dequantise them on the device: a float32 device array [2, L, T, C]."""
-    from .cachegen import Unit
+    from .cachegen import unit_params
 
     _, L, T, C = b.shape
     groups, group_len, lane = 2 * L, T * C, int(b.params["lane_size"])
@@ -101,7 +101,7 @@ def decode_arrays(b: Any, steps: Any, offsets: np.ndarray, words: np.ndarray) ->
     if failed:
         raise CodecError(f"{failed} rANS lane(s) failed to decode: the blob is corrupted")
     f32 = steps.as_float32(L, T, C)
-    unit = Unit(L, T, C)
+    unit = unit_params(L, T, C)
     sym = dsym.reshape(2, L, T, C)
     out = cuda.device_array((2, L, T, C), dtype=np.float32)
     n = L * T * C
