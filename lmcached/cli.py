@@ -65,7 +65,6 @@ def _prepare_process(verbose: bool) -> None:
     from lmcached.memory import tune_allocator
 
     tune_allocator()
-
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
@@ -79,9 +78,12 @@ def serve(
     config: Path | None = typer.Option(None, "--config", help="YAML config (LMCache's keys); also LMCACHE_CONFIG_FILE."),
     auth_token: str | None = typer.Option(None, "--auth-token", help="Require this token (also LMCACHED_AUTH_TOKEN)."),
     local_disk: str | None = typer.Option(None, "--local-disk", help="Directory for the embedded instance's disk backend."),
+    engine: bool = typer.Option(False, "--engine", help="Also serve the SmolLM2 engine (port 8000) on the embedded instance."),
+    engine_port: int = typer.Option(8000, "--engine-port", help="The engine's port, with --engine."),
+    model: str | None = typer.Option(None, "--model", help="A local .gguf file or transformers directory, with --engine."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Run the controller, the worker/monitor port and the embedded default instance."""
+    """Run the controller, the worker/monitor port and the embedded default instance (with --engine, the engine too)."""
     import asyncio
 
     from lmcached.serve import run
@@ -98,8 +100,48 @@ def serve(
         },
     )
     _prepare_process(verbose)
+    engine_options = {"port": engine_port, "model": model} if engine else None
     try:
-        asyncio.run(run(cfg))
+        asyncio.run(run(cfg, engine_options))
+    except OSError as exc:
+        fail(f"cannot start: {exc}")
+    except LmcachedError as exc:
+        fail(str(exc))
+
+
+@app.command(name="engine")
+def engine_command(
+    model: str | None = typer.Option(
+        None, "--model", help="A local .gguf file or transformers directory (default: SmolLM2-135M-Instruct)."
+    ),
+    worker: str | None = typer.Option("127.0.0.1:8001", "--worker", help="The lmcached data plane, HOST:PORT ('' to run without a cache)."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    auth_token: str | None = typer.Option(None, "--auth-token", envvar="LMCACHED_AUTH_TOKEN"),
+    kv_dtype: str = typer.Option("float16", "--kv-dtype", help="dtype the KV is offloaded in: float16, bfloat16 or float32."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Serve an OpenAI-compatible engine whose prompt KV is offloaded to (and reused from) lmcached."""
+    import asyncio
+    import signal
+
+    if kv_dtype not in ("float16", "bfloat16", "float32"):
+        fail(f"--kv-dtype must be float16, bfloat16 or float32, not {kv_dtype!r}", 2)
+    _prepare_process(verbose)
+
+    async def run() -> None:
+        from lmcached.engine import run_engine
+        from lmcached.model import load_model
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        loaded = await loop.run_in_executor(None, load_model, model)
+        await run_engine(loaded, host, port, worker or None, auth_token, stop, kv_dtype)
+
+    try:
+        asyncio.run(run())
     except OSError as exc:
         fail(f"cannot start: {exc}")
     except LmcachedError as exc:

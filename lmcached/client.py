@@ -243,10 +243,11 @@ class AsyncKVClient:
     def spans(self, tokens: Sequence[int]) -> list[ChunkSpan]:
         return chunk_spans(tokens, self.chunk_size, self.save_unfull_chunk)
 
-    async def store(self, tokens: Sequence[int], kv: torch.Tensor) -> int:
-        """Store every chunk of `tokens`' KV; returns the number of tokens stored."""
+    async def store(self, tokens: Sequence[int], kv: torch.Tensor, skip_tokens: int = 0) -> int:
+        """Store the chunks of `tokens`' KV, except those wholly inside the first `skip_tokens` (already cached:
+        storing them again would replace a compressed chunk with its raw bytes). Returns tokens stored."""
         kv = check_kv(kv, len(tokens))
-        spans = self.spans(tokens)
+        spans = [s for s in self.spans(tokens) if s.end > skip_tokens]
         if not spans:
             return 0
         async with self._lock:

@@ -11,6 +11,7 @@ import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -86,13 +87,22 @@ def warn_if_open(config: Config) -> None:
         )
 
 
-async def run(config: Config) -> None:
-    """Run until SIGINT/SIGTERM; a second signal exits at once."""
+async def run(config: Config, engine: dict[str, Any] | None = None) -> None:
+    """Run until SIGINT/SIGTERM; a second signal exits at once. With `engine` ({"port", "model"}), the engine
+    is served from this process too, on the embedded instance."""
     warn_if_open(config)
     daemon = Daemon(config)
     ports = await daemon.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    engine_task = None
+    if engine is not None:
+        from lmcached.engine import run_engine
+        from lmcached.model import load_model
+
+        loaded = await loop.run_in_executor(daemon.executor, load_model, engine.get("model"))
+        worker = f"127.0.0.1:{ports.data}"
+        engine_task = asyncio.create_task(run_engine(loaded, config.host, int(engine["port"]), worker, config.auth_token, stop))
 
     def on_signal() -> None:
         if stop.is_set():
@@ -120,4 +130,6 @@ async def run(config: Config) -> None:
     try:
         await stop.wait()
     finally:
+        if engine_task is not None:
+            await engine_task
         await daemon.stop()
