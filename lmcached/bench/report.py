@@ -20,11 +20,16 @@ class Row:
     baseline_name: str = ""
     target: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: "higher" for rates (ratio = value / baseline), "lower" for latencies (ratio = baseline / value):
+    #: either way a ratio above 1 means better than the baseline.
+    better: str = "higher"
 
     @property
     def ratio(self) -> float | None:
-        if self.baseline in (None, 0):
+        if self.baseline in (None, 0) or self.value == 0:
             return None
+        if self.better == "lower":
+            return self.baseline / self.value  # type: ignore[operator]
         return self.value / self.baseline  # type: ignore[operator]
 
 
@@ -57,8 +62,8 @@ class Report:
         from rich.table import Table
 
         table = Table(title="lmcached bench")
-        for col in ("section", "figure", "value", "baseline", "ratio", "target"):
-            table.add_column(col, justify="right" if col in ("value", "ratio") else "left")
+        for col in ("section", "figure", "value", "baseline", "vs baseline (>1 = better)", "target"):
+            table.add_column(col, justify="right" if col.startswith(("value", "vs")) else "left")
         for r in self.rows:
             base = f"{r.baseline:.4g} {r.unit} ({r.baseline_name})" if r.baseline is not None else ""
             ratio = f"{r.ratio:.2f}×" if r.ratio is not None else ""
