@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import struct
 import threading
@@ -19,6 +20,7 @@ from lmcached.errors import InvalidRequest, LmcachedError
 
 log = logging.getLogger(__name__)
 
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 CPU: str = "LocalCPUBackend"
 DISK: str = "LocalDiskBackend"
 LOCATIONS = (CPU, DISK)
@@ -44,6 +46,11 @@ class Chunk:
     @property
     def nbytes(self) -> int:
         return len(self.data)
+
+    @property
+    def raw_nbytes(self) -> int:
+        """The size of the raw tensor, whatever form the chunk is stored in."""
+        return math.prod(self.shape) * ITEMSIZE.get(self.dtype, 2)
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -76,9 +83,10 @@ class ChunkInfo:
     nbytes: int
     method: str | None
     pinned: bool
+    raw_nbytes: int
 
     def as_wire(self) -> list[Any]:
-        return [self.key, self.num_tokens, self.nbytes, self.method, self.pinned]
+        return [self.key, self.num_tokens, self.nbytes, self.method, self.pinned, self.raw_nbytes]
 
 
 class Backend:
@@ -88,8 +96,8 @@ class Backend:
 
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = capacity_bytes
-        # key -> (num_tokens, nbytes, method); the order is least recently used first.
-        self._meta: OrderedDict[int, tuple[int, int, str | None]] = OrderedDict()
+        # key -> (num_tokens, nbytes, method, raw_nbytes); the order is least recently used first.
+        self._meta: OrderedDict[int, tuple[int, int, str | None, int]] = OrderedDict()
         self._pinned: set[int] = set()
         self.used_bytes = 0
         self._lock = threading.RLock()
@@ -109,7 +117,7 @@ class Backend:
             entry = self._meta.get(key)
             if entry is None:
                 return None
-            return ChunkInfo(key, entry[0], entry[1], entry[2], key in self._pinned)
+            return ChunkInfo(key, entry[0], entry[1], entry[2], key in self._pinned, entry[3])
 
     def infos(self) -> Iterator[ChunkInfo]:
         for key in self.keys():
@@ -161,7 +169,7 @@ class Backend:
                 raise StoreFull(f"{self.name} is full of pinned chunks ({self.used_bytes} of {self.capacity_bytes} bytes)")
             self._drop(victim)
             evicted.append(victim)
-        self._meta[chunk.key] = (chunk.num_tokens, chunk.nbytes, chunk.method)
+        self._meta[chunk.key] = (chunk.num_tokens, chunk.nbytes, chunk.method, chunk.raw_nbytes)
         self.used_bytes += chunk.nbytes
         return evicted
 
@@ -280,7 +288,7 @@ class LocalDiskBackend(Backend):
                 chunk = Chunk.from_meta(meta, b"")
                 if chunk.key != int(path.stem, 16):
                     raise CorruptChunkFile(f"{path.name}: key in file does not match its name")
-                self._meta[chunk.key] = (chunk.num_tokens, int(meta["nbytes"]), chunk.method)
+                self._meta[chunk.key] = (chunk.num_tokens, int(meta["nbytes"]), chunk.method, chunk.raw_nbytes)
                 self.used_bytes += int(meta["nbytes"])
                 if meta.get("pinned"):
                     self._pinned.add(chunk.key)
@@ -384,7 +392,7 @@ class LocalDiskBackend(Backend):
         """Swap in a new version unless the chunk changed on disk meanwhile; the file swap is atomic."""
         with self._lock:
             current = self._meta.get(old.key)
-            if current is None or current[1:] != (old.nbytes, old.method):
+            if current is None or current[1:3] != (old.nbytes, old.method):
                 return False
             pinned = old.key in self._pinned
             self._forget_meta(old.key)
@@ -393,7 +401,7 @@ class LocalDiskBackend(Backend):
             try:
                 self.put(new)
             except (StoreFull, OSError):
-                self._meta[old.key] = (old.num_tokens, old.nbytes, old.method)
+                self._meta[old.key] = (old.num_tokens, old.nbytes, old.method, old.raw_nbytes)
                 self.used_bytes += old.nbytes
                 raise
             return True

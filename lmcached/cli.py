@@ -428,3 +428,15 @@ def bench(
     if plot is not None:
         report.plot(plot)
         typer.echo(f"plot written to {plot}", err=True)
+
+
+@app.command()
+def tui(
+    monitor: str = typer.Option("127.0.0.1:9001", "--monitor", help="The daemon's monitor port, HOST:PORT."),
+    auth_token: str | None = typer.Option(None, "--auth-token", envvar="LMCACHED_AUTH_TOKEN"),
+    method: str = typer.Option("cachegen", "--method", help="Codec the compress action uses."),
+) -> None:
+    """Watch instances, chunks and live events in a terminal UI; compress, pin and clear from the keyboard."""
+    from lmcached.tui import run
+
+    run(monitor, auth_token, method)

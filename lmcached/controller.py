@@ -24,9 +24,13 @@ from lmcached.metrics import Metrics
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: One command for one worker: (worker, op, args, timeout in seconds).
+Call = tuple[WorkerKey, str, dict[str, Any], float]
 #: A compress or decompress gets this much time per chunk on top of command_timeout.
 PER_CHUNK_TIMEOUT_S = 0.5
 HEALTH_TIMEOUT_S = 5.0
+#: A monitor's snapshot lists at most this many of the newest chunks per worker and location.
+MONITOR_CHUNKS = 5000
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -48,6 +52,7 @@ class Controller:
         self.index = ChunkIndex()
         self.events = EventLog()
         self.hub = Hub(config, self.index, self.snapshot)
+        self.hub.monitor_command = self.monitor_command
         self.metrics = Metrics(self.index)
         self._tasks: set[asyncio.Task[None]] = set()
         from lmcached.codecs import available_codecs
@@ -115,7 +120,7 @@ class Controller:
     def _spans(self, body: dict[str, Any]) -> list[Any]:
         return chunk_spans(fields.tokens(body), self.config.chunk_size)
 
-    def _launch(self, event: Event, calls: list[tuple[WorkerKey, str, dict[str, Any], float]]) -> None:
+    def _launch(self, event: Event, calls: list[Call]) -> None:
         """Run worker commands in the background; the event tells how they went."""
 
         async def run() -> None:
@@ -139,15 +144,17 @@ class Controller:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _scheduled(
-        self, op: str, instance_id: str, num_tokens: int, calls: list[tuple[WorkerKey, str, dict[str, Any], float]]
-    ) -> web.Response:
+    def _schedule(self, op: str, instance_id: str, num_tokens: int, calls: list[Call]) -> Event:
         event = self.events.create(op, instance_id, num_tokens)
         if calls:
             self._launch(event, calls)
         else:  # nothing cached: nothing to do, and the event says so at once
             self.events.finish(event, {"num_tokens": 0})
             self.metrics.operations.labels(op, "finished").inc()
+        return event
+
+    def _scheduled(self, op: str, instance_id: str, num_tokens: int, calls: list[Call]) -> web.Response:
+        event = self._schedule(op, instance_id, num_tokens, calls)
         return json_response({"event_id": event.event_id, "num_tokens": num_tokens})
 
     def _timeout(self, keys: list[int]) -> float:
@@ -266,13 +273,43 @@ class Controller:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
     def snapshot(self) -> dict[str, Any]:
-        """What a monitor gets on connect (and again when it falls behind)."""
+        """What a monitor gets on connect, on request, and when it falls behind: the instances, the newest
+        chunks of each worker and location (at most MONITOR_CHUNKS), and recent events."""
+        instances = self.index.describe_instances()
+        for record in list(self.index.workers.values()):
+            described = next(w for w in instances[record.instance_id]["workers"] if w["worker_id"] == record.worker_id)
+            described["chunks"] = {
+                location: [info.as_wire() for info in list(chunks.values())[-MONITOR_CHUNKS:]]
+                for location, chunks in record.locations.items()
+            }
         return {
-            "instances": self.index.describe_instances(),
+            "instances": instances,
             "events": [e.as_dict() for e in self.events.recent(200)],
             "methods": self.methods,
             "time": time.time(),
         }
+
+    async def monitor_command(self, header: dict[str, Any]) -> dict[str, Any]:
+        """compress / decompress / pin / unpin / clear on chunks a monitor selected by key."""
+        op = header.get("op")
+        if op not in ("compress", "decompress", "pin", "unpin", "clear"):
+            raise InvalidRequest(f"unknown monitor operation {op!r}", "op")
+        instance_id = fields.string(header, "instance_id")
+        location = fields.location(header)
+        keys = header.get("keys")
+        if not isinstance(keys, list) or not all(type(k) is int for k in keys):
+            raise InvalidRequest("keys must be a list of chunk keys", "keys", 422)
+        extra = {"method": fields.method(header, self.methods)} if op in ("compress", "decompress") else {}
+        wanted = set(keys)
+        calls, num_tokens = [], 0
+        for record in self.index.instance_workers(instance_id):
+            held = record.locations.get(location, {})
+            mine = [k for k in keys if k in held and k in wanted]
+            if mine:
+                num_tokens += sum(held[k].num_tokens for k in mine)
+                calls.append((record.key, op, {"location": location, "keys": mine, **extra}, self._timeout(mine)))
+        event = self._schedule(op, instance_id, num_tokens, calls)
+        return {"event_id": event.event_id, "num_tokens": num_tokens}
 
     async def drain(self, timeout: float) -> None:
         """Let running operations finish (bounded), then cancel stragglers."""

@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from lmcached.config import Config
@@ -76,6 +76,7 @@ class MonitorSession:
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
+        self.send_lock = asyncio.Lock()
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(MONITOR_QUEUE)
         self.needs_snapshot = asyncio.Event()
 
@@ -87,6 +88,13 @@ class MonitorSession:
                 self.queue.get_nowait()
             self.needs_snapshot.set()
 
+    async def send(self, kind: Kind, header: dict[str, Any]) -> None:
+        async with self.send_lock:
+            await write_frame(self.writer, kind, header)
+
+
+MonitorCommand = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
 
 class Hub:
     """Serves the control port and owns the live worker sessions."""
@@ -97,6 +105,8 @@ class Hub:
         self.sessions: dict[WorkerKey, WorkerSession] = {}
         self.monitors: set[MonitorSession] = set()
         self._snapshot = snapshot
+        #: Runs an operation a monitor asked for (the controller sets it); answers {"event_id", "num_tokens"}.
+        self.monitor_command: MonitorCommand | None = None
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watchdog: asyncio.Task[None] | None = None
@@ -240,27 +250,40 @@ class Hub:
     async def _serve_monitor(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         monitor = MonitorSession(writer)
         self.monitors.add(monitor)
-        reader_task = asyncio.create_task(self._drain_monitor_input(reader))
+        requests = asyncio.create_task(self._monitor_requests(monitor, reader))
         try:
-            await write_frame(writer, Kind.WELCOME, {"role": MONITOR_ROLE})
-            await write_frame(writer, Kind.SNAPSHOT, self._snapshot())
-            while not reader_task.done():
+            await monitor.send(Kind.WELCOME, {"role": MONITOR_ROLE})
+            await monitor.send(Kind.SNAPSHOT, self._snapshot())
+            while not requests.done():
                 getter = asyncio.create_task(monitor.queue.get())
                 snap = asyncio.create_task(monitor.needs_snapshot.wait())
-                done, _ = await asyncio.wait({getter, snap, reader_task}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({getter, snap, requests}, return_when=asyncio.FIRST_COMPLETED)
                 getter.cancel()
                 snap.cancel()
                 if getter in done:
-                    await write_frame(writer, Kind.EVENT, getter.result())
+                    await monitor.send(Kind.EVENT, getter.result())
                 if snap in done:
                     monitor.needs_snapshot.clear()
-                    await write_frame(writer, Kind.SNAPSHOT, self._snapshot())
+                    await monitor.send(Kind.SNAPSHOT, self._snapshot())
+            requests.result()  # a protocol error in the monitor's requests surfaces here
         finally:
             self.monitors.discard(monitor)
-            reader_task.cancel()
+            requests.cancel()
 
-    @staticmethod
-    async def _drain_monitor_input(reader: asyncio.StreamReader) -> None:
-        """Monitors only listen; reading tells us when they leave."""
-        while await read_frame(reader) is not None:
-            pass
+    async def _monitor_requests(self, monitor: MonitorSession, reader: asyncio.StreamReader) -> None:
+        """A monitor asks for a fresh snapshot, or for an operation on chunks it selected."""
+        while (frame := await read_frame(reader)) is not None:
+            if frame.kind != Kind.COMMAND:
+                raise ProtocolError(f"unexpected {frame.kind.name} frame from a monitor")
+            header = frame.header
+            if header.get("op") == "snapshot":
+                monitor.needs_snapshot.set()
+                continue
+            reply: dict[str, Any] = {"req_id": header.get("req_id")}
+            try:
+                if self.monitor_command is None:
+                    raise ProtocolError("this daemon takes no operations from monitors")
+                reply |= {"ok": True, "result": await self.monitor_command(header)}
+            except LmcachedError as exc:
+                reply |= {"ok": False, "error": str(exc), "status": exc.http_status}
+            await monitor.send(Kind.REPLY, reply)

@@ -13,6 +13,7 @@ from lmcached.chunks import ChunkSpan
 from lmcached.errors import NotFound
 
 WorkerKey = tuple[str, str]  # (instance_id, worker_id)
+SUMMED = ("chunks", "tokens", "bytes", "raw_bytes", "compressed_chunks", "pinned_chunks")
 Holder = tuple[str, str, str]  # (instance_id, worker_id, location)
 
 
@@ -44,6 +45,7 @@ class WorkerRecord:
                 "tokens": sum(i.num_tokens for i in infos),
                 "bytes": sum(i.nbytes for i in infos),
                 "compressed_chunks": sum(1 for i in infos if i.method is not None),
+                "raw_bytes": sum(i.raw_nbytes for i in infos),
                 "pinned_chunks": sum(1 for i in infos if i.pinned),
                 "capacity_bytes": self.heartbeat_stats.get(location, {}).get("capacity_bytes"),
             }
@@ -107,8 +109,8 @@ class ChunkIndex:
                     self._unhold(chunk_key, (*record.key, location))
             record.locations.clear()
         n_admitted = n_evicted = 0
-        for location, key, num_tokens, nbytes, method, pinned in admitted:
-            record.locations[location][key] = ChunkInfo(key, num_tokens, nbytes, method, bool(pinned))
+        for location, key, num_tokens, nbytes, method, pinned, raw_nbytes in admitted:
+            record.locations[location][key] = ChunkInfo(key, num_tokens, nbytes, method, bool(pinned), raw_nbytes)
             self._holders.setdefault(key, set()).add((*record.key, location))
             n_admitted += 1
         for location, key in evicted:
@@ -181,10 +183,8 @@ class ChunkIndex:
             totals: dict[str, dict[str, Any]] = {}
             for worker in workers:
                 for location, stats in worker["locations"].items():
-                    agg = totals.setdefault(
-                        location, {"chunks": 0, "tokens": 0, "bytes": 0, "compressed_chunks": 0, "pinned_chunks": 0, "capacity_bytes": 0}
-                    )
-                    for field_name in ("chunks", "tokens", "bytes", "compressed_chunks", "pinned_chunks"):
+                    agg = totals.setdefault(location, dict.fromkeys(SUMMED, 0) | {"capacity_bytes": 0})
+                    for field_name in SUMMED:
                         agg[field_name] += stats[field_name]
                     agg["capacity_bytes"] += stats["capacity_bytes"] or 0
             out[inst] = {"workers": workers, "locations": totals}

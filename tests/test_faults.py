@@ -59,7 +59,7 @@ async def fake_worker(port: int, instance_id: str, key: int) -> tuple[asyncio.St
         {"role": "worker", "instance_id": instance_id, "worker_id": "mute", "data_address": "127.0.0.1:1", "chunk_size": 16},
     )
     assert (await read_frame(reader)).kind == Kind.WELCOME  # type: ignore[union-attr]
-    await write_frame(writer, Kind.REPORT, {"full": True, "admitted": [[CPU, key, 12, 100, None, False]], "evicted": []})
+    await write_frame(writer, Kind.REPORT, {"full": True, "admitted": [[CPU, key, 12, 100, None, False, 100]], "evicted": []})
     return reader, writer
 
 

@@ -87,7 +87,9 @@ def run(report: Report, quick: bool = False) -> None:
                 worker = FakeWorker(ports["monitor"], f"bench-{size}")
                 keys = prompt_keys + [int(k) for k in rng.integers(1, 2**63, size - len(prompt_keys), dtype=np.int64)]
                 for start in range(0, size, 20_000):
-                    worker.report([[CPU, k, 256, 1_000_000, None, False] for k in keys[start : start + 20_000]], [], full=start == 0)
+                    worker.report(
+                        [[CPU, k, 256, 1_000_000, None, False, 1_000_000] for k in keys[start : start + 20_000]], [], full=start == 0
+                    )
                 wait_until(lambda s=size: api.chunks_of(f"bench-{s}") == s)
                 body = {"tokens": PROMPT}
                 assert api.call("POST", "/lookup", body)["layout_info"][f"bench-{size}"] == [CPU, 4096]
@@ -140,7 +142,7 @@ def report_rate(report: Report, ports: dict[str, Any], api: Http, quick: bool) -
         for start in range(0, len(keys), 1000):
             batch = keys[start : start + 1000]
             if admit:
-                worker.report([[CPU, k, 256, 1000, None, False] for k in batch], [])
+                worker.report([[CPU, k, 256, 1000, None, False, 1000] for k in batch], [])
             else:
                 worker.report([], [[CPU, k] for k in batch])
 

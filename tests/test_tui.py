@@ -1,0 +1,219 @@
+"""The Textual monitor driven headless against a real daemon, plus a fixed-size SVG snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lmcached.tui.app import MonitorApp
+from lmcached.tui.state import MonitorState
+from textual.widgets import DataTable, Static
+
+from lmcached.client import AsyncKVClient
+from lmcached.serve import Daemon
+
+from .conftest import INSTANCE, SEED_TOKENS, make_kv, test_config
+
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+
+
+async def wait_until(pilot: Any, predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never held"
+        await pilot.pause(0.05)
+
+
+def cells(app: MonitorApp, table_id: str) -> list[list[str]]:
+    table = app.query_one(table_id, DataTable)
+    return [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
+
+
+@pytest.fixture
+async def daemon() -> Any:
+    running = Daemon(test_config())
+    await running.start()
+    yield running
+    await running.stop()
+
+
+async def test_snapshot_events_and_an_action_against_a_real_daemon(daemon: Daemon) -> None:
+    assert daemon.ports is not None
+    app = MonitorApp(f"127.0.0.1:{daemon.ports.monitor}")
+    async with app.run_test(size=(160, 45)) as pilot:
+        await wait_until(pilot, lambda: any(row[0] == INSTANCE for row in cells(app, "#instances")))
+        assert app.connected and not app.query_one("#banner", Static).has_class("shown")
+
+        async with AsyncKVClient(f"127.0.0.1:{daemon.ports.data}") as client:  # a store shows up live
+            await client.store(SEED_TOKENS, make_kv(12))
+        await wait_until(pilot, lambda: len(cells(app, "#chunks")) == 1)
+        assert cells(app, "#chunks")[0][4] == "raw"
+        assert any(row[1] == "admit" for row in cells(app, "#events"))
+
+        app.query_one("#chunks", DataTable).focus()
+        await pilot.press("c")
+        await pilot.pause(0.2)
+        await pilot.press("y")  # confirm: the command goes over the monitor connection
+        await wait_until(pilot, lambda: cells(app, "#chunks")[0][4] == "cachegen")
+        await wait_until(pilot, lambda: any(row[1] == "compress" and row[4].startswith("finished") for row in cells(app, "#events")))
+        ops = [e for e in daemon.controller.events.recent() if e.op == "compress"]
+        assert ops and ops[-1].status == "finished" and ops[-1].num_tokens == 12
+
+        await pilot.press("p")
+        await pilot.press("y")
+        await wait_until(pilot, lambda: cells(app, "#chunks")[0][5] == "yes")
+
+        app.query_one("#filter").focus()
+        await pilot.press(*"pin")
+        await wait_until(pilot, lambda: cells(app, "#events") and all(row[1] == "pin" for row in cells(app, "#events")))
+
+
+async def test_connection_loss_shows_a_banner_and_reconnects() -> None:
+    first = Daemon(test_config())
+    ports = await first.start()
+    app = MonitorApp(f"127.0.0.1:{ports.monitor}")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.connected)
+        await first.stop()
+        banner = app.query_one("#banner", Static)
+        await wait_until(pilot, lambda: banner.has_class("shown") and "lost" in str(banner.render()))
+        assert not app.connected
+        second = Daemon(test_config(monitor_port=ports.monitor))
+        await second.start()
+        try:
+            await wait_until(pilot, lambda: app.connected, timeout=15)
+            assert not banner.has_class("shown")
+        finally:
+            await second.stop()
+
+
+async def test_the_app_survives_garbage_from_the_daemon() -> None:
+    async def liar(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\nnot a frame at all")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(liar, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    app = MonitorApp(f"127.0.0.1:{port}")
+    async with app.run_test(size=(120, 40)) as pilot:
+        banner = app.query_one("#banner", Static)
+        await wait_until(pilot, lambda: "lost" in str(banner.render()))
+        assert app.is_running
+    server.close()
+
+
+def test_state_marks_lost_workers_and_filters_events() -> None:
+    state = MonitorState()
+    worker = {
+        "worker_id": "w1",
+        "data_address": "h:1",
+        "locations": {
+            "LocalCPUBackend": {"chunks": 2, "tokens": 300, "bytes": 100, "raw_bytes": 400, "compressed_chunks": 1, "capacity_bytes": 1000}
+        },
+    }
+    state.apply_snapshot({"instances": {"i": {"workers": [worker], "locations": {}}}, "events": [], "time": 1.0})
+    row = state.instance_rows()[0]
+    assert row[0] == "i" and row[9] == "4.00x" and row[7] == "100 B / 1000 B"
+    state.apply_event({"type": "worker_lost", "instance_id": "i", "worker_id": "w1", "reason": "no heartbeat", "time": 2.0})
+    state.apply_snapshot({"instances": {}, "events": [], "time": 3.0})
+    assert state.instance_rows()[0][3].startswith("lost at")
+    state.apply_event(
+        {"type": "operation", "op": "compress", "status": "failed", "error": "boom", "instance_id": "i", "num_tokens": 5, "created_at": 4.0}
+    )
+    assert [e.kind for e in state.event_rows("boom")] == ["compress"]
+    assert [e.kind for e in state.event_rows()] == ["compress", "lost"]
+
+
+FIXED_SNAPSHOT = {
+    "time": 1_800_000_000.0,
+    "instances": {
+        INSTANCE: {
+            "locations": {},
+            "workers": [
+                {
+                    "worker_id": "worker-a",
+                    "data_address": "127.0.0.1:8001",
+                    "seconds_since_heartbeat": 0.5,
+                    "alive": True,
+                    "locations": {
+                        "LocalCPUBackend": {
+                            "chunks": 3,
+                            "tokens": 523,
+                            "bytes": 13_000_000,
+                            "raw_bytes": 18_000_000,
+                            "compressed_chunks": 1,
+                            "capacity_bytes": 5 << 30,
+                        },
+                        "LocalDiskBackend": {
+                            "chunks": 1,
+                            "tokens": 11,
+                            "bytes": 270_000,
+                            "raw_bytes": 270_000,
+                            "compressed_chunks": 0,
+                            "capacity_bytes": 5 << 30,
+                        },
+                    },
+                    "chunks": {
+                        "LocalCPUBackend": [
+                            [0xBED3F9CEC8DA59F4, 11, 80_140, "cachegen", True, 270_336],
+                            [0x336D4E44848F0001, 256, 5_898_240, None, False, 5_898_240],
+                            [0x74D12A748CCC0002, 256, 5_898_240, None, False, 5_898_240],
+                        ],
+                        "LocalDiskBackend": [[0xBED3F9CEC8DA59F4, 11, 270_336, None, False, 270_336]],
+                    },
+                }
+            ],
+        }
+    },
+    "events": [
+        {
+            "op": "compress",
+            "status": "finished",
+            "instance_id": INSTANCE,
+            "num_tokens": 11,
+            "created_at": 1_800_000_000.0,
+            "finished_at": 1_800_000_001.0,
+            "result": {"bytes_before": 270_336, "bytes_after": 80_140},
+        },
+        {
+            "op": "pin",
+            "status": "finished",
+            "instance_id": INSTANCE,
+            "num_tokens": 11,
+            "created_at": 1_800_000_002.0,
+            "finished_at": 1_800_000_002.0,
+        },
+    ],
+}
+
+
+async def test_svg_snapshot_at_a_fixed_size() -> None:
+    os.environ["TZ"] = "UTC"
+    time.tzset()
+    app = MonitorApp(address=None)
+    async with app.run_test(size=(150, 36)) as pilot:
+        app.post_message(__import__("lmcached.tui.app", fromlist=["SnapshotReceived"]).SnapshotReceived(FIXED_SNAPSHOT))
+        await pilot.pause(0.3)
+        svg = app.export_screenshot()
+    # The committed SVG is for people to look at; the test compares what is drawn (the SVG's text, line by
+    # line), so a new Textual theme colour does not fail it but a changed table does.
+    drawn = svg_text(svg)
+    if os.environ.get("LMCACHED_WRITE_SNAPSHOTS") or not (SNAPSHOTS / "monitor.txt").exists():
+        (SNAPSHOTS / "monitor.svg").write_text(svg)
+        (SNAPSHOTS / "monitor.txt").write_text(drawn)
+    assert drawn == (SNAPSHOTS / "monitor.txt").read_text()
+    assert "bed3f9cec8da" in drawn and "cachegen" in drawn and "1.38x" in drawn
+
+
+def svg_text(svg: str) -> str:
+    lines: dict[str, list[tuple[float, str]]] = {}
+    for x, y, text in re.findall(r'<text class="[^"]*" x="([\d.]+)" y="([\d.]+)"[^>]*>([^<]*)</text>', svg):
+        lines.setdefault(y, []).append((float(x), html.unescape(text).replace("\xa0", " ")))
+    return "\n".join("".join(t for _, t in sorted(parts)).rstrip() for _, parts in sorted(lines.items(), key=lambda i: float(i[0]))) + "\n"

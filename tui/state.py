@@ -1,0 +1,167 @@
+"""The monitor's state, apart from any widget: what the daemon last said, turned into rows to show."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+LOCATIONS = ("LocalCPUBackend", "LocalDiskBackend")
+#: How many events and chart points the monitor keeps.
+MAX_EVENTS = 500
+MAX_POINTS = 120
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def clock(ts: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+@dataclass
+class ChunkRow:
+    instance_id: str
+    worker_id: str
+    location: str
+    key: int
+    num_tokens: int
+    nbytes: int
+    method: str | None
+    pinned: bool
+    raw_nbytes: int
+
+
+@dataclass
+class EventRow:
+    time: float
+    kind: str
+    instance_id: str
+    tokens: int | None
+    outcome: str
+
+    def matches(self, text: str) -> bool:
+        text = text.lower()
+        return not text or any(text in str(v).lower() for v in (self.kind, self.instance_id, self.outcome, self.tokens))
+
+
+@dataclass
+class MonitorState:
+    instances: dict[str, Any] = field(default_factory=dict)
+    events: deque[EventRow] = field(default_factory=lambda: deque(maxlen=MAX_EVENTS))
+    memory: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_POINTS))
+    snapshot_time: float | None = None
+    #: Workers that left, kept to show as "lost": (instance_id, worker_id) -> (last description, when)
+    lost: dict[tuple[str, str], tuple[dict[str, Any], float]] = field(default_factory=dict)
+
+    # -- updates
+    def apply_snapshot(self, snapshot: dict[str, Any]) -> None:
+        before = self._workers()
+        self.instances = dict(snapshot.get("instances") or {})
+        now = self._workers()
+        for key, worker in before.items():
+            if key not in now and key not in self.lost:
+                self.lost[key] = (worker, time.time())
+        for key in now:
+            self.lost.pop(key, None)  # it came back
+        self.snapshot_time = snapshot.get("time") or time.time()
+        if not self.events:  # the first snapshot brings the recent history
+            for event in snapshot.get("events") or []:
+                self.events.appendleft(self._operation_row(event))
+        self.memory.append(float(self.total_bytes()))
+
+    def _workers(self) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(inst_id, w.get("worker_id", "")): w for inst_id, inst in self.instances.items() for w in inst.get("workers", [])}
+
+    def apply_event(self, event: dict[str, Any]) -> EventRow:
+        kind = event.get("type")
+        ts = float(event.get("time") or time.time())
+        if kind == "worker_registered":
+            row = EventRow(ts, "register", event.get("instance_id", ""), None, f"{event.get('worker_id')} at {event.get('data_address')}")
+        elif kind == "worker_lost":
+            key = (event.get("instance_id", ""), event.get("worker_id", ""))
+            if key in self._workers() and key not in self.lost:
+                self.lost[key] = (self._workers()[key], ts)
+            row = EventRow(ts, "lost", event.get("instance_id", ""), None, f"{event.get('worker_id')}: {event.get('reason')}")
+        elif kind == "chunks_reported":
+            admitted, evicted = int(event.get("admitted", 0)), int(event.get("evicted", 0))
+            what = (
+                "resync"
+                if event.get("full")
+                else ("admit" if admitted and not evicted else "evict" if evicted and not admitted else "admit/evict")
+            )
+            row = EventRow(ts, what, event.get("instance_id", ""), None, f"+{admitted} / -{evicted} chunks")
+        elif kind == "operation":
+            row = self._operation_row(event)
+        else:
+            row = EventRow(ts, str(kind), event.get("instance_id", "") or "", None, "")
+        self.events.appendleft(row)
+        return row
+
+    @staticmethod
+    def _operation_row(event: dict[str, Any]) -> EventRow:
+        status = event.get("status", "")
+        outcome = status if status != "failed" else f"failed: {event.get('error', '')}"
+        result = event.get("result") or {}
+        if status == "finished" and "bytes_before" in result and result.get("bytes_after"):
+            outcome += f" ({human_bytes(result['bytes_before'])} -> {human_bytes(result['bytes_after'])})"
+        ts = event.get("finished_at") or event.get("created_at") or time.time()
+        return EventRow(float(ts), str(event.get("op", "?")), event.get("instance_id") or "-", event.get("num_tokens"), outcome)
+
+    # -- derived rows
+    def total_bytes(self) -> int:
+        return sum(loc.get("bytes", 0) for worker in self._workers().values() for loc in worker.get("locations", {}).values())
+
+    def instance_rows(self) -> list[tuple[str, ...]]:
+        """One row per (instance, worker, location)."""
+        rows = []
+        for instance_id, inst in sorted(self.instances.items()):
+            for worker in inst.get("workers", []):
+                state = "alive" if worker.get("alive", True) else "lost"
+                beat = worker.get("seconds_since_heartbeat")
+                for location, stats in sorted(worker.get("locations", {}).items()):
+                    ratio = stats.get("raw_bytes", 0) / stats["bytes"] if stats.get("bytes") else 0.0
+                    capacity = stats.get("capacity_bytes")
+                    rows.append(
+                        (
+                            instance_id,
+                            worker.get("worker_id", ""),
+                            worker.get("data_address", ""),
+                            f"{state} ({beat:.1f}s)" if beat is not None else state,
+                            location,
+                            str(stats.get("chunks", 0)),
+                            str(stats.get("tokens", 0)),
+                            f"{human_bytes(stats.get('bytes', 0))} / {human_bytes(capacity)}",
+                            str(stats.get("compressed_chunks", 0)),
+                            f"{ratio:.2f}x" if ratio else "-",
+                        )
+                    )
+        for (instance_id, worker_id), (worker, since) in sorted(self.lost.items()):
+            rows.append((instance_id, worker_id, worker.get("data_address", ""), f"lost at {clock(since)}", "-", "-", "-", "-", "-", "-"))
+        return rows
+
+    def chunk_rows(self, instance_id: str | None, location: str | None) -> list[ChunkRow]:
+        rows = []
+        for inst_id, inst in sorted(self.instances.items()):
+            if instance_id is not None and inst_id != instance_id:
+                continue
+            for worker in inst.get("workers", []):
+                for loc, chunks in sorted((worker.get("chunks") or {}).items()):
+                    if location is not None and loc != location:
+                        continue
+                    for key, num_tokens, nbytes, method, pinned, raw_nbytes in chunks:
+                        rows.append(
+                            ChunkRow(inst_id, worker.get("worker_id", ""), loc, key, num_tokens, nbytes, method, bool(pinned), raw_nbytes)
+                        )
+        return rows
+
+    def event_rows(self, text: str = "") -> list[EventRow]:
+        return [e for e in self.events if e.matches(text)]
