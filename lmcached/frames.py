@@ -28,6 +28,10 @@ MAX_HEADER_BYTES: Final = 16 * 1024 * 1024
 MAX_CONTROL_PAYLOAD_BYTES: Final = 64 * 1024 * 1024
 #: Data-plane frames carry KV; one store of a long prompt can be large.
 MAX_DATA_PAYLOAD_BYTES: Final = 8 * 1024**3
+#: Once a frame has begun, each further part of it must arrive within this many seconds.
+FRAME_TIMEOUT_S: Final = 5.0
+#: A new connection must say hello within this many seconds.
+HELLO_TIMEOUT_S: Final = 10.0
 
 
 class ByteReader(Protocol):
@@ -100,22 +104,37 @@ def decode_prefix(prefix: bytes, max_payload: int) -> tuple[Kind, int, int]:
 async def read_frame_head(reader: ByteReader, max_payload: int = MAX_CONTROL_PAYLOAD_BYTES) -> tuple[Kind, dict[str, Any], int] | None:
     """Read a frame's fixed header and header object, leaving the payload in the stream.
 
+    A connection may idle between frames for as long as it likes, but once a frame has started, the rest
+    of its head must follow within FRAME_TIMEOUT_S: a peer that sends half a frame and goes silent would
+    otherwise hold its connection (and its buffers) forever.
+
     Returns (kind, header, payload length), or None on a clean end of stream before a frame starts.
     Raises ProtocolError for bad magic, version or kind, an oversize length, a header that is not a JSON
-    object, or a stream that ends inside a frame.
+    object, a stream that ends inside a frame, or a frame that stalls.
     """
     try:
-        prefix = await reader.readexactly(PREFIX_BYTES)
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
-        raise ProtocolError("connection closed inside a frame header") from None
-    kind, header_len, payload_len = decode_prefix(prefix, max_payload)
+        first = await reader.readexactly(1)
+    except asyncio.IncompleteReadError:
+        return None
     try:
-        head = await reader.readexactly(header_len) if header_len else b"{}"
+        prefix = first + await _within(reader.readexactly(PREFIX_BYTES - 1), FRAME_TIMEOUT_S)
+        kind, header_len, payload_len = decode_prefix(bytes(prefix), max_payload)
+        head = await _within(reader.readexactly(header_len), FRAME_TIMEOUT_S) if header_len else b"{}"
     except asyncio.IncompleteReadError:
         raise ProtocolError("connection closed inside a frame header") from None
     return kind, decode_header(head), payload_len
+
+
+async def _within(read: Any, seconds: float) -> Any:
+    try:
+        return await asyncio.wait_for(read, seconds)
+    except asyncio.TimeoutError:
+        raise ProtocolError(f"frame stalled: nothing more arrived for {seconds:.0f}s") from None
+
+
+def payload_timeout(size: int) -> float:
+    """Time allowed for a payload: FRAME_TIMEOUT_S plus the size at a slow link's 50 MB/s."""
+    return FRAME_TIMEOUT_S + size / 50e6
 
 
 def decode_header(head: bytes) -> dict[str, Any]:
@@ -130,7 +149,7 @@ def decode_header(head: bytes) -> dict[str, Any]:
 
 async def read_payload(reader: ByteReader, size: int) -> bytes | bytearray:
     try:
-        return await reader.readexactly(size) if size else b""
+        return await _within(reader.readexactly(size), payload_timeout(size)) if size else b""
     except asyncio.IncompleteReadError:
         raise ProtocolError("connection closed inside a frame payload") from None
 

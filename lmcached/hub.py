@@ -12,7 +12,7 @@ from typing import Any
 
 from lmcached.config import Config
 from lmcached.errors import LmcachedError, ProtocolError, Unauthorized, WorkerUnavailable
-from lmcached.frames import Kind, read_frame, write_frame
+from lmcached.frames import HELLO_TIMEOUT_S, Kind, read_frame, write_frame
 from lmcached.index import ChunkIndex, WorkerKey, WorkerRecord
 from lmcached.worker import WORKER_ROLE, token_matches
 
@@ -21,8 +21,6 @@ log = logging.getLogger(__name__)
 MONITOR_ROLE = "monitor"
 #: Events a monitor may fall behind by before its queue is dropped and it gets a fresh snapshot instead.
 MONITOR_QUEUE = 1000
-#: How long a connection may take to say hello.
-HELLO_TIMEOUT_S = 10.0
 
 
 class WorkerSession:

@@ -30,6 +30,7 @@ from lmcached.config import Config
 from lmcached.dataplane import check_keys, chunk_headers
 from lmcached.errors import InvalidRequest, LmcachedError, NotFound, ProtocolError, Unauthorized
 from lmcached.frames import (
+    HELLO_TIMEOUT_S,
     MAX_DATA_PAYLOAD_BYTES,
     Kind,
     frame_parts,
@@ -351,7 +352,7 @@ class Worker:
         assert task is not None
         self._client_tasks.add(task)
         try:
-            hello = await read_frame(stream)
+            hello = await asyncio.wait_for(read_frame(stream), HELLO_TIMEOUT_S)
             if hello is None:
                 return
             if hello.kind != Kind.HELLO:
@@ -374,6 +375,8 @@ class Worker:
             log.warning("data-plane peer %s: %s; closing", stream.peername(), exc)
             with contextlib.suppress(OSError):
                 await stream.sendall(frame_parts(Kind.ERROR, {"detail": str(exc), "status": exc.http_status}, []))
+        except asyncio.TimeoutError:
+            log.warning("data-plane peer %s sent no hello in %.0fs; closing", stream.peername(), HELLO_TIMEOUT_S)
         except (OSError, asyncio.CancelledError):
             pass
         finally:
