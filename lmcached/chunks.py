@@ -31,8 +31,15 @@ class ChunkSpan:
 
 def tokens_array(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
     """Validate token ids and pack them as little-endian uint32, the form the hash reads."""
+    if isinstance(tokens, np.ndarray) and tokens.dtype == np.dtype("<u4"):
+        return tokens  # already checked and packed
+    if isinstance(tokens, list):
+        # A C-speed type check (bool is an int subclass; type() excludes it), then fromiter, ~2x faster than
+        # asarray on Python ints: a 4k-token /lookup spends most of its time here.
+        if not set(map(type, tokens)) <= {int}:
+            raise InvalidRequest("tokens must be a list of integers", "tokens", 422)
     try:
-        arr = np.asarray(tokens)
+        arr = np.fromiter(tokens, dtype=np.int64, count=len(tokens)) if isinstance(tokens, list) else np.asarray(tokens)
     except (ValueError, TypeError, OverflowError):
         raise InvalidRequest("tokens must be a list of integers", "tokens", 422) from None
     if arr.ndim != 1:

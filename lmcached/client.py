@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from lmcached.frames import (
     Kind,
     decode_header,
     decode_prefix,
+    encode_head,
     frame_parts,
     read_frame_head,
     read_payload,
@@ -41,24 +43,80 @@ class DataPlaneError(LmcachedError):
     """The worker refused a data-plane request (it says why)."""
 
 
-def _store_frame(spans: list[ChunkSpan], kv: torch.Tensor, req_id: int) -> list[Any]:
-    dtype = dtype_name(kv.dtype)
-    metas, payloads = [], []
-    for span in spans:
-        part = kv[:, :, span.start : span.end, :].contiguous()
-        view = byte_view(part)
-        metas.append(
+class _Staging:
+    """One reusable buffer per client that every chunk passes through on its way in or out.
+
+    A chunk slice of a [2, L, T, C] tensor is strided, so it is copied once either way; copying into the
+    same buffer each time touches its pages once, instead of faulting in fresh memory per chunk (which
+    halved throughput for 34 MB Llama-8B chunks, above glibc's mmap threshold).
+    """
+
+    def __init__(self) -> None:
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def tensor(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        if self._buf.numel() < n:
+            self._buf = torch.empty(n, dtype=torch.uint8)
+        return self._buf[:n].view(dtype).view(tuple(shape))
+
+
+class _Store:
+    """A STORE frame for spans of `kv`: its head now, each chunk's bytes staged just before it is sent."""
+
+    def __init__(self, spans: list[ChunkSpan], kv: torch.Tensor, req_id: int) -> None:
+        self.spans, self.kv = spans, kv
+        dtype = dtype_name(kv.dtype)
+        _, layers, _, channels = kv.shape
+        item = kv.element_size()
+        metas = [
             {
-                "key": span.key,
-                "num_tokens": span.num_tokens,
-                "shape": list(part.shape),
+                "key": s.key,
+                "num_tokens": s.num_tokens,
+                "shape": [2, layers, s.num_tokens, channels],
                 "dtype": dtype,
                 "method": None,
-                "nbytes": view.nbytes,
+                "nbytes": 2 * layers * s.num_tokens * channels * item,
             }
-        )
-        payloads.append(view)
-    return frame_parts(Kind.STORE, {"req_id": req_id, "chunks": metas}, payloads)
+            for s in spans
+        ]
+        self.head = encode_head(Kind.STORE, {"req_id": req_id, "chunks": metas}, sum(m["nbytes"] for m in metas))
+
+    def chunks(self, staging: _Staging) -> Iterator[memoryview]:
+        for span in self.spans:
+            part = self.kv[:, :, span.start : span.end, :]
+            staged = staging.tensor(part.shape, part.dtype)
+            staged.copy_(part)
+            yield byte_view(staged)
+
+
+class _Retrieve:
+    """Assembles a retrieve reply chunk by chunk into one output tensor."""
+
+    def __init__(self, metas: list[dict[str, Any]]) -> None:
+        self.metas = metas
+        self.out: torch.Tensor | None = None
+        if metas:
+            first = metas[0]
+            _, layers, _, channels = first["shape"]
+            if any(m["shape"][1] != layers or m["shape"][3] != channels or m["dtype"] != first["dtype"] for m in metas):
+                raise ProtocolError("the cached prefix mixes KV shapes or dtypes")
+            total = sum(m["shape"][2] for m in metas)
+            self.out = torch.empty((2, layers, total, channels), dtype=dtype_from_name(first["dtype"]))
+
+    def targets(self, staging: _Staging) -> Iterator[tuple[memoryview, Callable[[], None]]]:
+        """(buffer to receive a chunk into, function that places it) for each chunk in order."""
+        offset = 0
+        for meta in self.metas:
+            assert self.out is not None
+            shape, tokens = meta["shape"], meta["shape"][2]
+            if len(self.metas) == 1:  # one chunk is the whole output: receive straight into it
+                yield byte_view_writable(self.out), lambda: None
+                return
+            staged = staging.tensor(shape, self.out.dtype)
+            target = self.out[:, :, offset : offset + tokens, :]
+            yield byte_view_writable(staged), lambda target=target, staged=staged: target.copy_(staged)
+            offset += tokens
 
 
 def _chunks_frame(chunks: Sequence[Chunk], location: str | None, req_id: int) -> list[Any]:
@@ -78,12 +136,6 @@ def _check_reply(kind: Kind, header: dict[str, Any]) -> dict[str, Any]:
     return header
 
 
-def _assemble(parts: list[torch.Tensor]) -> torch.Tensor | None:
-    if not parts:
-        return None
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-
-
 def _hello(token: str | None) -> dict[str, Any]:
     return {"role": CLIENT_ROLE, "token": token}
 
@@ -97,6 +149,7 @@ class KVClient:
         self._token = auth_token
         self._timeout = timeout
         self._sock: socket.socket | None = None
+        self._staging = _Staging()
         self._req_ids = itertools.count(1)
         self.chunk_size = 256
         self.save_unfull_chunk = True
@@ -136,7 +189,11 @@ class KVClient:
         spans = self.spans(tokens)
         if not spans:
             return 0
-        self._send(_store_frame(spans, kv, next(self._req_ids)))
+        store = _Store(spans, kv, next(self._req_ids))
+        sock = self._conn()
+        sock.sendall(store.head)
+        for view in store.chunks(self._staging):
+            sock.sendall(view)
         return int(self._reply()["num_tokens"])
 
     def lookup(self, tokens: Sequence[int]) -> int:
@@ -151,12 +208,11 @@ class KVClient:
         metas = chunk_headers(_check_reply(kind, header))
         if sum(m["nbytes"] for m in metas) != payload_len:
             raise ProtocolError("retrieve reply sizes do not add up")
-        parts = []
-        for meta in metas:
-            tensor = torch.empty(meta["shape"], dtype=dtype_from_name(meta["dtype"]))
-            self._recv_into(byte_view_writable(tensor))
-            parts.append(tensor)
-        return _assemble(parts)
+        retrieve = _Retrieve(metas)
+        for buffer, place in retrieve.targets(self._staging):
+            self._recv_into(buffer)
+            place()
+        return retrieve.out
 
     # -- I/O
     def _conn(self) -> socket.socket:
@@ -211,6 +267,7 @@ class AsyncKVClient:
         self._token = auth_token
         self._timeout = timeout
         self._stream: SocketStream | None = None
+        self._staging = _Staging()
         self._lock = asyncio.Lock()
         self._req_ids = itertools.count(1)
         self.chunk_size = 256
@@ -251,7 +308,12 @@ class AsyncKVClient:
         if not spans:
             return 0
         async with self._lock:
-            return int((await self._request(_store_frame(spans, kv, next(self._req_ids))))["num_tokens"])
+            store = _Store(spans, kv, next(self._req_ids))
+            stream = self._conn()
+            await stream.sendall([store.head])
+            for view in store.chunks(self._staging):
+                await stream.sendall([view])  # sent before the staging buffer is reused for the next chunk
+            return int((await self._reply())["num_tokens"])
 
     async def store_chunks(self, chunks: Sequence[Chunk], location: str | None = None) -> int:
         """Store ready-made chunks (raw or compressed) as they are: how workers move KV to each other."""
@@ -277,12 +339,11 @@ class AsyncKVClient:
             metas = chunk_headers(_check_reply(kind, header))
             if sum(m["nbytes"] for m in metas) != payload_len:
                 raise ProtocolError("retrieve reply sizes do not add up")
-            parts = []
-            for meta in metas:
-                tensor = torch.empty(meta["shape"], dtype=dtype_from_name(meta["dtype"]))
-                await asyncio.wait_for(stream.readinto(byte_view_writable(tensor)), self._timeout)
-                parts.append(tensor)
-            return _assemble(parts)
+            retrieve = _Retrieve(metas)
+            for buffer, place in retrieve.targets(self._staging):
+                await asyncio.wait_for(stream.readinto(buffer), self._timeout)
+                place()
+            return retrieve.out
 
     def _conn(self) -> SocketStream:
         if self._stream is None:
@@ -299,8 +360,10 @@ class AsyncKVClient:
         return head
 
     async def _request(self, parts: list[Any]) -> dict[str, Any]:
-        stream = self._conn()
-        await stream.sendall(parts)
+        await self._conn().sendall(parts)
+        return await self._reply()
+
+    async def _reply(self) -> dict[str, Any]:
         kind, header, payload_len = await self._read_head()
-        await read_payload(stream, payload_len)
+        await read_payload(self._conn(), payload_len)
         return _check_reply(kind, header)

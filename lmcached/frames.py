@@ -76,11 +76,15 @@ def encode_frame(kind: Kind, header: dict[str, Any] | None = None, payload: byte
     return encode_prefix(kind, len(head), len(payload)) + head + payload
 
 
+def encode_head(kind: Kind, header: dict[str, Any], payload_len: int) -> bytes:
+    """A frame's fixed header and header object, for a payload of `payload_len` bytes sent after it."""
+    head = orjson.dumps(header)
+    return encode_prefix(kind, len(head), payload_len) + head
+
+
 def frame_parts(kind: Kind, header: dict[str, Any], payloads: list[Any]) -> list[Any]:
     """A frame as a list of buffers for `writer.writelines`, so KV payloads are never joined in memory."""
-    head = orjson.dumps(header)
-    total = sum(memoryview(p).nbytes for p in payloads)
-    return [encode_prefix(kind, len(head), total), head, *payloads]
+    return [encode_head(kind, header, sum(memoryview(p).nbytes for p in payloads)), *payloads]
 
 
 def decode_prefix(prefix: bytes, max_payload: int) -> tuple[Kind, int, int]:
