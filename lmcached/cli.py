@@ -412,6 +412,7 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
     plot: Path | None = typer.Option(None, "--plot", help="Write plots to this PNG file."),
     quick: bool = typer.Option(False, "--quick", help="Smaller sizes, fewer repeats (a smoke run)."),
+    markdown: Path | None = typer.Option(None, "--markdown", help="Also write the results as a Markdown table to this file."),
 ) -> None:
     """Measure lmcached beside its baselines in the same run and print the figures."""
     if kind not in BENCH_KINDS:
@@ -428,6 +429,8 @@ def bench(
     if plot is not None:
         report.plot(plot)
         typer.echo(f"plot written to {plot}", err=True)
+    if markdown is not None:
+        markdown.write_text(report.markdown())
 
 
 @app.command()

@@ -84,6 +84,9 @@ def load_model(model: str | None = None) -> LoadedModel:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own commands show progress; theirs would interleave with it
 
     path = default_gguf() if model is None else Path(model)
     if not path.exists():

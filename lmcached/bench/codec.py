@@ -57,7 +57,7 @@ def samples(loaded: object, count: int) -> list[Sample]:
     for name, ids in texts(loaded.tokenizer, count):  # type: ignore[attr-defined]
         with torch.no_grad():
             prefill = loaded.model(ids[:, :PREFIX], use_cache=True)  # type: ignore[attr-defined]
-        kv = kv_from_cache(prefill.past_key_values).half()
+        kv = kv_from_cache(prefill.cache).half()
         out.append(Sample(name, ids, kv, continuation_logits(loaded, kv, ids)))
     return out
 

@@ -103,6 +103,12 @@ def run(report: Report, quick: bool = False) -> None:
                     floor.append(time.perf_counter() - t)
                 p50, p99 = percentiles(lat)
                 f50, f99 = percentiles(floor)
+                levels = [50, 90, 99, 99.9]
+                plot = report.series.setdefault(
+                    "/lookup latency percentiles (4k-token prompt)", {"x": levels, "xlabel": "percentile", "ylabel": "ms", "lines": {}}
+                )
+                plot["lines"][f"{size:,} chunks"] = [float(v) for v in np.percentile(np.array(lat) * 1000, levels)]
+                plot["lines"]["GET / round trip"] = [float(v) for v in np.percentile(np.array(floor) * 1000, levels)]
                 total = api_total(api)
                 report.add(
                     "index", f"/lookup p50, 4k-token prompt, {total:,} chunks indexed", p50, "ms", f50, "GET / round trip", better="lower"

@@ -57,6 +57,15 @@ class Report:
             {"machine": self.machine(), "rows": [{**asdict(r), "ratio": r.ratio} for r in self.rows], "series": self.series}, indent=2
         )
 
+    def markdown(self) -> str:
+        """The results as a Markdown table (for docs/performance.md)."""
+        lines = ["| section | figure | value | baseline | vs baseline (>1 = better) | target |", "|---|---|---|---|---|---|"]
+        for r in self.rows:
+            base = f"{r.baseline:.4g} {r.unit} ({r.baseline_name})" if r.baseline is not None else ""
+            ratio = f"{r.ratio:.2f}×" if r.ratio is not None else ""
+            lines.append(f"| {r.section} | {r.name} | {r.value:.4g} {r.unit} | {base} | {ratio} | {r.target} |")
+        return "\n".join(lines) + "\n"
+
     def print_table(self) -> None:
         from rich.console import Console
         from rich.table import Table

@@ -1,0 +1,42 @@
+"""`lmcached bench` runs from the command line and reports real figures beside their baselines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmcached.bench.report import Report
+
+pytestmark = pytest.mark.slow
+
+
+def test_ratio_means_better_than_the_baseline_either_way() -> None:
+    report = Report()
+    rate = report.add("s", "rate", 2.0, "GB/s", 1.0, "socket")
+    latency = report.add("s", "latency", 10.0, "ms", 100.0, "miss", better="lower")
+    assert rate.ratio == 2.0 and latency.ratio == 10.0
+    assert "| s | latency | 10 ms | 100 ms (miss) | 10.00× |" in report.markdown()
+
+
+def test_bench_dataplane_quick_prints_json_and_a_plot(tmp_path: Path) -> None:
+    plot = tmp_path / "plot.png"
+    done = subprocess.run(
+        [sys.executable, "-m", "lmcached", "bench", "dataplane", "--quick", "--json", "--plot", str(plot)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["rows"]
+    stores = [r for r in rows if r["name"].startswith("store")]
+    assert stores and all(r["value"] > 0 and r["baseline"] > 0 for r in stores)
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_rejects_an_unknown_kind() -> None:
+    done = subprocess.run([sys.executable, "-m", "lmcached", "bench", "disk"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "unknown benchmark 'disk'" in done.stderr
