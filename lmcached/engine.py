@@ -240,7 +240,8 @@ class Engine:
 
     # ------------------------------------------------------------------ the model
     def _prefill(self, tokens: list[int], cached: torch.Tensor | None) -> Prefill:
-        """Run the prompt, reusing `cached` (a prefix's KV) when given; keep at least one token to compute."""
+        """Run the prompt, reusing `cached` (a prefix's KV) when given; keep at least one token to compute.
+        The prompt's KV for offloading is built only when some chunk of it is not cached yet."""
         used = 0
         cache = None
         if cached is not None:
@@ -251,7 +252,9 @@ class Engine:
         with torch.no_grad():
             out = self.loaded.model(ids, cache=cache, use_cache=True) if cache is not None else self.loaded.model(ids, use_cache=True)
         cache = out.cache
-        return Prefill(cache, out.logits[0, -1].float(), used, kv_from_cache(cache).to(self.kv_dtype))
+        fully_cached = cached is not None and cached.shape[2] >= len(tokens)
+        kv = None if fully_cached else kv_from_cache(cache, self.kv_dtype)
+        return Prefill(cache, out.logits[0, -1].float(), used, kv)
 
     def _step(self, cache: Any, token: int) -> torch.Tensor:
         with torch.no_grad():

@@ -14,7 +14,7 @@ from lmcached.config import Config
 from lmcached.errors import LmcachedError, ProtocolError, Unauthorized, WorkerUnavailable
 from lmcached.frames import HELLO_TIMEOUT_S, Kind, read_frame, write_frame
 from lmcached.index import ChunkIndex, WorkerKey, WorkerRecord
-from lmcached.worker import WORKER_ROLE, token_matches
+from lmcached.worker import WORKER_ROLE, receive_hello
 
 log = logging.getLogger(__name__)
 
@@ -145,16 +145,12 @@ class Hub:
         self._tasks.add(task)
         peer = writer.get_extra_info("peername")
         try:
-            hello = await asyncio.wait_for(read_frame(reader), HELLO_TIMEOUT_S)
+            hello = await receive_hello(reader, self.config.auth_token)
             if hello is None:
                 return
-            if hello.kind != Kind.HELLO:
-                raise ProtocolError("the first frame must be a hello")
-            if not token_matches(self.config.auth_token, hello.header.get("token")):
-                raise Unauthorized("bad or missing auth token")
-            role = hello.header.get("role")
+            role = hello.get("role")
             if role == WORKER_ROLE:
-                await self._serve_worker(hello.header, reader, writer)
+                await self._serve_worker(hello, reader, writer)
             elif role == MONITOR_ROLE:
                 await self._serve_monitor(reader, writer)
             else:

@@ -32,6 +32,7 @@ from lmcached.errors import InvalidRequest, LmcachedError, NotFound, ProtocolErr
 from lmcached.frames import (
     HELLO_TIMEOUT_S,
     MAX_DATA_PAYLOAD_BYTES,
+    ByteReader,
     Kind,
     frame_parts,
     read_frame,
@@ -97,6 +98,19 @@ def token_matches(expected: str | None, given: Any) -> bool:
     if expected is None:
         return True
     return isinstance(given, str) and hmac.compare_digest(expected.encode(), given.encode())
+
+
+async def receive_hello(reader: ByteReader, token: str | None) -> dict[str, Any] | None:
+    """A connection's first frame: a hello, within HELLO_TIMEOUT_S, carrying the token when one is set.
+    None when the peer left without a word; asyncio.TimeoutError, ProtocolError or Unauthorized otherwise."""
+    hello = await asyncio.wait_for(read_frame(reader), HELLO_TIMEOUT_S)
+    if hello is None:
+        return None
+    if hello.kind != Kind.HELLO:
+        raise ProtocolError("the first frame must be a hello")
+    if not token_matches(token, hello.header.get("token")):
+        raise Unauthorized("bad or missing auth token")
+    return hello.header
 
 
 class Worker:
@@ -352,13 +366,8 @@ class Worker:
         assert task is not None
         self._client_tasks.add(task)
         try:
-            hello = await asyncio.wait_for(read_frame(stream), HELLO_TIMEOUT_S)
-            if hello is None:
+            if await receive_hello(stream, self.config.auth_token) is None:
                 return
-            if hello.kind != Kind.HELLO:
-                raise ProtocolError("the first frame must be a hello")
-            if not token_matches(self.config.auth_token, hello.header.get("token")):
-                raise Unauthorized("bad or missing auth token")
             welcome = {
                 "chunk_size": self.config.chunk_size,
                 "instance_id": self.instance_id,

@@ -4,13 +4,13 @@ perplexity and top-1 agreement; sizes and throughputs beside LMCache's CacheGen 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from lmcached.bench.dataplane import best_of
 from lmcached.bench.report import Report, progress
 
 PREFIX = 768
@@ -57,7 +57,7 @@ def samples(loaded: object, count: int) -> list[Sample]:
     for name, ids in texts(loaded.tokenizer, count):  # type: ignore[attr-defined]
         with torch.no_grad():
             prefill = loaded.model(ids[:, :PREFIX], use_cache=True)  # type: ignore[attr-defined]
-        kv = kv_from_cache(prefill.cache).half()
+        kv = kv_from_cache(prefill.cache, torch.float16)
         out.append(Sample(name, ids, kv, continuation_logits(loaded, kv, ids)))
     return out
 
@@ -157,15 +157,6 @@ def run(report: Report, quick: bool = False) -> None:
         report.add("codec quality", f"{name}: perplexity change", 100 * dppl, "%", target="≤ +1.0%" if name == "lmcached cachegen" else "")
         report.add("codec quality", f"{name}: top-1 agreement", agree, "", target="≥ 0.95" if name == "lmcached cachegen" else "")
     speed(report, [s.kv[:, :, i : i + CHUNK].contiguous() for s in data for i in range(0, PREFIX, CHUNK)], quick)
-
-
-def best_of(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def speed(report: Report, chunks: list[torch.Tensor], quick: bool) -> None:
