@@ -123,3 +123,23 @@ async def test_a_silent_worker_is_dropped_after_the_heartbeat_timeout() -> None:
     finally:
         writer.close()
         await daemon.stop()
+
+
+async def test_a_monitor_that_never_reads_cannot_hold_the_daemon_back(running: Running) -> None:
+    """Bounded queues: a stalled monitor loses events (and gets a fresh snapshot later), the daemon goes on."""
+    hub = running.daemon.controller.hub
+    reader, writer = await asyncio.open_connection("127.0.0.1", hub.port)
+    await write_frame(writer, Kind.HELLO, {"role": "monitor"})
+    await asyncio.sleep(0.1)
+    (monitor,) = hub.monitors
+    writer.transport.pause_reading()  # never read again: the daemon's writes to it back up
+    started = time.monotonic()
+    for i in range(2500):  # far more events than a monitor's queue holds
+        hub.publish("chunks_reported", instance_id="x", worker_id="w", admitted=1, evicted=0, full=False, padding="p" * 40_000)
+        if i % 500 == 0:
+            status, _ = await running.post("/health", {"instance_id": "lmcache_default_instance"})
+            assert status == 200
+    assert time.monotonic() - started < 10
+    assert monitor.queue.qsize() <= 1000
+    assert monitor.needs_snapshot.is_set()  # 100 MB of events overflowed its queue: it will get a snapshot instead
+    writer.close()
