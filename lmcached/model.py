@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,12 @@ def _converted(gguf: Path) -> Path:
     model.config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     save_model(model, str(tmp / "model.safetensors"))
-    os.replace(tmp, target)  # atomic: a half-written conversion is never picked up
+    try:
+        os.replace(tmp, target)  # atomic: a half-written conversion is never picked up
+    except OSError:
+        if not (target / "model.safetensors").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process converted it first: use theirs
     return target
 
 
