@@ -61,6 +61,11 @@ class LosslessCodec(Codec):
         if not isinstance(modes, list) or len(modes) != size or len(b.sections) != 3 * size or not isinstance(lane, int) or lane < 16:
             raise CodecError("lossless blob parameters do not match its dtype")
         n = 2 * L * T * C
+        lanes = 2 * L * entropy.lanes_for(T * C, lane)
+        for p, mode in enumerate(modes):  # every section must fit the declared shape before anything is allocated
+            first, offsets = b.sections[3 * p], b.sections[3 * p + 1]
+            if (mode == "raw" and first.nbytes != n) or (mode == "rans" and offsets.nbytes != 4 * (lanes + 1)):
+                raise CodecError("lossless blob sections do not match its shape")
         raw = np.empty((n, size), dtype=np.uint8)
         for p, mode in enumerate(modes):
             tables, offsets, words = b.sections[3 * p : 3 * p + 3]

@@ -167,6 +167,14 @@ def test_corruption_behind_a_valid_checksum_never_crashes(blob: bytes, data: st.
     assert out.shape == (2, 2, 64, 32)
 
 
+@pytest.mark.parametrize("name", ["cachegen", "lossless"])
+def test_an_inflated_shape_behind_a_valid_checksum_allocates_nothing(name: str) -> None:
+    blob = bytearray(get_codec(name).encode(kv_like_real(2, 16, 8, torch.float16)))
+    struct.pack_into("<4I", blob, 9, 2, 2, 2**30, 2**20)  # shape [2, 2, 2^30, 2^20]: petabytes if believed
+    with pytest.raises(CodecError):
+        decode(refresh_crc(blob))
+
+
 def test_corrupt_coded_words_fail_the_lane_check(blob: bytes) -> None:
     parsed = unpack(blob)
     words_start = len(blob) - 4 - parsed.sections[7].nbytes - parsed.sections[6].nbytes
