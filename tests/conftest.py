@@ -101,6 +101,10 @@ class Running:
 
         async with AsyncKVClient(self.data) as client:
             assert await client.store(tokens, kv) == len(tokens)
+        worker = self.daemon.worker
+        if worker is not None:  # the disk copy is written behind RAM: let it land, and be reported
+            await worker.flush_disk()
+            await worker.flush_reports()
         await self.wait_cached(tokens, len(tokens))
 
 

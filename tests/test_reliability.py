@@ -218,7 +218,12 @@ def test_worker_killed_mid_compress_restarts_with_every_chunk_whole(tmp_path: Pa
     try:
         with KVClient(f"127.0.0.1:{worker.ports['data']}") as client:
             assert client.store(tokens, kv) == len(tokens)
-        assert wait_for(lambda: post(server, "/lookup", {"tokens": tokens})[1]["layout_info"].get("crashy") == [CPU, len(tokens)], 15)
+
+        def on_disk() -> int:  # the disk copy is written behind RAM
+            _, info = post(server, "/query_worker_info", {"instance_id": "crashy"})
+            return info["worker_infos"][0]["locations"].get(DISK, {}).get("tokens", 0) if info.get("worker_infos") else 0
+
+        assert wait_for(lambda: on_disk() == len(tokens), 60)
         _, answer = post(server, "/compress", {"instance_id": "crashy", "method": "cachegen", "location": DISK, "tokens": tokens})
         assert answer["num_tokens"] == len(tokens)
 
