@@ -7,9 +7,11 @@ Heavy modules (torch, numba, aiohttp, Textual) are imported inside the commands 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -58,6 +60,35 @@ def _load_config(config_file: Path | None, overrides: dict[str, Any]) -> Any:
         fail(str(exc), 2)
 
 
+def run_daemon(main: Callable[[Any], Awaitable[None]]) -> None:
+    """Run a long-lived command until SIGINT/SIGTERM (a second signal exits at once); `main` gets the stop
+    event. Failing to start (a port in use, bad storage) is one error line and exit code 1."""
+    import asyncio
+    import signal
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                print("forced exit", file=sys.stderr)
+                os._exit(130)
+            print("shutting down (press Ctrl-C again to force)", file=sys.stderr)
+            stop.set()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        await main(stop)
+
+    try:
+        asyncio.run(runner())
+    except OSError as exc:
+        fail(f"cannot start: {exc}")
+    except LmcachedError as exc:
+        fail(str(exc))
+
+
 def _prepare_process(verbose: bool) -> None:
     """Logging and allocator settings for the long-running commands."""
     import logging
@@ -84,7 +115,6 @@ def serve(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run the controller, the worker/monitor port and the embedded default instance (with --engine, the engine too)."""
-    import asyncio
 
     from lmcached.serve import run
 
@@ -101,12 +131,7 @@ def serve(
     )
     _prepare_process(verbose)
     engine_options = {"port": engine_port, "model": model} if engine else None
-    try:
-        asyncio.run(run(cfg, engine_options))
-    except OSError as exc:
-        fail(f"cannot start: {exc}")
-    except LmcachedError as exc:
-        fail(str(exc))
+    run_daemon(lambda stop: run(cfg, stop, engine_options))
 
 
 @app.command(name="engine")
@@ -123,29 +148,20 @@ def engine_command(
 ) -> None:
     """Serve an OpenAI-compatible engine whose prompt KV is offloaded to (and reused from) lmcached."""
     import asyncio
-    import signal
 
     if kv_dtype not in ("float16", "bfloat16", "float32"):
         fail(f"--kv-dtype must be float16, bfloat16 or float32, not {kv_dtype!r}", 2)
     _prepare_process(verbose)
 
-    async def run() -> None:
+    async def run(stop: Any) -> None:
+
         from lmcached.engine import run_engine
         from lmcached.model import load_model
 
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        loaded = await loop.run_in_executor(None, load_model, model)
+        loaded = await asyncio.get_running_loop().run_in_executor(None, load_model, model)
         await run_engine(loaded, host, port, worker or None, auth_token, stop, kv_dtype)
 
-    try:
-        asyncio.run(run())
-    except OSError as exc:
-        fail(f"cannot start: {exc}")
-    except LmcachedError as exc:
-        fail(str(exc))
+    run_daemon(run)
 
 
 @app.command()
@@ -160,8 +176,6 @@ def worker(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run a worker alone that dials a controller (reconnecting with backoff)."""
-    import asyncio
-    import signal
 
     from lmcached.worker import Worker
 
@@ -178,11 +192,7 @@ def worker(
     )
     _prepare_process(verbose)
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+    async def run(stop: Any) -> None:
         w = Worker(cfg)
         await w.start()
         print(
@@ -193,12 +203,7 @@ def worker(
         finally:
             await w.stop()
 
-    try:
-        asyncio.run(run())
-    except OSError as exc:
-        fail(f"cannot start: {exc}")
-    except LmcachedError as exc:
-        fail(str(exc))
+    run_daemon(run)
 
 
 # ---------------------------------------------------------------------------------------------- operations

@@ -1,5 +1,5 @@
 """`lmcached serve`: the controller (HTTP 9000), the control port (9001) and the embedded default instance
-(data plane 8001) in one asyncio process, started and stopped in a fixed order."""
+(data plane 8001) in one asyncio process, started and stopped in a fixed order (signals: `cli.run_daemon`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -87,46 +86,29 @@ def warn_if_open(config: Config) -> None:
         )
 
 
-async def run(config: Config, engine: dict[str, Any] | None = None) -> None:
-    """Run until SIGINT/SIGTERM; a second signal exits at once. With `engine` ({"port", "model"}), the engine
-    is served from this process too, on the embedded instance."""
+async def run(config: Config, stop: asyncio.Event, engine: dict[str, Any] | None = None) -> None:
+    """Run until `stop` is set. With `engine` ({"port", "model"}), the engine is served from this process
+    too, on the embedded instance."""
     warn_if_open(config)
     daemon = Daemon(config)
     ports = await daemon.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     engine_task = None
     if engine is not None:
         from lmcached.engine import run_engine
         from lmcached.model import load_model
 
-        loaded = await loop.run_in_executor(daemon.executor, load_model, engine.get("model"))
+        loaded = await asyncio.get_running_loop().run_in_executor(daemon.executor, load_model, engine.get("model"))
         worker = f"127.0.0.1:{ports.data}"
         engine_task = asyncio.create_task(run_engine(loaded, config.host, int(engine["port"]), worker, config.auth_token, stop))
-
-    def on_signal() -> None:
-        if stop.is_set():
-            print("forced exit", file=sys.stderr)
-            os._exit(130)
-        print("shutting down (press Ctrl-C again to force)", file=sys.stderr)
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
     # One machine-readable line, so scripts and tests started with port 0 learn the real ports.
-    print(
-        "lmcached ready "
-        + json.dumps(
-            {
-                "http": ports.http,
-                "monitor": ports.monitor,
-                "data": ports.data,
-                "host": config.host,
-                "instance_id": config.lmcache_instance_id,
-            }
-        ),
-        flush=True,
-    )
+    ready = {
+        "http": ports.http,
+        "monitor": ports.monitor,
+        "data": ports.data,
+        "host": config.host,
+        "instance_id": config.lmcache_instance_id,
+    }
+    print("lmcached ready " + json.dumps(ready), flush=True)
     try:
         await stop.wait()
     finally:

@@ -168,3 +168,20 @@ def test_serve_shuts_down_cleanly_on_sigint() -> None:
     server.proc.send_signal(signal.SIGINT)
     assert server.proc.wait(20) == 0
     assert stop_serve(server) == 0
+
+
+def test_a_port_in_use_is_one_error_line() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "lmcached", "serve", "--port", str(port), "--monitor-port", "0", "--worker-port", "0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("error: cannot start:")
