@@ -193,6 +193,8 @@ def speed(report: Report, chunks: list[torch.Tensor], quick: bool) -> None:
             "zstd -3 compress",
             "≥ 2× zstd -3" if name == "cachegen" else "",
         )
+        if name == "cachegen" and torch.cuda.is_available():
+            gpu_speed(report, codec, chunks, repeats)
         if name == "lossless":
             assert all(torch.equal(codec.decode(b), c) for b, c in zip(blobs, chunks, strict=True)), "lossless is not exact"
             size = sum(len(b) for b in blobs)
@@ -205,3 +207,29 @@ def speed(report: Report, chunks: list[torch.Tensor], quick: bool) -> None:
             report.add(
                 "codec speed", "lossless encode vs zstd -19", total / enc, "GB/s", total / z19_time, "zstd -19 compress", "several × faster"
             )
+
+
+def gpu_speed(report: Report, codec: object, chunks: list[torch.Tensor], repeats: int) -> None:
+    """On a CUDA device: encode and decode a batch of at least 64 MB of real chunks, all on the device."""
+    batch = [c.cuda() for c in (chunks * (1 + (64 * 2**20) // sum(c.numel() * 2 for c in chunks)))]
+    total = sum(c.numel() * 2 for c in batch) / 1e9
+    blobs = [codec.encode(c) for c in batch]  # type: ignore[attr-defined]
+    [codec.decode(b, device="cuda") for b in blobs]  # type: ignore[attr-defined]
+
+    def synced(fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            out = fn()
+            torch.cuda.synchronize()
+            return out
+
+        return run
+
+    enc = best_of(synced(lambda: [codec.encode(c) for c in batch]), repeats)  # type: ignore[attr-defined]
+    dec = best_of(synced(lambda: [codec.decode(b, device="cuda") for b in blobs]), repeats)  # type: ignore[attr-defined]
+    name = torch.cuda.get_device_name()
+    report.add(
+        "codec speed", f"cachegen GPU encode, {total * 1e3:.0f} MB batch ({name})", total / enc, "GB/s", target="≥ 100 GB/s on an H200"
+    )
+    report.add(
+        "codec speed", f"cachegen GPU decode, {total * 1e3:.0f} MB batch ({name})", total / dec, "GB/s", target="≥ 100 GB/s on an H200"
+    )
