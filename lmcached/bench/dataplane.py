@@ -27,23 +27,29 @@ def best_of(fn: Callable[[], Any], repeats: int) -> float:
     return min(times)
 
 
-def start_daemon(extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+def start_daemon(
+    extra_env: dict[str, str] | None = None, *extra_args: str, engine: bool = False
+) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """`lmcached serve` on port 0 in a subprocess; returns it and its ready line's ports. With `engine`, it
+    also serves the engine and waits for that too, whose ports come back under the key "engine"."""
     import json
     import os
 
     env = {**os.environ, "LMCACHE_MAX_LOCAL_CPU_SIZE": "12", **(extra_env or {})}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lmcached", "serve", "--port", "0", "--monitor-port", "0", "--worker-port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
+    cmd = [sys.executable, "-m", "lmcached", "serve", "--port", "0", "--monitor-port", "0", "--worker-port", "0", *extra_args]
+    if engine:
+        cmd += ["--engine", "--engine-port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     assert proc.stdout is not None
+    ports: dict[str, Any] = {}
     for line in proc.stdout:
         if line.startswith("lmcached ready "):
-            return proc, json.loads(line[len("lmcached ready ") :])
-    raise RuntimeError("lmcached serve did not start")
+            ports.update(json.loads(line[len("lmcached ready ") :]))
+        elif line.startswith("lmcached engine ready "):
+            ports["engine"] = json.loads(line[len("lmcached engine ready ") :])
+        if ports and (not engine or "engine" in ports):
+            return proc, ports
+    raise RuntimeError(f"{' '.join(cmd[2:])} did not start")
 
 
 def start_loopback() -> tuple[subprocess.Popen[str], int]:

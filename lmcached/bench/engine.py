@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import urllib.request
 from typing import Any
 
+from lmcached.bench.dataplane import start_daemon
 from lmcached.bench.report import Report, progress
 
 INSTANCE = "lmcache_default_instance"
@@ -19,33 +18,6 @@ def post(url: str, body: Any) -> Any:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=600) as response:
         return json.loads(response.read())
-
-
-def start_stack() -> tuple[subprocess.Popen[str], dict[str, Any], dict[str, Any]]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "lmcached",
-        "serve",
-        "--engine",
-        "--port",
-        "0",
-        "--monitor-port",
-        "0",
-        "--worker-port",
-        "0",
-        "--engine-port",
-        "0",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout is not None
-    serve: dict[str, Any] = {}
-    for line in proc.stdout:
-        if line.startswith("lmcached ready "):
-            serve = json.loads(line[len("lmcached ready ") :])
-        if line.startswith("lmcached engine ready "):
-            return proc, serve, json.loads(line[len("lmcached engine ready ") :])
-    raise RuntimeError("lmcached serve --engine did not start")
 
 
 def ttft(engine: str, tokens: list[int], max_tokens: int = 1) -> tuple[float, dict[str, Any]]:
@@ -81,8 +53,8 @@ def greedy(engine: str, tokens: list[int], n: int = 20) -> str:
 def run(report: Report, quick: bool = False) -> None:
     from pydoc_data.topics import topics
 
-    proc, serve, info = start_stack()
-    engine, controller = f"http://127.0.0.1:{info['http']}", f"http://127.0.0.1:{serve['http']}"
+    proc, ports = start_daemon(engine=True)
+    engine, controller = f"http://127.0.0.1:{ports['engine']['http']}", f"http://127.0.0.1:{ports['http']}"
     sizes = [512, 1500] if quick else [512, 1500, 4000]
     text = "\n\n".join(topics[name] for name in ("specialnames", "compound", "types", "formatstrings"))
     corpus = post(engine + "/tokenize", {"prompt": text})["tokens"]
