@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -114,14 +115,23 @@ async def _sleep(s: float) -> None:
     await asyncio.sleep(s)
 
 
+@contextlib.asynccontextmanager
+async def serving(config: Config) -> AsyncIterator[Running]:
+    """A daemon on port 0 and an HTTP session to it; stopped afterwards, also when the test fails."""
+    daemon = Daemon(config)
+    ports = await daemon.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            yield Running(daemon, http, f"http://127.0.0.1:{ports.http}", f"127.0.0.1:{ports.data}")
+    finally:
+        await daemon.stop()
+
+
 @pytest.fixture
 async def running(tmp_path: Path) -> AsyncIterator[Running]:
     """A daemon (controller + embedded worker with a disk backend) on port 0, and an HTTP session to it."""
-    daemon = Daemon(test_config(local_disk=str(tmp_path / "disk")))
-    ports = await daemon.start()
-    async with aiohttp.ClientSession() as http:
-        yield Running(daemon, http, f"http://127.0.0.1:{ports.http}", f"127.0.0.1:{ports.data}")
-    await daemon.stop()
+    async with serving(test_config(local_disk=str(tmp_path / "disk"))) as run:
+        yield run
 
 
 @dataclass

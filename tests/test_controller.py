@@ -12,7 +12,7 @@ from lmcached.client import AsyncKVClient
 from lmcached.config import Config
 from lmcached.worker import Worker
 
-from .conftest import CPU, DISK, INSTANCE, SEED_TOKENS, Running, make_kv, test_config
+from .conftest import CPU, DISK, INSTANCE, SEED_TOKENS, Running, make_kv, serving, test_config
 
 TOKENS = list(range(500, 560))  # 3 full chunks of 16 and a partial one of 12
 
@@ -126,15 +126,9 @@ async def test_oversize_body_is_413(tmp_path: Path) -> None:
 
 
 async def test_pin_protects_from_eviction_and_unpin_releases(tmp_path: Path) -> None:
-    from lmcached.serve import Daemon
 
     kv = make_kv(16, layers=2, channels=16)  # 2 KB per chunk
-    daemon = Daemon(test_config(max_local_cpu_size=5000 / 1024**3))
-    ports = await daemon.start()
-    import aiohttp
-
-    async with aiohttp.ClientSession() as http:
-        run = Running(daemon, http, f"http://127.0.0.1:{ports.http}", f"127.0.0.1:{ports.data}")
+    async with serving(test_config(max_local_cpu_size=5000 / 1024**3)) as run:
         first = list(range(16))
         await run.store(first, kv)
         _, answer = await run.post("/pin", {"instance_id": INSTANCE, "location": CPU, "tokens": first})
@@ -153,7 +147,6 @@ async def test_pin_protects_from_eviction_and_unpin_releases(tmp_path: Path) -> 
         await run.wait_event(answer["event_id"])
         _, instances = await run.get("/instances")
         assert instances[INSTANCE]["locations"][CPU]["pinned_chunks"] == 0
-    await daemon.stop()
 
 
 async def test_clear_with_and_without_tokens(running: Running) -> None:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-import aiohttp
-
 from lmcached.chunks import chunk_spans
 from lmcached.client import AsyncKVClient
 from lmcached.frames import Kind, encode_frame, read_frame, write_frame
 from lmcached.serve import Daemon
 
-from .conftest import CPU, SEED_TOKENS, Running, make_kv, test_config
+from .conftest import CPU, SEED_TOKENS, Running, make_kv, serving, test_config
 
 
 async def assert_closed_by_peer(reader: asyncio.StreamReader, within: float = 5.0) -> None:
@@ -64,13 +62,10 @@ async def fake_worker(port: int, instance_id: str, key: int) -> tuple[asyncio.St
 
 
 async def test_a_worker_that_stops_answering_fails_its_commands_in_time() -> None:
-    daemon = Daemon(test_config(command_timeout=1.0, heartbeat_timeout=30.0))
-    ports = await daemon.start()
-    key = chunk_spans(SEED_TOKENS, 16)[0].key
-    reader, writer = await fake_worker(ports.monitor, "mute-instance", key)
-    try:
-        async with aiohttp.ClientSession() as http:
-            run = Running(daemon, http, f"http://127.0.0.1:{ports.http}", f"127.0.0.1:{ports.data}")
+    async with serving(test_config(command_timeout=1.0, heartbeat_timeout=30.0)) as run:
+        key = chunk_spans(SEED_TOKENS, 16)[0].key
+        reader, writer = await fake_worker(run.daemon.controller.hub.port, "mute-instance", key)
+        try:
             await run.wait_cached(SEED_TOKENS, 12)
             started = time.monotonic()
             _, answer = await run.post(
@@ -85,29 +80,22 @@ async def test_a_worker_that_stops_answering_fails_its_commands_in_time() -> Non
             assert time.monotonic() - started < 5.0
             _, health = await run.post("/health", {"instance_id": "mute-instance"})
             assert health["error_codes"] == {"mute": 1}
-    finally:
-        writer.close()
-        await daemon.stop()
+        finally:
+            writer.close()
 
 
 async def test_a_dead_worker_fails_pending_commands_and_leaves_the_index() -> None:
-    daemon = Daemon(test_config(command_timeout=30.0, heartbeat_timeout=30.0))
-    ports = await daemon.start()
-    key = chunk_spans(SEED_TOKENS, 16)[0].key
-    reader, writer = await fake_worker(ports.monitor, "doomed", key)
-    try:
-        async with aiohttp.ClientSession() as http:
-            run = Running(daemon, http, f"http://127.0.0.1:{ports.http}", f"127.0.0.1:{ports.data}")
-            await run.wait_cached(SEED_TOKENS, 12)
-            _, answer = await run.post("/pin", {"instance_id": "doomed", "location": CPU, "tokens": SEED_TOKENS})
-            await asyncio.sleep(0.1)
-            writer.transport.abort()  # the worker dies mid-command
-            event = await run.wait_event(answer["event_id"], timeout=5)
-            assert event["status"] == "failed" and "lost" in event["error"]
-            status, body = await run.post("/pin", {"instance_id": "doomed", "location": CPU, "tokens": SEED_TOKENS})
-            assert status == 404 and "unknown instance" in body["detail"]
-    finally:
-        await daemon.stop()
+    async with serving(test_config(command_timeout=30.0, heartbeat_timeout=30.0)) as run:
+        key = chunk_spans(SEED_TOKENS, 16)[0].key
+        reader, writer = await fake_worker(run.daemon.controller.hub.port, "doomed", key)
+        await run.wait_cached(SEED_TOKENS, 12)
+        _, answer = await run.post("/pin", {"instance_id": "doomed", "location": CPU, "tokens": SEED_TOKENS})
+        await asyncio.sleep(0.1)
+        writer.transport.abort()  # the worker dies mid-command
+        event = await run.wait_event(answer["event_id"], timeout=5)
+        assert event["status"] == "failed" and "lost" in event["error"]
+        status, body = await run.post("/pin", {"instance_id": "doomed", "location": CPU, "tokens": SEED_TOKENS})
+        assert status == 404 and "unknown instance" in body["detail"]
 
 
 async def test_a_silent_worker_is_dropped_after_the_heartbeat_timeout() -> None:

@@ -23,10 +23,22 @@ from hypothesis import strategies as st
 
 from lmcached.client import AsyncKVClient, KVClient
 from lmcached.frames import MAGIC, PREFIX, VERSION, Kind, encode_frame
-from lmcached.serve import Daemon
 
 from .codec_helpers import relative_error
-from .conftest import CPU, DISK, INSTANCE, SEED_TOKENS, Running, ServeProcess, make_kv, start_process, start_serve, stop_serve, test_config
+from .conftest import (
+    CPU,
+    DISK,
+    INSTANCE,
+    SEED_TOKENS,
+    Running,
+    ServeProcess,
+    make_kv,
+    serving,
+    start_process,
+    start_serve,
+    stop_serve,
+    test_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -262,12 +274,11 @@ def test_worker_killed_mid_compress_restarts_with_every_chunk_whole(tmp_path: Pa
 
 # ---------------------------------------------------------------------------------------------- concurrency
 async def test_readers_see_whole_tensors_while_chunks_change_underneath(tmp_path: Path) -> None:
-    daemon = Daemon(test_config(local_disk=str(tmp_path / "disk"), chunk_size=64, max_local_cpu_size=24 * 2**20 / 2**30))
-    ports = await daemon.start()
     tokens = list(range(512))  # 8 chunks of 64
     kv = make_kv(len(tokens), layers=8, channels=128, seed=5)  # 128 KB a chunk
-    async with aiohttp.ClientSession() as http_session:
-        run = Running(daemon, http_session, f"http://127.0.0.1:{ports.http}", f"127.0.0.1:{ports.data}")
+    config = test_config(local_disk=str(tmp_path / "disk"), chunk_size=64, max_local_cpu_size=24 * 2**20 / 2**30)
+    async with serving(config) as run:
+        daemon = run.daemon
         await run.store(tokens, kv)
         _, answer = await run.post("/pin", {"instance_id": INSTANCE, "location": CPU, "tokens": tokens[:128]})
         await run.wait_event(answer["event_id"])
@@ -317,7 +328,6 @@ async def test_readers_see_whole_tensors_while_chunks_change_underneath(tmp_path
         cpu = worker.backends[CPU]
         assert cpu.used_bytes <= cpu.capacity_bytes
         assert all(cpu.info(s.key) is not None for s in (await _spans(run, tokens[:128])))  # pinned: never evicted
-    await daemon.stop()
 
 
 async def _spans(run: Running, tokens: list[int]) -> list[Any]:
