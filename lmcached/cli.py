@@ -26,6 +26,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: typer's rich help shows flags as `--copy <bool>`, which the parser then rejects.
+    rich_markup_mode=None,
 )
 
 DEFAULT_CONTROLLER = "http://127.0.0.1:9000"
@@ -38,6 +40,10 @@ TokensFileOpt = typer.Option(None, "--tokens-file", help="A file of token ids: a
 InstanceOpt = typer.Option(DEFAULT_INSTANCE_ID, "--instance-id", help="The instance to act on.")
 LocationOpt = typer.Option(CPU_LOCATION, "--location", help="LocalCPUBackend or LocalDiskBackend.")
 MethodOpt = typer.Option("cachegen", "--method", help="Codec: cachegen (lossy, default) or lossless.")
+WaitOpt = typer.Option(True, "--wait/--no-wait", help="Wait for the operation to finish and exit non-zero if it fails.")
+TimeoutOpt = typer.Option(300.0, "--timeout", help="Seconds to wait for the operation (with --wait).")
+#: How often a waiting command asks /check_finish.
+POLL_S = 0.1
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -69,16 +75,18 @@ def run_daemon(main: Callable[[Any], Awaitable[None]]) -> None:
     async def runner() -> None:
         stop = asyncio.Event()
 
-        def on_signal() -> None:
+        def on_signal(sig: signal.Signals) -> None:
             if stop.is_set():
                 print("forced exit", file=sys.stderr)
                 os._exit(130)
-            print("shutting down (press Ctrl-C again to force)", file=sys.stderr)
+            # The Ctrl-C hint is for a person at a terminal; a service manager's SIGTERM gets a plain line.
+            interactive = sig == signal.SIGINT and sys.stdin is not None and sys.stdin.isatty()
+            print("shutting down (press Ctrl-C again to force)" if interactive else "shutting down", file=sys.stderr)
             stop.set()
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
+            loop.add_signal_handler(sig, on_signal, sig)
         await main(stop)
 
     try:
@@ -268,6 +276,46 @@ def lookup(
     _print(call(controller, "/lookup", {"tokens": _tokens(tokens, tokens_file)}, auth_token))
 
 
+def run_operation(path: str, body: dict[str, Any], controller: str, auth_token: str | None, wait: bool, timeout: float) -> None:
+    """Start an operation; with `wait`, follow its event until it ends: print the final event, exit 1 with
+    the event's error when it failed, or when it is still running after `timeout` seconds."""
+    started = call(controller, path, body, auth_token)
+    if not wait:
+        _print(started)
+        return
+    event = wait_for_event(controller, started["event_id"], auth_token, timeout)
+    if event["status"] == "failed":
+        fail(f"{event['op']} failed: {event.get('error')} (event {event['event_id']})")
+    if event["status"] != "finished":
+        fail(f"{event['op']} still {event['status']} after {timeout:.0f}s; follow it with: lmcached status {event['event_id']}")
+    _print(event)
+    message = (event.get("result") or {}).get("message")
+    if message:
+        typer.echo(f"note: {message}", err=True)
+
+
+def wait_for_event(controller: str, event_id: str, auth_token: str | None, timeout: float) -> dict[str, Any]:
+    """Poll /check_finish until the event ends or `timeout` passes; a spinner on a terminal shows it is alive."""
+    import itertools
+    import time
+
+    spinner = itertools.cycle("|/-\\") if sys.stderr.isatty() else None
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            event = call(controller, "/check_finish", {"event_id": event_id}, auth_token)
+            if event["status"] in ("finished", "failed") or time.monotonic() >= deadline:
+                return event
+            if spinner is not None:
+                sys.stderr.write(f"\r{next(spinner)} {event['op']} {event['status']}… ")
+                sys.stderr.flush()
+            time.sleep(POLL_S)
+    finally:
+        if spinner is not None:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
 def _on_prefix(
     op: str,
     tokens: str | None,
@@ -276,12 +324,14 @@ def _on_prefix(
     location: str,
     controller: str,
     auth_token: str | None,
+    wait: bool,
+    timeout: float,
     method: str | None = None,
 ) -> None:
     body: dict[str, Any] = {"instance_id": instance_id, "location": location, "tokens": _tokens(tokens, tokens_file)}
     if method is not None:
         body["method"] = method
-    _print(call(controller, f"/{op}", body, auth_token))
+    run_operation(f"/{op}", body, controller, auth_token, wait, timeout)
 
 
 @app.command()
@@ -293,9 +343,11 @@ def compress(
     method: str = MethodOpt,
     controller: str = ControllerOpt,
     auth_token: str | None = TokenOpt,
+    wait: bool = WaitOpt,
+    timeout: float = TimeoutOpt,
 ) -> None:
     """Compress the cached prefix of these tokens (keeps the raw bytes until the compressed ones are whole)."""
-    _on_prefix("compress", tokens, tokens_file, instance_id, location, controller, auth_token, method)
+    _on_prefix("compress", tokens, tokens_file, instance_id, location, controller, auth_token, wait, timeout, method)
 
 
 @app.command()
@@ -307,9 +359,11 @@ def decompress(
     method: str = MethodOpt,
     controller: str = ControllerOpt,
     auth_token: str | None = TokenOpt,
+    wait: bool = WaitOpt,
+    timeout: float = TimeoutOpt,
 ) -> None:
     """Decompress the cached prefix of these tokens back to raw KV."""
-    _on_prefix("decompress", tokens, tokens_file, instance_id, location, controller, auth_token, method)
+    _on_prefix("decompress", tokens, tokens_file, instance_id, location, controller, auth_token, wait, timeout, method)
 
 
 @app.command()
@@ -320,9 +374,11 @@ def pin(
     location: str = LocationOpt,
     controller: str = ControllerOpt,
     auth_token: str | None = TokenOpt,
+    wait: bool = WaitOpt,
+    timeout: float = TimeoutOpt,
 ) -> None:
     """Pin the cached prefix of these tokens: never evicted until unpinned."""
-    _on_prefix("pin", tokens, tokens_file, instance_id, location, controller, auth_token)
+    _on_prefix("pin", tokens, tokens_file, instance_id, location, controller, auth_token, wait, timeout)
 
 
 @app.command()
@@ -333,9 +389,11 @@ def unpin(
     location: str = LocationOpt,
     controller: str = ControllerOpt,
     auth_token: str | None = TokenOpt,
+    wait: bool = WaitOpt,
+    timeout: float = TimeoutOpt,
 ) -> None:
     """Unpin the cached prefix of these tokens."""
-    _on_prefix("unpin", tokens, tokens_file, instance_id, location, controller, auth_token)
+    _on_prefix("unpin", tokens, tokens_file, instance_id, location, controller, auth_token, wait, timeout)
 
 
 @app.command()
@@ -346,12 +404,14 @@ def clear(
     location: str = LocationOpt,
     controller: str = ControllerOpt,
     auth_token: str | None = TokenOpt,
+    wait: bool = WaitOpt,
+    timeout: float = TimeoutOpt,
 ) -> None:
     """Clear a prompt's chunks (or, without tokens, everything) at a location."""
     body: dict[str, Any] = {"instance_id": instance_id, "location": location}
     if tokens is not None or tokens_file is not None:
         body["tokens"] = _tokens(tokens, tokens_file)
-    _print(call(controller, "/clear", body, auth_token))
+    run_operation("/clear", body, controller, auth_token, wait, timeout)
 
 
 @app.command()
@@ -362,9 +422,11 @@ def move(
     location: str = LocationOpt,
     to_instance: str | None = typer.Option(None, "--to-instance", help="Target instance (default: the same)."),
     to_location: str = typer.Option(..., "--to-location", help="Target location."),
-    copy: bool = typer.Option(False, "--copy", help="Keep the source chunks."),
+    copy: bool = typer.Option(False, "--copy/--no-copy", help="Keep the source chunks (copy instead of move)."),
     controller: str = ControllerOpt,
     auth_token: str | None = TokenOpt,
+    wait: bool = WaitOpt,
+    timeout: float = TimeoutOpt,
 ) -> None:
     """Move (or copy) a prompt's chunks to another location or instance."""
     body = {
@@ -373,7 +435,7 @@ def move(
         "tokens": _tokens(tokens, tokens_file),
         "copy": copy,
     }
-    _print(call(controller, "/move", body, auth_token))
+    run_operation("/move", body, controller, auth_token, wait, timeout)
 
 
 @app.command()

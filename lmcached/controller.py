@@ -15,7 +15,7 @@ from aiohttp import web
 from lmcached import fields
 from lmcached.chunks import chunk_spans
 from lmcached.config import Config
-from lmcached.errors import InvalidRequest, LmcachedError, WorkerUnavailable
+from lmcached.errors import InvalidRequest, LmcachedError, NotFound, WorkerUnavailable
 from lmcached.events import Event, EventLog
 from lmcached.hub import Hub
 from lmcached.index import ChunkIndex, WorkerKey
@@ -42,6 +42,26 @@ def error_response(status: int, detail: str, field: str | None = None) -> web.Re
     if field:
         body["field"] = field
     return json_response(body, status)
+
+
+def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from each worker's: numbers add up, `skipped` counts add up per reason, and a `message`
+    says in words what was skipped (so "num_tokens: 0" never leaves a user guessing why)."""
+    merged: dict[str, Any] = {}
+    skipped: dict[str, int] = {}
+    for result in results:
+        for name, value in result.items():
+            if name == "skipped" and isinstance(value, dict):
+                for reason, n in value.items():
+                    skipped[reason] = skipped.get(reason, 0) + int(n)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                merged[name] = merged.get(name, 0) + value
+            else:
+                merged[name] = value
+    if skipped:
+        merged["skipped"] = skipped
+        merged["message"] = "; ".join(f"{reason}: {n} chunk{'s' if n != 1 else ''} skipped" for reason, n in sorted(skipped.items()))
+    return merged
 
 
 class Controller:
@@ -73,10 +93,14 @@ class Controller:
             "/health": self.health,
             "/check_finish": self.check_finish,
             "/query_worker_info": self.query_worker_info,
+            "/query_instance": self.query_instance,
         }
         for path, handler in routes.items():
             app.router.add_post(path, handler)
         app.router.add_get("/instances", self.instances)
+        # LMCache's read-only dashboard endpoints.
+        app.router.add_get("/controller/workers", self.controller_workers)
+        app.router.add_get("/controller/key-stats", self.key_stats)
         app.router.add_get("/metrics", self.prometheus)
         app.router.add_get("/", self.root)
         return app
@@ -130,13 +154,7 @@ class Controller:
             except LmcachedError as exc:
                 self.events.fail(event, str(exc))
             else:
-                merged: dict[str, Any] = {}
-                for result in results:
-                    for name, value in result.items():
-                        merged[name] = (
-                            merged.get(name, 0) + value if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-                        )
-                self.events.finish(event, merged)
+                self.events.finish(event, merge_results(results))
             self.metrics.operations.labels(event.op, event.status).inc()
             self.hub.publish("operation", **event.as_dict())
 
@@ -166,7 +184,7 @@ class Controller:
         location = fields.location(body)
         args_extra = extra(body)
         spans = self._spans(body)
-        self.index.instance_workers(instance_id)  # 404 for an unknown instance, before anything else happens
+        self.index.check_location(instance_id, location)  # 404 for an unknown instance or tier, before anything happens
         num_tokens, by_worker = self.index.prefix(instance_id, location, spans)
         calls = [(key, op, {"location": location, "keys": keys, **args_extra}, self._timeout(keys)) for key, keys in by_worker.items()]
         return self._scheduled(op, instance_id, num_tokens, calls)
@@ -203,12 +221,12 @@ class Controller:
         body = await self._body(request)
         instance_id = fields.string(body, "instance_id")
         location = fields.location(body)
+        self.index.check_location(instance_id, location)
         if body.get("tokens") is None:
             num_tokens, by_worker = self.index.all_at(instance_id, location)
             calls = [(key, "clear", {"location": location, "keys": None}, self.config.command_timeout) for key in by_worker]
         else:
             spans = self._spans(body)
-            self.index.instance_workers(instance_id)
             num_tokens, by_worker = self.index.prefix(instance_id, location, spans)
             calls = [(key, "clear", {"location": location, "keys": keys}, self.config.command_timeout) for key, keys in by_worker.items()]
         return self._scheduled("clear", instance_id, num_tokens, calls)
@@ -217,12 +235,14 @@ class Controller:
         body = await self._body(request)
         src_instance, src_location = fields.position(body, "old_position")
         dst_instance, dst_location = fields.position(body, "new_position")
-        copy = fields.boolean(body, "copy", False)
+        # LMCache's scripts say `copy` or `should_copy`; either keeps the source chunks.
+        copy = fields.boolean(body, "copy", False) or fields.boolean(body, "should_copy", False)
         spans = self._spans(body)
-        self.index.instance_workers(src_instance)
-        target = self.index.instance_workers(dst_instance)[0]
         if (src_instance, src_location) == (dst_instance, dst_location):
             raise InvalidRequest("old_position and new_position are the same", "new_position")
+        self.index.check_location(src_instance, src_location)
+        self.index.check_location(dst_instance, dst_location)
+        target = next(r for r in self.index.instance_workers(dst_instance) if r.has_location(dst_location))
         num_tokens, by_worker = self.index.prefix(src_instance, src_location, spans)
         calls = []
         for key, keys in by_worker.items():
@@ -247,10 +267,12 @@ class Controller:
                 return 2
 
         codes = await asyncio.gather(*(probe(r.key) for r in workers))
-        error_codes = {r.worker_id: code for r, code in zip(workers, codes, strict=False)}
+        # Keyed by the worker's rank, as LMCache keys it; `workers` names each rank's lmcached id.
+        error_codes = {str(r.rank): code for r, code in zip(workers, codes, strict=True)}
+        names = {str(r.rank): r.worker_id for r in workers}
         event = self.events.create("health", instance_id, 0)
         self.events.finish(event, {"error_codes": error_codes})
-        return json_response({"event_id": event.event_id, "error_codes": error_codes})
+        return json_response({"event_id": event.event_id, "error_codes": error_codes, "workers": names})
 
     async def check_finish(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -259,12 +281,50 @@ class Controller:
     async def query_worker_info(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         instance_id = fields.string(body, "instance_id")
-        wanted = fields.string_list(body, "worker_ids")
+        wanted = fields.worker_ids(body)
         records = list(self.index.workers.values()) if instance_id == "all" else self.index.instance_workers(instance_id)
-        infos = [r.describe() for r in records if wanted is None or r.worker_id in wanted]
+        infos = [r.lmcache_info() for r in records if wanted is None or r.rank in wanted or r.worker_id in wanted]
         event = self.events.create("query_worker_info", instance_id, 0)
         self.events.finish(event, {"workers": len(infos)})
         return json_response({"event_id": event.event_id, "worker_infos": infos})
+
+    async def query_instance(self, request: web.Request) -> web.Response:
+        """LMCache's address-to-instance map for routers: the instance whose worker serves at `ip`."""
+        body = await self._body(request)
+        ip = fields.string(body, "ip")
+        matches = sorted({r.instance_id for r in self.index.workers.values() if r.data_address.rpartition(":")[0] == ip})
+        if not matches:
+            raise NotFound(f"no instance has a worker at {ip!r}")
+        event_id = body.get("event_id") if isinstance(body.get("event_id"), str) else None
+        event = self.events.create("query_instance", matches[0], 0)
+        self.events.finish(event, {"res": matches[0]})
+        return json_response({"event_id": event_id or event.event_id, "res": matches[0], "instances": matches})
+
+    async def controller_workers(self, request: web.Request) -> web.Response:
+        """LMCache's dashboard list of workers, filtered by `instance_id` and `worker_id` (rank or id)."""
+        instance_id = request.query.get("instance_id") or None
+        worker = request.query.get("worker_id") or None
+        records = list(self.index.workers.values()) if instance_id is None else self.index.instance_workers(instance_id)
+        if worker is not None:
+            records = [r for r in records if r.worker_id == worker or str(r.rank) == worker]
+        workers = [r.lmcache_info() for r in sorted(records, key=lambda r: (r.instance_id, r.rank))]
+        return json_response({"workers": workers, "total_count": len(workers)})
+
+    async def key_stats(self, request: web.Request) -> web.Response:
+        """LMCache's dashboard totals: keys per instance and overall."""
+        instances = []
+        for instance_id in self.index.instance_ids():
+            workers = self.index.instance_workers(instance_id)
+            keys = sum(len(chunks) for r in workers for chunks in r.locations.values())
+            instances.append({"instance_id": instance_id, "key_count": keys, "worker_count": len(workers)})
+        return json_response(
+            {
+                "total_key_count": sum(i["key_count"] for i in instances),
+                "total_instance_count": len(instances),
+                "total_worker_count": len(self.index.workers),
+                "instances": instances,
+            }
+        )
 
     async def instances(self, request: web.Request) -> web.Response:
         return json_response(self.index.describe_instances())

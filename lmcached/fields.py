@@ -84,10 +84,11 @@ def method(body: dict[str, Any], known: list[str]) -> str:
     return value
 
 
-def string_list(body: dict[str, Any], name: str) -> list[str] | None:
+def worker_ids(body: dict[str, Any], name: str = "worker_ids") -> list[int | str] | None:
+    """Workers named by LMCache's integer rank or by lmcached's string id (both may be mixed)."""
     value = body.get(name)
     if value is None:
         return None
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise InvalidRequest(f"field {name!r} must be a list of strings", name, 422)
+    if not isinstance(value, list) or not all(isinstance(v, str) or type(v) is int for v in value):
+        raise InvalidRequest(f"field {name!r} must be a list of worker ranks (integers) or worker ids (strings)", name, 422)
     return value

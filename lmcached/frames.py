@@ -55,6 +55,7 @@ class Kind(enum.IntEnum):
     LOOKUP = 10  # data plane: ask for a prefix's length
     SNAPSHOT = 11  # controller -> monitor: the whole state
     EVENT = 12  # controller -> monitor: one thing that happened
+    GOODBYE = 13  # worker -> controller: leaving on purpose (a clean shutdown, not a loss)
 
 
 @dataclass(slots=True)

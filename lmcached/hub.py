@@ -108,6 +108,7 @@ class Hub:
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watchdog: asyncio.Task[None] | None = None
+        self._stopping = False
         self.port: int | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -116,6 +117,7 @@ class Hub:
         self._watchdog = asyncio.create_task(self._heartbeat_watchdog(), name="heartbeat-watchdog")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._server is not None:
@@ -175,17 +177,22 @@ class Hub:
             raise ProtocolError("a worker hello needs instance_id, worker_id and data_address strings")
         if hello.get("chunk_size") != self.config.chunk_size:
             raise ProtocolError(f"worker chunk_size {hello.get('chunk_size')} differs from the controller's {self.config.chunk_size}")
-        record = WorkerRecord(instance_id, worker_id, address)
+        backends = hello.get("locations")
+        if backends is not None and not (isinstance(backends, list) and all(isinstance(b, str) for b in backends)):
+            raise ProtocolError("a worker hello's locations must be a list of strings")
+        rank = hello.get("rank")
+        record = WorkerRecord(instance_id, worker_id, address, tuple(backends) if backends is not None else None)
         old = self.sessions.pop(record.key, None)
         if old is not None:  # the same worker reconnected before we noticed it left
             old.fail_all("worker reconnected")
             old.writer.close()
-        self.index.add_worker(record)
+        self.index.add_worker(record, rank if type(rank) is int else None)
         session = WorkerSession(record, writer)
         self.sessions[record.key] = session
-        await write_frame(writer, Kind.WELCOME, {"heartbeat_interval": self.config.heartbeat_interval})
+        await write_frame(writer, Kind.WELCOME, {"heartbeat_interval": self.config.heartbeat_interval, "rank": record.rank})
         log.info("worker %s of %s registered from %s", worker_id, instance_id, address)
         self.publish("worker_registered", instance_id=instance_id, worker_id=worker_id, data_address=address)
+        reason = "connection closed"
         try:
             while True:
                 frame = await read_frame(reader)
@@ -201,23 +208,27 @@ class Hub:
                     self._apply_report(record, frame.header)
                 elif frame.kind == Kind.REPLY:
                     session.resolve(frame.header)
+                elif frame.kind == Kind.GOODBYE:
+                    reason = "shut down"
+                    return
                 else:
                     raise ProtocolError(f"unexpected {frame.kind.name} frame from a worker")
         finally:
-            self._drop(session, "connection closed")
+            self._drop(session, "shut down" if self._stopping else reason)
 
     def _apply_report(self, record: WorkerRecord, header: dict[str, Any]) -> None:
         admitted, evicted = header.get("admitted", []), header.get("evicted", [])
         try:
-            n_admitted, n_evicted = self.index.apply_report(record, admitted, evicted, bool(header.get("full")))
+            n_admitted, n_updated, n_evicted = self.index.apply_report(record, admitted, evicted, bool(header.get("full")))
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed report: {exc}") from None
-        if n_admitted or n_evicted:
+        if n_admitted or n_updated or n_evicted:
             self.publish(
                 "chunks_reported",
                 instance_id=record.instance_id,
                 worker_id=record.worker_id,
                 admitted=n_admitted,
+                updated=n_updated,
                 evicted=n_evicted,
                 full=bool(header.get("full")),
             )
@@ -228,7 +239,8 @@ class Hub:
         if self.sessions.get(key) is session:
             del self.sessions[key]
             self.index.remove_worker(key)
-            log.warning("worker %s of %s lost: %s", key[1], key[0], reason)
+            # A worker (or this daemon) shutting down on purpose is news, not a fault.
+            log.log(logging.INFO if reason == "shut down" else logging.WARNING, "worker %s of %s lost: %s", key[1], key[0], reason)
             self.publish("worker_lost", instance_id=key[0], worker_id=key[1], reason=reason)
 
     async def _heartbeat_watchdog(self) -> None:

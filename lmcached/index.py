@@ -24,6 +24,10 @@ class WorkerRecord:
     instance_id: str
     worker_id: str
     data_address: str
+    #: The locations the worker has (from its hello); None for a worker that did not say.
+    backends: tuple[str, ...] | None = None
+    #: The worker's rank within its instance: LMCache's integer worker id (0 for a lone worker).
+    rank: int = 0
     connected_at: float = field(default_factory=time.time)
     last_heartbeat: float = field(default_factory=time.monotonic)
     last_heartbeat_wall: float = field(default_factory=time.time)
@@ -63,6 +67,24 @@ class WorkerRecord:
             "locations": self.location_stats(),
         }
 
+    def lmcache_info(self) -> dict[str, Any]:
+        """The worker as LMCache's /query_worker_info shows it (its `worker_id` is the integer rank), with
+        lmcached's own description beside it (`worker_name` is lmcached's string id)."""
+        host, _, port = self.data_address.rpartition(":")
+        return self.describe() | {
+            "worker_id": self.rank,
+            "worker_name": self.worker_id,
+            "ip": host,
+            "port": int(port) if port.isdigit() else None,
+            "peer_init_url": None,  # lmcached moves chunks through the data plane, not a P2P channel
+            "registration_time": self.connected_at,
+            "last_heartbeat_time": self.last_heartbeat_wall,
+            "key_count": sum(len(chunks) for chunks in self.locations.values()),
+        }
+
+    def has_location(self, location: str) -> bool:
+        return self.backends is None or location in self.backends
+
 
 class ChunkIndex:
     """Workers and the chunks they report; answers prefix questions in O(chunks of the prompt)."""
@@ -72,9 +94,19 @@ class ChunkIndex:
         self._holders: dict[int, set[Holder]] = {}
 
     # -- membership
-    def add_worker(self, record: WorkerRecord) -> None:
-        if record.key in self.workers:
+    def add_worker(self, record: WorkerRecord, wanted_rank: int | None = None) -> None:
+        """Register a worker and give it a rank: the one it had before a reconnect, else the one it asked
+        for if free, else the lowest free rank of its instance."""
+        old = self.workers.get(record.key)
+        if old is not None:
             self.remove_worker(record.key)
+        taken = {r.rank for (inst, _), r in self.workers.items() if inst == record.instance_id}
+        if old is not None and old.rank not in taken:
+            record.rank = old.rank
+        elif wanted_rank is not None and wanted_rank >= 0 and wanted_rank not in taken:
+            record.rank = wanted_rank
+        else:
+            record.rank = next(r for r in range(len(taken) + 1) if r not in taken)
         self.workers[record.key] = record
 
     def remove_worker(self, key: WorkerKey) -> WorkerRecord | None:
@@ -98,26 +130,40 @@ class ChunkIndex:
             raise NotFound(f"unknown instance {instance_id!r} (registered: {known})")
         return workers
 
+    def check_location(self, instance_id: str, location: str) -> None:
+        """NotFound unless some worker of the instance has `location` (known up front, so a request for a
+        tier the instance lacks fails at once instead of as a failed event later)."""
+        workers = self.instance_workers(instance_id)
+        if not any(r.has_location(location) for r in workers):
+            have = sorted({loc for r in workers for loc in (r.backends or ())})
+            hint = " (start it with --local-disk DIR, or local_disk in the config)" if location == "LocalDiskBackend" else ""
+            raise NotFound(f"instance {instance_id!r} has no {location}{hint}; it has: {', '.join(have) or 'nothing'}")
+
     # -- reports
     def apply_report(
         self, record: WorkerRecord, admitted: Iterable[Sequence[Any]], evicted: Iterable[Sequence[Any]], full: bool
-    ) -> tuple[int, int]:
-        """Apply a worker's batch; a full report replaces everything it had. Returns (admitted, evicted) counts."""
+    ) -> tuple[int, int, int]:
+        """Apply a worker's batch; a full report replaces everything it had. Returns how many chunks were
+        admitted (new at their location), updated (replaced in place: compressed, pinned...) and evicted."""
         if full:
             for location, chunks in record.locations.items():
                 for chunk_key in chunks:
                     self._unhold(chunk_key, (*record.key, location))
             record.locations.clear()
-        n_admitted = n_evicted = 0
+        n_admitted = n_updated = n_evicted = 0
         for location, key, num_tokens, nbytes, method, pinned, raw_nbytes in admitted:
-            record.locations[location][key] = ChunkInfo(key, num_tokens, nbytes, method, bool(pinned), raw_nbytes)
+            held = record.locations[location]
+            if key in held:
+                n_updated += 1
+            else:
+                n_admitted += 1
+            held[key] = ChunkInfo(key, num_tokens, nbytes, method, bool(pinned), raw_nbytes)
             self._holders.setdefault(key, set()).add((*record.key, location))
-            n_admitted += 1
         for location, key in evicted:
             if record.locations.get(location, {}).pop(key, None) is not None:
                 self._unhold(key, (*record.key, location))
                 n_evicted += 1
-        return n_admitted, n_evicted
+        return n_admitted, n_updated, n_evicted
 
     def _unhold(self, key: int, holder: Holder) -> None:
         holders = self._holders.get(key)

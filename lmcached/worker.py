@@ -173,6 +173,8 @@ class Worker:
 
     async def stop(self) -> None:
         self._stopping = True
+        with contextlib.suppress(OSError, LmcachedError, asyncio.TimeoutError):  # tell the controller this is a shutdown, not a loss
+            await asyncio.wait_for(self._send(Kind.GOODBYE, {}, flush_first=True), 1.0)
         if self._link_task is not None:
             self._link_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -322,17 +324,31 @@ class Worker:
             "pid": os.getpid(),
         }
 
-    async def _transform(self, args: dict[str, Any], wanted: Callable[[Chunk], bool], fn: Callable[[Chunk], Chunk]) -> dict[str, Any]:
+    async def _transform(
+        self, args: dict[str, Any], skip_reason: Callable[[Chunk], str | None], fn: Callable[[Chunk], Chunk]
+    ) -> dict[str, Any]:
+        """Re-encode chunks in place. A chunk `skip_reason` names is left alone, and so is a compressed chunk
+        whose re-encoding would be larger (a lossy blob re-encoded losslessly only grows); the result counts
+        skipped chunks by reason."""
         location = args["location"]
         backend = self.backend(location)
         before = after = tokens = count = 0
+        skipped: dict[str, int] = {}
 
         async def one(key: int) -> None:
             nonlocal before, after, tokens, count
             chunk = await self._get(location, key)
-            if chunk is None or not wanted(chunk):
+            if chunk is None:
+                return
+            reason = skip_reason(chunk)
+            if reason is not None:
+                skipped[reason] = skipped.get(reason, 0) + 1
                 return
             new = await self._run(fn, chunk)
+            if chunk.method is not None and new.method is not None and new.nbytes >= chunk.nbytes:
+                reason = f"kept {chunk.method}, smaller than {new.method}"
+                skipped[reason] = skipped.get(reason, 0) + 1
+                return
             # Swap only if nobody changed the chunk meanwhile; the old bytes stay until the new ones are whole.
             swapped = await self._run(backend.replace_if_same, chunk, new) if location == DISK else backend.replace_if_same(chunk, new)
             if swapped:
@@ -343,14 +359,18 @@ class Worker:
                 count += 1
 
         await asyncio.gather(*(one(k) for k in args["keys"]))
-        return {"num_tokens": tokens, "chunks": count, "bytes_before": before, "bytes_after": after}
+        return {"num_tokens": tokens, "chunks": count, "bytes_before": before, "bytes_after": after, "skipped": skipped}
 
     async def _op_compress(self, args: dict[str, Any]) -> dict[str, Any]:
         method = args["method"]
-        return await self._transform(args, lambda c: c.method != method, lambda c: encode_chunk(decode_chunk(c) if c.method else c, method))
+        return await self._transform(
+            args,
+            lambda c: f"already compressed with {method}" if c.method == method else None,
+            lambda c: encode_chunk(decode_chunk(c) if c.method else c, method),
+        )
 
     async def _op_decompress(self, args: dict[str, Any]) -> dict[str, Any]:
-        return await self._transform(args, lambda c: c.method is not None, decode_chunk)
+        return await self._transform(args, lambda c: "not compressed" if c.method is None else None, decode_chunk)
 
     async def _set_pinned(self, args: dict[str, Any], pinned: bool) -> dict[str, Any]:
         location = args["location"]
@@ -512,6 +532,7 @@ class Worker:
                 "data_address": f"{self.data_host}:{self.data_port}",
                 "token": self.config.auth_token,
                 "chunk_size": self.config.chunk_size,
+                "locations": list(self.backends),
             },
         )
         welcome = await read_frame(reader)

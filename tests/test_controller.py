@@ -207,15 +207,18 @@ async def test_move_to_another_worker_over_the_data_plane(running: Running, tmp_
 async def test_health_query_worker_info_and_metrics(running: Running) -> None:
     status, answer = await running.post("/health", {"instance_id": INSTANCE})
     assert status == 200 and list(answer["error_codes"].values()) == [0]
-    worker_id = next(iter(answer["error_codes"]))
-    status, answer = await running.post("/query_worker_info", {"instance_id": INSTANCE, "worker_ids": [worker_id]})
-    assert status == 200 and answer["worker_infos"][0]["worker_id"] == worker_id
+    assert list(answer["error_codes"]) == ["0"]  # keyed by rank, as LMCache keys it
+    name = answer["workers"]["0"]
+    status, answer = await running.post("/query_worker_info", {"instance_id": INSTANCE, "worker_ids": [0]})
+    assert status == 200 and answer["worker_infos"][0]["worker_id"] == 0 and answer["worker_infos"][0]["worker_name"] == name
+    status, answer = await running.post("/query_worker_info", {"instance_id": INSTANCE, "worker_ids": [name]})
+    assert status == 200 and answer["worker_infos"][0]["worker_id"] == 0
     _, answer = await running.post("/query_worker_info", {"instance_id": "all"})
     assert len(answer["worker_infos"]) == 1
     await running.store(SEED_TOKENS, make_kv(12))
     status, text = await running.get("/metrics")
     assert status == 200
-    assert f'lmcached_tokens{{instance_id="{INSTANCE}",location="{CPU}",worker_id="{worker_id}"}} 12.0' in text
+    assert f'lmcached_tokens{{instance_id="{INSTANCE}",location="{CPU}",worker_id="{name}"}} 12.0' in text
     assert 'lmcached_http_requests_total{endpoint="/health",status="200"} 1.0' in text
 
 
