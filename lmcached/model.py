@@ -9,6 +9,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,19 +64,31 @@ def _converted(gguf: Path) -> Path:
     target = cache_dir() / "models" / f"{gguf.stem}-{tag}"
     if (target / "model.safetensors").exists():
         return target
+    import time
+
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    started = time.monotonic()
+
+    def progress(step: int, what: str) -> None:
+        # The first start spends most of its time here; say so, so nobody thinks it hung.
+        print(f"converting {gguf.name} (first start only) [{step}/3] {what} ({time.monotonic() - started:.0f}s)", file=sys.stderr, flush=True)
+
     log.info("converting %s once to %s", gguf.name, target)
+    progress(1, "reading the tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    progress(2, "de-quantising the weights")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # the weights are de-quantised now
+    progress(3, f"writing {target}")
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     save_model(model, str(tmp / "model.safetensors"))
+    print(f"converted in {time.monotonic() - started:.0f}s; later starts load it from {target}", file=sys.stderr, flush=True)
     try:
         os.replace(tmp, target)  # atomic: a half-written conversion is never picked up
     except OSError:

@@ -16,6 +16,18 @@ from typing import Any
 
 import torch
 
+# Tests never write to the user's home: the converted model (and anything else lmcached caches) goes to one
+# temporary directory for the whole run, converted once and removed at the end. A run started with
+# LMCACHED_CACHE_DIR set (e.g. by a developer reusing a conversion) keeps that directory.
+if "LMCACHED_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="lmcached-test-cache-")
+    os.environ["LMCACHED_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+
 # Without a GPU, numba.cuda runs the CUDA kernels in its simulator, so their logic is tested everywhere.
 # This must happen before numba is first imported; on a machine with a GPU the real device is used.
 if not torch.cuda.is_available():
