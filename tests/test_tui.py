@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lmcached.tui.app import MonitorApp
+from lmcached.tui.app import Confirm, MonitorApp, SnapshotReceived
 from lmcached.tui.state import MonitorState
 from textual.widgets import DataTable, Static
 
 from lmcached.client import AsyncKVClient
 from lmcached.serve import Daemon
 
+from .conftest import CPU as CPU_LOCATION
 from .conftest import INSTANCE, SEED_TOKENS, make_kv, test_config
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
@@ -194,22 +195,76 @@ FIXED_SNAPSHOT = {
 }
 
 
-async def test_svg_snapshot_at_a_fixed_size() -> None:
+@pytest.mark.parametrize(("size", "name"), [((150, 36), "monitor"), ((80, 24), "monitor-80x24")])
+async def test_svg_snapshot_at_a_fixed_size(size: tuple[int, int], name: str) -> None:
     os.environ["TZ"] = "UTC"
     time.tzset()
     app = MonitorApp(address=None)
-    async with app.run_test(size=(150, 36)) as pilot:
-        app.post_message(__import__("lmcached.tui.app", fromlist=["SnapshotReceived"]).SnapshotReceived(FIXED_SNAPSHOT))
+    async with app.run_test(size=size) as pilot:
+        app.post_message(SnapshotReceived(FIXED_SNAPSHOT))
         await pilot.pause(0.3)
         svg = app.export_screenshot()
     # The committed SVG is for people to look at; the test compares what is drawn (the SVG's text, line by
     # line), so a new Textual theme colour does not fail it but a changed table does.
     drawn = svg_text(svg)
-    if os.environ.get("LMCACHED_WRITE_SNAPSHOTS") or not (SNAPSHOTS / "monitor.txt").exists():
-        (SNAPSHOTS / "monitor.svg").write_text(svg)
-        (SNAPSHOTS / "monitor.txt").write_text(drawn)
-    assert drawn == (SNAPSHOTS / "monitor.txt").read_text()
-    assert "bed3f9cec8da" in drawn and "cachegen" in drawn and "1.38x" in drawn
+    if os.environ.get("LMCACHED_WRITE_SNAPSHOTS") or not (SNAPSHOTS / f"{name}.txt").exists():
+        (SNAPSHOTS / f"{name}.svg").write_text(svg)
+        (SNAPSHOTS / f"{name}.txt").write_text(drawn)
+    assert drawn == (SNAPSHOTS / f"{name}.txt").read_text()
+    # Every column is there, uncut, at either size.
+    assert "bed3f9cec8da" in drawn and "cachegen" in drawn and "1.38x" in drawn and "compr" in drawn and "ratio" in drawn
+    assert "locati " not in drawn
+
+
+async def test_actions_need_a_chosen_chunk_and_confirm_with_enter() -> None:
+    app = MonitorApp(address=None)
+    sent: list[tuple[str, dict[str, Any]]] = []
+    app.send_command = lambda op, args: sent.append((op, args))  # type: ignore[method-assign]
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.post_message(SnapshotReceived(FIXED_SNAPSHOT))
+        await pilot.pause(0.2)
+        assert app.focused is app.query_one("#instances")
+        await pilot.press("p")  # focus on the instances table: no chunk was chosen, nothing happens
+        await pilot.pause(0.1)
+        assert not isinstance(app.screen, Confirm) and sent == []
+        assert any("nothing chosen to pin" in str(n.message) for n in app._notifications)
+
+        await pilot.press("space")  # Space outside the chunk table moves there instead of marking a row
+        assert app.focused is app.query_one("#chunks") and app.marked == set()
+        await pilot.press("down", "space")
+        assert app.marked == {0x336D4E44848F0001}
+        await pilot.press("c")
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, Confirm) and "1 chunk(s) marked" in app.screen.question
+        await pilot.press("enter")
+        await pilot.pause(0.1)
+        assert sent == [("compress", {"instance_id": INSTANCE, "location": CPU_LOCATION, "keys": [0x336D4E44848F0001], "method": "cachegen"})]
+
+        await pilot.press("x")  # nothing marked now: the row under the cursor, in the focused chunk table
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, Confirm)
+        question = app.screen.query_one("#question", Static)
+        assert question.size.height >= 2  # a long question wraps instead of being cut
+        await pilot.press("escape")
+        await pilot.pause(0.1)
+        assert len(sent) == 1
+
+        await pilot.press("question_mark")
+        await pilot.pause(0.1)
+        help_text = "\n".join(str(w.render()) for w in app.screen.query(Static))
+        assert "question_mark" not in help_text and help_text.count("Space") == 1 and "?" in help_text
+
+
+def test_state_tells_updates_from_admits_and_greys_out_while_disconnected() -> None:
+    state = MonitorState()
+    row = state.apply_event({"type": "chunks_reported", "instance_id": "i", "admitted": 0, "updated": 1, "evicted": 0})
+    assert (row.kind, row.outcome) == ("update", "~1 update chunks")
+    row = state.apply_event({"type": "chunks_reported", "instance_id": "i", "admitted": 2, "updated": 0, "evicted": 1})
+    assert (row.kind, row.outcome) == ("admit/evict", "+2 admit, -1 evict chunks")
+    state.apply_snapshot(FIXED_SNAPSHOT)
+    assert state.instance_rows()[0][3] == "alive (0.5s)"
+    state.connected = False
+    assert {r[3] for r in state.instance_rows()} == {"unknown"}
 
 
 def svg_text(svg: str) -> str:

@@ -8,15 +8,21 @@ the app (a bad frame counts as a lost connection).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, ClassVar
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 from lmcached.tui.state import ChunkRow, MonitorState, clock, human_bytes
-from textual import on, work
+from rich.text import Text
+from textual import events, on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import ModalScreen
+from textual.widget import Widget
 from textual.widgets import DataTable, Footer, Header, Input, Label, Sparkline, Static
 
 from lmcached.errors import LmcachedError
@@ -25,6 +31,47 @@ from lmcached.errors import LmcachedError
 MAX_BACKOFF_S = 5.0
 #: After chunk or operation events, a fresh snapshot is asked for at most this often (seconds).
 REFRESH_S = 0.5
+#: Below this many columns the layout is compact: stacked tables, fewer and narrower columns (fits 80x24).
+COMPACT_BELOW = 120
+INSTANCE_COLUMNS = ("instance", "worker", "address", "state", "location", "chunks", "tokens", "used / capacity", "compressed", "ratio")
+COMPACT_INSTANCE_COLUMNS = ("instance", "worker", "state", "tier", "chunks", "used", "compr", "ratio")
+CHUNK_COLUMNS = (" ", "key", "tokens", "size", "form", "pinned", "worker")
+COMPACT_CHUNK_COLUMNS = (" ", "key", "tokens", "size", "form", "pin")
+EVENT_COLUMNS = ("time", "event", "instance", "tokens", "outcome")
+TIERS = {"LocalCPUBackend": "RAM", "LocalDiskBackend": "Disk"}
+
+
+def shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def compact_instance_row(row: tuple[str, ...]) -> tuple[str, ...]:
+    """A full instance row (see MonitorState.instance_rows) cut down to COMPACT_INSTANCE_COLUMNS."""
+    instance, worker, _address, state, location, chunks, _tokens, used, compressed, ratio = row
+    return (
+        shorten(instance, 14),
+        shorten(worker, 10),
+        state.split(" (")[0],
+        TIERS.get(location, location),
+        chunks,
+        used.split(" / ")[0],
+        compressed,
+        ratio,
+    )
+
+
+W = TypeVar("W", bound=Widget)
+
+
+def skipped_while_closing(handler: Callable[..., None]) -> Callable[..., None]:
+    """A message from the network that arrives while the app is closing (its widgets already gone) is dropped."""
+
+    @functools.wraps(handler)
+    def guarded(self: Any, message: Any) -> None:
+        with contextlib.suppress(NoMatches, IndexError):
+            handler(self, message)
+
+    return guarded
 
 
 class SnapshotReceived(Message):
@@ -55,9 +102,9 @@ class CommandDone(Message):
 
 
 class Confirm(ModalScreen[bool]):
-    """Yes or no, before an action changes the cache."""
+    """Yes or no, before an action changes the cache (Enter or y confirms, Escape or n cancels)."""
 
-    BINDINGS: ClassVar = [Binding("y", "answer(True)", "Yes"), Binding("n,escape", "answer(False)", "No")]
+    BINDINGS: ClassVar = [Binding("y,enter", "answer(True)", "Yes"), Binding("n,escape", "answer(False)", "No")]
 
     def __init__(self, question: str) -> None:
         super().__init__()
@@ -65,26 +112,34 @@ class Confirm(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
-            yield Label(self.question)
-            yield Label("[b]y[/b] yes    [b]n[/b] no")
+            yield Static(self.question, id="question", markup=False)  # a Static wraps; a long id never gets cut
+            yield Static("[b]Enter[/b]/[b]y[/b] yes    [b]Esc[/b]/[b]n[/b] no")
 
     def action_answer(self, answer: bool) -> None:
         self.dismiss(answer)
+
+
+#: Keys as a person names them, for the help screen and the footer.
+KEY_NAMES = {"question_mark": "?", "space": "Space", "tab": "Tab", "escape": "Esc", "enter": "Enter"}
 
 
 class Help(ModalScreen[None]):
     BINDINGS: ClassVar = [Binding("escape,question_mark,q", "app.pop_screen", "Close")]
 
     def compose(self) -> ComposeResult:
-        lines = [f"[b]{b.key:>7}[/b]  {b.description}" for b in MonitorApp.BINDINGS if isinstance(b, Binding) and b.description]
+        rows = [(KEY_NAMES.get(b.key, b.key), b.description) for b in MonitorApp.BINDINGS if isinstance(b, Binding) and b.description]
+        rows.append(("Tab", "next table"))
+        lines = [f"[b]{key:>5}[/b]  {description}" for key, description in rows]
         with Vertical(id="dialog"):
             yield Label("[b]lmcached tui[/b] — keys")
-            yield Static("\n".join(lines + ["  space  mark / unmark the chunk under the cursor", "    tab  next table"]))
-            yield Label("escape closes")
+            yield Static("\n".join(lines))
+            yield Label("Esc closes")
 
 
 class MonitorApp(App[None]):
     TITLE = "lmcached"
+    # Every action has its own key; the palette's footer entry would push Help off an 80-column footer.
+    ENABLE_COMMAND_PALETTE = False
     CSS = """
     #banner { background: $error; color: $text; padding: 0 1; display: none; }
     #banner.shown { display: block; }
@@ -96,7 +151,13 @@ class MonitorApp(App[None]):
     #events { height: 1fr; }
     #memory { height: 3; }
     .title { background: $boost; padding: 0 1; text-style: bold; }
-    #dialog { width: 60; height: auto; border: thick $accent; background: $surface; padding: 1 2; }
+    #dialog { width: 70; max-width: 90%; height: auto; border: thick $accent; background: $surface; padding: 1 2; }
+    #dialog Static { width: 100%; }
+    /* Narrow terminals (under 120 columns): chunks above events, no memory chart, compact columns. */
+    .compact #bottom { layout: vertical; }
+    .compact #left, .compact #right { width: 100%; }
+    .compact #memory, .compact #memory-title, .compact #filter { display: none; }
+    .compact #instances { max-height: 6; }
     Confirm, Help { align: center middle; }
     """
     BINDINGS: ClassVar = [
@@ -105,9 +166,9 @@ class MonitorApp(App[None]):
         Binding("p", "act('pin')", "Pin"),
         Binding("u", "act('unpin')", "Unpin"),
         Binding("x", "act('clear')", "Clear"),
-        Binding("space", "mark", "Mark", show=False),
+        Binding("space", "mark", "Mark / unmark the chunk under the cursor", show=False),
         Binding("r", "refresh", "Refresh"),
-        Binding("question_mark", "help", "Help"),
+        Binding("question_mark", "help", "Help", key_display="?"),
         Binding("q", "quit", "Quit"),
     ]
 
@@ -123,6 +184,7 @@ class MonitorApp(App[None]):
         self.marked: set[int] = set()
         self.chunk_rows: list[ChunkRow] = []
         self._refresh_pending = False
+        self.compact: bool | None = None  # decided by the first resize
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False)
@@ -142,11 +204,7 @@ class MonitorApp(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#instances", DataTable).add_columns(
-            "instance", "worker", "address", "state", "location", "chunks", "tokens", "used / capacity", "compressed", "ratio"
-        )
-        self.query_one("#chunks", DataTable).add_columns(" ", "key", "tokens", "size", "form", "pinned", "worker")
-        self.query_one("#events", DataTable).add_columns("time", "event", "instance", "tokens", "outcome")
+        self.set_layout(self.size.width < COMPACT_BELOW)
         if self.address is not None:
             self.set_banner(f"connecting to {self.address}…")
             self.watch_daemon()
@@ -197,11 +255,17 @@ class MonitorApp(App[None]):
             except (OSError, LmcachedError):
                 pass  # the connection worker notices and reports the loss
 
+    def part(self, selector: str, kind: type[W]) -> W:
+        """A widget of the main screen, whichever screen (a dialog, the help) is on top of it."""
+        return self.screen_stack[0].query_one(selector, kind)
+
     # ------------------------------------------------------------------ messages
+    @skipped_while_closing
     def on_snapshot_received(self, message: SnapshotReceived) -> None:
         self.state.apply_snapshot(message.snapshot)
         self.render_all()
 
+    @skipped_while_closing
     def on_event_received(self, message: EventReceived) -> None:
         row = self.state.apply_event(message.event)
         self.render_events()
@@ -209,17 +273,38 @@ class MonitorApp(App[None]):
             self._refresh_pending = True
             self.request_snapshot()
 
+    @skipped_while_closing
     def on_connection_changed(self, message: ConnectionChanged) -> None:
         self.connected = message.connected
+        self.state.connected = message.connected
         self.set_banner("" if message.connected else message.detail)
         self.sub_title = message.detail if message.connected else "disconnected"
+        self.render_instances()  # the worker rows turn grey and "unknown" until the daemon answers again
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.set_layout(event.size.width < COMPACT_BELOW)
+
+    def set_layout(self, compact: bool) -> None:
+        if compact == self.compact:
+            return
+        self.compact = compact
+        self.set_class(compact, "compact")
+        for table_id, columns in (
+            ("#instances", COMPACT_INSTANCE_COLUMNS if compact else INSTANCE_COLUMNS),
+            ("#chunks", COMPACT_CHUNK_COLUMNS if compact else CHUNK_COLUMNS),
+            ("#events", EVENT_COLUMNS),
+        ):
+            table = self.part(table_id, DataTable)
+            table.clear(columns=True)
+            table.add_columns(*columns)
+        self.render_all()
 
     def on_command_done(self, message: CommandDone) -> None:
         self.notify(message.detail, title=message.op, severity="information" if message.ok else "error")
 
     # ------------------------------------------------------------------ rendering
     def set_banner(self, text: str) -> None:
-        banner = self.query_one("#banner", Static)
+        banner = self.part("#banner", Static)
         banner.update(text)
         banner.set_class(bool(text), "shown")
 
@@ -227,51 +312,52 @@ class MonitorApp(App[None]):
         self.render_instances()
         self.render_chunks()
         self.render_events()
-        memory = self.query_one("#memory", Sparkline)
+        memory = self.part("#memory", Sparkline)
         memory.data = list(self.state.memory)
-        self.query_one("#memory-title", Static).update(f"Memory used: {human_bytes(self.state.total_bytes())}")
+        self.part("#memory-title", Static).update(f"Memory used: {human_bytes(self.state.total_bytes())}")
 
     def render_instances(self) -> None:
-        table = self.query_one("#instances", DataTable)
+        table = self.part("#instances", DataTable)
         cursor = table.cursor_row
         table.clear()
-        for row in self.state.instance_rows():
-            table.add_row(*row)
+        rows = self.state.instance_rows()
+        for row in rows:
+            cells = compact_instance_row(row) if self.compact else row
+            # Rows from before a lost connection are only the last known state: greyed out.
+            table.add_row(*(cells if self.connected or self.address is None else [Text(c, style="dim") for c in cells]))
         if table.row_count:
             table.move_cursor(row=min(cursor, table.row_count - 1))
             if self.selected is None:
-                first = self.state.instance_rows()[0]
-                self.selected = (first[0], first[4])
+                self.selected = (rows[0][0], rows[0][4])
 
     def render_chunks(self) -> None:
-        table = self.query_one("#chunks", DataTable)
+        table = self.part("#chunks", DataTable)
         cursor = table.cursor_row
         table.clear()
         instance, location = self.selected if self.selected else (None, None)
         self.chunk_rows = self.state.chunk_rows(instance, location)
+        self.marked &= {c.key for c in self.chunk_rows}  # a chunk that left cannot stay marked
         for chunk in self.chunk_rows:
-            form = chunk.method or "raw"
-            table.add_row(
+            cells = [
                 "*" if chunk.key in self.marked else "",
                 f"{chunk.key:016x}"[:12],
                 str(chunk.num_tokens),
                 human_bytes(chunk.nbytes),
-                form,
+                chunk.method or "raw",
                 "yes" if chunk.pinned else "",
-                chunk.worker_id,
-            )
+            ]
+            table.add_row(*(cells if self.compact else [*cells, chunk.worker_id]))
         if table.row_count:
             table.move_cursor(row=min(cursor, table.row_count - 1))
-        where = f"{instance} / {location}" if instance else "no instance"
-        self.query_one("#chunks-title", Static).update(f"Chunks of {where} ({len(self.chunk_rows)})")
+        where = f"{instance} / {TIERS.get(location or '', location) if self.compact else location}" if instance else "no instance"
+        self.part("#chunks-title", Static).update(f"Chunks of {where} ({len(self.chunk_rows)}, {len(self.marked)} marked)")
 
     def render_events(self) -> None:
-        table = self.query_one("#events", DataTable)
+        table = self.part("#events", DataTable)
         table.clear()
-        for event in self.state.event_rows(self.query_one("#filter", Input).value)[:200]:
-            table.add_row(
-                clock(event.time), event.kind, event.instance_id, "" if event.tokens is None else str(event.tokens), event.outcome
-            )
+        for event in self.state.event_rows(self.part("#filter", Input).value)[:200]:
+            instance = shorten(event.instance_id, 14) if self.compact else event.instance_id
+            table.add_row(clock(event.time), event.kind, instance, "" if event.tokens is None else str(event.tokens), event.outcome)
 
     @on(DataTable.RowHighlighted, "#instances")
     def instance_highlighted(self, event: DataTable.RowHighlighted) -> None:
@@ -288,31 +374,45 @@ class MonitorApp(App[None]):
         self.render_events()
 
     # ------------------------------------------------------------------ actions
+    @on(DataTable.RowSelected, "#instances")
+    def instance_chosen(self) -> None:
+        self.part("#chunks", DataTable).focus()  # Enter on a tier goes to its chunks
+
     def action_mark(self) -> None:
-        table = self.query_one("#chunks", DataTable)
+        table = self.part("#chunks", DataTable)
+        if not table.has_focus:
+            table.focus()
+            self.notify("Space marks chunks in the chunk table: moved there", severity="information")
+            return
         if 0 <= table.cursor_row < len(self.chunk_rows):
             key = self.chunk_rows[table.cursor_row].key
             self.marked.symmetric_difference_update({key})
             self.render_chunks()
 
     def target_chunks(self) -> list[ChunkRow]:
+        """What an action applies to: the marked chunks, else the row under the cursor when the chunk table
+        has focus; nothing otherwise (a cursor the user never put there chooses nothing)."""
         marked = [c for c in self.chunk_rows if c.key in self.marked]
         if marked:
             return marked
-        row = self.query_one("#chunks", DataTable).cursor_row
-        return [self.chunk_rows[row]] if 0 <= row < len(self.chunk_rows) else []
+        table = self.part("#chunks", DataTable)
+        row = table.cursor_row
+        return [self.chunk_rows[row]] if table.has_focus and 0 <= row < len(self.chunk_rows) else []
 
     def action_act(self, op: str) -> None:
         chunks = self.target_chunks()
         if not chunks or self.selected is None:
-            self.notify("select a chunk first (tab to the chunks table, space marks several)", severity="warning")
+            self.notify(
+                f"nothing chosen to {op}: Tab to the chunk table and put the cursor on a chunk (Space marks several)", severity="warning"
+            )
             return
         instance, location = self.selected
         tokens = sum(c.num_tokens for c in chunks)
         args: dict[str, Any] = {"instance_id": instance, "location": location, "keys": [c.key for c in chunks]}
         if op in ("compress", "decompress"):
             args["method"] = self.method
-        question = f"{op} {len(chunks)} chunk(s), {tokens} tokens, of {instance} / {location}?"
+        what = "marked" if self.marked else "under the cursor"
+        question = f"{op} {len(chunks)} chunk(s) {what}, {tokens} tokens, of {instance} / {location}?"
 
         def confirmed(answer: bool | None) -> None:
             if answer:

@@ -61,6 +61,8 @@ class MonitorState:
     snapshot_time: float | None = None
     #: Workers that left, kept to show as "lost": (instance_id, worker_id) -> (last description, when)
     lost: dict[tuple[str, str], tuple[dict[str, Any], float]] = field(default_factory=dict)
+    #: False while the monitor has lost the daemon: what it shows is then the last known state, not live.
+    connected: bool = True
 
     # -- updates
     def apply_snapshot(self, snapshot: dict[str, Any]) -> None:
@@ -92,19 +94,25 @@ class MonitorState:
                 self.lost[key] = (self._workers()[key], ts)
             row = EventRow(ts, "lost", event.get("instance_id", ""), None, f"{event.get('worker_id')}: {event.get('reason')}")
         elif kind == "chunks_reported":
-            admitted, evicted = int(event.get("admitted", 0)), int(event.get("evicted", 0))
-            what = (
-                "resync"
-                if event.get("full")
-                else ("admit" if admitted and not evicted else "evict" if evicted and not admitted else "admit/evict")
-            )
-            row = EventRow(ts, what, event.get("instance_id", ""), None, f"+{admitted} / -{evicted} chunks")
+            row = EventRow(ts, *self._report_outcome(event))
         elif kind == "operation":
             row = self._operation_row(event)
         else:
             row = EventRow(ts, str(kind), event.get("instance_id", "") or "", None, "")
         self.events.appendleft(row)
         return row
+
+    @staticmethod
+    def _report_outcome(event: dict[str, Any]) -> tuple[str, str, None, str]:
+        """A worker's report in words: chunks that arrived (admit), changed in place (update: compressed,
+        pinned...) or left (evict)."""
+        counts = {name: int(event.get(name, 0)) for name in ("admitted", "updated", "evicted")}
+        names = {"admitted": "admit", "updated": "update", "evicted": "evict"}
+        present = [names[n] for n, c in counts.items() if c]
+        kind = "resync" if event.get("full") else "/".join(present) or "report"
+        signs = {"admitted": "+", "updated": "~", "evicted": "-"}
+        outcome = ", ".join(f"{signs[n]}{c} {names[n]}" for n, c in counts.items() if c) + " chunks"
+        return kind, event.get("instance_id", ""), None, outcome
 
     @staticmethod
     def _operation_row(event: dict[str, Any]) -> EventRow:
@@ -127,6 +135,8 @@ class MonitorState:
             for worker in inst.get("workers", []):
                 state = "alive" if worker.get("alive", True) else "lost"
                 beat = worker.get("seconds_since_heartbeat")
+                if not self.connected:  # nobody can say whether it is alive until the monitor reconnects
+                    state, beat = "unknown", None
                 for location, stats in sorted(worker.get("locations", {}).items()):
                     ratio = stats.get("raw_bytes", 0) / stats["bytes"] if stats.get("bytes") else 0.0
                     capacity = stats.get("capacity_bytes")
