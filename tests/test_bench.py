@@ -22,6 +22,17 @@ def test_ratio_means_better_than_the_baseline_either_way() -> None:
     assert "| s | latency | 10 ms | 100 ms (miss) | 10.00× |" in report.markdown()
 
 
+def test_targets_are_marked_pass_or_short_beside_the_figure() -> None:
+    report = Report()
+    met = report.add("s", "hit", 10.0, "ms", 100.0, "miss", "≥5× faster", better="lower", need=("ratio", ">=", 5.0))
+    short = report.add("s", "size", 3.0, "×", target="≥ 4.5×", need=("value", ">=", 4.5))
+    spread = report.add("s", "miss", 6000.0, "ms", extra={"min_ms": 5900.0, "max_ms": 6800.0, "runs": 3})
+    assert (met.verdict, short.verdict, spread.verdict) == ("pass", "short", "")
+    table = report.markdown()
+    assert "✓ pass: ≥5× faster" in table and "✗ short: ≥ 4.5×" in table and "6000 ms (5900–6800)" in table
+    assert [r["verdict"] for r in json.loads(report.as_json())["rows"]] == ["pass", "short", ""]
+
+
 def test_bench_dataplane_quick_prints_json_and_a_plot(tmp_path: Path) -> None:
     plot = tmp_path / "plot.png"
     done = subprocess.run(
@@ -33,7 +44,7 @@ def test_bench_dataplane_quick_prints_json_and_a_plot(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)["rows"]
     stores = [r for r in rows if r["name"].startswith("store")]
-    assert stores and all(r["value"] > 0 and r["baseline"] > 0 for r in stores)
+    assert stores and all(r["value"] > 0 and r["baseline"] > 0 and r["verdict"] in ("pass", "short") for r in stores)
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import time
 import urllib.request
 from typing import Any
@@ -50,53 +51,88 @@ def greedy(engine: str, tokens: list[int], n: int = 20) -> str:
     return post(engine + "/v1/completions", {"prompt": tokens, "max_tokens": n, "temperature": 0})["choices"][0]["text"]
 
 
+def clear(controller: str, tokens: list[int]) -> None:
+    """Drop a prompt's chunks, so the next request on it is a true miss."""
+    answer = post(controller + "/clear", {"instance_id": INSTANCE, "location": CPU, "tokens": tokens})
+    wait_event(controller, answer["event_id"])
+
+
+def compress(controller: str, tokens: list[int]) -> None:
+    answer = post(controller + "/compress", {"instance_id": INSTANCE, "method": "cachegen", "location": CPU, "tokens": tokens})
+    wait_event(controller, answer["event_id"])
+
+
+def one_round(engine: str, controller: str, tokens: list[int]) -> tuple[float, float, float, int]:
+    """Miss, hit, compressed hit on one prompt, starting from an empty cache for it: (seconds x3, tokens cached)."""
+    clear(controller, tokens)
+    miss, first = ttft(engine, tokens)
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0, "the miss was not a miss"
+    hit, second = ttft(engine, tokens)
+    compress(controller, tokens)
+    compressed_hit, _ = ttft(engine, tokens)
+    return miss, hit, compressed_hit, second["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def median_spread(values: list[float]) -> tuple[float, dict[str, float]]:
+    ordered = sorted(values)
+    return statistics.median(ordered), {"min_ms": ordered[0] * 1000, "max_ms": ordered[-1] * 1000, "runs": len(ordered)}
+
+
 def run(report: Report, quick: bool = False) -> None:
     from pydoc_data.topics import topics
 
     proc, ports = start_daemon(engine=True)
     engine, controller = f"http://127.0.0.1:{ports['engine']['http']}", f"http://127.0.0.1:{ports['http']}"
-    sizes = [512, 1500] if quick else [512, 1500, 4000]
+    sizes = [1500] if quick else [512, 1500, 4000]
+    repeats = 2 if quick else 3
     text = "\n\n".join(topics[name] for name in ("specialnames", "compound", "types", "formatstrings"))
     corpus = post(engine + "/tokenize", {"prompt": text})["tokens"]
     try:
         with progress() as bar:
-            task = bar.add_task("engine", total=len(sizes))
+            task = bar.add_task("engine", total=1 + len(sizes))
+            # Warm-up, untimed: the first forward pass, the codec's kernels and the data plane all pay one-off
+            # costs that would otherwise be booked to whichever figure came first.
+            one_round(engine, controller, corpus[-600:])
+            bar.advance(task)
             offset = 0
             for size in sizes:
                 tokens = corpus[offset : offset + size]
                 offset += size
-                miss, first = ttft(engine, tokens)
-                assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-                hit, second = ttft(engine, tokens)
-                cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
-                reference = greedy(engine, tokens)
-                answer = post(controller + "/compress", {"instance_id": INSTANCE, "method": "cachegen", "location": CPU, "tokens": tokens})
-                wait_event(controller, answer["event_id"])
-                compressed_hit, third = ttft(engine, tokens)
+                rounds = [one_round(engine, controller, tokens) for _ in range(repeats)]
+                miss, miss_spread = median_spread([r[0] for r in rounds])
+                hit, hit_spread = median_spread([r[1] for r in rounds])
+                compressed_hit, compressed_spread = median_spread([r[2] for r in rounds])
+                cached = rounds[-1][3]
+                reference = greedy(engine, tokens)  # the cache holds the compressed chunks now
+                clear(controller, tokens)
                 same = greedy(engine, tokens) == reference
-                report.add("engine", f"TTFT miss, {size}-token prompt", miss * 1000, "ms")
+                at_target = size == 1500
+                report.add("engine", f"TTFT miss, {size}-token prompt (median of {repeats})", miss * 1000, "ms", extra=miss_spread)
                 report.add(
                     "engine",
-                    f"TTFT hit, {size}-token prompt ({cached} cached)",
+                    f"TTFT hit, {size}-token prompt ({cached} cached, median of {repeats})",
                     hit * 1000,
                     "ms",
                     miss * 1000,
                     "miss",
-                    "≥10× faster than a miss at 1,500",
+                    "≥10× faster than a miss at 1,500" if at_target else "",
                     better="lower",
+                    extra=hit_spread,
+                    need=("ratio", ">=", 10.0) if at_target else None,
                 )
                 report.add(
                     "engine",
-                    f"TTFT compressed hit, {size}-token prompt",
+                    f"TTFT compressed hit, {size}-token prompt (median of {repeats})",
                     compressed_hit * 1000,
                     "ms",
                     miss * 1000,
                     "miss",
-                    "≥5× faster than a miss at 1,500",
+                    "≥5× faster than a miss at 1,500" if at_target else "",
                     better="lower",
-                    extra={"greedy_20_tokens_identical": same},
+                    extra={**compressed_spread, "greedy_20_tokens_identical": same},
+                    need=("ratio", ">=", 5.0) if at_target else None,
                 )
-                report.add("engine", f"greedy output identical after compress, {size}-token prompt", float(same), "(1 = yes)")
+                report.add("engine", f"greedy output from compressed KV = recomputed, {size}-token prompt", float(same), "(1 = yes)")
                 bar.advance(task)
     finally:
         proc.terminate()

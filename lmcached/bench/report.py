@@ -23,6 +23,9 @@ class Row:
     #: "higher" for rates (ratio = value / baseline), "lower" for latencies (ratio = baseline / value):
     #: either way a ratio above 1 means better than the baseline.
     better: str = "higher"
+    #: What `target` says, checkable: ("value" or "ratio", ">=" or "<=", threshold); None when the figure
+    #: has no target on this row.
+    need: tuple[str, str, float] | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -31,6 +34,29 @@ class Row:
         if self.better == "lower":
             return self.baseline / self.value  # type: ignore[operator]
         return self.value / self.baseline  # type: ignore[operator]
+
+    @property
+    def verdict(self) -> str:
+        """"pass" or "short" against the target on this machine, this run; "" when there is none."""
+        if self.need is None:
+            return ""
+        what, op, threshold = self.need
+        figure = self.value if what == "value" else self.ratio
+        if figure is None:
+            return "short"
+        return "pass" if (figure >= threshold if op == ">=" else figure <= threshold) else "short"
+
+    def value_cell(self) -> str:
+        """The figure, with its spread (min–max over the runs) when it is a median of several."""
+        spread = f" ({self.extra['min_ms']:.4g}–{self.extra['max_ms']:.4g})" if "min_ms" in self.extra and "max_ms" in self.extra else ""
+        return f"{self.value:.4g} {self.unit}{spread}"
+
+    def target_cell(self, marks: bool = True) -> str:
+        """The target with a mark beside it: ✓ met, ✗ short (on this machine, in this run)."""
+        if not self.verdict:
+            return self.target
+        mark = ("✓" if self.verdict == "pass" else "✗") if marks else ""
+        return f"{mark} {self.verdict}: {self.target}".strip()
 
 
 @dataclass
@@ -54,7 +80,12 @@ class Report:
 
     def as_json(self) -> str:
         return json.dumps(
-            {"machine": self.machine(), "rows": [{**asdict(r), "ratio": r.ratio} for r in self.rows], "series": self.series}, indent=2
+            {
+                "machine": self.machine(),
+                "rows": [{**asdict(r), "ratio": r.ratio, "verdict": r.verdict} for r in self.rows],
+                "series": self.series,
+            },
+            indent=2,
         )
 
     def markdown(self) -> str:
@@ -63,7 +94,7 @@ class Report:
         for r in self.rows:
             base = f"{r.baseline:.4g} {r.unit} ({r.baseline_name})" if r.baseline is not None else ""
             ratio = f"{r.ratio:.2f}×" if r.ratio is not None else ""
-            lines.append(f"| {r.section} | {r.name} | {r.value:.4g} {r.unit} | {base} | {ratio} | {r.target} |")
+            lines.append(f"| {r.section} | {r.name} | {r.value_cell()} | {base} | {ratio} | {r.target_cell()} |")
         return "\n".join(lines) + "\n"
 
     def print_table(self) -> None:
@@ -76,8 +107,17 @@ class Report:
         for r in self.rows:
             base = f"{r.baseline:.4g} {r.unit} ({r.baseline_name})" if r.baseline is not None else ""
             ratio = f"{r.ratio:.2f}×" if r.ratio is not None else ""
-            table.add_row(r.section, r.name, f"{r.value:.4g} {r.unit}", base, ratio, r.target)
-        Console(width=max(160, Console().width)).print(table)
+            target = r.target_cell()
+            style = {"pass": "green", "short": "bold red"}.get(r.verdict, "")
+            table.add_row(r.section, r.name, r.value_cell(), base, ratio, f"[{style}]{target}[/]" if style else target)
+        console = Console(width=max(160, Console().width))
+        console.print(table)
+        checked = [r for r in self.rows if r.verdict]
+        short = [r for r in checked if r.verdict == "short"]
+        if checked:
+            console.print(f"{len(checked) - len(short)} of {len(checked)} targets met on this machine" + (":" if short else "."))
+            for r in short:
+                console.print(f"  [bold red]short[/]: {r.section} / {r.name}: {r.value:.4g} {r.unit} (target {r.target})")
 
     def plot(self, path: Path) -> None:
         import matplotlib
