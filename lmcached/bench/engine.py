@@ -103,8 +103,11 @@ def run(report: Report, quick: bool = False) -> None:
                 hit, hit_spread = median_spread([r[1] for r in rounds])
                 compressed_hit, compressed_spread = median_spread([r[2] for r in rounds])
                 cached = rounds[-1][3]
-                reference = greedy(engine, tokens)  # the cache holds the compressed chunks now
+                # Greedy output from the compressed chunks against the raw ones (as a plain hit serves them).
                 clear(controller, tokens)
+                greedy(engine, tokens)  # a miss: stores the prompt's KV raw
+                reference = greedy(engine, tokens)
+                compress(controller, tokens)
                 same = greedy(engine, tokens) == reference
                 at_target = size == 1500
                 report.add("engine", f"TTFT miss, {size}-token prompt (median of {repeats})", miss * 1000, "ms", extra=miss_spread)
@@ -132,7 +135,7 @@ def run(report: Report, quick: bool = False) -> None:
                     extra={**compressed_spread, "greedy_20_tokens_identical": same},
                     need=("ratio", ">=", 5.0) if at_target else None,
                 )
-                report.add("engine", f"greedy output from compressed KV = recomputed, {size}-token prompt", float(same), "(1 = yes)")
+                report.add("engine", f"greedy output identical after compress, {size}-token prompt", float(same), "(1 = yes)")
                 bar.advance(task)
     finally:
         proc.terminate()
