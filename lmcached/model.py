@@ -73,7 +73,9 @@ def _converted(gguf: Path) -> Path:
 
     def progress(step: int, what: str) -> None:
         # The first start spends most of its time here; say so, so nobody thinks it hung.
-        print(f"converting {gguf.name} (first start only) [{step}/3] {what} ({time.monotonic() - started:.0f}s)", file=sys.stderr, flush=True)
+        print(
+            f"converting {gguf.name} (first start only) [{step}/3] {what} ({time.monotonic() - started:.0f}s)", file=sys.stderr, flush=True
+        )
 
     log.info("converting %s once to %s", gguf.name, target)
     progress(1, "reading the tokenizer")

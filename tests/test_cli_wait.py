@@ -10,8 +10,8 @@ from lmcached.chunks import chunk_spans
 from lmcached.client import KVClient
 
 from .conftest import SEED_TOKENS, ServeProcess, make_kv, serving, test_config
-from .test_faults import fake_worker
 from .test_e2e import cli, post, wait_for
+from .test_faults import fake_worker
 
 TOKENS = ",".join(map(str, SEED_TOKENS))
 

@@ -191,10 +191,11 @@ def test_a_deliberate_shutdown_is_quiet_news_not_a_warning() -> None:
     """A worker stopped on purpose leaves with a goodbye (INFO, not 'lost' as a WARNING); SIGTERM, which a
     service manager sends, gets no Ctrl-C hint."""
     server = start_serve()
+    controller = f"127.0.0.1:{server.ports['monitor']}"
     worker = start_process(
-        [sys.executable, "-m", "lmcached", "worker", "--instance-id", "leaving", "--controller", f"127.0.0.1:{server.ports['monitor']}", "--port", "0"],
+        [sys.executable, "-m", "lmcached", "worker", "--instance-id", "leaving", "--controller", controller, "--port", "0"],
         "lmcached worker ready ",
-    )  # fmt: skip
+    )
     assert wait_for(lambda: "leaving" in post(server, "/query_worker_info", {"instance_id": "all"}).__str__())
     assert stop_serve(worker) == 0
     assert wait_for(lambda: any("worker" in line and "shut down" in line for line in server.output))

@@ -238,7 +238,9 @@ async def test_actions_need_a_chosen_chunk_and_confirm_with_enter() -> None:
         assert isinstance(app.screen, Confirm) and "1 chunk(s) marked" in app.screen.question
         await pilot.press("enter")
         await pilot.pause(0.1)
-        assert sent == [("compress", {"instance_id": INSTANCE, "location": CPU_LOCATION, "keys": [0x336D4E44848F0001], "method": "cachegen"})]
+        assert sent == [
+            ("compress", {"instance_id": INSTANCE, "location": CPU_LOCATION, "keys": [0x336D4E44848F0001], "method": "cachegen"})
+        ]
 
         await pilot.press("x")  # nothing marked now: the row under the cursor, in the focused chunk table
         await pilot.pause(0.1)

@@ -154,7 +154,14 @@ def run(report: Report, quick: bool = False) -> None:
     for name, rows in results.items():
         ratio, dppl, agree = (float(np.mean([r[i] for r in rows])) for i in range(3))
         ours = name == "lmcached cachegen"
-        report.add("codec quality", f"{name}: size vs fp16", ratio, "×", target="≥ 4.5×" if ours else "", need=("value", ">=", 4.5) if ours else None)
+        report.add(
+            "codec quality",
+            f"{name}: size vs fp16",
+            ratio,
+            "×",
+            target="≥ 4.5×" if ours else "",
+            need=("value", ">=", 4.5) if ours else None,
+        )
         report.add(
             "codec quality",
             f"{name}: perplexity change",
@@ -163,7 +170,14 @@ def run(report: Report, quick: bool = False) -> None:
             target="≤ +1.0%" if ours else "",
             need=("value", "<=", 1.0) if ours else None,
         )
-        report.add("codec quality", f"{name}: top-1 agreement", agree, "", target="≥ 0.95" if ours else "", need=("value", ">=", 0.95) if ours else None)
+        report.add(
+            "codec quality",
+            f"{name}: top-1 agreement",
+            agree,
+            "",
+            target="≥ 0.95" if ours else "",
+            need=("value", ">=", 0.95) if ours else None,
+        )
     speed(report, [s.kv[:, :, i : i + CHUNK].contiguous() for s in data for i in range(0, PREFIX, CHUNK)], quick)
 
 
@@ -222,7 +236,14 @@ def speed(report: Report, chunks: list[torch.Tensor], quick: bool) -> None:
                 need=("ratio", ">=", 1.0),
             )
             report.add(
-                "codec speed", "lossless encode vs zstd -19", total / enc, "GB/s", total / z19_time, "zstd -19 compress", "≥ 2× zstd -19", need=("ratio", ">=", 2.0)
+                "codec speed",
+                "lossless encode vs zstd -19",
+                total / enc,
+                "GB/s",
+                total / z19_time,
+                "zstd -19 compress",
+                "≥ 2× zstd -19",
+                need=("ratio", ">=", 2.0),
             )
 
 
@@ -245,8 +266,18 @@ def gpu_speed(report: Report, codec: object, chunks: list[torch.Tensor], repeats
     dec = best_of(synced(lambda: [codec.decode(b, device="cuda") for b in blobs]), repeats)  # type: ignore[attr-defined]
     name = torch.cuda.get_device_name()
     report.add(
-        "codec speed", f"cachegen GPU encode, {total * 1e3:.0f} MB batch ({name})", total / enc, "GB/s", target="≥ 100 GB/s on an H200", need=("value", ">=", 100.0)
+        "codec speed",
+        f"cachegen GPU encode, {total * 1e3:.0f} MB batch ({name})",
+        total / enc,
+        "GB/s",
+        target="≥ 100 GB/s on an H200",
+        need=("value", ">=", 100.0),
     )
     report.add(
-        "codec speed", f"cachegen GPU decode, {total * 1e3:.0f} MB batch ({name})", total / dec, "GB/s", target="≥ 100 GB/s on an H200", need=("value", ">=", 100.0)
+        "codec speed",
+        f"cachegen GPU decode, {total * 1e3:.0f} MB batch ({name})",
+        total / dec,
+        "GB/s",
+        target="≥ 100 GB/s on an H200",
+        need=("value", ">=", 100.0),
     )

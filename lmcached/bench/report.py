@@ -37,7 +37,7 @@ class Row:
 
     @property
     def verdict(self) -> str:
-        """"pass" or "short" against the target on this machine, this run; "" when there is none."""
+        """ "pass" or "short" against the target on this machine, this run; "" when there is none."""
         if self.need is None:
             return ""
         what, op, threshold = self.need
