@@ -34,9 +34,9 @@ from lmcached.frames import (
     read_frame_head,
     read_payload,
 )
+from lmcached.handshake import parse_address
 from lmcached.sockio import SocketStream
 from lmcached.tensors import byte_view, check_kv, dtype_from_name, dtype_name
-from lmcached.worker import parse_address
 
 
 class DataPlaneError(LmcachedError):

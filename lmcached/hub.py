@@ -13,8 +13,8 @@ from typing import Any
 from lmcached.config import Config
 from lmcached.errors import LmcachedError, ProtocolError, Unauthorized, WorkerUnavailable
 from lmcached.frames import HELLO_TIMEOUT_S, Kind, read_frame, write_frame
+from lmcached.handshake import WORKER_ROLE, receive_hello
 from lmcached.index import ChunkIndex, WorkerKey, WorkerRecord
-from lmcached.worker import WORKER_ROLE, receive_hello
 
 log = logging.getLogger(__name__)
 

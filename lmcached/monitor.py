@@ -10,8 +10,8 @@ from typing import Any
 
 from lmcached.errors import LmcachedError, ProtocolError, Unauthorized
 from lmcached.frames import Frame, Kind, read_frame, write_frame
+from lmcached.handshake import parse_address
 from lmcached.hub import MONITOR_ROLE
-from lmcached.worker import parse_address
 
 
 class MonitorClient:

@@ -1,0 +1,124 @@
+"""A worker's data plane (port 8001): engines store, look up and retrieve chunks of a Storage over TCP frames."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from typing import Any
+
+from lmcached.backends import Chunk
+from lmcached.config import Config
+from lmcached.dataplane import check_keys, chunk_headers
+from lmcached.errors import LmcachedError, ProtocolError, Unauthorized
+from lmcached.frames import HELLO_TIMEOUT_S, MAX_DATA_PAYLOAD_BYTES, Kind, frame_parts, read_frame_head, read_payload
+from lmcached.handshake import receive_hello
+from lmcached.sockio import SocketStream, serve_sockets
+from lmcached.storage import Storage, raw_nbytes
+
+log = logging.getLogger(__name__)
+
+
+class DataPlaneServer:
+    """Serves one Storage on host:port; `identity` (instance and worker ids) goes into every welcome."""
+
+    def __init__(self, storage: Storage, config: Config, host: str, port: int, identity: dict[str, Any]) -> None:
+        self.storage = storage
+        self.config = config
+        self.host = host
+        self.port = port
+        self.identity = identity
+        self._listener: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._client_tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        self._listener, self._accept_task = await serve_sockets(self.host, self.port, self._serve_client)
+        self.port = self._listener.getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            await asyncio.gather(self._accept_task, return_exceptions=True)
+        if self._listener is not None:
+            self._listener.close()
+        for task in list(self._client_tasks):
+            task.cancel()
+        await asyncio.gather(*self._client_tasks, return_exceptions=True)
+
+    async def _serve_client(self, stream: SocketStream) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._client_tasks.add(task)
+        try:
+            if await receive_hello(stream, self.config.auth_token) is None:
+                return
+            welcome = {
+                "chunk_size": self.config.chunk_size,
+                **self.identity,
+                "save_unfull_chunk": self.config.save_unfull_chunk,
+            }
+            await stream.sendall(frame_parts(Kind.WELCOME, welcome, []))
+            while True:
+                head = await read_frame_head(stream, MAX_DATA_PAYLOAD_BYTES)
+                if head is None:
+                    return
+                await self._answer(stream, *head)
+        except (ProtocolError, Unauthorized) as exc:
+            log.warning("data-plane peer %s: %s; closing", stream.peername(), exc)
+            with contextlib.suppress(OSError):
+                await stream.sendall(frame_parts(Kind.ERROR, {"detail": str(exc), "status": exc.http_status}, []))
+        except asyncio.TimeoutError:
+            log.warning("data-plane peer %s sent no hello in %.0fs; closing", stream.peername(), HELLO_TIMEOUT_S)
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            self._client_tasks.discard(task)
+            stream.close()
+
+    async def _reply(self, stream: SocketStream, header: dict[str, Any], payloads: list[Any] | None = None) -> None:
+        await stream.sendall(frame_parts(Kind.REPLY, header, payloads or []))
+
+    async def _answer(self, stream: SocketStream, kind: Kind, header: dict[str, Any], payload_len: int) -> None:
+        req_id = header.get("req_id")
+        if kind == Kind.STORE:
+            chunks = await self._receive_chunks(stream, header, payload_len)
+            try:
+                stored = await self.storage.store(chunks, header.get("location"))
+            except LmcachedError as exc:
+                await self._reply(stream, {"req_id": req_id, "error": str(exc), "status": exc.http_status})
+                return
+            await self._reply(stream, {"req_id": req_id, "num_tokens": stored})
+            return
+        if payload_len:
+            raise ProtocolError(f"{kind.name} frames carry no payload")
+        if kind == Kind.LOOKUP:
+            await self._reply(stream, {"req_id": req_id, "num_tokens": self.storage.lookup(check_keys(header))})
+        elif kind == Kind.RETRIEVE:
+            try:
+                chunks = await self.storage.retrieve(check_keys(header))
+            except LmcachedError as exc:
+                await self._reply(stream, {"req_id": req_id, "error": str(exc), "status": exc.http_status})
+                return
+            await self._reply(stream, {"req_id": req_id, "chunks": [c.meta() for c in chunks]}, [c.data for c in chunks])
+        else:
+            raise ProtocolError(f"unexpected {kind.name} frame on the data plane")
+
+    @staticmethod
+    async def _receive_chunks(stream: SocketStream, header: dict[str, Any], payload_len: int) -> list[Chunk]:
+        metas = chunk_headers(header)
+        if sum(m["nbytes"] for m in metas) != payload_len:
+            raise ProtocolError("chunk sizes do not add up to the payload length")
+        chunks = []
+        for meta in metas:
+            data = await read_payload(stream, meta["nbytes"])  # straight into this chunk's own buffer
+            chunk = Chunk.from_meta(meta, data)
+            if chunk.method is None and raw_nbytes(chunk.shape, chunk.dtype) != chunk.nbytes:
+                raise ProtocolError(f"chunk {chunk.key:016x}: {chunk.nbytes} bytes do not match shape {list(chunk.shape)}")
+            chunks.append(chunk)
+        return chunks
