@@ -53,16 +53,26 @@ def tokens_array(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
     return arr.astype("<u4", copy=False)
 
 
-def chunk_spans(tokens: Sequence[int] | np.ndarray, chunk_size: int, save_unfull_chunk: bool = True) -> list[ChunkSpan]:
+def root_key(salt: str | None) -> bytes:
+    """Where a key chain starts: ROOT_KEY, or a tenant's own start when a request carries a cache salt
+    (vLLM's `cache_salt`), so prompts with different salts never share a chunk (LMCache issue 4825)."""
+    if not salt:
+        return ROOT_KEY
+    return hashlib.blake2b(b"lmcached-cache-salt\0" + salt.encode(), digest_size=KEY_BYTES).digest()
+
+
+def chunk_spans(
+    tokens: Sequence[int] | np.ndarray, chunk_size: int, save_unfull_chunk: bool = True, salt: str | None = None
+) -> list[ChunkSpan]:
     """Cut tokens into chunks and key each one by a chained hash: h_i = blake2b(h_{i-1} || tokens of chunk i).
 
     The hash is blake2b with an 8-byte digest, stable across processes and machines (Python's hash() is
     salted per process, which broke LMCache's lookups across workers). The last, partial chunk is kept
-    unless `save_unfull_chunk` is off.
+    unless `save_unfull_chunk` is off. A `salt` starts the chain elsewhere (see root_key).
     """
     arr = tokens_array(tokens)
     spans: list[ChunkSpan] = []
-    previous = ROOT_KEY
+    previous = root_key(salt)
     n = len(arr)
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)

@@ -120,11 +120,17 @@ def serve(
     engine: bool = typer.Option(False, "--engine", help="Also serve the SmolLM2 engine (port 8000) on the embedded instance."),
     engine_port: int = typer.Option(8000, "--engine-port", help="The engine's port, with --engine."),
     model: str | None = typer.Option(None, "--model", help="A local .gguf file or transformers directory, with --engine."),
+    instance: bool = typer.Option(
+        True, "--instance/--no-instance", help="Run the embedded default instance (--no-instance: instances register from elsewhere)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run the controller, the worker/monitor port and the embedded default instance (with --engine, the engine too)."""
 
     from lmcached.serve import run
+
+    if engine and not instance:
+        fail("--engine needs the embedded instance; drop --no-instance", 2)
 
     cfg = _load_config(
         config,
@@ -139,7 +145,25 @@ def serve(
     )
     _prepare_process(verbose)
     engine_options = {"port": engine_port, "model": model} if engine else None
-    run_daemon(lambda stop: run(cfg, stop, engine_options))
+    run_daemon(lambda stop: run(cfg, stop, engine_options, embedded=instance))
+
+
+@app.command()
+def controller(
+    host: str | None = typer.Option(None, help="Address to bind (default 127.0.0.1)."),
+    port: int | None = typer.Option(None, help="HTTP controller port (default 9000)."),
+    monitor_port: int | None = typer.Option(None, help="Worker/monitor TCP port (default 9001)."),
+    config: Path | None = typer.Option(None, "--config", help="YAML config (LMCache's keys); also LMCACHE_CONFIG_FILE."),
+    auth_token: str | None = typer.Option(None, "--auth-token", help="Require this token (also LMCACHED_AUTH_TOKEN)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run only the controller (HTTP and the worker/monitor port), as LMCache's `lmcache_controller` does:
+    the instances register from elsewhere (vLLM's LmcachedConnector, `lmcached worker`). Same as `serve --no-instance`."""
+    from lmcached.serve import run
+
+    cfg = _load_config(config, {"host": host, "port": port, "monitor_port": monitor_port, "auth_token": auth_token})
+    _prepare_process(verbose)
+    run_daemon(lambda stop: run(cfg, stop, None, embedded=False))
 
 
 @app.command(name="engine")

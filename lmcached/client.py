@@ -180,13 +180,14 @@ class KVClient:
             self._sock.close()
             self._sock = None
 
-    def spans(self, tokens: Sequence[int]) -> list[ChunkSpan]:
-        return chunk_spans(tokens, self.chunk_size, self.save_unfull_chunk)
+    def spans(self, tokens: Sequence[int], salt: str | None = None) -> list[ChunkSpan]:
+        return chunk_spans(tokens, self.chunk_size, self.save_unfull_chunk, salt)
 
-    def store(self, tokens: Sequence[int], kv: torch.Tensor) -> int:
-        """Store every chunk of `tokens`' KV; returns the number of tokens stored."""
+    def store(self, tokens: Sequence[int], kv: torch.Tensor, skip_tokens: int = 0, salt: str | None = None) -> int:
+        """Store the chunks of `tokens`' KV, except those wholly inside the first `skip_tokens` (already cached);
+        returns the number of tokens stored. `salt` keys a tenant's chunks apart (vLLM's cache_salt)."""
         kv = check_kv(kv, len(tokens))
-        spans = self.spans(tokens)
+        spans = [s for s in self.spans(tokens, salt) if s.end > skip_tokens]
         if not spans:
             return 0
         store = _Store(spans, kv, next(self._req_ids))
@@ -196,14 +197,16 @@ class KVClient:
             sock.sendall(view)
         return int(self._reply()["num_tokens"])
 
-    def lookup(self, tokens: Sequence[int]) -> int:
+    def lookup(self, tokens: Sequence[int], salt: str | None = None) -> int:
         """The length of `tokens`' prefix that the worker holds."""
-        self._send(frame_parts(Kind.LOOKUP, {"req_id": next(self._req_ids), "keys": [s.key for s in self.spans(tokens)]}, []))
+        keys = [s.key for s in self.spans(tokens, salt)]
+        self._send(frame_parts(Kind.LOOKUP, {"req_id": next(self._req_ids), "keys": keys}, []))
         return int(self._reply()["num_tokens"])
 
-    def retrieve(self, tokens: Sequence[int]) -> torch.Tensor | None:
+    def retrieve(self, tokens: Sequence[int], salt: str | None = None) -> torch.Tensor | None:
         """The KV of the cached prefix [2, L, n, C] (compressed chunks come back decoded), or None."""
-        self._send(frame_parts(Kind.RETRIEVE, {"req_id": next(self._req_ids), "keys": [s.key for s in self.spans(tokens)]}, []))
+        keys = [s.key for s in self.spans(tokens, salt)]
+        self._send(frame_parts(Kind.RETRIEVE, {"req_id": next(self._req_ids), "keys": keys}, []))
         kind, header, payload_len = self._read_head()
         metas = chunk_headers(_check_reply(kind, header))
         if sum(m["nbytes"] for m in metas) != payload_len:
@@ -297,14 +300,14 @@ class AsyncKVClient:
             self._stream.close()
             self._stream = None
 
-    def spans(self, tokens: Sequence[int]) -> list[ChunkSpan]:
-        return chunk_spans(tokens, self.chunk_size, self.save_unfull_chunk)
+    def spans(self, tokens: Sequence[int], salt: str | None = None) -> list[ChunkSpan]:
+        return chunk_spans(tokens, self.chunk_size, self.save_unfull_chunk, salt)
 
-    async def store(self, tokens: Sequence[int], kv: torch.Tensor, skip_tokens: int = 0) -> int:
+    async def store(self, tokens: Sequence[int], kv: torch.Tensor, skip_tokens: int = 0, salt: str | None = None) -> int:
         """Store the chunks of `tokens`' KV, except those wholly inside the first `skip_tokens` (already cached:
         storing them again would replace a compressed chunk with its raw bytes). Returns tokens stored."""
         kv = check_kv(kv, len(tokens))
-        spans = [s for s in self.spans(tokens) if s.end > skip_tokens]
+        spans = [s for s in self.spans(tokens, salt) if s.end > skip_tokens]
         if not spans:
             return 0
         async with self._lock:
@@ -322,19 +325,18 @@ class AsyncKVClient:
         async with self._lock:
             return int((await self._request(_chunks_frame(chunks, location, next(self._req_ids))))["num_tokens"])
 
-    async def lookup(self, tokens: Sequence[int]) -> int:
+    async def lookup(self, tokens: Sequence[int], salt: str | None = None) -> int:
         """The length of `tokens`' prefix that the worker holds."""
         async with self._lock:
-            frame = frame_parts(Kind.LOOKUP, {"req_id": next(self._req_ids), "keys": [s.key for s in self.spans(tokens)]}, [])
+            frame = frame_parts(Kind.LOOKUP, {"req_id": next(self._req_ids), "keys": [s.key for s in self.spans(tokens, salt)]}, [])
             return int((await self._request(frame))["num_tokens"])
 
-    async def retrieve(self, tokens: Sequence[int]) -> torch.Tensor | None:
+    async def retrieve(self, tokens: Sequence[int], salt: str | None = None) -> torch.Tensor | None:
         """The KV of the cached prefix [2, L, n, C] (compressed chunks come back decoded), or None."""
         async with self._lock:
             stream = self._conn()
-            await stream.sendall(
-                frame_parts(Kind.RETRIEVE, {"req_id": next(self._req_ids), "keys": [s.key for s in self.spans(tokens)]}, [])
-            )
+            keys = [s.key for s in self.spans(tokens, salt)]
+            await stream.sendall(frame_parts(Kind.RETRIEVE, {"req_id": next(self._req_ids), "keys": keys}, []))
             kind, header, payload_len = await self._read_head()
             metas = chunk_headers(_check_reply(kind, header))
             if sum(m["nbytes"] for m in metas) != payload_len:

@@ -142,7 +142,9 @@ class Controller:
         return fields.parse_body(await request.read())
 
     def _spans(self, body: dict[str, Any]) -> list[Any]:
-        return chunk_spans(fields.tokens(body), self.config.chunk_size)
+        """The request's chunks; an optional `cache_salt` (vLLM's per-tenant salt) keys them as the engine did."""
+        salt = fields.string(body, "cache_salt") if body.get("cache_salt") is not None else None
+        return chunk_spans(fields.tokens(body), self.config.chunk_size, salt=salt)
 
     def _launch(self, event: Event, calls: list[Call]) -> None:
         """Run worker commands in the background; the event tells how they went."""

@@ -22,7 +22,7 @@ import torch
 from aiohttp import web
 
 from lmcached.errors import InvalidRequest, LmcachedError, NotFound
-from lmcached.model import LoadedModel, cache_from_kv, kv_from_cache
+from lmcached.model import LoadedModel, cache_from_kv, forward, kv_from_cache
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class Engine:
                 cache = cache_from_kv(cached[:, :, :used], self.loaded.kv_heads, torch.float32)
         ids = torch.tensor([tokens[used:]], dtype=torch.long)
         with torch.no_grad():
-            out = self.loaded.model(ids, cache=cache, use_cache=True) if cache is not None else self.loaded.model(ids, use_cache=True)
+            out = forward(self.loaded.model, ids, cache)
         cache = out.cache
         fully_cached = cached is not None and cached.shape[2] >= len(tokens)
         kv = None if fully_cached else kv_from_cache(cache, self.kv_dtype)
@@ -258,7 +258,7 @@ class Engine:
 
     def _step(self, cache: Any, token: int) -> torch.Tensor:
         with torch.no_grad():
-            out = self.loaded.model(torch.tensor([[token]], dtype=torch.long), cache=cache, use_cache=True)
+            out = forward(self.loaded.model, torch.tensor([[token]], dtype=torch.long), cache)
         return out.logits[0, -1].float()
 
     @staticmethod

@@ -57,16 +57,36 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LMCACHED_CACHE_DIR", Path.home() / ".cache" / "lmcached"))
 
 
+#: Bumped when the converted directory's contents change (2: tied embeddings saved under both names).
+CONVERSION_FORMAT = 2
+
+
+def untied_state(model: Any) -> dict[str, torch.Tensor]:
+    """Every weight under every name the model has for it. Tied weights (SmolLM2's embeddings and lm_head)
+    share one tensor; safetensors' save_model keeps only one name, and vLLM, which skips `lm_head` when
+    embeddings are tied, then finds no `model.embed_tokens.weight` and generates token 0 forever."""
+    seen: set[int] = set()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach()
+        pointer = tensor.data_ptr()
+        state[name] = tensor.clone().contiguous() if pointer in seen else tensor.contiguous()
+        seen.add(pointer)
+    return state
+
+
 def _converted(gguf: Path) -> Path:
     """Convert a GGUF file to a transformers directory once; later loads read safetensors (0.3 s, not 10 s)."""
     stat = gguf.stat()
-    tag = hashlib.blake2b(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode(), digest_size=6).hexdigest()
+    # CONVERSION_FORMAT is part of the tag, so a directory written by an older conversion is never reused.
+    source = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION_FORMAT}"
+    tag = hashlib.blake2b(source.encode(), digest_size=6).hexdigest()
     target = cache_dir() / "models" / f"{gguf.stem}-{tag}"
     if (target / "model.safetensors").exists():
         return target
     import time
 
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.monotonic()
@@ -89,7 +109,7 @@ def _converted(gguf: Path) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    save_model(model, str(tmp / "model.safetensors"))
+    save_file(untied_state(model), str(tmp / "model.safetensors"))
     print(f"converted in {time.monotonic() - started:.0f}s; later starts load it from {target}", file=sys.stderr, flush=True)
     try:
         os.replace(tmp, target)  # atomic: a half-written conversion is never picked up
@@ -128,6 +148,28 @@ def load_model(model: str | None = None) -> LoadedModel:
         head_dim,
         int(getattr(config, "max_position_embeddings", 2048)),
     )
+
+
+@dataclass
+class Forward:
+    logits: torch.Tensor
+    cache: Any  # transformers' DynamicCache after the pass
+
+
+def forward(model: Any, ids: torch.Tensor, cache: Any = None) -> Forward:
+    """One forward pass that keeps the KV cache, on any transformers 5.x: 5.20 renamed `past_key_values`
+    (argument and output) to `cache`, and vLLM's CPU build pins a transformers before that."""
+    if _takes_cache_argument(model):
+        out = model(ids, cache=cache, use_cache=True) if cache is not None else model(ids, use_cache=True)
+        return Forward(out.logits, out.cache)
+    out = model(ids, past_key_values=cache, use_cache=True) if cache is not None else model(ids, use_cache=True)
+    return Forward(out.logits, out.past_key_values)
+
+
+def _takes_cache_argument(model: Any) -> bool:
+    import inspect
+
+    return "cache" in inspect.signature(model.forward).parameters
 
 
 def kv_from_cache(cache: Any, dtype: torch.dtype | None = None) -> torch.Tensor:

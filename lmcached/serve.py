@@ -86,11 +86,11 @@ def warn_if_open(config: Config) -> None:
         )
 
 
-async def run(config: Config, stop: asyncio.Event, engine: dict[str, Any] | None = None) -> None:
+async def run(config: Config, stop: asyncio.Event, engine: dict[str, Any] | None = None, embedded: bool = True) -> None:
     """Run until `stop` is set. With `engine` ({"port", "model"}), the engine is served from this process
-    too, on the embedded instance."""
+    too, on the embedded instance; without `embedded`, only the controller runs (data port 0 in the ready line)."""
     warn_if_open(config)
-    daemon = Daemon(config)
+    daemon = Daemon(config, embedded)
     ports = await daemon.start()
     engine_task = None
     if engine is not None:
@@ -106,7 +106,7 @@ async def run(config: Config, stop: asyncio.Event, engine: dict[str, Any] | None
         "monitor": ports.monitor,
         "data": ports.data,
         "host": config.host,
-        "instance_id": config.lmcache_instance_id,
+        "instance_id": config.lmcache_instance_id if embedded else None,
     }
     print("lmcached ready " + json.dumps(ready), flush=True)
     try:

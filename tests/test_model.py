@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lmcached.model import cache_from_kv, kv_from_cache, load_model
+from lmcached.model import cache_from_kv, forward, kv_from_cache, load_model
 
 
 def test_kv_layout_round_trip_gives_the_same_next_token_logits() -> None:
@@ -12,11 +12,24 @@ def test_kv_layout_round_trip_gives_the_same_next_token_logits() -> None:
     assert (loaded.name, loaded.num_layers, loaded.channels) == ("SmolLM2-135M-Instruct", 30, 192)
     ids = torch.tensor([loaded.tokenizer("Explain the significance of KV cache in language models.").input_ids])
     with torch.no_grad():
-        full = loaded.model(ids, use_cache=True)
+        full = forward(loaded.model, ids)
     kv = kv_from_cache(full.cache)
     assert kv.shape == (2, 30, ids.shape[1], 192)
     assert torch.equal(kv[1, 3, 5].view(3, 64), full.cache.layers[3].values[0, :, 5, :])  # [2, L, T, H*D], heads in order
     with torch.no_grad():
-        resumed = loaded.model(ids[:, -1:], cache=cache_from_kv(kv[:, :, :-1], loaded.kv_heads), use_cache=True)
+        resumed = forward(loaded.model, ids[:, -1:], cache_from_kv(kv[:, :, :-1], loaded.kv_heads))
     assert torch.allclose(resumed.logits[0, -1], full.logits[0, -1], atol=1e-4)
     assert kv_from_cache(full.cache, torch.float16).dtype == torch.float16
+
+
+def test_the_converted_directory_names_tied_embeddings_twice() -> None:
+    """vLLM reads `model.embed_tokens.weight` (it skips lm_head when embeddings are tied): both must be there."""
+    from safetensors import safe_open
+
+    from lmcached.model import _converted, default_gguf
+
+    directory = _converted(default_gguf())
+    with safe_open(str(directory / "model.safetensors"), "pt") as weights:
+        names = set(weights.keys())
+        assert {"model.embed_tokens.weight", "lm_head.weight"} <= names
+        assert torch.equal(weights.get_tensor("model.embed_tokens.weight"), weights.get_tensor("lm_head.weight"))

