@@ -8,11 +8,14 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from lmcached.config import Config
 from lmcached.worker import Worker
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 35.0  # the disk write-behind gets its own 30 s to drain
@@ -53,6 +56,13 @@ class HostedInstance:
             loop.run_forever()
         finally:
             loop.close()
+
+    def call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        """Run a coroutine on the instance's loop (from any other thread) and wait for its result."""
+        if self._loop is None or self._loop.is_closed():
+            coroutine.close()
+            raise RuntimeError("the lmcached instance is not running")
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     def stop(self) -> None:
         loop, worker = self._loop, self.worker

@@ -34,10 +34,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 
+from lmcached.backends import Chunk
+from lmcached.chunks import ChunkSpan, chunk_spans
 from lmcached.client import KVClient
 from lmcached.config import Config, load_config
 from lmcached.errors import LmcachedError
+from lmcached.integrations.hosted import HostedInstance
 from lmcached.integrations.paged import LayoutError, PagedLayout
+from lmcached.storage import Storage
+from lmcached.tensors import byte_view, check_kv, dtype_from_name, dtype_name, from_bytes
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -47,7 +52,8 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-log = logging.getLogger("lmcached.vllm")
+# Under "vllm." so the lines show up in vLLM's own log, with its format and level.
+log = logging.getLogger("vllm.lmcached")
 
 #: After the instance could not be reached, lookups answer "nothing cached" for this long before retrying.
 RECONNECT_AFTER_S = 1.0
@@ -58,7 +64,7 @@ MAX_PENDING_SAVES = 64
 # ---------------------------------------------------------------------------------------------- metadata
 @dataclass
 class LoadSpec:
-    """Load tokens [start, end) of `token_ids` into the request's blocks before this step's forward pass."""
+    """Load tokens [start, end) of the prompt `token_ids` into the request's blocks before this step's forward pass."""
 
     req_id: str
     token_ids: list[int]
@@ -214,8 +220,8 @@ class _SchedulerSide:
         salt = getattr(request, "cache_salt", None)
         cached = self._lookup(tokens, salt) if tokens else 0
         self.tracked[request.request_id] = _Tracked(tokens, salt, cached, num_computed_tokens)
-        # vLLM computes at least the prompt's last token, and its blocks are filled whole.
-        usable = min(cached, len(tokens) - 1) // self.block_size * self.block_size
+        # vLLM computes at least the prompt's last token itself.
+        usable = min(cached, len(tokens) - 1)
         return max(0, usable - num_computed_tokens)
 
     def allocated(self, request: Request, num_external_tokens: int) -> None:
@@ -248,7 +254,9 @@ class _SchedulerSide:
     def _plan(self, meta: LmcachedConnectorMetadata, req_id: str, tracked: _Tracked, computed_after_step: int) -> None:
         span = self.pending_loads.get(req_id)
         if span is not None:
-            meta.loads.append(LoadSpec(req_id, tracked.token_ids[: span[1]], tracked.salt, list(tracked.block_ids), *span))
+            # The whole prompt, not just [:end): chunk keys cover whole chunks, and a prefix cut inside the
+            # last chunk would hash to a key nothing was stored under.
+            meta.loads.append(LoadSpec(req_id, tracked.token_ids, tracked.salt, list(tracked.block_ids), *span))
         # The step that finishes the prompt's prefill writes the last of its KV: then it can be saved whole.
         if not tracked.saved and tracked.token_ids and computed_after_step >= len(tracked.token_ids):
             tracked.saved = True
@@ -272,14 +280,12 @@ class _WorkerSide:
         self.packing = "halves" if current_platform.is_cpu() else "interleaved"
         self.layout: PagedLayout | None = None
         self.load_errors: set[int] = set()
-        self.hosted = None
+        self.hosted: HostedInstance | None = None
         if not connector.shared_worker:
-            from lmcached.integrations.hosted import HostedInstance
-
             self.hosted = HostedInstance(connector.config)
             address = self.hosted.start()
             log.info("lmcached instance %s serving on %s inside vLLM", connector.config.lmcache_instance_id, address)
-        self.client: KVClient | None = None
+        self.kv: _KVAccess = _SocketKV(connector) if self.hosted is None else _InProcessKV(connector.config, self.hosted)
         self.saves: queue.Queue[tuple[SaveSpec, torch.Tensor] | None] = queue.Queue(MAX_PENDING_SAVES)
         self.saver = threading.Thread(target=self._save_loop, name="lmcached-saver", daemon=True)
         self.saver.start()
@@ -299,23 +305,14 @@ class _WorkerSide:
             self.packing,
         )
 
-    def _client(self) -> KVClient:
-        if self.client is None:
-            client = KVClient(self.connector.data_address, auth_token=self.connector.config.auth_token, timeout=30.0)
-            client.connect()
-            self.client = client
-        return self.client
-
     def load(self, loads: list[LoadSpec]) -> None:
         for spec in loads:
             loaded = spec.start
             try:
                 loaded = self._load_one(spec)
-            except (OSError, LmcachedError, LayoutError, RuntimeError) as exc:
+            except (OSError, LmcachedError, LayoutError, RuntimeError, TimeoutError) as exc:
                 log.warning("loading %d tokens of request %s failed (%s); vLLM recomputes them", spec.end - spec.start, spec.req_id, exc)
-                if self.client is not None:
-                    self.client.close()
-                self.client = None
+                self.kv.reset()
             if loaded < spec.end:  # evicted, corrupt or unreachable since the lookup: these blocks must be recomputed
                 first, last = loaded // self.connector.block_size, (spec.end - 1) // self.connector.block_size
                 self.load_errors.update(spec.block_ids[first : last + 1])
@@ -323,14 +320,24 @@ class _WorkerSide:
     def _load_one(self, spec: LoadSpec) -> int:
         """Place what lmcached returns for [start, end) in the paged cache; the end of what was placed."""
         assert self.layout is not None
-        kv = self._client().retrieve(spec.token_ids, spec.salt)
-        available = 0 if kv is None else min(kv.shape[2], spec.end)
-        # Only whole blocks count as loaded: a partly written block would be recomputed anyway.
-        available = available // self.connector.block_size * self.connector.block_size
-        if kv is None or available <= spec.start:
+        started = time.perf_counter()
+        pieces = self.kv.retrieve(spec.token_ids, spec.salt)
+        fetched = time.perf_counter()
+        available = spec.start
+        for first, piece in pieces:  # consecutive pieces of the cached prefix, from token 0
+            lo, hi = max(first, spec.start), min(first + piece.shape[2], spec.end)
+            if lo < hi:
+                self.layout.scatter(self.layout.slots(spec.block_ids, lo, hi), piece[:, :, lo - first : hi - first])
+                available = hi
+        if available == spec.start:
             return spec.start
-        slots = self.layout.slots(spec.block_ids, spec.start, available)
-        self.layout.scatter(slots, kv[:, :, spec.start : available])
+        log.info(
+            "loaded %d tokens of request %s from lmcached (fetch %.0f ms, place %.0f ms)",
+            available - spec.start,
+            spec.req_id,
+            (fetched - started) * 1000,
+            (time.perf_counter() - fetched) * 1000,
+        )
         return available
 
     def take_load_errors(self) -> set[int]:
@@ -349,28 +356,108 @@ class _WorkerSide:
                 log.warning("lmcached saves are backed up; request %s's KV is not stored", spec.req_id)
 
     def _save_loop(self) -> None:
-        client: KVClient | None = None
+        saver: _KVAccess = _SocketKV(self.connector) if self.hosted is None else self.kv  # its own connection
         while (item := self.saves.get()) is not None:
             spec, kv = item
             try:
-                if client is None:
-                    client = KVClient(self.connector.data_address, auth_token=self.connector.config.auth_token, timeout=60.0)
-                    client.connect()
-                client.store(spec.token_ids, kv, spec.skip_tokens, spec.salt)
-            except (OSError, LmcachedError) as exc:
+                saver.store(spec.token_ids, kv, spec.skip_tokens, spec.salt)
+            except (OSError, LmcachedError, RuntimeError, TimeoutError) as exc:
                 log.warning("storing request %s's KV in lmcached failed: %s", spec.req_id, exc)
-                if client is not None:
-                    client.close()
-                client = None
+                saver.reset()
             finally:
                 self.saves.task_done()
-        if client is not None:
-            client.close()
+        saver.reset()
 
     def shutdown(self) -> None:
         self.saves.put(None)  # after what is queued: those saves still land
         self.saver.join(30)
-        if self.client is not None:
-            self.client.close()
+        self.kv.reset()
         if self.hosted is not None:
             self.hosted.stop()
+
+
+# ---------------------------------------------------------------------------------------------- reaching lmcached
+class _KVAccess:
+    """How the model-runner side reads and writes chunks."""
+
+    def retrieve(self, tokens: list[int], salt: str | None) -> list[tuple[int, torch.Tensor]]:
+        """The cached prefix of `tokens` as (first token, [2, L, n, C]) pieces, in order; [] when nothing is cached."""
+        raise NotImplementedError
+
+    def store(self, tokens: list[int], kv: torch.Tensor, skip_tokens: int, salt: str | None) -> int:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget a connection that failed (the next call opens a new one)."""
+
+
+class _SocketKV(_KVAccess):
+    """Through an lmcached data plane (a shared worker on this or another host)."""
+
+    def __init__(self, connector: LmcachedConnector) -> None:
+        self.connector = connector
+        self.client: KVClient | None = None
+
+    def _client(self) -> KVClient:
+        if self.client is None:
+            client = KVClient(self.connector.data_address, auth_token=self.connector.config.auth_token, timeout=60.0)
+            client.connect()
+            self.client = client
+        return self.client
+
+    def retrieve(self, tokens: list[int], salt: str | None) -> list[tuple[int, torch.Tensor]]:
+        kv = self._client().retrieve(tokens, salt)
+        return [] if kv is None else [(0, kv)]
+
+    def store(self, tokens: list[int], kv: torch.Tensor, skip_tokens: int, salt: str | None) -> int:
+        return self._client().store(tokens, kv, skip_tokens, salt)
+
+    def reset(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        self.client = None
+
+
+class _InProcessKV(_KVAccess):
+    """Straight from the storage of the instance this process hosts: no socket, no copy on the way in (a
+    chunk's buffer is read in place), one copy per chunk on the way out."""
+
+    def __init__(self, config: Config, hosted: HostedInstance) -> None:
+        self.config = config
+        self.hosted = hosted
+
+    def _storage(self) -> Storage:
+        if self.hosted.worker is None:
+            raise RuntimeError("the lmcached instance is not running")
+        return self.hosted.worker.storage
+
+    def _spans(self, tokens: list[int], salt: str | None) -> list[ChunkSpan]:
+        return chunk_spans(tokens, self.config.chunk_size, self.config.save_unfull_chunk, salt)
+
+    def retrieve(self, tokens: list[int], salt: str | None) -> list[tuple[int, torch.Tensor]]:
+        spans = self._spans(tokens, salt)
+        chunks = self.hosted.call(self._storage().retrieve([s.key for s in spans]))
+        return [(span.start, chunk_tensor(chunk)) for span, chunk in zip(spans, chunks, strict=False)]
+
+    def store(self, tokens: list[int], kv: torch.Tensor, skip_tokens: int, salt: str | None) -> int:
+        kv = check_kv(kv, len(tokens))
+        dtype = dtype_name(kv.dtype)
+        chunks = [
+            Chunk(
+                span.key,
+                span.num_tokens,
+                (2, kv.shape[1], span.num_tokens, kv.shape[3]),
+                dtype,
+                bytearray(byte_view(kv[:, :, span.start : span.end])),
+            )
+            for span in self._spans(tokens, salt)
+            if span.end > skip_tokens
+        ]
+        return self.hosted.call(self._storage().store(chunks)) if chunks else 0
+
+
+def chunk_tensor(chunk: Chunk) -> torch.Tensor:
+    """A raw chunk's KV as a tensor: over its own buffer when that is writable (no copy), else over a copy."""
+    if isinstance(chunk.data, bytearray) and chunk.data:
+        return torch.frombuffer(chunk.data, dtype=dtype_from_name(chunk.dtype)).view(chunk.shape)
+    return from_bytes(chunk.data, chunk.shape, chunk.dtype)
