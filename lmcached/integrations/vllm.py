@@ -172,6 +172,8 @@ class LmcachedConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._role == KVConnectorRole.WORKER:
             self._worker.shutdown()
+        else:
+            self._scheduler.close()
 
 
 def _block_size(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> int:
@@ -220,8 +222,8 @@ class _SchedulerSide:
         salt = getattr(request, "cache_salt", None)
         cached = self._lookup(tokens, salt) if tokens else 0
         self.tracked[request.request_id] = _Tracked(tokens, salt, cached, num_computed_tokens)
-        # vLLM computes at least the prompt's last token itself.
-        usable = min(cached, len(tokens) - 1)
+        # vLLM computes at least the last token itself (the prompt's, or the newest one of a preempted request).
+        usable = min(cached, request.num_tokens - 1)
         return max(0, usable - num_computed_tokens)
 
     def allocated(self, request: Request, num_external_tokens: int) -> None:
@@ -262,6 +264,11 @@ class _SchedulerSide:
             tracked.saved = True
             if tracked.cached < len(tracked.token_ids):
                 meta.saves.append(SaveSpec(req_id, tracked.token_ids, tracked.salt, list(tracked.block_ids), tracked.cached))
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
 
     def finished(self, req_id: str) -> None:
         self.tracked.pop(req_id, None)

@@ -1,0 +1,281 @@
+"""LmcachedConnector driven by vLLM's real scheduler, with a stand-in for the model runner: each "forward pass"
+writes a known KV for exactly the tokens vLLM scheduled, so whatever the connector loads can be checked
+against what a recompute would have written. The lmcached instance is real (a hosted worker on a port)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+vllm = pytest.importorskip("vllm", reason="the vllm extra is not installed")
+
+import torch  # noqa: E402
+from vllm import SamplingParams  # noqa: E402
+from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
+from vllm.utils.hashing import sha256  # noqa: E402
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash  # noqa: E402
+from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec  # noqa: E402
+from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput  # noqa: E402
+from vllm.v1.request import Request, RequestStatus  # noqa: E402
+from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
+
+from lmcached.client import KVClient  # noqa: E402
+from lmcached.config import Config  # noqa: E402
+from lmcached.integrations.hosted import HostedInstance  # noqa: E402
+from lmcached.integrations.paged import PagedLayout  # noqa: E402
+from lmcached.integrations.vllm import LmcachedConnector, LmcachedConnectorMetadata  # noqa: E402
+
+BLOCK = 16
+CHUNK = 16
+LAYERS, HEADS, HEAD_SIZE = 3, 2, 8
+EOS = 2
+SAMPLED = 7  # the token every fake forward pass "samples"
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> str:
+    from lmcached.model import _converted, default_gguf
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return str(_converted(default_gguf()))  # vLLM's ModelConfig reads a real config.json
+
+
+@pytest.fixture
+def instance() -> Iterator[HostedInstance]:
+    hosted = HostedInstance(Config(lmcache_worker_port=0, enable_controller=False, chunk_size=CHUNK))
+    hosted.start()
+    yield hosted
+    hosted.stop()
+
+
+def known_kv(tokens: list[int], start: int, end: int) -> torch.Tensor:
+    """The KV a forward pass "computes" for positions [start, end): exact small integers in bfloat16."""
+    positions = torch.arange(start, end).view(1, 1, -1, 1)
+    ids = torch.tensor(tokens[start:end]).view(1, 1, -1, 1)
+    side = torch.arange(2).view(2, 1, 1, 1)
+    layer = torch.arange(LAYERS).view(1, -1, 1, 1)
+    channel = torch.arange(HEADS * HEAD_SIZE).view(1, 1, 1, -1)
+    return ((ids * 7 + positions * 3 + layer * 11 + side * 5 + channel) % 251).to(torch.bfloat16)
+
+
+class Engine:
+    """vLLM's scheduler and the connector's two sides, stepped by hand over a fake paged cache."""
+
+    def __init__(self, model_dir: str, address: str, num_blocks: int = 64, batch_tokens: int = 64) -> None:
+        model = ModelConfig(model=model_dir, dtype="bfloat16", seed=0, max_model_len=1024)
+        scheduler = SchedulerConfig(
+            max_num_seqs=8, max_num_batched_tokens=batch_tokens, max_model_len=1024, enable_chunked_prefill=True, is_encoder_decoder=False
+        )
+        cache = CacheConfig(block_size=BLOCK, gpu_memory_utilization=0.9, cache_dtype="auto", enable_prefix_caching=False)
+        transfer = KVTransferConfig(
+            kv_connector="LmcachedConnector",
+            kv_connector_module_path="lmcached.integrations.vllm",
+            kv_role="kv_both",
+            kv_connector_extra_config={"lmcached_worker": address},
+        )
+        self.config = VllmConfig(
+            model_config=model, scheduler_config=scheduler, cache_config=cache, kv_transfer_config=transfer, device_config=DeviceConfig("cpu")
+        )
+        spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD_SIZE, dtype=torch.bfloat16)
+        kv_cache_config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layers"], spec)])
+        self.config.cache_config.num_gpu_blocks = num_blocks
+        self.scheduler = Scheduler(
+            vllm_config=self.config,
+            kv_cache_config=kv_cache_config,
+            structured_output_manager=StructuredOutputManager(self.config),
+            block_size=BLOCK,
+            log_stats=True,
+        )
+        self.connector = self.scheduler.connector
+        assert isinstance(self.connector, LmcachedConnector)
+        self.worker = LmcachedConnector(self.config, KVConnectorRole.WORKER, kv_cache_config)
+        caches = {f"model.layers.{i}.attn": torch.zeros(num_blocks, HEADS, BLOCK, 2 * HEAD_SIZE, dtype=torch.bfloat16) for i in range(LAYERS)}
+        self.worker.register_kv_caches(caches)
+        self.layout = PagedLayout(tuple(caches.values()), "halves", BLOCK)
+        self.requests: dict[str, Request] = {}
+        self.metas: list[LmcachedConnectorMetadata] = []
+        init_none_hash(sha256)
+
+    def add(self, req_id: str, tokens: list[int], max_tokens: int = 3, salt: str | None = None) -> Request:
+        params = SamplingParams(max_tokens=max_tokens)
+        params.update_from_generation_config({}, EOS)
+        request = Request(req_id, tokens, params, None, cache_salt=salt, block_hasher=get_request_block_hasher(BLOCK, sha256))
+        self.scheduler.add_request(request)
+        self.requests[req_id] = request
+        return request
+
+    def block_ids(self, req_id: str) -> list[int]:
+        return list(self.scheduler.kv_cache_manager.get_block_ids(req_id)[0])
+
+    def step(self, before_load: Any = None) -> Any:
+        """One scheduler step and one fake forward pass; `before_load` runs between scheduling and loading."""
+        output = self.scheduler.schedule()
+        meta = output.kv_connector_metadata
+        assert isinstance(meta, LmcachedConnectorMetadata)
+        self.metas.append(meta)
+        if before_load is not None:
+            before_load()
+        self.worker.bind_connector_metadata(meta)
+        self.worker.start_load_kv(None)
+        # Where each request's tokens of this step begin (the scheduler has already moved its counters on).
+        starts = {new.req_id: new.num_computed_tokens for new in output.scheduled_new_reqs}
+        cached = output.scheduled_cached_reqs
+        starts |= dict(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
+        sampled = {}
+        for req_id, count in output.num_scheduled_tokens.items():
+            request = self.requests[req_id]
+            start = starts[req_id]
+            tokens = request.all_token_ids
+            self.layout.scatter(self.layout.slots(self.block_ids(req_id), start, start + count), known_kv(tokens, start, start + count))
+            # A step that does not finish the prompt samples nothing.
+            sampled[req_id] = [SAMPLED] if start + count >= request.num_prompt_tokens else []
+        self.worker.wait_for_save()
+        errors = self.worker.get_block_ids_with_load_errors()
+        self.worker.clear_connector_metadata()
+        ids = list(output.num_scheduled_tokens)
+        runner = ModelRunnerOutput(
+            req_ids=ids,
+            req_id_to_index={r: i for i, r in enumerate(ids)},
+            sampled_token_ids=[sampled[r] for r in ids],
+            kv_connector_output=KVConnectorOutput(invalid_block_ids=errors) if errors else None,
+        )
+        self.scheduler.update_from_output(output, runner)
+        return output
+
+    def run(self, steps: int = 50) -> None:
+        for _ in range(steps):
+            if not self.scheduler.has_unfinished_requests():
+                return
+            self.step()
+        raise AssertionError("requests did not finish")
+
+    def saved(self) -> None:
+        self.worker._worker.saves.join()  # the background stores have landed
+
+    def paged_kv(self, req_id: str, end: int) -> torch.Tensor:
+        return self.layout.gather(self.layout.slots(self.block_ids(req_id), 0, end))
+
+    def close(self) -> None:
+        self.connector.shutdown()
+        self.worker.shutdown()
+
+
+@pytest.fixture
+def engine(model_dir: str, instance: HostedInstance) -> Iterator[Engine]:
+    assert instance.worker is not None
+    running = Engine(model_dir, instance.worker.data_plane.address)
+    yield running
+    running.close()
+
+
+def cached(instance: HostedInstance, tokens: list[int], salt: str | None = None) -> int:
+    assert instance.worker is not None
+    with KVClient(instance.worker.data_plane.address) as client:
+        return client.lookup(tokens, salt)
+
+
+PROMPT = list(range(1000, 1040))  # 40 tokens: two whole chunks and a partial one
+
+
+def test_a_prompt_stored_by_one_request_is_loaded_into_the_next(engine: Engine, instance: HostedInstance) -> None:
+    first = engine.add("a", PROMPT)
+    engine.run()
+    engine.saved()
+    assert first.status == RequestStatus.FINISHED_LENGTH_CAPPED
+    assert cached(instance, PROMPT) == 40
+    assert [s.skip_tokens for m in engine.metas for s in m.saves] == [0]  # saved once, when the prefill finished
+
+    engine.add("b", PROMPT)
+    output = engine.step()
+    assert output.scheduled_new_reqs[0].num_computed_tokens == 39  # all but the last token came from lmcached
+    (load,) = engine.metas[-1].loads
+    assert (load.start, load.end) == (0, 39)
+    assert torch.equal(engine.paged_kv("b", 40), known_kv(PROMPT, 0, 40))
+    engine.run()
+    assert [s for m in engine.metas[-3:] for s in m.saves] == []  # nothing new to store
+
+
+def test_a_longer_prompt_reuses_the_whole_chunks_it_shares(engine: Engine, instance: HostedInstance) -> None:
+    engine.add("a", PROMPT)
+    engine.run()
+    engine.saved()
+    longer = PROMPT + list(range(2000, 2030))  # shares chunks 0-1; A's partial chunk 2 differs from its chunk 2
+    engine.add("b", longer)
+    output = engine.step()
+    assert output.scheduled_new_reqs[0].num_computed_tokens == 32
+    assert torch.equal(engine.paged_kv("b", 32), known_kv(longer, 0, 32))
+    engine.run()
+    engine.saved()
+    assert [s.skip_tokens for m in engine.metas for s in m.saves] == [0, 32]  # only the new chunks were stored
+    assert cached(instance, longer) == 70
+
+
+def test_an_abort_mid_prefill_saves_nothing_and_leaves_no_state(model_dir: str, instance: HostedInstance) -> None:
+    assert instance.worker is not None
+    engine = Engine(model_dir, instance.worker.data_plane.address, batch_tokens=16)  # a 40-token prompt takes 3 steps
+    try:
+        engine.add("a", PROMPT)
+        engine.step()
+        engine.scheduler.finish_requests("a", RequestStatus.FINISHED_ABORTED)
+        assert not engine.scheduler.has_unfinished_requests()
+        engine.saved()
+        assert all(not m.saves for m in engine.metas)
+        assert cached(instance, PROMPT) == 0
+        assert engine.connector._scheduler.tracked == {} and engine.connector._scheduler.pending_loads == {}
+    finally:
+        engine.close()
+
+
+def test_a_preempted_request_reloads_its_prompt_from_lmcached(model_dir: str, instance: HostedInstance) -> None:
+    assert instance.worker is not None
+    # Eight blocks (one is vLLM's null block): two 48-token prompts fill six, and decoding runs out.
+    engine = Engine(model_dir, instance.worker.data_plane.address, num_blocks=8)
+    try:
+        first = engine.add("a", list(range(3000, 3048)), max_tokens=40)
+        second = engine.add("b", list(range(4000, 4048)), max_tokens=40)
+        engine.run(200)
+        engine.saved()
+        assert second.num_preemptions >= 1 or first.num_preemptions >= 1
+        preempted = "b" if second.num_preemptions else "a"
+        reloads = [load for m in engine.metas for load in m.loads if load.req_id == preempted]
+        assert reloads and reloads[0].start == 0 and reloads[0].end == 48  # its whole prompt, back from lmcached
+        assert {r.status for r in engine.requests.values()} == {RequestStatus.FINISHED_LENGTH_CAPPED}
+    finally:
+        engine.close()
+
+
+def test_a_load_that_fails_is_recomputed_never_served(engine: Engine, instance: HostedInstance) -> None:
+    engine.add("a", PROMPT)
+    engine.run()
+    engine.saved()
+    victim = engine.add("b", PROMPT)
+
+    def evict_everything() -> None:  # between the lookup and the load, lmcached loses the chunks
+        assert instance.worker is not None
+        instance.call(instance.worker.storage.execute("clear", {"location": "LocalCPUBackend", "keys": None}))
+
+    engine.step(before_load=evict_everything)
+    assert engine.metas[-1].loads  # a load was planned...
+    assert victim.num_computed_tokens < 39  # ...failed, and vLLM rolled the request back to recompute
+    engine.step()  # the recompute
+    assert torch.equal(engine.paged_kv("b", 40), known_kv(PROMPT, 0, 40))
+    engine.run()
+    assert victim.status == RequestStatus.FINISHED_LENGTH_CAPPED  # recomputed, not failed
+
+
+def test_cache_salts_keep_tenants_apart(engine: Engine, instance: HostedInstance) -> None:
+    engine.add("a", PROMPT, salt="tenant-1")
+    engine.run()
+    engine.saved()
+    assert cached(instance, PROMPT, "tenant-1") == 40 and cached(instance, PROMPT) == 0 and cached(instance, PROMPT, "tenant-2") == 0
+    other = engine.add("b", PROMPT, salt="tenant-2")
+    engine.step()
+    assert other.num_computed_tokens == 40 - 0 and not engine.metas[-1].loads  # computed, not loaded
+    same = engine.add("c", PROMPT, salt="tenant-1")
+    engine.step()
+    assert engine.metas[-1].loads and engine.metas[-1].loads[0].req_id == "c" and same.num_computed_tokens >= 39
