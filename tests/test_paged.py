@@ -22,7 +22,7 @@ def reference_kv(layer: torch.Tensor, packing: str, block: int, offset: int) -> 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gather_reads_what_the_backend_reads_and_scatter_writes_it_back(packing: str, dtype: torch.dtype) -> None:
     layers = tuple(torch.randn(6, 3, 4, 2 * 8).to(dtype) for _ in range(2))  # 6 kernel blocks of 4 tokens
-    layout = PagedLayout(layers, packing, block_size=8)  # a scheduler block is two kernel blocks
+    layout = PagedLayout.build(layers, 8, packing)  # a scheduler block is two kernel blocks
     block_ids = [2, 0, 1]
     slots = layout.slots(block_ids, 3, 20)  # tokens 3..19: a partial first block, a partial last one
     kv = layout.gather(slots)
@@ -33,18 +33,46 @@ def test_gather_reads_what_the_backend_reads_and_scatter_writes_it_back(packing:
         assert torch.equal(kv[0, 1, t - 3].view(3, 8), key) and torch.equal(kv[1, 1, t - 3].view(3, 8), value)
 
     fresh = tuple(torch.zeros_like(layer) for layer in layers)
-    target = PagedLayout(fresh, packing, block_size=8)
+    target = PagedLayout.build(fresh, 8, packing)
     target.scatter(slots, kv.float())  # any float dtype comes in; the cache's goes in
     assert torch.equal(target.gather(slots), kv)
     untouched = target.slots(block_ids, 0, 3)
     assert not target.gather(untouched).any()  # tokens outside [3, 20) stay as they were
 
 
+def test_a_probed_layout_reads_what_the_engines_own_writer_wrote() -> None:
+    """A writer that pairs dims up the way AMX kernels do ([dim/2, token, 2] for keys, [token/2, dim, 2] for
+    values): the layout is learned from the writer alone, and reads back exactly what the writer put in."""
+    heads, block, size = 2, 4, 8
+
+    def vnni_writer(keys: torch.Tensor, values: torch.Tensor, tile: torch.Tensor) -> None:
+        key_tile, value_tile = tile.view(1, heads, 2 * block, size).chunk(2, dim=2)
+        for t in range(keys.shape[0]):
+            for h in range(heads):
+                for d in range(size):
+                    key_flat = key_tile[0, h].reshape(-1)
+                    value_flat = value_tile[0, h].reshape(-1)
+                    key_flat[(d // 2) * block * 2 + t * 2 + d % 2] = keys[t, h, d]
+                    value_flat[(t // 2) * size * 2 + d * 2 + t % 2] = values[t, h, d]
+
+    layers = (torch.zeros(3, heads, block, 2 * size, dtype=torch.bfloat16),)
+    layout = PagedLayout.build(layers, block, "probed", vnni_writer)
+    keys = torch.randn(block, heads, size).to(torch.bfloat16)
+    values = torch.randn(block, heads, size).to(torch.bfloat16)
+    vnni_writer(keys, values, layers[0][2:3])  # the engine fills block 2
+    kv = layout.gather(layout.slots([2], 0, block))
+    assert torch.equal(kv[0, 0], keys.reshape(block, -1)) and torch.equal(kv[1, 0], values.reshape(block, -1))
+
+
 def test_layouts_that_cannot_be_read_are_refused() -> None:
     with pytest.raises(LayoutError, match="MLA"):
-        PagedLayout((torch.zeros(2, 1, 4, 7),), "interleaved", 4)
+        PagedLayout.build((torch.zeros(2, 1, 4, 7),), 4, "interleaved")
     with pytest.raises(LayoutError, match="multiple"):
-        PagedLayout((torch.zeros(2, 1, 4, 8),), "halves", 6)
-    layout = PagedLayout((torch.zeros(2, 1, 4, 8),), "halves", 4)
+        PagedLayout.build((torch.zeros(2, 1, 4, 8),), 6, "halves")
+    with pytest.raises(LayoutError, match="writer"):
+        PagedLayout.build((torch.zeros(2, 1, 4, 8),), 4, "probed")
+    with pytest.raises(LayoutError, match="once"):  # a writer that drops values cannot be read back
+        PagedLayout.build((torch.zeros(2, 1, 4, 8),), 4, "probed", lambda k, v, tile: None)
+    layout = PagedLayout.build((torch.zeros(2, 1, 4, 8),), 4, "halves")
     with pytest.raises(LayoutError, match="channels"):
         layout.scatter(layout.slots([0], 0, 2), torch.zeros(2, 1, 2, 5))

@@ -27,12 +27,12 @@ from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 from lmcached.client import KVClient  # noqa: E402
 from lmcached.config import Config  # noqa: E402
 from lmcached.integrations.hosted import HostedInstance  # noqa: E402
-from lmcached.integrations.paged import PagedLayout  # noqa: E402
 from lmcached.integrations.vllm import LmcachedConnector, LmcachedConnectorMetadata  # noqa: E402
 
-BLOCK = 16
-CHUNK = 16
-LAYERS, HEADS, HEAD_SIZE = 3, 2, 8
+# SmolLM2's head size and a block size of 32: on a CPU with AMX, vLLM then picks its AMX cache layout.
+BLOCK = 32
+CHUNK = 32
+LAYERS, HEADS, HEAD_SIZE = 3, 2, 64
 EOS = 2
 SAMPLED = 7  # the token every fake forward pass "samples"
 
@@ -79,7 +79,11 @@ class Engine:
             kv_connector_extra_config={"lmcached_worker": address},
         )
         self.config = VllmConfig(
-            model_config=model, scheduler_config=scheduler, cache_config=cache, kv_transfer_config=transfer, device_config=DeviceConfig("cpu")
+            model_config=model,
+            scheduler_config=scheduler,
+            cache_config=cache,
+            kv_transfer_config=transfer,
+            device_config=DeviceConfig("cpu"),
         )
         spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD_SIZE, dtype=torch.bfloat16)
         kv_cache_config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layers"], spec)])
@@ -94,9 +98,13 @@ class Engine:
         self.connector = self.scheduler.connector
         assert isinstance(self.connector, LmcachedConnector)
         self.worker = LmcachedConnector(self.config, KVConnectorRole.WORKER, kv_cache_config)
-        caches = {f"model.layers.{i}.attn": torch.zeros(num_blocks, HEADS, BLOCK, 2 * HEAD_SIZE, dtype=torch.bfloat16) for i in range(LAYERS)}
+        caches = {
+            f"model.layers.{i}.attn": torch.zeros(num_blocks, HEADS, BLOCK, 2 * HEAD_SIZE, dtype=torch.bfloat16) for i in range(LAYERS)
+        }
         self.worker.register_kv_caches(caches)
-        self.layout = PagedLayout(tuple(caches.values()), "halves", BLOCK)
+        # The fake forward pass writes through the connector's own view of the cache (checked against vLLM's
+        # cache-write op in test_the_learned_layout_matches_vllms_cache_writes).
+        self.layout = self.worker._worker.layout
         self.requests: dict[str, Request] = {}
         self.metas: list[LmcachedConnectorMetadata] = []
         init_none_hash(sha256)
@@ -179,7 +187,7 @@ def cached(instance: HostedInstance, tokens: list[int], salt: str | None = None)
         return client.lookup(tokens, salt)
 
 
-PROMPT = list(range(1000, 1040))  # 40 tokens: two whole chunks and a partial one
+PROMPT = list(range(1000, 1080))  # 80 tokens: two whole chunks and a partial one
 
 
 def test_a_prompt_stored_by_one_request_is_loaded_into_the_next(engine: Engine, instance: HostedInstance) -> None:
@@ -187,15 +195,15 @@ def test_a_prompt_stored_by_one_request_is_loaded_into_the_next(engine: Engine, 
     engine.run()
     engine.saved()
     assert first.status == RequestStatus.FINISHED_LENGTH_CAPPED
-    assert cached(instance, PROMPT) == 40
+    assert cached(instance, PROMPT) == 80
     assert [s.skip_tokens for m in engine.metas for s in m.saves] == [0]  # saved once, when the prefill finished
 
     engine.add("b", PROMPT)
     output = engine.step()
-    assert output.scheduled_new_reqs[0].num_computed_tokens == 39  # all but the last token came from lmcached
+    assert output.scheduled_new_reqs[0].num_computed_tokens == 79  # all but the last token came from lmcached
     (load,) = engine.metas[-1].loads
-    assert (load.start, load.end) == (0, 39)
-    assert torch.equal(engine.paged_kv("b", 40), known_kv(PROMPT, 0, 40))
+    assert (load.start, load.end) == (0, 79)
+    assert torch.equal(engine.paged_kv("b", 80), known_kv(PROMPT, 0, 80))
     engine.run()
     assert [s for m in engine.metas[-3:] for s in m.saves] == []  # nothing new to store
 
@@ -204,20 +212,20 @@ def test_a_longer_prompt_reuses_the_whole_chunks_it_shares(engine: Engine, insta
     engine.add("a", PROMPT)
     engine.run()
     engine.saved()
-    longer = PROMPT + list(range(2000, 2030))  # shares chunks 0-1; A's partial chunk 2 differs from its chunk 2
+    longer = PROMPT + list(range(2000, 2060))  # shares chunks 0-1; A's partial chunk 2 differs from its chunk 2
     engine.add("b", longer)
     output = engine.step()
-    assert output.scheduled_new_reqs[0].num_computed_tokens == 32
-    assert torch.equal(engine.paged_kv("b", 32), known_kv(longer, 0, 32))
+    assert output.scheduled_new_reqs[0].num_computed_tokens == 64
+    assert torch.equal(engine.paged_kv("b", 64), known_kv(longer, 0, 64))
     engine.run()
     engine.saved()
-    assert [s.skip_tokens for m in engine.metas for s in m.saves] == [0, 32]  # only the new chunks were stored
-    assert cached(instance, longer) == 70
+    assert [s.skip_tokens for m in engine.metas for s in m.saves] == [0, 64]  # only the new chunks were stored
+    assert cached(instance, longer) == 140
 
 
 def test_an_abort_mid_prefill_saves_nothing_and_leaves_no_state(model_dir: str, instance: HostedInstance) -> None:
     assert instance.worker is not None
-    engine = Engine(model_dir, instance.worker.data_plane.address, batch_tokens=16)  # a 40-token prompt takes 3 steps
+    engine = Engine(model_dir, instance.worker.data_plane.address, batch_tokens=32)  # an 80-token prompt takes 3 steps
     try:
         engine.add("a", PROMPT)
         engine.step()
@@ -233,17 +241,17 @@ def test_an_abort_mid_prefill_saves_nothing_and_leaves_no_state(model_dir: str, 
 
 def test_a_preempted_request_reloads_its_prompt_from_lmcached(model_dir: str, instance: HostedInstance) -> None:
     assert instance.worker is not None
-    # Eight blocks (one is vLLM's null block): two 48-token prompts fill six, and decoding runs out.
-    engine = Engine(model_dir, instance.worker.data_plane.address, num_blocks=8)
+    # Eight blocks (one is vLLM's null block): two 96-token prompts fill six, and decoding runs out.
+    engine = Engine(model_dir, instance.worker.data_plane.address, num_blocks=8, batch_tokens=256)
     try:
-        first = engine.add("a", list(range(3000, 3048)), max_tokens=40)
-        second = engine.add("b", list(range(4000, 4048)), max_tokens=40)
+        first = engine.add("a", list(range(3000, 3096)), max_tokens=40)
+        second = engine.add("b", list(range(4000, 4096)), max_tokens=40)
         engine.run(200)
         engine.saved()
         assert second.num_preemptions >= 1 or first.num_preemptions >= 1
         preempted = "b" if second.num_preemptions else "a"
         reloads = [load for m in engine.metas for load in m.loads if load.req_id == preempted]
-        assert reloads and reloads[0].start == 0 and reloads[0].end == 48  # its whole prompt, back from lmcached
+        assert reloads and reloads[0].start == 0 and reloads[0].end == 96  # its whole prompt, back from lmcached
         assert {r.status for r in engine.requests.values()} == {RequestStatus.FINISHED_LENGTH_CAPPED}
     finally:
         engine.close()
@@ -261,9 +269,10 @@ def test_a_load_that_fails_is_recomputed_never_served(engine: Engine, instance: 
 
     engine.step(before_load=evict_everything)
     assert engine.metas[-1].loads  # a load was planned...
-    assert victim.num_computed_tokens < 39  # ...failed, and vLLM rolled the request back to recompute
-    engine.step()  # the recompute
-    assert torch.equal(engine.paged_kv("b", 40), known_kv(PROMPT, 0, 40))
+    assert victim.num_computed_tokens < 79  # ...failed, and vLLM rolled the request back to recompute
+    while victim.num_computed_tokens < 80:  # the recompute (a 64-token batch: two steps)
+        engine.step()
+    assert torch.equal(engine.paged_kv("b", 80), known_kv(PROMPT, 0, 80))
     engine.run()
     assert victim.status == RequestStatus.FINISHED_LENGTH_CAPPED  # recomputed, not failed
 
@@ -272,10 +281,36 @@ def test_cache_salts_keep_tenants_apart(engine: Engine, instance: HostedInstance
     engine.add("a", PROMPT, salt="tenant-1")
     engine.run()
     engine.saved()
-    assert cached(instance, PROMPT, "tenant-1") == 40 and cached(instance, PROMPT) == 0 and cached(instance, PROMPT, "tenant-2") == 0
+    assert cached(instance, PROMPT, "tenant-1") == 80 and cached(instance, PROMPT) == 0 and cached(instance, PROMPT, "tenant-2") == 0
     other = engine.add("b", PROMPT, salt="tenant-2")
     engine.step()
-    assert other.num_computed_tokens == 40 - 0 and not engine.metas[-1].loads  # computed, not loaded
+    assert other.num_computed_tokens == 64 and not engine.metas[-1].loads  # one batch computed, nothing loaded
     same = engine.add("c", PROMPT, salt="tenant-1")
     engine.step()
-    assert engine.metas[-1].loads and engine.metas[-1].loads[0].req_id == "c" and same.num_computed_tokens >= 39
+    assert engine.metas[-1].loads and engine.metas[-1].loads[0].req_id == "c" and same.num_computed_tokens >= 79
+
+
+@pytest.mark.parametrize(("block", "dtype"), [(32, torch.bfloat16), (32, torch.float32), (16, torch.bfloat16)])
+def test_the_learned_layout_matches_vllms_cache_writes(model_dir: str, instance: HostedInstance, block: int, dtype: torch.dtype) -> None:
+    """vLLM's own CPU cache-write op (AMX, vec or vec16 kernels, whichever this CPU and shape select) fills
+    a cache; the connector's layout must read back exactly the keys and values it was given."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from lmcached.integrations.paged import PagedLayout
+    from lmcached.integrations.vllm import cpu_cache_writer
+
+    engine = Engine(model_dir, instance.worker.data_plane.address)  # type: ignore[union-attr]
+    try:
+        cache = torch.zeros(6, HEADS, block, 2 * HEAD_SIZE, dtype=dtype)
+        layout = PagedLayout.build([cache], block, "probed", cpu_cache_writer(engine.config, cache))
+        keys = torch.randn(3 * block, HEADS, HEAD_SIZE).to(dtype)
+        values = torch.randn(3 * block, HEADS, HEAD_SIZE).to(dtype)
+        slots = layout.slots([4, 1, 3], 0, 3 * block)
+        key_cache, value_cache = cache.view(6, HEADS, 2 * block, HEAD_SIZE).chunk(2, dim=2)
+        isa = _get_attn_isa(dtype, block, HEAD_SIZE, "auto")
+        ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, isa, 1.0, 1.0, "auto")
+        kv = layout.gather(slots)
+        assert torch.equal(kv[0, 0], keys.reshape(3 * block, -1)) and torch.equal(kv[1, 0], values.reshape(3 * block, -1)), isa
+    finally:
+        engine.close()

@@ -1,53 +1,88 @@
 """Between an engine's paged KV cache and lmcached's [2, L, T, C] chunks, with plain torch indexing, so the
 same code runs on CPU tensors and CUDA tensors (only the final copy to or from the host crosses devices).
 
-vLLM keeps each attention layer as a logical [blocks, kv_heads, block_size, 2 * head_size] tensor. What the
-last dimension holds depends on the attention backend:
+vLLM keeps each attention layer as a tensor [blocks, kv_heads, block_size, 2 * head_size]: one tile per block.
+Where a token's key and value sit inside a tile depends on the attention backend, so a layout is described by
+two index tables — for each (head, token in block, dim), the element's offset in the flattened tile:
 
-- `interleaved` (FlashAttention, Triton on GPUs): per token and head, the key's head_size values, then the
+- `interleaved` (FlashAttention and Triton on GPUs): per token and head, the key's head_size values, then the
   value's (`kv_cache.transpose(1, 2).split(head_size, dim=-1)` in vLLM);
-- `halves` (vLLM's CPU backend): the block's memory viewed as [blocks, kv_heads, 2 * block_size, head_size]
-  holds the keys of all its tokens, then their values.
+- `halves`: the tile viewed as [kv_heads, 2 * block_size, head_size] holds all keys, then all values;
+- `probed`: whatever vLLM's CPU backend does on this CPU (its AMX kernels, for one, interleave pairs for the
+  matrix units): learned by letting vLLM's own cache-write op fill a scratch tile with known values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-PACKINGS = ("interleaved", "halves")
+#: Writes keys and values [tokens, heads, head_size] into the given [1, heads, block_size, 2*head_size] tile
+#: at slots 0..tokens-1, exactly as the engine does.
+CacheWriter = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class LayoutError(ValueError):
-    """The engine's KV cache is laid out in a way this module does not know."""
+    """The engine's KV cache is laid out in a way this module cannot read."""
 
 
 @dataclass(frozen=True)
 class PagedLayout:
-    """One engine's paged cache: its layers (in model order) and how each packs keys and values."""
+    """One engine's paged cache: its layers (in model order) and where keys and values sit in a block's tile."""
 
     layers: tuple[torch.Tensor, ...]
-    packing: str
     #: Tokens per block as the scheduler counts them (block ids refer to these); a kernel block (the
     #: tensor's dim 2) may be smaller, with a scheduler block made of consecutive kernel blocks.
     block_size: int
+    key_index: torch.Tensor  # [heads, kernel block, head_size] -> offset in the flattened tile
+    value_index: torch.Tensor
 
     def __post_init__(self) -> None:
-        if self.packing not in PACKINGS:
-            raise LayoutError(f"unknown KV packing {self.packing!r}")
         if not self.layers:
             raise LayoutError("no KV cache layers")
         first = self.layers[0]
         for layer in self.layers:
             if layer.ndim != 4 or layer.shape != first.shape or layer.dtype != first.dtype:
                 raise LayoutError(f"layers must all be [blocks, kv_heads, block_size, 2*head_size]; got {list(layer.shape)}")
-        if first.shape[3] % 2:
-            raise LayoutError(f"the last dimension ({first.shape[3]}) must hold a key and a value (MLA caches are not supported)")
+            if not layer.is_contiguous():
+                raise LayoutError("each layer's cache must be one contiguous tensor")
         if self.block_size % first.shape[2]:
             raise LayoutError(f"block size {self.block_size} is not a multiple of the kernel block size {first.shape[2]}")
+        expected = (first.shape[1], first.shape[2], first.shape[3] // 2)
+        if tuple(self.key_index.shape) != expected or tuple(self.value_index.shape) != expected:
+            raise LayoutError("the index tables do not match the cache's shape")
 
+    # -- the known layouts
+    @classmethod
+    def build(cls, layers: Sequence[torch.Tensor], block_size: int, packing: str, writer: CacheWriter | None = None) -> PagedLayout:
+        first = layers[0] if layers else None
+        if first is None or first.ndim != 4:
+            raise LayoutError("KV cache layers must be [blocks, kv_heads, block_size, 2*head_size]")
+        heads, kernel_block, width = first.shape[1:]
+        if width % 2:
+            raise LayoutError(f"the last dimension ({width}) must hold a key and a value (MLA caches are not supported)")
+        size = width // 2
+        head = torch.arange(heads).view(-1, 1, 1)
+        token = torch.arange(kernel_block).view(1, -1, 1)
+        dim = torch.arange(size).view(1, 1, -1)
+        if packing == "interleaved":
+            key = (head * kernel_block + token) * width + dim
+            value = key + size
+        elif packing == "halves":
+            key = (head * 2 * kernel_block + token) * size + dim
+            value = key + kernel_block * size
+        elif packing == "probed":
+            if writer is None:
+                raise LayoutError("a probed layout needs the engine's cache writer")
+            key, value = probe(writer, heads, kernel_block, size, first.dtype)
+        else:
+            raise LayoutError(f"unknown KV packing {packing!r}")
+        device = first.device
+        return cls(tuple(layers), block_size, key.to(device), value.to(device))
+
+    # -- geometry
     @property
     def kv_heads(self) -> int:
         return self.layers[0].shape[1]
@@ -70,24 +105,22 @@ class PagedLayout:
         blocks = torch.as_tensor(list(block_ids), dtype=torch.int64)[positions // self.block_size]
         return (blocks * self.block_size + positions % self.block_size).to(self.layers[0].device)
 
-    def _index(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _where(self, slots: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset in the flattened tile) of every [head, token, dim] of these slots."""
         kernel_block = self.layers[0].shape[2]
-        return slots // kernel_block, slots % kernel_block, kernel_block
+        blocks, offsets = slots // kernel_block, slots % kernel_block
+        return blocks.view(1, -1, 1), index[:, offsets, :]
 
+    # -- moving KV
     def gather(self, slots: torch.Tensor) -> torch.Tensor:
         """The KV of these slots as [2, L, T, kv_heads * head_size], on the cache's device."""
-        blocks, offsets, kernel_block = self._index(slots)
-        tokens, heads, size = len(slots), self.kv_heads, self.head_size
-        out = torch.empty((2, len(self.layers), tokens, heads * size), dtype=self.dtype, device=self.layers[0].device)
-        for index, layer in enumerate(self.layers):
-            if self.packing == "interleaved":
-                picked = layer[blocks, :, offsets]  # [T, heads, 2 * size]
-                out[0, index].view(tokens, heads, size).copy_(picked[..., :size])
-                out[1, index].view(tokens, heads, size).copy_(picked[..., size:])
-            else:
-                halves = layer.view(layer.shape[0], heads, 2 * kernel_block, size)
-                out[0, index].view(tokens, heads, size).copy_(halves[blocks, :, offsets])
-                out[1, index].view(tokens, heads, size).copy_(halves[blocks, :, kernel_block + offsets])
+        tokens = len(slots)
+        out = torch.empty((2, len(self.layers), tokens, self.channels), dtype=self.dtype, device=self.layers[0].device)
+        for side, index in enumerate((self.key_index, self.value_index)):
+            blocks, offsets = self._where(slots, index)
+            for number, layer in enumerate(self.layers):
+                picked = layer.view(layer.shape[0], -1)[blocks, offsets]  # [heads, T, head_size]
+                out[side, number].view(tokens, self.kv_heads, self.head_size).copy_(picked.transpose(0, 1))
         return out
 
     def scatter(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
@@ -96,16 +129,39 @@ class PagedLayout:
             raise LayoutError(f"KV of shape {list(kv.shape)} does not fit {len(self.layers)} layers and {len(slots)} slots")
         if kv.shape[3] != self.channels:
             raise LayoutError(f"KV has {kv.shape[3]} channels; this cache has {self.channels}")
-        blocks, offsets, kernel_block = self._index(slots)
-        tokens, heads, size = len(slots), self.kv_heads, self.head_size
+        tokens = len(slots)
         kv = kv.to(device=self.layers[0].device, dtype=self.dtype)
-        for index, layer in enumerate(self.layers):
-            keys = kv[0, index].reshape(tokens, heads, size)
-            values = kv[1, index].reshape(tokens, heads, size)
-            if self.packing == "interleaved":
-                layer[blocks, :, offsets, :size] = keys
-                layer[blocks, :, offsets, size:] = values
-            else:
-                halves = layer.view(layer.shape[0], heads, 2 * kernel_block, size)
-                halves[blocks, :, offsets] = keys
-                halves[blocks, :, kernel_block + offsets] = values
+        for side, index in enumerate((self.key_index, self.value_index)):
+            blocks, offsets = self._where(slots, index)
+            for number, layer in enumerate(self.layers):
+                values = kv[side, number].reshape(tokens, self.kv_heads, self.head_size).transpose(0, 1)
+                layer.view(layer.shape[0], -1)[blocks, offsets] = values
+
+
+def probe(writer: CacheWriter, heads: int, kernel_block: int, size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learn where the engine's writer puts each (head, token, dim) of a key and of a value in a tile: write
+    the token numbers, then the heads, then the dims (each + 1, exact in any float dtype up to 256), and read
+    back which element each landed in."""
+    if max(heads, kernel_block, size) >= 256:
+        raise LayoutError("cannot probe a tile with 256 or more heads, tokens or dims")
+    tile = torch.zeros(1, heads, kernel_block, 2 * size, dtype=dtype)
+    grid = torch.meshgrid(torch.arange(kernel_block), torch.arange(heads), torch.arange(size), indexing="ij")  # [T, H, D] each
+    tables = []
+    for side in (0, 1):
+        coords = []
+        for axis in grid:
+            tile.zero_()
+            marks = (axis + 1).to(dtype)
+            blank = torch.zeros_like(marks)
+            writer(marks if side == 0 else blank, blank if side == 0 else marks, tile)
+            coords.append(tile.flatten().to(torch.int64) - 1)
+        token, head, dim = coords
+        written = (token >= 0).nonzero().flatten()
+        if len(written) != heads * kernel_block * size or (head[written] < 0).any() or (dim[written] < 0).any():
+            raise LayoutError("the engine's cache writer does not place every element once")
+        index = torch.full((heads, kernel_block, size), -1, dtype=torch.int64)
+        index[head[written], token[written], dim[written]] = written
+        if (index < 0).any():
+            raise LayoutError("the engine's cache writer leaves elements out")
+        tables.append(index)
+    return tables[0], tables[1]

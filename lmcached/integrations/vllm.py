@@ -40,7 +40,7 @@ from lmcached.client import KVClient
 from lmcached.config import Config, load_config
 from lmcached.errors import LmcachedError
 from lmcached.integrations.hosted import HostedInstance
-from lmcached.integrations.paged import LayoutError, PagedLayout
+from lmcached.integrations.paged import CacheWriter, LayoutError, PagedLayout
 from lmcached.storage import Storage
 from lmcached.tensors import byte_view, check_kv, dtype_from_name, dtype_name, from_bytes
 
@@ -283,8 +283,10 @@ class _WorkerSide:
         from vllm.platforms import current_platform
 
         self.connector = connector
-        # vLLM's CPU backend keeps a block's keys, then its values; the GPU backends interleave them per token.
-        self.packing = "halves" if current_platform.is_cpu() else "interleaved"
+        self.vllm_config = vllm_config
+        # GPU backends interleave a token's key and value; the CPU backend's tile layout depends on the CPU
+        # (its AMX kernels pair elements up), so it is learned from vLLM's own cache-write op.
+        self.packing = "probed" if current_platform.is_cpu() else "interleaved"
         self.layout: PagedLayout | None = None
         self.load_errors: set[int] = set()
         self.hosted: HostedInstance | None = None
@@ -298,8 +300,10 @@ class _WorkerSide:
         self.saver.start()
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        layers = list(kv_caches.values())
         try:
-            self.layout = PagedLayout(tuple(kv_caches.values()), self.packing, self.connector.block_size)
+            writer = cpu_cache_writer(self.vllm_config, layers[0]) if self.packing == "probed" else None
+            self.layout = PagedLayout.build(layers, self.connector.block_size, self.packing, writer)
         except LayoutError as exc:
             raise ValueError(f"LmcachedConnector cannot use this KV cache: {exc}") from None
         log.info(
@@ -381,6 +385,26 @@ class _WorkerSide:
         self.kv.reset()
         if self.hosted is not None:
             self.hosted.stop()
+
+
+def cpu_cache_writer(vllm_config: VllmConfig, layer: torch.Tensor) -> CacheWriter:
+    """vLLM's CPU cache-write op, with the instruction set its attention backend picks for this cache."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if cache_dtype != "auto":
+        raise LayoutError(f"KV cache dtype {cache_dtype!r} (quantised) is not supported; use the model's dtype")
+    _, _, kernel_block, width = layer.shape
+    isa = _get_attn_isa(layer.dtype, kernel_block, width // 2, cache_dtype)
+
+    def write(keys: torch.Tensor, values: torch.Tensor, tile: torch.Tensor) -> None:
+        heads, size = tile.shape[1], tile.shape[3] // 2
+        key_cache, value_cache = tile.view(1, heads, 2 * kernel_block, size).chunk(2, dim=2)  # as the backend splits it
+        slots = torch.arange(keys.shape[0], dtype=torch.int64)
+        ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, isa, 1.0, 1.0, cache_dtype)
+
+    return write
 
 
 # ---------------------------------------------------------------------------------------------- reaching lmcached

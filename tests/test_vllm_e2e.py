@@ -1,0 +1,132 @@
+"""The seed's workflow with real vLLM (the CPU build) on SmolLM2: vLLM stores its KV through LmcachedConnector
+into an instance it hosts, `lmcached controller` sees and compresses it, and vLLM reuses it — and two vLLM
+servers sharing one lmcached worker."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm", reason="the vllm extra is not installed")
+
+from lmcached.integrations.vllm_server import VllmServer, converted_model, free_port, start_vllm  # noqa: E402
+
+from .conftest import ServeProcess, start_process, start_serve, stop_serve  # noqa: E402
+from .test_e2e import post, wait_for  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+INSTANCE = "lmcache_default_instance"
+SEED_PROMPT = "Explain the significance of KV cache in language models."
+LONG_PROMPT = " ".join(f"Paragraph {i}: the cache keeps keys and values so that a prompt is not computed twice." for i in range(24))
+
+
+@pytest.fixture(scope="module")
+def model() -> str:
+    return converted_model()
+
+
+@pytest.fixture(scope="module")
+def controller() -> Iterator[ServeProcess]:
+    cmd = [sys.executable, "-m", "lmcached", "controller", "--port", "0", "--monitor-port", "0"]
+    server = start_process(cmd, "lmcached ready ")
+    yield server
+    stop_serve(server)
+
+
+def cli(controller: ServeProcess, *args: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "lmcached", *args, "--controller", controller.http], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_seed_workflow_with_vllm_hosting_the_instance(model: str, controller: ServeProcess) -> None:
+    data_port = free_port()
+    vllm = start_vllm(
+        model,
+        lmcache_config={
+            "chunk_size": 256,
+            "local_cpu": True,
+            "max_local_cpu_size": 1,
+            "enable_controller": True,
+            "lmcache_instance_id": INSTANCE,
+            "controller_url": f"127.0.0.1:{controller.ports['monitor']}",
+            "lmcache_worker_port": data_port,
+        },
+    )
+    try:
+        # Step 3: a completion; vLLM stores the prompt's KV in the instance it hosts.
+        first = vllm.complete(SEED_PROMPT)
+        assert first["cached_tokens"] == 0 and first["text"].strip()
+        # Step 4: vLLM's own tokenizer, then the controller's lookup.
+        tokens = vllm.tokenize(SEED_PROMPT)
+        layout = wait_for(lambda: post(controller, "/lookup", {"tokens": tokens})["layout_info"], 30)
+        assert layout == {INSTANCE: ["LocalCPUBackend", len(tokens)]}
+        instances = post(controller, "/query_worker_info", {"instance_id": INSTANCE})["worker_infos"]
+        assert instances[0]["port"] == data_port  # the instance serves where LMCache's worker would
+
+        hits_before = vllm.metric("vllm:external_prefix_cache_hits_total")
+        raw_hit = vllm.complete(SEED_PROMPT)
+        assert raw_hit == {"text": first["text"], "cached_tokens": len(tokens) - 1}
+
+        # Step 5: compress; the completion is served from the compressed chunks.
+        ids = ",".join(map(str, tokens))
+        event = cli(controller, "compress", "--tokens", ids)
+        assert event["status"] == "finished" and event["result"]["chunks"] == 1
+        assert event["result"]["bytes_after"] * 2 < event["result"]["bytes_before"]
+        compressed_hit = vllm.complete(SEED_PROMPT)
+        assert compressed_hit["cached_tokens"] == len(tokens) - 1 and compressed_hit["text"].strip()
+        assert vllm.metric("vllm:external_prefix_cache_hits_total") >= hits_before + 2 * (len(tokens) - 1)
+
+        # Step 6: decompress; then a lossless copy must give the very same greedy output as the raw one.
+        assert cli(controller, "decompress", "--tokens", ids)["status"] == "finished"
+        long_tokens = vllm.tokenize(LONG_PROMPT)
+        reference = vllm.complete(LONG_PROMPT, 20)  # stores it raw
+        raw = vllm.complete(LONG_PROMPT, 20)
+        assert raw["cached_tokens"] == len(long_tokens) - 1 and raw["text"] == reference["text"]
+        assert cli(controller, "compress", "--method", "lossless", "--tokens", ",".join(map(str, long_tokens)))["status"] == "finished"
+        lossless = vllm.complete(LONG_PROMPT, 20)
+        assert lossless == raw
+        assert any("loaded" in line and "from lmcached" in line for line in vllm.log)  # vLLM's own log says so
+    finally:
+        vllm.stop()
+
+
+def test_two_vllm_servers_share_one_lmcached_worker(model: str) -> None:
+    shared = start_serve()
+    servers: list[VllmServer] = []
+    try:
+        for _ in range(2):
+            servers.append(start_vllm(model, extra_config={"lmcached_worker": shared.data}, lmcache_config={"chunk_size": 256}))
+        first, second = servers
+        computed = first.complete(LONG_PROMPT, 8)
+        assert computed["cached_tokens"] == 0
+        tokens = first.tokenize(LONG_PROMPT)
+        wait_for(lambda: post(shared, "/lookup", {"tokens": tokens})["layout_info"], 30)
+        reused = second.complete(LONG_PROMPT, 8)
+        assert reused == {"text": computed["text"], "cached_tokens": len(tokens) - 1}  # an external hit on the other server
+    finally:
+        for server in servers:
+            server.stop()
+        stop_serve(shared)
+
+
+def test_a_dead_lmcached_never_fails_a_request(model: str) -> None:
+    shared = start_serve()
+    vllm = start_vllm(model, extra_config={"lmcached_worker": shared.data}, lmcache_config={"chunk_size": 256})
+    try:
+        vllm.complete(LONG_PROMPT, 4)
+        stop_serve(shared)  # the cache goes away
+        time.sleep(0.5)
+        after = vllm.complete(LONG_PROMPT, 4)
+        assert after["cached_tokens"] == 0 and after["text"]  # computed, not failed
+    finally:
+        vllm.stop()
