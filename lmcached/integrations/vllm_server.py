@@ -40,6 +40,7 @@ class VllmServer:
     proc: subprocess.Popen[str]
     port: int
     log: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None  # keeps vLLM's output flowing into `log`
 
     @property
     def url(self) -> str:
@@ -76,9 +77,7 @@ class VllmServer:
         """A counter from vLLM's own /metrics (summed over its labels)."""
         with urllib.request.urlopen(self.url + "/metrics", timeout=30) as response:
             text = response.read().decode()
-        return sum(
-            float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " ")
-        )
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + "{", name + " ")))
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -87,6 +86,10 @@ class VllmServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        if self.reader is not None:
+            self.reader.join(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 def start_vllm(
@@ -114,7 +117,8 @@ def start_vllm(
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     server = VllmServer(proc, port)
     assert proc.stdout is not None
-    threading.Thread(target=lambda: server.log.extend(proc.stdout), daemon=True).start()  # type: ignore[arg-type]
+    server.reader = threading.Thread(target=lambda: server.log.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+    server.reader.start()
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
