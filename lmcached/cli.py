@@ -494,12 +494,12 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-BENCH_KINDS = ("dataplane", "index", "codec", "engine", "all")
+BENCH_KINDS = ("dataplane", "index", "codec", "engine", "vllm", "all")
 
 
 @app.command()
 def bench(
-    kind: str = typer.Argument("all", help="dataplane, index, codec, engine or all."),
+    kind: str = typer.Argument("all", help="dataplane, index, codec, engine, vllm (needs the vllm extra) or all (all but vllm)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
     plot: Path | None = typer.Option(None, "--plot", help="Write plots to this PNG file."),
     quick: bool = typer.Option(False, "--quick", help="Smaller sizes, fewer repeats (a smoke run)."),
@@ -508,6 +508,11 @@ def bench(
     """Measure lmcached beside its baselines in the same run and print the figures."""
     if kind not in BENCH_KINDS:
         fail(f"unknown benchmark {kind!r}; choose one of {', '.join(BENCH_KINDS)}", 2)
+    if kind == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            fail("bench vllm needs vLLM: pip install 'lmcached[vllm]' (the CPU build) or vllm itself", 2)
     from lmcached.bench import run_benchmarks
     from lmcached.memory import tune_allocator
 

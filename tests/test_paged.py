@@ -76,3 +76,17 @@ def test_layouts_that_cannot_be_read_are_refused() -> None:
     layout = PagedLayout.build((torch.zeros(2, 1, 4, 8),), 4, "halves")
     with pytest.raises(LayoutError, match="channels"):
         layout.scatter(layout.slots([0], 0, 2), torch.zeros(2, 1, 2, 5))
+
+
+def test_a_thread_pool_moves_inference_tensors_too() -> None:
+    """vLLM's caches are inference tensors and its worker runs in inference mode: the pool's threads must be too."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with torch.inference_mode():
+        layers = tuple(torch.zeros(4, 2, 4, 16) for _ in range(3))
+    layout = PagedLayout.build(layers, 4, "halves")
+    kv = torch.randn(2, 3, 6, 16)
+    with ThreadPoolExecutor(2) as pool, torch.inference_mode():
+        slots = layout.slots([3, 1], 0, 6)
+        layout.scatter(slots, kv, pool)
+        assert torch.equal(layout.gather(slots, pool), kv)

@@ -15,6 +15,7 @@ two index tables — for each (head, token in block, dim), the element's offset 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import torch
@@ -105,25 +106,31 @@ class PagedLayout:
         blocks = torch.as_tensor(list(block_ids), dtype=torch.int64)[positions // self.block_size]
         return (blocks * self.block_size + positions % self.block_size).to(self.layers[0].device)
 
-    def _where(self, slots: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block, offset in the flattened tile) of every [head, token, dim] of these slots."""
-        kernel_block = self.layers[0].shape[2]
+    def _where(self, slots: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The offset in a layer's flattened cache of every [head, token, dim] of these slots. One flat index
+        and torch.take / put_ move 1,500 SmolLM2 tokens 2-2.5x faster than indexing blocks and tiles apart."""
+        _, heads, kernel_block, width = self.layers[0].shape
         blocks, offsets = slots // kernel_block, slots % kernel_block
-        return blocks.view(1, -1, 1), index[:, offsets, :]
+        return blocks.view(1, -1, 1) * (heads * kernel_block * width) + index[:, offsets, :]
 
     # -- moving KV
-    def gather(self, slots: torch.Tensor) -> torch.Tensor:
-        """The KV of these slots as [2, L, T, kv_heads * head_size], on the cache's device."""
+    def gather(self, slots: torch.Tensor, pool: Executor | None = None) -> torch.Tensor:
+        """The KV of these slots as [2, L, T, kv_heads * head_size], on the cache's device. With a `pool`, the
+        layers are spread over its threads (torch releases the GIL inside each op)."""
         tokens = len(slots)
         out = torch.empty((2, len(self.layers), tokens, self.channels), dtype=self.dtype, device=self.layers[0].device)
-        for side, index in enumerate((self.key_index, self.value_index)):
-            blocks, offsets = self._where(slots, index)
-            for number, layer in enumerate(self.layers):
-                picked = layer.view(layer.shape[0], -1)[blocks, offsets]  # [heads, T, head_size]
+        wheres = [self._where(slots, index) for index in (self.key_index, self.value_index)]
+
+        def one(number: int) -> None:
+            layer = self.layers[number]
+            for side, where in enumerate(wheres):
+                picked = torch.take(layer, where)  # [heads, T, head_size]
                 out[side, number].view(tokens, self.kv_heads, self.head_size).copy_(picked.transpose(0, 1))
+
+        _each(one, len(self.layers), pool)
         return out
 
-    def scatter(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
+    def scatter(self, slots: torch.Tensor, kv: torch.Tensor, pool: Executor | None = None) -> None:
         """Write [2, L, T, kv_heads * head_size] (any device and float dtype) into these slots."""
         if kv.ndim != 4 or kv.shape[0] != 2 or kv.shape[1] != len(self.layers) or kv.shape[2] != len(slots):
             raise LayoutError(f"KV of shape {list(kv.shape)} does not fit {len(self.layers)} layers and {len(slots)} slots")
@@ -131,11 +138,31 @@ class PagedLayout:
             raise LayoutError(f"KV has {kv.shape[3]} channels; this cache has {self.channels}")
         tokens = len(slots)
         kv = kv.to(device=self.layers[0].device, dtype=self.dtype)
-        for side, index in enumerate((self.key_index, self.value_index)):
-            blocks, offsets = self._where(slots, index)
-            for number, layer in enumerate(self.layers):
-                values = kv[side, number].reshape(tokens, self.kv_heads, self.head_size).transpose(0, 1)
-                layer.view(layer.shape[0], -1)[blocks, offsets] = values
+        wheres = [self._where(slots, index) for index in (self.key_index, self.value_index)]
+
+        def one(number: int) -> None:
+            for side, where in enumerate(wheres):
+                values = kv[side, number].reshape(tokens, self.kv_heads, self.head_size).transpose(0, 1).contiguous()
+                self.layers[number].put_(where, values)
+
+        _each(one, len(self.layers), pool)
+
+
+def _each(fn: Callable[[int], None], count: int, pool: Executor | None) -> None:
+    if pool is None:
+        for number in range(count):
+            fn(number)
+        return
+    # The caller's inference mode goes along to the pool's threads: vLLM's caches are inference tensors,
+    # which only code inside inference mode may update in place.
+    inference = torch.is_inference_mode_enabled()
+
+    def run(number: int) -> None:
+        with torch.inference_mode(inference):
+            fn(number)
+
+    for future in [pool.submit(run, number) for number in range(count)]:
+        future.result()  # re-raises the first failure
 
 
 def probe(writer: CacheWriter, heads: int, kernel_block: int, size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

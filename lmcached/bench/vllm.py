@@ -1,0 +1,173 @@
+"""Time to first token through vLLM's OpenAI server (the CPU build here) with LmcachedConnector: a miss, an
+lmcached hit and a hit on compressed chunks, and the same miss on a vLLM without the connector. vLLM's own
+prefix cache is off, so every hit is the external path."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any
+
+from lmcached.bench.report import Report, progress
+
+INSTANCE = "lmcache_default_instance"
+CPU = "LocalCPUBackend"
+
+
+def post(url: str, body: Any) -> Any:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as response:
+        return json.loads(response.read())
+
+
+def operation(controller: str, op: str, tokens: list[int], **extra: Any) -> None:
+    """Run a controller operation on a prompt and wait for it to end."""
+    answer = post(f"{controller}/{op}", {"instance_id": INSTANCE, "location": CPU, "tokens": tokens, **extra})
+    for _ in range(6000):
+        if post(controller + "/check_finish", {"event_id": answer["event_id"]})["status"] in ("finished", "failed"):
+            return
+        time.sleep(0.02)
+
+
+def median_spread(values: list[float]) -> tuple[float, dict[str, float]]:
+    ordered = sorted(values)
+    return statistics.median(ordered), {"min_ms": ordered[0] * 1000, "max_ms": ordered[-1] * 1000, "runs": len(ordered)}
+
+
+def run(report: Report, quick: bool = False) -> None:
+    from lmcached.integrations.vllm_server import converted_model, free_port, start_vllm
+
+    sizes = [1500] if quick else [512, 1500, 4000]
+    repeats = 2 if quick else 3
+    model = converted_model()
+    corpus = prompts_corpus()
+    controller_proc, controller = start_controller()
+    try:
+        with progress() as bar:
+            task = bar.add_task("vllm", total=2 * (1 + len(sizes)))
+            baseline: dict[int, float] = {}
+            plain = start_vllm(model, connector=False)
+            try:
+                tokens = plain.tokenize(corpus)
+                plain.ttft(tokens[-600:])  # warm-up, untimed
+                bar.advance(task)
+                for size in sizes:
+                    baseline[size] = median_spread([plain.ttft(tokens[:size]) for _ in range(repeats)])[0]
+                    bar.advance(task)
+            finally:
+                plain.stop()
+            config = {
+                "chunk_size": 256,
+                "local_cpu": True,
+                "max_local_cpu_size": 4,
+                "enable_controller": True,
+                "lmcache_instance_id": INSTANCE,
+                "controller_url": controller.replace("http://", "").rsplit(":", 1)[0] + f":{controller_proc.monitor}",
+                "lmcache_worker_port": free_port(),
+            }
+            vllm = start_vllm(model, lmcache_config=config)
+            try:
+                warm = tokens[-600:]
+                for _ in range(2):  # warm-up, untimed: a miss that stores, then hits raw and compressed
+                    vllm.ttft(warm)
+                operation(controller, "compress", warm, method="cachegen")
+                vllm.ttft(warm)
+                bar.advance(task)
+                for size in sizes:
+                    measure(report, vllm, controller, tokens[:size], repeats, baseline[size])
+                    bar.advance(task)
+            finally:
+                vllm.stop()
+    finally:
+        controller_proc.stop()
+
+
+def measure(report: Report, vllm: Any, controller: str, prompt: list[int], repeats: int, plain_miss: float) -> None:
+    size = len(prompt)
+    misses, hits, compressed = [], [], []
+    for _ in range(repeats):
+        operation(controller, "clear", prompt)  # a true miss: nothing of it in lmcached
+        misses.append(vllm.ttft(prompt))
+        time.sleep(0.3)  # the store happens behind the request; let it land
+        hits.append(vllm.ttft(prompt))
+        operation(controller, "compress", prompt, method="cachegen")
+        compressed.append(vllm.ttft(prompt))
+    miss, miss_spread = median_spread(misses)
+    hit, hit_spread = median_spread(hits)
+    compressed_hit, compressed_spread = median_spread(compressed)
+    at_target = size == 1500
+    report.add(
+        "vllm",
+        f"TTFT miss with the connector, {size} tokens (median of {repeats})",
+        miss * 1000,
+        "ms",
+        plain_miss * 1000,
+        "vLLM without it",
+        "≤ 10% slower than without the connector" if at_target else "",
+        better="lower",
+        extra=miss_spread,
+        need=("ratio", ">=", 1 / 1.1) if at_target else None,
+    )
+    report.add(
+        "vllm",
+        f"TTFT lmcached hit, {size} tokens (median of {repeats})",
+        hit * 1000,
+        "ms",
+        miss * 1000,
+        "miss",
+        "≥ 5× faster than a miss at 1,500" if at_target else "",
+        better="lower",
+        extra=hit_spread,
+        need=("ratio", ">=", 5.0) if at_target else None,
+    )
+    report.add(
+        "vllm",
+        f"TTFT compressed (cachegen) hit, {size} tokens (median of {repeats})",
+        compressed_hit * 1000,
+        "ms",
+        miss * 1000,
+        "miss",
+        "≥ 3× faster than a miss at 1,500" if at_target else "",
+        better="lower",
+        extra=compressed_spread,
+        need=("ratio", ">=", 3.0) if at_target else None,
+    )
+
+
+def prompts_corpus() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name] for name in ("specialnames", "compound", "types", "formatstrings"))
+
+
+class Controller:
+    def __init__(self, proc: subprocess.Popen[str], ports: dict[str, Any]) -> None:
+        self.proc = proc
+        self.monitor = int(ports["monitor"])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def start_controller() -> tuple[Controller, str]:
+    """`lmcached controller` on free ports; (its handle, its HTTP URL)."""
+    cmd = [sys.executable, "-m", "lmcached", "controller", "--port", "0", "--monitor-port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("lmcached ready "):
+            ports = json.loads(line[len("lmcached ready ") :])
+            return Controller(proc, ports), f"http://127.0.0.1:{ports['http']}"
+    proc.wait()
+    raise RuntimeError("lmcached controller did not start")
