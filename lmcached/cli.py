@@ -196,6 +196,17 @@ def engine_command(
     run_daemon(run)
 
 
+@app.command(name="model-dir")
+def model_dir() -> None:
+    """Print the directory of the default model (SmolLM2) as transformers and vLLM load it, converting it first if needed."""
+    from lmcached.model import ModelError, converted_dir, default_gguf
+
+    try:
+        typer.echo(str(converted_dir(default_gguf())))
+    except ModelError as exc:
+        fail(str(exc))
+
+
 @app.command()
 def worker(
     instance_id: str | None = typer.Option(None, "--instance-id", help="Instance this worker serves."),

@@ -75,7 +75,7 @@ def untied_state(model: Any) -> dict[str, torch.Tensor]:
     return state
 
 
-def _converted(gguf: Path) -> Path:
+def converted_dir(gguf: Path) -> Path:
     """Convert a GGUF file to a transformers directory once; later loads read safetensors (0.3 s, not 10 s)."""
     stat = gguf.stat()
     # CONVERSION_FORMAT is part of the tag, so a directory written by an older conversion is never reused.
@@ -132,7 +132,7 @@ def load_model(model: str | None = None) -> LoadedModel:
     path = default_gguf() if model is None else Path(model)
     if not path.exists():
         raise ModelError(f"model {model} not found (a .gguf file or a transformers directory)")
-    directory = _converted(path) if path.suffix == ".gguf" else path
+    directory = converted_dir(path) if path.suffix == ".gguf" else path
     tokenizer = AutoTokenizer.from_pretrained(directory)
     lm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     lm.eval()

@@ -26,9 +26,9 @@ def test_the_converted_directory_names_tied_embeddings_twice() -> None:
     """vLLM reads `model.embed_tokens.weight` (it skips lm_head when embeddings are tied): both must be there."""
     from safetensors import safe_open
 
-    from lmcached.model import _converted, default_gguf
+    from lmcached.model import converted_dir, default_gguf
 
-    directory = _converted(default_gguf())
+    directory = converted_dir(default_gguf())
     with safe_open(str(directory / "model.safetensors"), "pt") as weights:
         names = set(weights.keys())
         assert {"model.embed_tokens.weight", "lm_head.weight"} <= names

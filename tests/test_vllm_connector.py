@@ -39,10 +39,10 @@ SAMPLED = 7  # the token every fake forward pass "samples"
 
 @pytest.fixture(scope="module")
 def model_dir() -> str:
-    from lmcached.model import _converted, default_gguf
+    from lmcached.model import converted_dir, default_gguf
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return str(_converted(default_gguf()))  # vLLM's ModelConfig reads a real config.json
+    return str(converted_dir(default_gguf()))  # vLLM's ModelConfig reads a real config.json
 
 
 @pytest.fixture

