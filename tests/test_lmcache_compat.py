@@ -94,3 +94,22 @@ def test_ranks_are_stable_and_the_lowest_free_one_is_given() -> None:
     assert asked.rank == 5
     index.add_worker(late := WorkerRecord("i", "e", "h:5"), wanted_rank=1)  # taken: the lowest free rank instead
     assert late.rank == 0
+
+
+async def test_cache_salt_keys_a_tenants_chunks_apart(running: Running) -> None:
+    """vLLM's per-request cache_salt: the client stores under it, /lookup and the operations find it only with it."""
+    from lmcached.client import AsyncKVClient
+
+    async with AsyncKVClient(running.data) as client:
+        assert await client.store(SEED_TOKENS, make_kv(12), salt="tenant-a") == 12
+        assert await client.lookup(SEED_TOKENS, salt="tenant-a") == 12
+        assert await client.lookup(SEED_TOKENS) == 0 and await client.lookup(SEED_TOKENS, salt="tenant-b") == 0
+    await running.daemon.worker.flush_reports()  # type: ignore[union-attr]
+    _, plain = await running.post("/lookup", {"tokens": SEED_TOKENS})
+    assert plain["layout_info"] == {}
+    _, salted = await running.post("/lookup", {"tokens": SEED_TOKENS, "cache_salt": "tenant-a"})
+    assert salted["layout_info"] == {INSTANCE: [CPU, 12]}
+    status, answer = await running.post("/pin", {"instance_id": INSTANCE, "location": CPU, "tokens": SEED_TOKENS, "cache_salt": "tenant-a"})
+    assert status == 200 and answer["num_tokens"] == 12
+    status, answer = await running.post("/lookup", {"tokens": SEED_TOKENS, "cache_salt": 5})
+    assert status == 422 and answer["field"] == "cache_salt"

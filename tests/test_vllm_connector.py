@@ -66,12 +66,12 @@ def known_kv(tokens: list[int], start: int, end: int) -> torch.Tensor:
 class Engine:
     """vLLM's scheduler and the connector's two sides, stepped by hand over a fake paged cache."""
 
-    def __init__(self, model_dir: str, address: str, num_blocks: int = 64, batch_tokens: int = 64) -> None:
+    def __init__(self, model_dir: str, address: str, num_blocks: int = 64, batch_tokens: int = 64, prefix_caching: bool = False) -> None:
         model = ModelConfig(model=model_dir, dtype="bfloat16", seed=0, max_model_len=1024)
         scheduler = SchedulerConfig(
             max_num_seqs=8, max_num_batched_tokens=batch_tokens, max_model_len=1024, enable_chunked_prefill=True, is_encoder_decoder=False
         )
-        cache = CacheConfig(block_size=BLOCK, gpu_memory_utilization=0.9, cache_dtype="auto", enable_prefix_caching=False)
+        cache = CacheConfig(block_size=BLOCK, gpu_memory_utilization=0.9, cache_dtype="auto", enable_prefix_caching=prefix_caching)
         transfer = KVTransferConfig(
             kv_connector="LmcachedConnector",
             kv_connector_module_path="lmcached.integrations.vllm",
@@ -312,5 +312,22 @@ def test_the_learned_layout_matches_vllms_cache_writes(model_dir: str, instance:
         ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, isa, 1.0, 1.0, "auto")
         kv = layout.gather(slots)
         assert torch.equal(kv[0, 0], keys.reshape(3 * block, -1)) and torch.equal(kv[1, 0], values.reshape(3 * block, -1)), isa
+    finally:
+        engine.close()
+
+
+def test_with_vllms_own_prefix_cache_only_the_rest_is_loaded(model_dir: str, instance: HostedInstance) -> None:
+    """vLLM's prefix cache holds whole blocks of a repeated prompt; lmcached supplies only what comes after them."""
+    engine = Engine(model_dir, instance.worker.data_plane.address, prefix_caching=True)  # type: ignore[union-attr]
+    try:
+        engine.add("a", PROMPT)
+        engine.run()
+        engine.saved()
+        engine.add("b", PROMPT)
+        output = engine.step()
+        (load,) = engine.metas[-1].loads
+        assert (load.start, load.end) == (64, 79)  # blocks 0-1 from vLLM's own cache, tokens 64-78 from lmcached
+        assert output.scheduled_new_reqs[0].num_computed_tokens == 79
+        assert torch.equal(engine.paged_kv("b", 80), known_kv(PROMPT, 0, 80))
     finally:
         engine.close()
