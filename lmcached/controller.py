@@ -362,6 +362,7 @@ class Controller:
         if not isinstance(keys, list) or not all(type(k) is int for k in keys):
             raise InvalidRequest("keys must be a list of chunk keys", "keys", 422)
         extra = {"method": fields.method(header, self.methods)} if op in ("compress", "decompress") else {}
+        self.index.check_location(instance_id, location)
         wanted = set(keys)
         calls, num_tokens = [], 0
         for record in self.index.instance_workers(instance_id):
