@@ -202,7 +202,13 @@ async def test_svg_snapshot_at_a_fixed_size(size: tuple[int, int], name: str) ->
     app = MonitorApp(address=None)
     async with app.run_test(size=size) as pilot:
         app.post_message(SnapshotReceived(FIXED_SNAPSHOT))
-        await pilot.pause(0.3)
+        # Wait until everything is drawn (tables and footer); a busy machine may need more than one refresh.
+        for _ in range(100):
+            await pilot.pause(0.1)
+            svg = app.export_screenshot()
+            if "Quit" in svg_text(svg) and "bed3f9cec8da" in svg_text(svg) and "pin" in svg_text(svg):
+                break
+        await pilot.pause(0.2)
         svg = app.export_screenshot()
     # The committed SVG is for people to look at; the test compares what is drawn (the SVG's text, line by
     # line), so a new Textual theme colour does not fail it but a changed table does.
