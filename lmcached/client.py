@@ -183,18 +183,28 @@ class KVClient:
     def spans(self, tokens: Sequence[int], salt: str | None = None) -> list[ChunkSpan]:
         return chunk_spans(tokens, self.chunk_size, self.save_unfull_chunk, salt)
 
-    def store(self, tokens: Sequence[int], kv: torch.Tensor, skip_tokens: int = 0, salt: str | None = None) -> int:
-        """Store the chunks of `tokens`' KV, except those wholly inside the first `skip_tokens` (already cached);
-        returns the number of tokens stored. `salt` keys a tenant's chunks apart (vLLM's cache_salt)."""
+    def store(self, tokens: Sequence[int], kv: torch.Tensor, skip_tokens: int = 0, salt: str | None = None, dedupe: bool = True) -> int:
+        """Store the chunks of `tokens`' KV, except those wholly inside the first `skip_tokens` (the caller knows
+        they are cached) and — with `dedupe`, one small round trip first — those the worker already holds, so
+        storing a prompt again moves no KV. Returns the prompt's tokens the worker holds through this call
+        (stored now, or found there). `salt` keys a tenant's chunks apart (vLLM's cache_salt)."""
         kv = check_kv(kv, len(tokens))
-        spans = [s for s in self.spans(tokens, salt) if s.end > skip_tokens]
+        spans = self.spans(tokens, salt)
+        held = self._held(spans) if dedupe and any(s.end > skip_tokens for s in spans) else 0
+        found = sum(s.num_tokens for s in spans if s.end <= held)
+        spans = [s for s in spans if s.end > max(skip_tokens, held)]
         if not spans:
-            return 0
+            return found
         store = _Store(spans, kv, next(self._req_ids))
         sock = self._conn()
         sock.sendall(store.head)
         for view in store.chunks(self._staging):
             sock.sendall(view)
+        return found + int(self._reply()["num_tokens"])
+
+    def _held(self, spans: list[ChunkSpan]) -> int:
+        """How many tokens of these chunks' prefix the worker holds (in any tier)."""
+        self._send(frame_parts(Kind.LOOKUP, {"req_id": next(self._req_ids), "keys": [s.key for s in spans]}, []))
         return int(self._reply()["num_tokens"])
 
     def lookup(self, tokens: Sequence[int], salt: str | None = None) -> int:
@@ -303,20 +313,30 @@ class AsyncKVClient:
     def spans(self, tokens: Sequence[int], salt: str | None = None) -> list[ChunkSpan]:
         return chunk_spans(tokens, self.chunk_size, self.save_unfull_chunk, salt)
 
-    async def store(self, tokens: Sequence[int], kv: torch.Tensor, skip_tokens: int = 0, salt: str | None = None) -> int:
+    async def store(
+        self, tokens: Sequence[int], kv: torch.Tensor, skip_tokens: int = 0, salt: str | None = None, dedupe: bool = True
+    ) -> int:
         """Store the chunks of `tokens`' KV, except those wholly inside the first `skip_tokens` (already cached:
-        storing them again would replace a compressed chunk with its raw bytes). Returns tokens stored."""
+        storing them again would replace a compressed chunk with its raw bytes) and, with `dedupe`, those the
+        worker already holds (asked first, in one small round trip). Returns the prompt's tokens the worker
+        holds through this call (stored now, or found there)."""
         kv = check_kv(kv, len(tokens))
-        spans = [s for s in self.spans(tokens, salt) if s.end > skip_tokens]
-        if not spans:
-            return 0
+        spans = self.spans(tokens, salt)
         async with self._lock:
+            held = 0
+            if dedupe and any(s.end > skip_tokens for s in spans):
+                frame = frame_parts(Kind.LOOKUP, {"req_id": next(self._req_ids), "keys": [s.key for s in spans]}, [])
+                held = int((await self._request(frame))["num_tokens"])
+            found = sum(s.num_tokens for s in spans if s.end <= held)
+            spans = [s for s in spans if s.end > max(skip_tokens, held)]
+            if not spans:
+                return found
             store = _Store(spans, kv, next(self._req_ids))
             stream = self._conn()
             await stream.sendall([store.head])
             for view in store.chunks(self._staging):
                 await stream.sendall([view])  # sent before the staging buffer is reused for the next chunk
-            return int((await self._reply())["num_tokens"])
+            return found + int((await self._reply())["num_tokens"])
 
     async def store_chunks(self, chunks: Sequence[Chunk], location: str | None = None) -> int:
         """Store ready-made chunks (raw or compressed) as they are: how workers move KV to each other."""

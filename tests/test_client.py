@@ -61,3 +61,31 @@ async def test_retrieve_decodes_compressed_chunks(running: Running) -> None:
     async with AsyncKVClient(running.data) as client:
         out = await client.retrieve(tokens)
     assert out is not None and torch.equal(out, kv)
+
+
+async def test_storing_what_the_worker_holds_moves_no_kv(running: Running) -> None:
+    """The client asks first: chunks the worker holds are not sent again — so a compressed chunk is not
+    replaced by its raw bytes, and only the new tail of a longer prompt travels."""
+    tokens = list(range(5000, 5040))  # chunks of 16: two whole ones and a partial one
+    await running.store(tokens[:32], make_kv(32))
+    await running.post(
+        "/compress", {"instance_id": "lmcache_default_instance", "method": "cachegen", "location": "LocalCPUBackend", "tokens": tokens[:32]}
+    )
+    await asyncio.sleep(0.2)
+    cpu = running.daemon.worker.backends["LocalCPUBackend"]  # type: ignore[union-attr]
+    compressed = {k for k in cpu.keys() if cpu.info(k).method == "cachegen"}  # type: ignore[union-attr]
+    assert len(compressed) == 2
+
+    def go() -> tuple[int, int]:
+        with KVClient(running.data) as client:
+            longer = client.store(tokens, make_kv(40))  # 32 tokens held, 8 new
+            again = client.store(tokens, make_kv(40))
+            return longer, again
+
+    longer, again = await asyncio.to_thread(go)
+    assert (longer, again) == (40, 40)
+    assert all(cpu.info(k).method == "cachegen" for k in compressed)  # type: ignore[union-attr]  # still compressed
+    async with AsyncKVClient(running.data) as client:
+        assert await client.store(tokens, make_kv(40)) == 40
+        assert await client.store(tokens, make_kv(40), dedupe=False) == 40  # sent in full when asked
+    assert not any(cpu.info(k).method for k in compressed)  # type: ignore[union-attr]

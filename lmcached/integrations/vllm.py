@@ -29,9 +29,10 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
 
 # Under "vllm." so the lines show up in vLLM's own log, with its format and level.
 log = logging.getLogger("vllm.lmcached")
+T = TypeVar("T")
 
 #: After the instance could not be reached, lookups answer "nothing cached" for this long before retrying.
 RECONNECT_AFTER_S = 1.0
@@ -483,6 +485,9 @@ class _InProcessKV(_KVAccess):
     def store(self, tokens: list[int], kv: torch.Tensor, skip_tokens: int, salt: str | None) -> int:
         kv = check_kv(kv, len(tokens))
         dtype = dtype_name(kv.dtype)
+        spans = self._spans(tokens, salt)
+        # What the instance holds already (another request may have stored it since the lookup) is not copied again.
+        skip_tokens = max(skip_tokens, self.hosted.call(_on_loop(self._storage().lookup, [s.key for s in spans])))
         chunks = [
             Chunk(
                 span.key,
@@ -491,10 +496,15 @@ class _InProcessKV(_KVAccess):
                 dtype,
                 bytearray(byte_view(kv[:, :, span.start : span.end])),
             )
-            for span in self._spans(tokens, salt)
+            for span in spans
             if span.end > skip_tokens
         ]
         return self.hosted.call(self._storage().store(chunks)) if chunks else 0
+
+
+async def _on_loop(fn: Callable[..., T], *args: Any) -> T:
+    """Run a plain function on the instance's event loop (its storage is only ever touched from there)."""
+    return fn(*args)
 
 
 def chunk_tensor(chunk: Chunk) -> torch.Tensor:
