@@ -318,7 +318,7 @@ async def test_readers_see_whole_tensors_while_chunks_change_underneath(tmp_path
                 async with AsyncKVClient(run.data) as client:  # a store storm past the memory cap: evictions
                     for i in range(12):
                         await client.store(list(range(10_000 * (round_ + 1) + i * 512, 10_000 * (round_ + 1) + i * 512 + 512)), kv)
-                    await client.store(tokens, kv)
+                    await client.store(tokens, kv, dedupe=False)  # back into RAM (the disk still holds them)
             stop.set()
 
         await asyncio.gather(writer(), *(reader() for _ in range(4)))
