@@ -24,6 +24,7 @@ one vLLM's GPU backends use. One model-runner process (tensor parallel size 1) i
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
@@ -305,6 +306,10 @@ class _WorkerSide:
         self.saves: queue.Queue[tuple[SaveSpec, torch.Tensor] | None] = queue.Queue(MAX_PENDING_SAVES)
         self.saver = threading.Thread(target=self._save_loop, name="lmcached-saver", daemon=True)
         self.saver.start()
+        self._shut = False
+        # vLLM does not always call shutdown() when it stops: queued saves still land and the hosted instance
+        # still says goodbye to the controller (a shutdown, not a lost worker) when the process exits.
+        atexit.register(self.shutdown)
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layers = list(kv_caches.values())
@@ -391,6 +396,9 @@ class _WorkerSide:
         saver.reset()
 
     def shutdown(self) -> None:
+        if self._shut:
+            return
+        self._shut = True
         self.saves.put(None)  # after what is queued: those saves still land
         self.saver.join(30)
         self.kv.reset()
