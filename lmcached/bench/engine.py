@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import statistics
 import time
 import urllib.request
 from typing import Any
 
 from lmcached.bench.dataplane import start_daemon
-from lmcached.bench.report import Report, progress
+from lmcached.bench.report import Report, median_spread, progress
 
 INSTANCE = "lmcache_default_instance"
 CPU = "LocalCPUBackend"
@@ -71,11 +70,6 @@ def one_round(engine: str, controller: str, tokens: list[int]) -> tuple[float, f
     compress(controller, tokens)
     compressed_hit, _ = ttft(engine, tokens)
     return miss, hit, compressed_hit, second["usage"]["prompt_tokens_details"]["cached_tokens"]
-
-
-def median_spread(values: list[float]) -> tuple[float, dict[str, float]]:
-    ordered = sorted(values)
-    return statistics.median(ordered), {"min_ms": ordered[0] * 1000, "max_ms": ordered[-1] * 1000, "runs": len(ordered)}
 
 
 def run(report: Report, quick: bool = False) -> None:

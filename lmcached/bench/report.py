@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,12 @@ class Report:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+
+
+def median_spread(seconds: list[float]) -> tuple[float, dict[str, float]]:
+    """The median of repeated timings, and their spread (min-max, in ms) for a row's `extra`."""
+    ordered = sorted(seconds)
+    return statistics.median(ordered), {"min_ms": ordered[0] * 1000, "max_ms": ordered[-1] * 1000, "runs": len(ordered)}
 
 
 def progress() -> Any:

@@ -5,37 +5,22 @@ prefix cache is off, so every hit is the external path."""
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from typing import Any
 
-from lmcached.bench.report import Report, progress
+from lmcached.bench.engine import post, wait_event
+from lmcached.bench.report import Report, median_spread, progress
 
 INSTANCE = "lmcache_default_instance"
 CPU = "LocalCPUBackend"
 
 
-def post(url: str, body: Any) -> Any:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=600) as response:
-        return json.loads(response.read())
-
-
 def operation(controller: str, op: str, tokens: list[int], **extra: Any) -> None:
     """Run a controller operation on a prompt and wait for it to end."""
     answer = post(f"{controller}/{op}", {"instance_id": INSTANCE, "location": CPU, "tokens": tokens, **extra})
-    for _ in range(6000):
-        if post(controller + "/check_finish", {"event_id": answer["event_id"]})["status"] in ("finished", "failed"):
-            return
-        time.sleep(0.02)
-
-
-def median_spread(values: list[float]) -> tuple[float, dict[str, float]]:
-    ordered = sorted(values)
-    return statistics.median(ordered), {"min_ms": ordered[0] * 1000, "max_ms": ordered[-1] * 1000, "runs": len(ordered)}
+    wait_event(controller, answer["event_id"])
 
 
 def run(report: Report, quick: bool = False) -> None:
