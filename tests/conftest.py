@@ -27,6 +27,9 @@ if "LMCACHED_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="lmcached-test-cache-")
     os.environ["LMCACHED_CACHE_DIR"] = _cache
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    # The libraries the tests drive keep caches of their own in the home directory: those go there too.
+    os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(_cache, "vllm"))
+    os.environ.setdefault("MPLCONFIGDIR", os.path.join(_cache, "matplotlib"))
 
 # Without a GPU, numba.cuda runs the CUDA kernels in its simulator, so their logic is tested everywhere.
 # This must happen before numba is first imported; on a machine with a GPU the real device is used.
