@@ -317,7 +317,7 @@ class Controller:
         instances = []
         for instance_id in self.index.instance_ids():
             workers = self.index.instance_workers(instance_id)
-            keys = sum(len(chunks) for r in workers for chunks in r.locations.values())
+            keys = sum(r.key_count for r in workers)
             instances.append({"instance_id": instance_id, "key_count": keys, "worker_count": len(workers)})
         return json_response(
             {

@@ -33,15 +33,12 @@ class ControllerLink:
     """Keeps one Storage registered with the controller at `config.controller_url`, as worker `worker_id`
     of `instance_id` serving its data plane at `data_address`."""
 
-    def __init__(
-        self, storage: Storage, config: Config, instance_id: str, worker_id: str, data_address: str, rank: int | None = None
-    ) -> None:
+    def __init__(self, storage: Storage, config: Config, instance_id: str, worker_id: str, data_address: str) -> None:
         self.storage = storage
         self.config = config
         self.instance_id = instance_id
         self.worker_id = worker_id
         self.data_address = data_address
-        self.rank = rank
         #: Runs a controller command (the storage's commands unless the host adds its own).
         self.execute: Execute = storage.execute
         self.connected = asyncio.Event()
@@ -96,8 +93,6 @@ class ControllerLink:
             "chunk_size": self.config.chunk_size,
             "locations": list(self.storage.backends),
         }
-        if self.rank is not None:
-            hello["rank"] = self.rank
         await write_frame(writer, Kind.HELLO, hello)
         welcome = await read_frame(reader)
         if welcome is None:

@@ -25,6 +25,11 @@ def parse_address(address: str, default_port: int) -> tuple[str, int]:
         raise InvalidRequest(f"bad address {address!r}: expected HOST:PORT") from None
 
 
+def dialable_host(host: str) -> str:
+    """The address a client on this host dials for a server bound to `host` (a wildcard bind means loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
 def token_matches(expected: str | None, given: Any) -> bool:
     """Constant-time token check (no token configured: everything passes)."""
     if expected is None:

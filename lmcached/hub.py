@@ -19,6 +19,8 @@ from lmcached.index import ChunkIndex, WorkerKey, WorkerRecord
 log = logging.getLogger(__name__)
 
 MONITOR_ROLE = "monitor"
+#: Why a worker left when it said goodbye (or this daemon stopped): logged as news, not as a fault.
+SHUT_DOWN = "shut down"
 #: Events a monitor may fall behind by before its queue is dropped and it gets a fresh snapshot instead.
 MONITOR_QUEUE = 1000
 
@@ -209,12 +211,12 @@ class Hub:
                 elif frame.kind == Kind.REPLY:
                     session.resolve(frame.header)
                 elif frame.kind == Kind.GOODBYE:
-                    reason = "shut down"
+                    reason = SHUT_DOWN
                     return
                 else:
                     raise ProtocolError(f"unexpected {frame.kind.name} frame from a worker")
         finally:
-            self._drop(session, "shut down" if self._stopping else reason)
+            self._drop(session, SHUT_DOWN if self._stopping else reason)
 
     def _apply_report(self, record: WorkerRecord, header: dict[str, Any]) -> None:
         admitted, evicted = header.get("admitted", []), header.get("evicted", [])
@@ -240,7 +242,7 @@ class Hub:
             del self.sessions[key]
             self.index.remove_worker(key)
             # A worker (or this daemon) shutting down on purpose is news, not a fault.
-            log.log(logging.INFO if reason == "shut down" else logging.WARNING, "worker %s of %s lost: %s", key[1], key[0], reason)
+            log.log(logging.INFO if reason == SHUT_DOWN else logging.WARNING, "worker %s of %s lost: %s", key[1], key[0], reason)
             self.publish("worker_lost", instance_id=key[0], worker_id=key[1], reason=reason)
 
     async def _heartbeat_watchdog(self) -> None:

@@ -79,8 +79,13 @@ class WorkerRecord:
             "peer_init_url": None,  # lmcached moves chunks through the data plane, not a P2P channel
             "registration_time": self.connected_at,
             "last_heartbeat_time": self.last_heartbeat_wall,
-            "key_count": sum(len(chunks) for chunks in self.locations.values()),
+            "key_count": self.key_count,
         }
+
+    @property
+    def key_count(self) -> int:
+        """Chunks held, counted once per location (LMCache's key_count)."""
+        return sum(len(chunks) for chunks in self.locations.values())
 
     def has_location(self, location: str) -> bool:
         return self.backends is None or location in self.backends

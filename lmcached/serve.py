@@ -16,6 +16,7 @@ from aiohttp import web
 
 from lmcached.config import Config
 from lmcached.controller import Controller
+from lmcached.handshake import dialable_host
 from lmcached.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,8 @@ class Daemon:
         assert self.controller.hub.port is not None
         data_port = 0
         if self.embedded:
-            local_host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
-            worker_config = config.replace(controller_url=f"{local_host}:{self.controller.hub.port}", enable_controller=True)
+            controller_url = f"{dialable_host(config.host)}:{self.controller.hub.port}"
+            worker_config = config.replace(controller_url=controller_url, enable_controller=True)
             self.worker = Worker(worker_config, executor=self.executor)
             await self.worker.start()
             data_port = self.worker.data_port

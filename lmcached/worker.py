@@ -94,12 +94,3 @@ class Worker:
     async def flush_reports(self) -> None:
         if self.link is not None:
             await self.link.flush_reports()
-
-    def info(self) -> dict[str, Any]:
-        return {
-            "instance_id": self.instance_id,
-            "worker_id": self.worker_id,
-            "data_address": self.data_plane.address,
-            "locations": self.storage.stats(),
-            "pid": os.getpid(),
-        }

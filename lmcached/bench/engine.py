@@ -72,14 +72,19 @@ def one_round(engine: str, controller: str, tokens: list[int]) -> tuple[float, f
     return miss, hit, compressed_hit, second["usage"]["prompt_tokens_details"]["cached_tokens"]
 
 
-def run(report: Report, quick: bool = False) -> None:
+def prompts_corpus() -> str:
+    """Long, real English-and-code text that ships with Python: the prompts the engine benchmarks time."""
     from pydoc_data.topics import topics
 
+    return "\n\n".join(topics[name] for name in ("specialnames", "compound", "types", "formatstrings"))
+
+
+def run(report: Report, quick: bool = False) -> None:
     proc, ports = start_daemon(engine=True)
     engine, controller = f"http://127.0.0.1:{ports['engine']['http']}", f"http://127.0.0.1:{ports['http']}"
     sizes = [1500] if quick else [512, 1500, 4000]
     repeats = 2 if quick else 3
-    text = "\n\n".join(topics[name] for name in ("specialnames", "compound", "types", "formatstrings"))
+    text = prompts_corpus()
     corpus = post(engine + "/tokenize", {"prompt": text})["tokens"]
     try:
         with progress() as bar:

@@ -4,23 +4,12 @@ prefix cache is off, so every hit is the external path."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from typing import Any
 
-from lmcached.bench.engine import post, wait_event
+from lmcached.bench.dataplane import start_daemon
+from lmcached.bench.engine import INSTANCE, clear, compress, prompts_corpus
 from lmcached.bench.report import Report, median_spread, progress
-
-INSTANCE = "lmcache_default_instance"
-CPU = "LocalCPUBackend"
-
-
-def operation(controller: str, op: str, tokens: list[int], **extra: Any) -> None:
-    """Run a controller operation on a prompt and wait for it to end."""
-    answer = post(f"{controller}/{op}", {"instance_id": INSTANCE, "location": CPU, "tokens": tokens, **extra})
-    wait_event(controller, answer["event_id"])
 
 
 def run(report: Report, quick: bool = False) -> None:
@@ -30,7 +19,8 @@ def run(report: Report, quick: bool = False) -> None:
     repeats = 2 if quick else 3
     model = converted_model()
     corpus = prompts_corpus()
-    controller_proc, controller = start_controller()
+    controller_proc, ports = start_daemon(None, "--no-instance")  # the controller alone: vLLM hosts the instance
+    controller = f"http://127.0.0.1:{ports['http']}"
     try:
         with progress() as bar:
             task = bar.add_task("vllm", total=2 * (1 + len(sizes)))
@@ -51,7 +41,7 @@ def run(report: Report, quick: bool = False) -> None:
                 "max_local_cpu_size": 4,
                 "enable_controller": True,
                 "lmcache_instance_id": INSTANCE,
-                "controller_url": controller.replace("http://", "").rsplit(":", 1)[0] + f":{controller_proc.monitor}",
+                "controller_url": f"127.0.0.1:{ports['monitor']}",
                 "lmcache_worker_port": free_port(),
             }
             vllm = start_vllm(model, lmcache_config=config)
@@ -59,7 +49,7 @@ def run(report: Report, quick: bool = False) -> None:
                 warm = tokens[-600:]
                 for _ in range(2):  # warm-up, untimed: a miss that stores, then hits raw and compressed
                     vllm.ttft(warm)
-                operation(controller, "compress", warm, method="cachegen")
+                compress(controller, warm)
                 vllm.ttft(warm)
                 bar.advance(task)
                 for size in sizes:
@@ -68,18 +58,19 @@ def run(report: Report, quick: bool = False) -> None:
             finally:
                 vllm.stop()
     finally:
-        controller_proc.stop()
+        controller_proc.terminate()
+        controller_proc.wait(20)
 
 
 def measure(report: Report, vllm: Any, controller: str, prompt: list[int], repeats: int, plain_miss: float) -> None:
     size = len(prompt)
     misses, hits, compressed = [], [], []
     for _ in range(repeats):
-        operation(controller, "clear", prompt)  # a true miss: nothing of it in lmcached
+        clear(controller, prompt)  # a true miss: nothing of it in lmcached
         misses.append(vllm.ttft(prompt))
         time.sleep(0.3)  # the store happens behind the request; let it land
         hits.append(vllm.ttft(prompt))
-        operation(controller, "compress", prompt, method="cachegen")
+        compress(controller, prompt)
         compressed.append(vllm.ttft(prompt))
     miss, miss_spread = median_spread(misses)
     hit, hit_spread = median_spread(hits)
@@ -121,38 +112,3 @@ def measure(report: Report, vllm: Any, controller: str, prompt: list[int], repea
         extra=compressed_spread,
         need=("ratio", ">=", 3.0) if at_target else None,
     )
-
-
-def prompts_corpus() -> str:
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[name] for name in ("specialnames", "compound", "types", "formatstrings"))
-
-
-class Controller:
-    def __init__(self, proc: subprocess.Popen[str], ports: dict[str, Any]) -> None:
-        self.proc = proc
-        self.monitor = int(ports["monitor"])
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
-def start_controller() -> tuple[Controller, str]:
-    """`lmcached controller` on free ports; (its handle, its HTTP URL)."""
-    cmd = [sys.executable, "-m", "lmcached", "controller", "--port", "0", "--monitor-port", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith("lmcached ready "):
-            ports = json.loads(line[len("lmcached ready ") :])
-            return Controller(proc, ports), f"http://127.0.0.1:{ports['http']}"
-    proc.wait()
-    raise RuntimeError("lmcached controller did not start")

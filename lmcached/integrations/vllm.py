@@ -43,6 +43,7 @@ from lmcached.chunks import ChunkSpan, chunk_spans
 from lmcached.client import KVClient
 from lmcached.config import Config, load_config
 from lmcached.errors import LmcachedError
+from lmcached.handshake import dialable_host
 from lmcached.integrations.hosted import HostedInstance
 from lmcached.integrations.paged import CacheWriter, LayoutError, PagedLayout
 from lmcached.storage import Storage
@@ -132,7 +133,7 @@ class LmcachedConnector(KVConnectorBase_V1):
         """Where the instance's data plane is: the shared worker, or the one this process hosts."""
         if self.shared_worker:
             return self.shared_worker
-        return f"{_local_host(self.config.host)}:{self.config.lmcache_worker_port}"
+        return f"{dialable_host(self.config.host)}:{self.config.lmcache_worker_port}"
 
     # -- scheduler side
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -189,17 +190,12 @@ def _block_size(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) 
     return int(vllm_config.cache_config.block_size)
 
 
-def _local_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-
-
 # ---------------------------------------------------------------------------------------------- scheduler side
 class _SchedulerSide:
     """Asks lmcached how much of each new prompt it holds, and plans loads and saves for the model runner."""
 
     def __init__(self, connector: LmcachedConnector) -> None:
         self.connector = connector
-        self.block_size = connector.block_size
         self.client: KVClient | None = None
         self._down_until = 0.0
         self.tracked: dict[str, _Tracked] = {}
