@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 CPU: str = "LocalCPUBackend"
 DISK: str = "LocalDiskBackend"
-LOCATIONS = (CPU, DISK)
+REMOTE: str = "RemoteBackend"  # the shared Redis tier (lmcached.remote)
+LOCATIONS = (CPU, DISK, REMOTE)
 
 
 class StoreFull(LmcachedError):
@@ -93,6 +94,8 @@ class Backend:
     """Shared bookkeeping: LRU order, pinning, capacity and the statistics the controller shows."""
 
     name: str = ""
+    #: Whether the methods block on I/O (disk, network): the storage then calls them from its executor.
+    blocking: bool = False
 
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = capacity_bytes
@@ -266,6 +269,7 @@ class LocalDiskBackend(Backend):
     """
 
     name = DISK
+    blocking = True
     SUFFIX = ".kv"
 
     def __init__(self, directory: Path, capacity_bytes: int) -> None:

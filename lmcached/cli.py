@@ -68,7 +68,8 @@ def _load_config(config_file: Path | None, overrides: dict[str, Any]) -> Any:
 
 def run_daemon(main: Callable[[Any], Awaitable[None]]) -> None:
     """Run a long-lived command until SIGINT/SIGTERM (a second signal exits at once); `main` gets the stop
-    event. Failing to start (a port in use, bad storage) is one error line and exit code 1."""
+    event. Failing to start (a port in use, bad storage) is one error line and exit code 1; a remote tier that
+    is unreachable, refuses the password or is not Redis is one line and exit code 2."""
     import asyncio
     import signal
 
@@ -89,10 +90,14 @@ def run_daemon(main: Callable[[Any], Awaitable[None]]) -> None:
             loop.add_signal_handler(sig, on_signal, sig)
         await main(stop)
 
+    from lmcached.remote import RemoteError
+
     try:
         asyncio.run(runner())
     except OSError as exc:
         fail(f"cannot start: {exc}")
+    except RemoteError as exc:  # a remote tier that cannot be used is a configuration problem: exit 2, like a bad key
+        fail(f"cannot start: {exc}", 2)
     except LmcachedError as exc:
         fail(str(exc))
 

@@ -14,10 +14,15 @@ from typing import Any
 from lmcached import DEFAULT_INSTANCE_ID
 from lmcached.errors import ConfigError
 
+if typing.TYPE_CHECKING:
+    from lmcached.remote import RemoteURL
+
 ENV_PREFIX = "LMCACHE_"
 CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
 AUTH_TOKEN_ENV = "LMCACHED_AUTH_TOKEN"
 GB = 1024**3
+#: remote_serde values: "naive" keeps chunks as stored (LMCache's default), the others are codec names.
+REMOTE_SERDES = ("naive", "cachegen", "lossless")
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,8 @@ class Config:
     lmcache_instance_id: str = DEFAULT_INSTANCE_ID
     controller_url: str = "localhost:9001"
     lmcache_worker_port: int = 8001
+    remote_url: str | None = None  # redis://host:port[/db], rediss://…, redis-cluster://h1:p1,h2:p2
+    remote_serde: str = "naive"  # how chunks rest in the remote tier: naive (as stored), cachegen or lossless
     # lmcached's own keys.
     host: str = "127.0.0.1"
     port: int = 9000
@@ -44,6 +51,11 @@ class Config:
     heartbeat_timeout: float = 5.0  # a worker silent this long is dropped from the index (LMCache issue 4808)
     command_timeout: float = 30.0  # a controller command a worker has not answered by then fails
     max_request_bytes: int = 16 * 1024 * 1024  # HTTP bodies above this get a 413
+    remote_ttl_s: float = 86400.0  # unpinned chunks in the remote tier expire after this (0: never)
+    remote_namespace: str = "lmcached"  # prefix of every Redis key; fleets of different models use different ones
+    remote_scan_interval: float = 5.0  # seconds between reconciliation scans of the remote tier
+    remote_keep_local: bool = True  # a chunk read from the remote tier is also kept in RAM
+    remote_write_queue_size: float = 1.0  # GB of write-through queued while the remote tier is slow or down
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -59,6 +71,27 @@ class Config:
                 raise ConfigError(f"{key} must be positive seconds, got {getattr(self, key)}", key)
         if self.max_request_bytes <= 0:
             raise ConfigError("max_request_bytes must be positive", "max_request_bytes")
+        if self.remote_serde not in REMOTE_SERDES:
+            raise ConfigError(f"remote_serde must be one of {', '.join(REMOTE_SERDES)}, got {self.remote_serde!r}", "remote_serde")
+        for key in ("remote_ttl_s", "remote_write_queue_size"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}", key)
+        if self.remote_scan_interval <= 0:
+            raise ConfigError(f"remote_scan_interval must be positive, got {self.remote_scan_interval}", "remote_scan_interval")
+        if not self.remote_namespace or any(c in self.remote_namespace for c in " :{}"):
+            raise ConfigError(
+                f"remote_namespace must be a plain word (no spaces, ':' or braces), got {self.remote_namespace!r}", "remote_namespace"
+            )
+        _ = self.remote  # a malformed remote_url fails here, at start-up
+
+    @property
+    def remote(self) -> RemoteURL | None:
+        """The parsed remote_url, or None when there is no remote tier."""
+        if not self.remote_url:
+            return None
+        from lmcached.remote import parse_remote_url
+
+        return parse_remote_url(self.remote_url)
 
     @property
     def local_disk_path(self) -> Path | None:

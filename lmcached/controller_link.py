@@ -92,6 +92,8 @@ class ControllerLink:
             "token": self.config.auth_token,
             "chunk_size": self.config.chunk_size,
             "locations": list(self.storage.backends),
+            # The shared tier's identity: every worker reaching the same Redis names the same one.
+            "remote_tier": self.storage.remote_tier,
         }
         await write_frame(writer, Kind.HELLO, hello)
         welcome = await read_frame(reader)

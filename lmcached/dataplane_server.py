@@ -98,7 +98,7 @@ class DataPlaneServer:
         if payload_len:
             raise ProtocolError(f"{kind.name} frames carry no payload")
         if kind == Kind.LOOKUP:
-            await self._reply(stream, {"req_id": req_id, "num_tokens": self.storage.lookup(check_keys(header))})
+            await self._reply(stream, {"req_id": req_id, "num_tokens": await self.storage.lookup(check_keys(header))})
         elif kind == Kind.RETRIEVE:
             try:
                 chunks = await self.storage.retrieve(check_keys(header))

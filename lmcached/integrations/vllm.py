@@ -30,7 +30,6 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -491,7 +490,7 @@ class _InProcessKV(_KVAccess):
         dtype = dtype_name(kv.dtype)
         spans = self._spans(tokens, salt)
         # What the instance holds already (another request may have stored it since the lookup) is not copied again.
-        skip_tokens = max(skip_tokens, self.hosted.call(_on_loop(self._storage().lookup, [s.key for s in spans])))
+        skip_tokens = max(skip_tokens, self.hosted.call(self._storage().lookup([s.key for s in spans])))
         chunks = [
             Chunk(
                 span.key,
@@ -504,11 +503,6 @@ class _InProcessKV(_KVAccess):
             if span.end > skip_tokens
         ]
         return self.hosted.call(self._storage().store(chunks)) if chunks else 0
-
-
-async def _on_loop(fn: Callable[..., T], *args: Any) -> T:
-    """Run a plain function on the instance's event loop (its storage is only ever touched from there)."""
-    return fn(*args)
 
 
 def chunk_tensor(chunk: Chunk) -> torch.Tensor:

@@ -1,0 +1,581 @@
+"""The shared remote tier: chunks in Redis (standalone or Redis Cluster), reachable by every worker that points
+at the same Redis.
+
+One Redis string per chunk, `<namespace>:kv:<key hex>`, holding a small header and the payload, so a chunk costs
+one round trip and a prompt's N chunks one pipelined MGET (cluster: one batch per node). The value layout:
+
+    b"LMCR" | version u8 | meta length u32 | meta (JSON: key, num_tokens, shape, dtype, method, nbytes)
+           | blake2b-16 of meta + payload | payload
+
+A reader checks the checksum before anything is returned, so a corrupted value is a clean miss (and is deleted),
+never garbage KV. Unpinned chunks carry a TTL (`remote_ttl_s`) and the documented Redis policy is
+`volatile-lru`: Redis evicts only unpinned chunks; a pin PERSISTs the key, an unpin restores the TTL.
+
+The backend keeps a mirror of what the tier holds (key -> size, method, pinned) so the controller's index can be
+told; the mirror follows this worker's own writes, Redis's keyspace notifications for evicted and expired keys,
+and a periodic reconciliation scan that also finds other workers' writes. Every method here blocks on the
+network: call them from the worker's executor, never from the event loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import orjson
+
+from lmcached.backends import REMOTE, Backend, Chunk, ChunkInfo
+from lmcached.errors import ConfigError, LmcachedError
+
+log = logging.getLogger(__name__)
+
+PASSWORD_ENV = "LMCACHED_REMOTE_PASSWORD"
+SCHEMES = ("redis", "rediss", "redis-cluster", "rediss-cluster")
+_MAGIC = b"LMCR"
+_VERSION = 1
+_HEAD = struct.Struct("<4sBI")
+_CHECKSUM_BYTES = 16
+#: Enough of a value to read its header (meta is ~150 bytes) without fetching the payload.
+_HEADER_PEEK = 1024
+#: Keyspace events the tier listens to: E = keyevent channels, x = expired, e = evicted, g = DEL and friends.
+_NOTIFY_FLAGS = "Exeg"
+_NOTIFY_RETRY_S = 2.0
+_SOCKET_TIMEOUT_S = 5.0
+_CONNECT_TIMEOUT_S = 1.0
+#: While the tier is down, calls fail at once; one of them is let through this often to see if it is back.
+_PROBE_S = 1.0
+_PASSWORD_HINT = f"give the password in remote_url (redis://:PASSWORD@host:port) or {PASSWORD_ENV}"
+
+# Compare-and-set for compress/decompress: swap the value only if the header (which holds the checksum) is still
+# the one we read, keeping the TTL. A Lua script runs atomically, so readers see the old value or the new one.
+_SWAP_IF_SAME = """
+local head = redis.call('GETRANGE', KEYS[1], 0, string.len(ARGV[1]) - 1)
+if head ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+return 1
+"""
+
+
+class RemoteError(LmcachedError):
+    """The remote tier cannot be reached or is not usable (wrong password, not a Redis, down)."""
+
+    http_status = 503
+
+
+class CorruptRemoteValue(LmcachedError):
+    """A value in Redis failed its checksum or could not be parsed; it is deleted, never served."""
+
+
+@dataclass(frozen=True)
+class RemoteURL:
+    """A parsed `remote_url`: redis://[user:pass@]host:port[/db], rediss:// (TLS), redis-cluster://h1:p1,h2:p2."""
+
+    cluster: bool
+    tls: bool
+    nodes: tuple[tuple[str, int], ...]
+    db: int
+    username: str | None
+    password: str | None
+
+    @property
+    def display(self) -> str:
+        """The URL without its password, for logs and the TUI."""
+        scheme = ("rediss" if self.tls else "redis") + ("-cluster" if self.cluster else "")
+        nodes = ",".join(f"{h}:{p}" for h, p in self.nodes)
+        return f"{scheme}://{nodes}" + ("" if self.cluster or self.db == 0 else f"/{self.db}")
+
+
+def parse_remote_url(url: str, environ: dict[str, str] | None = None) -> RemoteURL:
+    """Parse `remote_url`; ConfigError (naming the key) for anything malformed. The password comes from the URL
+    or, when the URL has none, from LMCACHED_REMOTE_PASSWORD."""
+    env = os.environ if environ is None else environ
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(
+            f"remote_url {url!r} is malformed: {why} (expected redis://HOST:PORT[/DB], rediss://… or redis-cluster://H1:P1,H2:P2)",
+            "remote_url",
+        )
+
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in SCHEMES:
+        raise bad(f"the scheme must be one of {', '.join(s + '://' for s in SCHEMES)}")
+    cluster = scheme.endswith("-cluster")
+    tls = scheme.startswith("rediss")
+    # urlsplit copes with user:pass@ but not with a comma-separated host list: split the hosts ourselves.
+    parts = urlsplit(f"redis://{rest}")
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    username = password = None
+    if userinfo:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else unquote(user)
+        if not colon:
+            username = None
+    nodes: list[tuple[str, int]] = []
+    for item in hostlist.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not colon:
+            host, port = item.strip(), "6379"
+        host = host.strip("[]")
+        if not host:
+            raise bad("a host is missing")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise bad(f"port {port!r} is not a port number")
+        nodes.append((host, int(port)))
+    if len(nodes) > 1 and not cluster:
+        raise bad("several hosts need the redis-cluster:// scheme")
+    path = parts.path.strip("/")
+    db = 0
+    if path:
+        if cluster:
+            raise bad("Redis Cluster has only database 0")
+        if not path.isdigit():
+            raise bad(f"database {path!r} is not a number")
+        db = int(path)
+    if password is None:
+        password = env.get(PASSWORD_ENV) or None
+    return RemoteURL(cluster, tls, tuple(nodes), db, username, password)
+
+
+# ---------------------------------------------------------------------------------------------- the value format
+def pack_value(chunk: Chunk) -> bytes:
+    meta = orjson.dumps(chunk.meta())
+    checksum = hashlib.blake2b(meta, digest_size=_CHECKSUM_BYTES)
+    checksum.update(chunk.data)
+    return b"".join((_HEAD.pack(_MAGIC, _VERSION, len(meta)), meta, checksum.digest(), chunk.data))
+
+
+def _header_len(value: bytes) -> tuple[int, int]:
+    """(end of meta, end of header) of a packed value; CorruptRemoteValue if it is not one."""
+    if len(value) < _HEAD.size:
+        raise CorruptRemoteValue("truncated header")
+    magic, version, meta_len = _HEAD.unpack_from(value)
+    if magic != _MAGIC:
+        raise CorruptRemoteValue("not an lmcached value")
+    if version != _VERSION:
+        raise CorruptRemoteValue(f"value format version {version}, this lmcached reads {_VERSION}")
+    meta_end = _HEAD.size + meta_len
+    return meta_end, meta_end + _CHECKSUM_BYTES
+
+
+def header_of(value: bytes) -> bytes:
+    """The header bytes (with the checksum), which identify one exact value for compare-and-set."""
+    return bytes(value[: _header_len(value)[1]])
+
+
+def _entry_from_head(head: bytes) -> tuple[int, int, str | None, int] | None:
+    """A chunk's (num_tokens, nbytes, method, raw_nbytes) from the first bytes of its value (no payload, no
+    checksum check: a reader checks that); None for something that is not a whole lmcached header."""
+    try:
+        meta_end, header_end = _header_len(head)
+        if len(head) < header_end:
+            return None
+        meta = orjson.loads(head[_HEAD.size : meta_end])
+        chunk = Chunk.from_meta(meta, b"")
+        return (chunk.num_tokens, int(meta["nbytes"]), chunk.method, chunk.raw_nbytes)
+    except (CorruptRemoteValue, orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def unpack_value(value: bytes, expected_key: int) -> Chunk:
+    meta_end, header_end = _header_len(value)
+    if header_end > len(value):
+        raise CorruptRemoteValue("truncated")
+    view = memoryview(value)
+    checksum = hashlib.blake2b(view[_HEAD.size : meta_end], digest_size=_CHECKSUM_BYTES)
+    checksum.update(view[header_end:])
+    if checksum.digest() != value[meta_end:header_end]:
+        raise CorruptRemoteValue("checksum mismatch")
+    try:
+        chunk = Chunk.from_meta(orjson.loads(view[_HEAD.size : meta_end]), bytes(view[header_end:]))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CorruptRemoteValue(f"bad metadata ({exc})") from None
+    if chunk.key != expected_key:
+        raise CorruptRemoteValue(f"value holds chunk {chunk.key:016x}")
+    return chunk
+
+
+# ---------------------------------------------------------------------------------------------- connecting
+def connect(url: RemoteURL) -> Any:
+    """A redis-py client (Redis or RedisCluster) that has answered a PING; RemoteError with one clear line for
+    an unreachable host, a wrong password or something that is not Redis."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.cluster import ClusterNode, RedisCluster
+    from redis.retry import Retry
+
+    common: dict[str, Any] = {
+        "username": url.username,
+        "password": url.password,
+        "socket_timeout": _SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": _CONNECT_TIMEOUT_S,
+        "ssl": url.tls,
+    }
+    if not url.cluster:
+        # One quick retry (a pooled connection gone stale after a Redis restart), not redis-py's backoff: a
+        # down tier must fail fast, the engine is waiting. The cluster client keeps its own retries (failover).
+        common["retry"] = Retry(NoBackoff(), 1)
+    where = url.display
+    try:
+        if url.cluster:
+            client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in url.nodes], **common)
+        else:
+            host, port = url.nodes[0]
+            client = redis.Redis(host=host, port=port, db=url.db, health_check_interval=30, **common)
+        client.ping()
+        return client
+    except redis.AuthenticationError as exc:
+        raise RemoteError(f"remote tier {where}: authentication failed ({exc}); {_PASSWORD_HINT}") from None
+    except redis.ResponseError as exc:
+        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+            raise RemoteError(f"remote tier {where}: authentication failed ({exc}); {_PASSWORD_HINT}") from None
+        raise RemoteError(f"remote tier {where}: {exc}") from None
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise RemoteError(f"remote tier {where} is unreachable: {exc}") from None
+    except (redis.RedisError, OSError, ValueError, IndexError) as exc:
+        # What a port that speaks another protocol (HTTP, SSH, nothing) makes redis-py raise.
+        raise RemoteError(f"remote tier {where} did not answer like a Redis server ({type(exc).__name__}: {exc})") from None
+
+
+def _entry(chunk: Chunk) -> tuple[int, int, str | None, int]:
+    return (chunk.num_tokens, chunk.nbytes, chunk.method, chunk.raw_nbytes)
+
+
+def _is_down(exc: BaseException) -> bool:
+    import redis
+
+    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)) or "CLUSTERDOWN" in str(exc)
+
+
+class RemoteBackend(Backend):
+    """Chunks in a shared Redis. Capacity is Redis's own (`maxmemory`); it evicts, not this class."""
+
+    name = REMOTE
+    blocking = True
+
+    def __init__(self, url: RemoteURL, namespace: str = "lmcached", ttl_s: float = 86400.0) -> None:
+        super().__init__(capacity_bytes=0)
+        self.url = url
+        self.namespace = namespace
+        self.ttl_s = ttl_s
+        self.client = connect(url)
+        self.up = True
+        self._last_probe = 0.0
+        self.hits = self.misses = 0
+        self.dropped_corrupt: list[int] = []
+        self._gone: set[int] = set()  # keys Redis reported evicted/expired/deleted, for the storage to note
+        self._gone_lock = threading.Lock()
+        self._swap = self.client.register_script(_SWAP_IF_SAME)
+        self._prefix = f"{namespace}:kv:"
+        self.tier_id = self._tier_identity()
+        self.capacity_bytes = self._maxmemory()
+        self._listener_stop = threading.Event()
+        self._listener: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- identity and set-up
+    def _tier_identity(self) -> str:
+        """Every worker that reaches this Redis and namespace reads the same id (first one to ask creates it),
+        however it spells the address: the controller's index holds the tier's chunks once under it."""
+        key = f"{self.namespace}:tier-id"
+        self.client.set(key, uuid.uuid4().hex, nx=True)
+        value = self.client.get(key)
+        return f"{self.namespace}@{value.decode() if isinstance(value, bytes) else value}"
+
+    def _primaries(self) -> list[Any]:
+        """Plain clients for each primary (one for standalone Redis): scans and notifications are per node."""
+        import redis
+
+        if not self.url.cluster:
+            return [self.client]
+        common = {"username": self.url.username, "password": self.url.password, "ssl": self.url.tls}
+        return [
+            redis.Redis(host=n.host, port=n.port, socket_timeout=_SOCKET_TIMEOUT_S, socket_connect_timeout=_CONNECT_TIMEOUT_S, **common)
+            for n in self.client.get_primaries()
+        ]
+
+    def _maxmemory(self) -> int:
+        total = 0
+        try:
+            for node in self._primaries():
+                total += int(node.config_get("maxmemory").get("maxmemory", 0))
+        except Exception as exc:  # managed Redis often refuses CONFIG: capacity is then unknown (0)
+            log.info("remote tier %s: cannot read maxmemory (%s)", self.url.display, exc)
+        return total
+
+    def _rkey(self, key: int) -> str:
+        return f"{self._prefix}{key:016x}"
+
+    def _key_of(self, rkey: bytes | str) -> int | None:
+        text = rkey.decode() if isinstance(rkey, bytes) else rkey
+        if not text.startswith(self._prefix):
+            return None
+        try:
+            return int(text[len(self._prefix) :], 16)
+        except ValueError:
+            return None
+
+    def _mark(self, ok: bool) -> None:
+        if ok != self.up:
+            log.warning("remote tier %s is %s", self.url.display, "back up" if ok else "down")
+        self.up = ok
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one Redis call, tracking whether the tier is up; RemoteError when it is not reachable. While it is
+        down, calls fail at once (a retrieve becomes a quick clean miss) except one probe every _PROBE_S."""
+        import redis
+
+        if not self.up:
+            now = time.monotonic()
+            if now - self._last_probe < _PROBE_S:
+                raise RemoteError(f"remote tier {self.url.display} is down")
+            self._last_probe = now
+        try:
+            result = fn(*args, **kwargs)
+        except redis.RedisError as exc:
+            if _is_down(exc):
+                self._last_probe = time.monotonic()
+                self._mark(False)
+                raise RemoteError(f"remote tier {self.url.display} is down: {exc}") from None
+            raise RemoteError(f"remote tier {self.url.display}: {exc}") from None
+        self._mark(True)
+        return result
+
+    def ping(self) -> bool:
+        try:
+            self._call(self.client.ping)
+        except RemoteError:
+            return False
+        return True
+
+    # ---------------------------------------------------------------- the Backend interface
+    def _remember(self, key: int, entry: tuple[int, int, str | None, int], pinned: bool) -> None:
+        """Record in the mirror that the tier holds `key`: (num_tokens, nbytes, method, raw_nbytes)."""
+        with self._lock:
+            old = self._meta.pop(key, None)
+            if old is not None:
+                self.used_bytes -= old[1]
+            self._meta[key] = entry
+            self.used_bytes += entry[1]
+            (self._pinned.add if pinned else self._pinned.discard)(key)
+
+    def put(self, chunk: Chunk) -> list[int]:
+        pinned = self.is_pinned(chunk.key)
+        ttl = None if pinned or self.ttl_s <= 0 else max(1, int(self.ttl_s))
+        self._call(self.client.set, self._rkey(chunk.key), pack_value(chunk), ex=ttl)
+        self._remember(chunk.key, _entry(chunk), pinned)
+        return []  # Redis evicts by itself; the index hears of it through notifications and scans
+
+    def _parse(self, key: int, value: bytes | None) -> Chunk | None:
+        if value is None:
+            self.misses += 1
+            if self._forget_meta_locked(key):
+                self._mark_gone(key)
+            return None
+        try:
+            chunk = unpack_value(value, key)
+        except CorruptRemoteValue as exc:
+            log.error("chunk %016x in the remote tier is unreadable, deleting it: %s", key, exc)
+            self.dropped_corrupt.append(key)
+            self._forget_meta_locked(key)
+            self._mark_gone(key)
+            try:
+                self._call(self._swap_delete, key, value)
+            except RemoteError:
+                pass
+            return None
+        self.hits += 1
+        if key not in self:
+            self._remember(key, _entry(chunk), pinned=False)
+        return chunk
+
+    def _swap_delete(self, key: int, value: bytes) -> None:
+        """Delete a corrupt value unless someone rewrote it meanwhile."""
+        rkey = self._rkey(key)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(rkey)
+        (current,) = pipe.execute()
+        if current == value:
+            self.client.delete(rkey)
+
+    def get(self, key: int) -> Chunk | None:
+        return self._parse(key, self._call(self.client.get, self._rkey(key)))
+
+    def get_many(self, keys: list[int]) -> list[Chunk | None]:
+        """Values for `keys` in one round trip (MGET; in a cluster, one pipelined batch per node)."""
+        if not keys:
+            return []
+        names = [self._rkey(k) for k in keys]
+        fetch = self.client.mget_nonatomic if self.url.cluster else self.client.mget
+        values = self._call(fetch, names)
+        return [self._parse(k, v) for k, v in zip(keys, values, strict=True)]
+
+    def peek_many(self, keys: list[int]) -> list[ChunkInfo | None]:
+        """Which of `keys` Redis holds and what they are (size, method, pinned), from their headers alone, in one
+        pipelined round trip; the mirror learns what it did not know (another worker's writes)."""
+        if not keys:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.getrange(self._rkey(key), 0, _HEADER_PEEK - 1)
+            pipe.ttl(self._rkey(key))
+        replies = self._call(pipe.execute)
+        infos: list[ChunkInfo | None] = []
+        for key, head, ttl in zip(keys, replies[0::2], replies[1::2], strict=True):
+            entry = _entry_from_head(head) if head else None
+            if entry is None:
+                if self._forget_meta_locked(key):
+                    self._mark_gone(key)
+                infos.append(None)
+                continue
+            self._remember(key, entry, pinned=ttl == -1)
+            infos.append(self.info(key))
+        return infos
+
+    def replace_if_same(self, old: Chunk, new: Chunk) -> bool:
+        swapped = self._call(self._swap, keys=[self._rkey(old.key)], args=[header_of(pack_value(old)), pack_value(new)])
+        if swapped:
+            self._remember(new.key, _entry(new), self.is_pinned(old.key))
+        return bool(swapped)
+
+    def set_pinned(self, key: int, pinned: bool) -> bool:
+        rkey = self._rkey(key)
+        if pinned or self.ttl_s <= 0:
+            done = self._call(self.client.persist, rkey) or self._call(self.client.exists, rkey)
+        else:
+            done = self._call(self.client.expire, rkey, max(1, int(self.ttl_s)))
+        if not done:
+            if self._forget_meta_locked(key):
+                self._mark_gone(key)
+            return False
+        with self._lock:
+            if key not in self._meta:
+                return False  # there, but not yet in the mirror: the next scan brings it with its pin state
+            (self._pinned.add if pinned else self._pinned.discard)(key)
+        return True
+
+    def remove(self, key: int) -> bool:
+        deleted = self._call(self.client.delete, self._rkey(key))
+        forgotten = self._forget_meta_locked(key)  # (the listener may have forgotten it first, on our own DEL)
+        return bool(deleted) or forgotten
+
+    def _forget_meta_locked(self, key: int) -> bool:
+        with self._lock:
+            return self._forget_meta(key)
+
+    def _drop(self, key: int) -> None:  # never called: Redis evicts, not _admit_meta
+        self.remove(key)
+
+    def stats(self) -> dict[str, Any]:
+        return super().stats() | {"up": self.up, "hits": self.hits, "misses": self.misses, "url": self.url.display}
+
+    # ---------------------------------------------------------------- what Redis did on its own
+    def _mark_gone(self, key: int) -> None:
+        with self._gone_lock:
+            self._gone.add(key)
+
+    def take_gone(self) -> set[int]:
+        """Keys that left the tier (evicted, expired, deleted by someone) since the last call."""
+        with self._gone_lock:
+            gone, self._gone = self._gone, set()
+        return gone
+
+    def reconcile(self) -> tuple[set[int], set[int]]:
+        """Scan the tier and bring the mirror in line: (keys added or changed, keys gone). Finds other workers'
+        writes and anything the notifications missed. Raises RemoteError when the tier is down."""
+        present: dict[int, int] = {}  # key -> TTL (-1: pinned)
+        names: list[bytes] = []
+        for node in self._primaries():
+            for rkey in self._call(lambda n=node: list(n.scan_iter(match=f"{self._prefix}*", count=1000))):
+                if self._key_of(rkey) is not None:
+                    names.append(rkey)
+        ttl_pipe = self.client.pipeline(transaction=False)
+        for rkey in names:
+            ttl_pipe.ttl(rkey)
+        ttls = self._call(ttl_pipe.execute) if names else []
+        for rkey, ttl in zip(names, ttls, strict=True):
+            if ttl != -2:  # -2: gone since the scan
+                present[self._key_of(rkey)] = ttl  # type: ignore[index]
+        with self._lock:
+            known = set(self._meta)
+        new = [k for k in present if k not in known]
+        added = {key for key, info in zip(new, self.peek_many(new), strict=True) if info is not None}
+        with self._lock:
+            for key in known & set(present):
+                pinned = present[key] == -1
+                if pinned != (key in self._pinned):
+                    (self._pinned.add if pinned else self._pinned.discard)(key)
+                    added.add(key)
+            gone = {k for k in known if k not in present}
+            for key in gone:
+                self._forget_meta(key)
+        return added, gone
+
+    def enable_notifications(self) -> bool:
+        """Ask each primary to publish evicted/expired/deleted keyevents (keeping flags already set)."""
+        ok = True
+        for node in self._primaries():
+            try:
+                current = node.config_get("notify-keyspace-events").get("notify-keyspace-events", "")
+                wanted = "".join(sorted(set(current) | set(_NOTIFY_FLAGS)))
+                if set(wanted) != set(current):
+                    node.config_set("notify-keyspace-events", wanted)
+            except Exception as exc:
+                log.info("remote tier %s: keyspace notifications unavailable (%s); relying on scans", self.url.display, exc)
+                ok = False
+        return ok
+
+    def start_listener(self) -> None:
+        """Follow evicted/expired/del keyevents in a thread (one subscription per primary; renewed after
+        failovers and outages). The periodic reconcile() covers whatever this misses."""
+        if self._listener is not None:
+            return
+        self._listener = threading.Thread(target=self._listen, name="lmcached-remote-events", daemon=True)
+        self._listener.start()
+
+    def stop_listener(self) -> None:
+        self._listener_stop.set()
+        if self._listener is not None:
+            self._listener.join(timeout=_NOTIFY_RETRY_S + _SOCKET_TIMEOUT_S)
+
+    def _listen(self) -> None:
+        channels = [f"__keyevent@{self.url.db}__:{event}" for event in ("expired", "evicted", "del")]
+        while not self._listener_stop.is_set():
+            subs: list[Any] = []
+            try:
+                self.enable_notifications()
+                for node in self._primaries():
+                    sub = node.pubsub(ignore_subscribe_messages=True)
+                    sub.subscribe(*channels)
+                    subs.append(sub)
+                deadline = time.monotonic() + 30  # re-learn the primaries now and then (failover)
+                while not self._listener_stop.is_set() and time.monotonic() < deadline:
+                    for sub in subs:
+                        message = sub.get_message(timeout=0.05)
+                        if message and message.get("type") == "message":
+                            key = self._key_of(message["data"])
+                            if key is not None and self._forget_meta_locked(key):
+                                self._mark_gone(key)
+            except Exception as exc:
+                log.debug("remote tier event listener: %s", exc)
+                self._listener_stop.wait(_NOTIFY_RETRY_S)
+            finally:
+                for sub in subs:
+                    try:
+                        sub.close()
+                    except Exception:
+                        pass
+
+    def close(self) -> None:
+        self.stop_listener()
+        try:
+            self.client.close()
+        except Exception:
+            pass
