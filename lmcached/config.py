@@ -55,6 +55,7 @@ class Config:
     remote_namespace: str = "lmcached"  # prefix of every Redis key; fleets of different models use different ones
     remote_scan_interval: float = 5.0  # seconds between reconciliation scans of the remote tier
     remote_keep_local: bool = True  # a chunk read from the remote tier is also kept in RAM
+    remote_timeout_s: float = 1.0  # an engine's lookup or retrieve waits this long for the remote tier, then misses
     remote_write_queue_size: float = 1.0  # GB of write-through queued while the remote tier is slow or down
 
     def __post_init__(self) -> None:
@@ -76,6 +77,8 @@ class Config:
         for key in ("remote_ttl_s", "remote_write_queue_size"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}", key)
+        if self.remote_timeout_s <= 0:
+            raise ConfigError(f"remote_timeout_s must be positive, got {self.remote_timeout_s}", "remote_timeout_s")
         if self.remote_scan_interval <= 0:
             raise ConfigError(f"remote_scan_interval must be positive, got {self.remote_scan_interval}", "remote_scan_interval")
         if not self.remote_namespace or any(c in self.remote_namespace for c in " :{}"):

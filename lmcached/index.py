@@ -271,7 +271,7 @@ class ChunkIndex:
             totals: dict[str, dict[str, Any]] = {}
             tiers_counted: set[str] = set()
             for record, worker in zip(self.instance_workers(inst), workers, strict=True):
-                if record.remote_tier is not None and record.remote_tier in tiers_counted:
+                if record.remote_tier is not None and record.remote_tier in tiers_counted:  # the tier's chunks once
                     worker = worker | {"locations": {k: v for k, v in worker["locations"].items() if k != REMOTE}}
                 if record.remote_tier is not None:
                     tiers_counted.add(record.remote_tier)
@@ -280,5 +280,10 @@ class ChunkIndex:
                     for field_name in SUMMED:
                         agg[field_name] += stats[field_name]
                     agg["capacity_bytes"] += stats["capacity_bytes"] or 0
+                    if location == REMOTE:  # the shared tier as this instance reaches it: down if any worker can't
+                        agg["up"] = agg.get("up", True) and bool(stats.get("up"))
+                        agg["url"] = stats.get("url")
+                        for field_name in ("hits", "misses", "write_queue_bytes", "write_queue_dropped"):
+                            agg[field_name] = agg.get(field_name, 0) + (stats.get(field_name) or 0)
             out[inst] = {"workers": workers, "locations": totals}
         return out

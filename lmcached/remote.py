@@ -219,10 +219,10 @@ def connect(url: RemoteURL) -> Any:
         "socket_connect_timeout": _CONNECT_TIMEOUT_S,
         "ssl": url.tls,
     }
-    if not url.cluster:
-        # One quick retry (a pooled connection gone stale after a Redis restart), not redis-py's backoff: a
-        # down tier must fail fast, the engine is waiting. The cluster client keeps its own retries (failover).
-        common["retry"] = Retry(NoBackoff(), 1)
+    # One quick retry (a pooled connection gone stale after a Redis restart; in a cluster, a slot that moved), not
+    # redis-py's backoff (10 attempts in a cluster): a down tier must fail fast, an engine is waiting. A failover
+    # in progress is a clean miss; the next request finds the new primary.
+    common["retry"] = Retry(NoBackoff(), 1)
     where = url.display
     try:
         if url.cluster:
@@ -251,8 +251,10 @@ def _entry(chunk: Chunk) -> tuple[int, int, str | None, int]:
 
 def _is_down(exc: BaseException) -> bool:
     import redis
+    from redis.exceptions import RedisClusterException
 
-    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)) or "CLUSTERDOWN" in str(exc)
+    # RedisClusterException (no reachable node, a slot nobody serves during a failover) is not a RedisError.
+    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError, RedisClusterException)) or "CLUSTERDOWN" in str(exc)
 
 
 class RemoteBackend(Backend):
@@ -269,6 +271,8 @@ class RemoteBackend(Backend):
         self.client = connect(url)
         self.up = True
         self._last_probe = 0.0
+        self._probing = False
+        self._probe_lock = threading.Lock()
         self.hits = self.misses = 0
         self.dropped_corrupt: list[int] = []
         self._gone: set[int] = set()  # keys Redis reported evicted/expired/deleted, for the storage to note
@@ -322,29 +326,48 @@ class RemoteBackend(Backend):
         except ValueError:
             return None
 
+    def mark_down(self, why: str) -> None:
+        """Count the tier as down (a caller gave up waiting): calls fail fast until a probe finds it back."""
+        if self.up:
+            log.warning("remote tier %s is down: %s", self.url.display, why)
+        self._last_probe = time.monotonic()
+        self.up = False
+
     def _mark(self, ok: bool) -> None:
         if ok != self.up:
             log.warning("remote tier %s is %s", self.url.display, "back up" if ok else "down")
         self.up = ok
 
-    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run one Redis call, tracking whether the tier is up; RemoteError when it is not reachable. While it is
-        down, calls fail at once (a retrieve becomes a quick clean miss) except one probe every _PROBE_S."""
-        import redis
+    def _call(self, fn: Any, *args: Any, probe: bool = True, **kwargs: Any) -> Any:
+        """Run one Redis call, tracking whether the tier is up; RemoteError when it is not reachable.
 
+        While the tier is down, calls fail at once: a retrieve or lookup (`probe=False`, an engine is waiting)
+        is a quick clean miss, and of the background calls (write-through, scans) one at a time, at most every
+        _PROBE_S, goes through to see whether the tier is back."""
+        import redis
+        from redis.exceptions import RedisClusterException
+
+        probing = False
         if not self.up:
-            now = time.monotonic()
-            if now - self._last_probe < _PROBE_S:
-                raise RemoteError(f"remote tier {self.url.display} is down")
-            self._last_probe = now
+            with self._probe_lock:
+                now = time.monotonic()
+                if not probe or self._probing or now - self._last_probe < _PROBE_S:
+                    raise RemoteError(f"remote tier {self.url.display} is down")
+                self._probing = probing = True
+                self._last_probe = now
         try:
+            if probing and self.url.cluster:
+                self.client.nodes_manager.initialize()  # learn the topology anew: a replica may have taken over
             result = fn(*args, **kwargs)
-        except redis.RedisError as exc:
+        except (redis.RedisError, RedisClusterException, OSError) as exc:
             if _is_down(exc):
                 self._last_probe = time.monotonic()
                 self._mark(False)
                 raise RemoteError(f"remote tier {self.url.display} is down: {exc}") from None
             raise RemoteError(f"remote tier {self.url.display}: {exc}") from None
+        finally:
+            if probing:
+                self._probing = False
         self._mark(True)
         return result
 
@@ -406,7 +429,7 @@ class RemoteBackend(Backend):
             self.client.delete(rkey)
 
     def get(self, key: int) -> Chunk | None:
-        return self._parse(key, self._call(self.client.get, self._rkey(key)))
+        return self._parse(key, self._call(self.client.get, self._rkey(key), probe=False))
 
     def get_many(self, keys: list[int]) -> list[Chunk | None]:
         """Values for `keys` in one round trip (MGET; in a cluster, one pipelined batch per node)."""
@@ -414,7 +437,7 @@ class RemoteBackend(Backend):
             return []
         names = [self._rkey(k) for k in keys]
         fetch = self.client.mget_nonatomic if self.url.cluster else self.client.mget
-        values = self._call(fetch, names)
+        values = self._call(fetch, names, probe=False)
         return [self._parse(k, v) for k, v in zip(keys, values, strict=True)]
 
     def peek_many(self, keys: list[int]) -> list[ChunkInfo | None]:
@@ -426,7 +449,7 @@ class RemoteBackend(Backend):
         for key in keys:
             pipe.getrange(self._rkey(key), 0, _HEADER_PEEK - 1)
             pipe.ttl(self._rkey(key))
-        replies = self._call(pipe.execute)
+        replies = self._call(pipe.execute, probe=False)
         infos: list[ChunkInfo | None] = []
         for key, head, ttl in zip(keys, replies[0::2], replies[1::2], strict=True):
             entry = _entry_from_head(head) if head else None

@@ -28,6 +28,8 @@ WRITE_BEHIND_BYTES = 512 * 1024 * 1024
 DISK_DRAIN_TIMEOUT_S = 30.0
 #: How often the remote tier's evicted/expired notifications are passed on to the controller.
 REMOTE_EVENTS_S = 0.25
+#: Threads for remote-tier calls (write-through, scans, engines' lookups and retrieves).
+REMOTE_THREADS = 4
 #: How long a command on the remote tier waits for queued write-through to land first (the tier may be down).
 REMOTE_FLUSH_TIMEOUT_S = 10.0
 
@@ -80,6 +82,7 @@ class Storage:
         # (an fsync per chunk made stores 5x slower: 0.33 vs 1.6 GB/s, measured); so does the remote copy.
         self._behind: dict[str, WriteBehind] = {}
         self._remote_task: asyncio.Task[None] | None = None
+        self._remote_pool: ThreadPoolExecutor | None = None
 
     # ---------------------------------------------------------------- lifecycle
     async def open(self) -> None:
@@ -90,9 +93,12 @@ class Storage:
         if disk is not None:
             self.backends[DISK] = await self.run(LocalDiskBackend, disk, config.max_local_disk_bytes)
         if config.remote is not None:
-            remote = await self.run(RemoteBackend, config.remote, config.remote_namespace, config.remote_ttl_s)
+            # The remote tier's calls get threads of their own: a Redis that stops answering must not take the
+            # threads the disk and the codecs need.
+            self._remote_pool = ThreadPoolExecutor(max_workers=REMOTE_THREADS, thread_name_prefix="lmcached-remote")
+            remote = await self.run_remote(RemoteBackend, config.remote, config.remote_namespace, config.remote_ttl_s)
             self.backends[REMOTE] = remote
-            await self.run(remote.reconcile)  # what the tier already holds (other workers, earlier runs)
+            await self.run_remote(remote.reconcile)  # what the tier already holds (other workers, earlier runs)
             remote.start_listener()
             self._remote_task = asyncio.create_task(self._follow_remote(remote), name="remote-tier-events")
         if not self.backends:
@@ -119,7 +125,9 @@ class Storage:
             await asyncio.gather(self._remote_task, return_exceptions=True)
         remote = self.backends.get(REMOTE)
         if isinstance(remote, RemoteBackend):
-            await self.run(remote.close)
+            await self.run_remote(remote.close)
+        if self._remote_pool is not None:
+            self._remote_pool.shutdown(wait=False, cancel_futures=True)
         if self._own_executor:
             self.executor.shutdown(wait=True, cancel_futures=True)
 
@@ -127,8 +135,26 @@ class Storage:
         """Blocking work (disk, network, codecs) off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
+    async def run_remote(self, fn: Callable[..., T], *args: Any, deadline: float | None = None) -> T:
+        """A remote-tier call on the remote tier's threads. With a `deadline` (an engine is waiting), no answer in
+        time is a RemoteError and the tier counts as down until a background call finds it back."""
+        assert self._remote_pool is not None
+        future = asyncio.get_running_loop().run_in_executor(self._remote_pool, fn, *args)
+        if deadline is None:
+            return await future
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), deadline)
+        except asyncio.TimeoutError:
+            remote = self.backends.get(REMOTE)
+            if isinstance(remote, RemoteBackend):
+                remote.mark_down(f"no answer within {deadline:g} s")
+            raise RemoteError(f"the remote tier did not answer within {deadline:g} s") from None
+
     async def _call(self, backend: Backend, fn: Callable[..., T], *args: Any) -> T:
-        """A backend method: in the executor when the backend blocks (disk, remote), else right here."""
+        """A backend method: on the remote tier's threads, in the executor when the backend blocks (disk), else
+        right here."""
+        if isinstance(backend, RemoteBackend):
+            return await self.run_remote(fn, *args)
         return await self.run(fn, *args) if backend.blocking else fn(*args)
 
     async def _follow_remote(self, remote: RemoteBackend) -> None:
@@ -143,7 +169,7 @@ class Storage:
             if loop.time() >= next_scan:
                 next_scan = loop.time() + self.config.remote_scan_interval
                 try:
-                    added, gone = await self.run(remote.reconcile)
+                    added, gone = await self.run_remote(remote.reconcile)
                     changed |= added | gone
                 except RemoteError:
                     pass  # shown as down in the stats; retried at the next scan
@@ -224,7 +250,7 @@ class Storage:
         remote = self.backends[REMOTE]
         assert isinstance(remote, RemoteBackend)
         try:
-            chunks = await self.run(remote.get_many, keys)
+            chunks = await self.run_remote(remote.get_many, keys, deadline=self.config.remote_timeout_s)
         except RemoteError:
             return {}
         return {c.key: c for c in chunks if c is not None}
@@ -275,7 +301,7 @@ class Storage:
         if not isinstance(remote, RemoteBackend) or not keys:
             return 0
         try:
-            infos = await self.run(remote.peek_many, keys)
+            infos = await self.run_remote(remote.peek_many, keys, deadline=self.config.remote_timeout_s)
         except RemoteError:
             return 0
         tokens = 0
@@ -383,7 +409,7 @@ class Storage:
         backend = self.backend(location)
         keys = args.get("keys")
         if keys is None and isinstance(backend, RemoteBackend):
-            await self.run(backend.reconcile)  # clear everything: also what other workers wrote since the last scan
+            await self.run_remote(backend.reconcile)  # clear everything: also what other workers wrote since the last scan
         tokens = 0
         for key in backend.keys() if keys is None else keys:
             info = backend.info(key)
