@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from lmcached.backends import REMOTE
 from lmcached.index import ChunkIndex
 
 
@@ -30,15 +31,48 @@ class IndexCollector(Collector):
             )
         }
         workers = GaugeMetricFamily("lmcached_workers", "Connected workers", labels=["instance_id"])
+        # The shared remote tier is counted once per tier (its workers all see the same Redis), and how each
+        # worker reaches it per worker.
+        tier_families = {
+            name: GaugeMetricFamily(f"lmcached_remote_tier_{name}", doc, labels=["tier"])
+            for name, doc in (
+                ("chunks", "Chunks in the shared remote tier"),
+                ("bytes", "Bytes in the shared remote tier"),
+                ("compressed_chunks", "Chunks held compressed in the remote tier"),
+                ("pinned_chunks", "Chunks pinned (no TTL) in the remote tier"),
+            )
+        }
+        reach = {
+            name: GaugeMetricFamily(f"lmcached_remote_{name}", doc, labels=["instance_id", "worker_id"])
+            for name, doc in (
+                ("up", "1 while the worker reaches its remote tier"),
+                ("hits", "Chunks the worker read from the remote tier"),
+                ("misses", "Chunks the worker asked the remote tier for and did not find"),
+                ("write_queue_bytes", "Bytes waiting to be written through to the remote tier"),
+                ("write_queue_dropped", "Chunks not written through because the queue was full"),
+            )
+        }
         per_instance: dict[str, int] = {}
         for record in list(self.index.workers.values()):
             per_instance[record.instance_id] = per_instance.get(record.instance_id, 0) + 1
             for location, stats in record.location_stats().items():
+                if location == REMOTE:
+                    for name, family in reach.items():
+                        family.add_metric([record.instance_id, record.worker_id], float(stats.get(name) or 0))
+                    continue
                 for name, family in families.items():
                     family.add_metric([record.instance_id, record.worker_id, location], stats[name])
+        for tier, chunks in list(self.index.tiers.items()):
+            infos = list(chunks.values())
+            tier_families["chunks"].add_metric([tier], len(infos))
+            tier_families["bytes"].add_metric([tier], sum(i.nbytes for i in infos))
+            tier_families["compressed_chunks"].add_metric([tier], sum(1 for i in infos if i.method is not None))
+            tier_families["pinned_chunks"].add_metric([tier], sum(1 for i in infos if i.pinned))
         for instance, count in per_instance.items():
             workers.add_metric([instance], count)
         yield from families.values()
+        yield from tier_families.values()
+        yield from reach.values()
         yield workers
 
 

@@ -319,6 +319,10 @@ async def test_the_index_holds_a_shared_tier_once_and_moves_go_through_it(redis:
             index = run.daemon.controller.index
             await wait_until(lambda: len(index.tiers[worker.storage.remote_tier]) == 5)
             assert index.total_chunks == 5  # RAM and the shared tier hold the same 5 keys
+            status, metrics = await run.get("/metrics")
+            tier_lines = [line for line in metrics.splitlines() if line.startswith("lmcached_remote_tier_chunks{")]
+            assert tier_lines == [f'lmcached_remote_tier_chunks{{tier="{worker.storage.remote_tier}"}} 5.0']  # once, for two workers
+            assert 'lmcached_remote_up{instance_id="other"' in metrics
             status, body = await run.post("/lookup", {"tokens": tokens})
             assert body["layout_info"]["other"] == [REMOTE, len(tokens)]  # reachable through the shared tier
             assert body["layout_info"]["lmcache_default_instance"][0] == CPU
@@ -330,7 +334,7 @@ async def test_the_index_holds_a_shared_tier_once_and_moves_go_through_it(redis:
             assert (await run.wait_event(body["event_id"]))["status"] == "finished"
             assert len(other.backends[CPU]) == 5
             status, body = await run.get("/instances")
-            remote_stats = body["instances"]["other"]["locations"][REMOTE] if "instances" in body else body["other"]["locations"][REMOTE]
+            remote_stats = body["other"]["locations"][REMOTE]
             assert remote_stats["chunks"] == 5
             # remote -> local move (not a copy) empties the tier for everyone
             status, body = await run.post(

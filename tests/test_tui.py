@@ -280,3 +280,24 @@ def svg_text(svg: str) -> str:
     for x, y, text in re.findall(r'<text class="[^"]*" x="([\d.]+)" y="([\d.]+)"[^>]*>([^<]*)</text>', svg):
         lines.setdefault(y, []).append((float(x), html.unescape(text).replace("\xa0", " ")))
     return "\n".join("".join(t for _, t in sorted(parts)).rstrip() for _, parts in sorted(lines.items(), key=lambda i: float(i[0]))) + "\n"
+
+
+def test_the_shared_remote_tier_shows_whether_it_is_up_and_its_hit_rate() -> None:
+    state = MonitorState()
+    remote = {"chunks": 6, "tokens": 1536, "bytes": 600, "raw_bytes": 3000, "compressed_chunks": 6, "capacity_bytes": 0}
+    worker = {
+        "worker_id": "w1",
+        "data_address": "h:1",
+        "locations": {
+            "LocalCPUBackend": {"chunks": 2, "tokens": 512, "bytes": 100, "raw_bytes": 100, "compressed_chunks": 0, "capacity_bytes": 1000},
+            "RemoteBackend": remote | {"up": True, "hits": 9, "misses": 1, "write_queue_bytes": 0},
+        },
+    }
+    state.apply_snapshot({"instances": {"i": {"workers": [worker], "locations": {}}}, "events": [], "time": 1.0})
+    rows = {r[4]: r for r in state.instance_rows()}
+    assert rows["RemoteBackend"][3] == "up, hits 90%" and rows["RemoteBackend"][9] == "5.00x"
+    assert rows["RemoteBackend"][7] == "600 B / -"  # Redis's capacity is its own
+    assert state.total_bytes() == 100  # the fleet's own memory: Redis's is not counted
+    worker["locations"]["RemoteBackend"] |= {"up": False, "write_queue_bytes": 2048}
+    state.apply_snapshot({"instances": {"i": {"workers": [worker], "locations": {}}}, "events": [], "time": 2.0})
+    assert {r[4]: r for r in state.instance_rows()}["RemoteBackend"][3] == "Redis DOWN, 2.0 KB queued"

@@ -38,7 +38,7 @@ COMPACT_INSTANCE_COLUMNS = ("instance", "worker", "state", "tier", "chunks", "us
 CHUNK_COLUMNS = (" ", "key", "tokens", "size", "form", "pinned", "worker")
 COMPACT_CHUNK_COLUMNS = (" ", "key", "tokens", "size", "form", "pin")
 EVENT_COLUMNS = ("time", "event", "instance", "tokens", "outcome")
-TIERS = {"LocalCPUBackend": "RAM", "LocalDiskBackend": "Disk"}
+TIERS = {"LocalCPUBackend": "RAM", "LocalDiskBackend": "Disk", "RemoteBackend": "Redis"}
 
 
 def shorten(text: str, width: int) -> str:

@@ -7,7 +7,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-LOCATIONS = ("LocalCPUBackend", "LocalDiskBackend")
+LOCATIONS = ("LocalCPUBackend", "LocalDiskBackend", "RemoteBackend")
+REMOTE = "RemoteBackend"
 #: How many events and chart points the monitor keeps.
 MAX_EVENTS = 500
 MAX_POINTS = 120
@@ -21,6 +22,15 @@ def human_bytes(n: float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TB"
+
+
+def remote_state(stats: dict[str, Any]) -> str:
+    """How a worker reaches the shared remote tier: down, or up with its hit rate and any writes waiting."""
+    if stats.get("up") is False:
+        return "Redis DOWN" + (f", {human_bytes(stats['write_queue_bytes'])} queued" if stats.get("write_queue_bytes") else "")
+    hits, misses = stats.get("hits") or 0, stats.get("misses") or 0
+    state = f"up, hits {100 * hits / (hits + misses):.0f}%" if hits + misses else "up"
+    return state + (f", {human_bytes(stats['write_queue_bytes'])} queued" if stats.get("write_queue_bytes") else "")
 
 
 def clock(ts: float | None) -> str:
@@ -126,7 +136,13 @@ class MonitorState:
 
     # -- derived rows
     def total_bytes(self) -> int:
-        return sum(loc.get("bytes", 0) for worker in self._workers().values() for loc in worker.get("locations", {}).values())
+        """Bytes this fleet's workers hold themselves (the shared remote tier is Redis's memory, not theirs)."""
+        return sum(
+            stats.get("bytes", 0)
+            for worker in self._workers().values()
+            for location, stats in worker.get("locations", {}).items()
+            if location != REMOTE
+        )
 
     def instance_rows(self) -> list[tuple[str, ...]]:
         """One row per (instance, worker, location)."""
@@ -139,13 +155,16 @@ class MonitorState:
                     state, beat = "unknown", None
                 for location, stats in sorted(worker.get("locations", {}).items()):
                     ratio = stats.get("raw_bytes", 0) / stats["bytes"] if stats.get("bytes") else 0.0
-                    capacity = stats.get("capacity_bytes")
+                    capacity = stats.get("capacity_bytes") or None
+                    shown_state = f"{state} ({beat:.1f}s)" if beat is not None else state
+                    if location == REMOTE and self.connected:
+                        shown_state = remote_state(stats)
                     rows.append(
                         (
                             instance_id,
                             worker.get("worker_id", ""),
                             worker.get("data_address", ""),
-                            f"{state} ({beat:.1f}s)" if beat is not None else state,
+                            shown_state,
                             location,
                             str(stats.get("chunks", 0)),
                             str(stats.get("tokens", 0)),
