@@ -41,7 +41,7 @@ class Chunk:
     num_tokens: int
     shape: tuple[int, ...]  # [2, L, T, C] of the raw tensor
     dtype: str  # "float16", "bfloat16" or "float32"
-    data: bytes | bytearray  # raw tensor bytes (C order), or a codec blob; never mutated once stored
+    data: bytes | bytearray | memoryview  # raw tensor bytes (C order), or a codec blob; never mutated once stored
     method: str | None = None  # None: raw; else the codec name that made `data`
 
     @property

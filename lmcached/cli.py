@@ -510,12 +510,15 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-BENCH_KINDS = ("dataplane", "index", "codec", "engine", "vllm", "all")
+BENCH_KINDS = ("dataplane", "index", "codec", "engine", "remote", "vllm", "all")
 
 
 @app.command()
 def bench(
-    kind: str = typer.Argument("all", help="dataplane, index, codec, engine, vllm (needs the vllm extra) or all (all but vllm)."),
+    kind: str = typer.Argument(
+        "all",
+        help="dataplane, index, codec, engine, remote (needs redis-server), vllm (needs the vllm extra) or all (all but remote and vllm).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
     plot: Path | None = typer.Option(None, "--plot", help="Write plots to this PNG file."),
     quick: bool = typer.Option(False, "--quick", help="Smaller sizes, fewer repeats (a smoke run)."),

@@ -5,11 +5,15 @@ One Redis string per chunk, `<namespace>:kv:<key hex>`, holding a small header a
 one round trip and a prompt's N chunks one pipelined MGET (cluster: one batch per node). The value layout:
 
     b"LMCR" | version u8 | meta length u32 | meta (JSON: key, num_tokens, shape, dtype, method, nbytes)
-           | blake2b-16 of meta + payload | payload
+           | CRC-32 of meta + payload (u32) | payload
 
-A reader checks the checksum before anything is returned, so a corrupted value is a clean miss (and is deleted),
-never garbage KV. Unpinned chunks carry a TTL (`remote_ttl_s`) and the documented Redis policy is
-`volatile-lru`: Redis evicts only unpinned chunks; a pin PERSISTs the key, an unpin restores the TTL.
+A reader checks the checksum (and the payload's length against the meta) before anything is returned, so a
+corrupted value is a clean miss (and is deleted), never garbage KV. CRC-32 because it runs at ~5 GB/s
+here against blake2b's ~1 GB/s, which halved the tier's throughput beside plain redis-py; it guards against
+damage, not against someone who can write to the Redis (they could write any value).
+
+Unpinned chunks carry a TTL (`remote_ttl_s`) and the documented Redis policy is `volatile-lru`: Redis evicts
+only unpinned chunks; a pin PERSISTs the key, an unpin restores the TTL.
 
 The backend keeps a mirror of what the tier holds (key -> size, method, pinned) so the controller's index can be
 told; the mirror follows this worker's own writes, Redis's keyspace notifications for evicted and expired keys,
@@ -19,13 +23,14 @@ network: call them from the worker's executor, never from the event loop.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import struct
 import threading
 import time
 import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -42,7 +47,7 @@ SCHEMES = ("redis", "rediss", "redis-cluster", "rediss-cluster")
 _MAGIC = b"LMCR"
 _VERSION = 1
 _HEAD = struct.Struct("<4sBI")
-_CHECKSUM_BYTES = 16
+_CHECKSUM = struct.Struct("<I")
 #: Enough of a value to read its header (meta is ~150 bytes) without fetching the payload.
 _HEADER_PEEK = 1024
 #: Keyspace events the tier listens to: E = keyevent channels, x = expired, e = evicted, g = DEL and friends.
@@ -62,6 +67,14 @@ if head ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
 return 1
 """
+
+
+_DELETE_IF_SAME = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+#: Threads that check values' checksums after a multi-chunk read.
+_VERIFY_POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2), thread_name_prefix="lmcached-verify")
 
 
 class RemoteError(LmcachedError):
@@ -146,11 +159,34 @@ def parse_remote_url(url: str, environ: dict[str, str] | None = None) -> RemoteU
 
 
 # ---------------------------------------------------------------------------------------------- the value format
+def _checksum(meta: bytes | memoryview, payload: bytes | bytearray | memoryview) -> bytes:
+    return _CHECKSUM.pack(zlib.crc32(payload, zlib.crc32(meta)))
+
+
 def pack_value(chunk: Chunk) -> bytes:
     meta = orjson.dumps(chunk.meta())
-    checksum = hashlib.blake2b(meta, digest_size=_CHECKSUM_BYTES)
-    checksum.update(chunk.data)
-    return b"".join((_HEAD.pack(_MAGIC, _VERSION, len(meta)), meta, checksum.digest(), chunk.data))
+    return b"".join((_HEAD.pack(_MAGIC, _VERSION, len(meta)), meta, _checksum(meta, chunk.data), chunk.data))
+
+
+def value_parts(chunk: Chunk) -> tuple[bytes, bytes | bytearray | memoryview]:
+    """pack_value as (header, payload) without joining them: the payload is sent from the chunk's own buffer."""
+    meta = orjson.dumps(chunk.meta())
+    return _HEAD.pack(_MAGIC, _VERSION, len(meta)) + meta + _checksum(meta, chunk.data), chunk.data
+
+
+def _bulk(arg: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(arg), arg)
+
+
+def _set_command(rkey: str, header: bytes, payload: bytes | bytearray | memoryview, ttl: int | None) -> list[Any]:
+    """SET rkey <header + payload> [EX ttl] framed in RESP as pieces to write one after another (no join)."""
+    extra = [b"EX", str(ttl).encode()] if ttl else []
+    return [
+        b"*%d\r\n$3\r\nSET\r\n%s$%d\r\n" % (3 + len(extra), _bulk(rkey.encode()), len(header) + len(payload)),
+        header,
+        payload,
+        b"\r\n" + b"".join(map(_bulk, extra)),
+    ]
 
 
 def _header_len(value: bytes) -> tuple[int, int]:
@@ -163,7 +199,16 @@ def _header_len(value: bytes) -> tuple[int, int]:
     if version != _VERSION:
         raise CorruptRemoteValue(f"value format version {version}, this lmcached reads {_VERSION}")
     meta_end = _HEAD.size + meta_len
-    return meta_end, meta_end + _CHECKSUM_BYTES
+    return meta_end, meta_end + _CHECKSUM.size
+
+
+def _unpack_or_error(value: bytes | None, key: int) -> Chunk | CorruptRemoteValue | None:
+    if value is None:
+        return None
+    try:
+        return unpack_value(value, key)
+    except CorruptRemoteValue as exc:
+        return exc
 
 
 def header_of(value: bytes) -> bytes:
@@ -190,12 +235,13 @@ def unpack_value(value: bytes, expected_key: int) -> Chunk:
     if header_end > len(value):
         raise CorruptRemoteValue("truncated")
     view = memoryview(value)
-    checksum = hashlib.blake2b(view[_HEAD.size : meta_end], digest_size=_CHECKSUM_BYTES)
-    checksum.update(view[header_end:])
-    if checksum.digest() != value[meta_end:header_end]:
+    if _checksum(view[_HEAD.size : meta_end], view[header_end:]) != value[meta_end:header_end]:
         raise CorruptRemoteValue("checksum mismatch")
     try:
-        chunk = Chunk.from_meta(orjson.loads(view[_HEAD.size : meta_end]), bytes(view[header_end:]))
+        meta = orjson.loads(view[_HEAD.size : meta_end])
+        chunk = Chunk.from_meta(meta, view[header_end:])  # a view of the reply: no second copy of the payload
+        if chunk.nbytes != int(meta["nbytes"]):
+            raise CorruptRemoteValue(f"payload of {chunk.nbytes} bytes, the header says {meta['nbytes']}")
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise CorruptRemoteValue(f"bad metadata ({exc})") from None
     if chunk.key != expected_key:
@@ -278,6 +324,7 @@ class RemoteBackend(Backend):
         self._gone: set[int] = set()  # keys Redis reported evicted/expired/deleted, for the storage to note
         self._gone_lock = threading.Lock()
         self._swap = self.client.register_script(_SWAP_IF_SAME)
+        self._delete_if_same = self.client.register_script(_DELETE_IF_SAME)
         self._prefix = f"{namespace}:kv:"
         self.tier_id = self._tier_identity()
         self.capacity_bytes = self._maxmemory()
@@ -392,44 +439,102 @@ class RemoteBackend(Backend):
     def put(self, chunk: Chunk) -> list[int]:
         pinned = self.is_pinned(chunk.key)
         ttl = None if pinned or self.ttl_s <= 0 else max(1, int(self.ttl_s))
-        self._call(self.client.set, self._rkey(chunk.key), pack_value(chunk), ex=ttl)
+        self._call(self._set_value, self._rkey(chunk.key), *value_parts(chunk), ttl)
         self._remember(chunk.key, _entry(chunk), pinned)
         return []  # Redis evicts by itself; the index hears of it through notifications and scans
 
-    def _parse(self, key: int, value: bytes | None) -> Chunk | None:
-        if value is None:
+    def put_many(self, chunks: list[Chunk]) -> None:
+        """Store several chunks: their checksums computed in parallel, then (standalone Redis) every SET written
+        on one connection before any reply is read: one round trip for the lot."""
+        if not chunks:
+            return
+        parts = list(_VERIFY_POOL.map(value_parts, chunks)) if len(chunks) > 1 else [value_parts(chunks[0])]
+        pinned = [self.is_pinned(c.key) for c in chunks]
+        ttls = [None if p or self.ttl_s <= 0 else max(1, int(self.ttl_s)) for p in pinned]
+        if self.url.cluster:  # keys live on different nodes: one SET each (the cluster client knows where)
+            for chunk, (header, payload), ttl in zip(chunks, parts, ttls, strict=True):
+                self._call(self._set_value, self._rkey(chunk.key), header, payload, ttl)
+        else:
+            commands = [_set_command(self._rkey(c.key), h, p, t) for c, (h, p), t in zip(chunks, parts, ttls, strict=True)]
+            self._call(self._send_all, commands)
+        for chunk, pin in zip(chunks, pinned, strict=True):
+            self._remember(chunk.key, _entry(chunk), pin)
+
+    def _send_all(self, commands: list[list[Any]]) -> None:
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command([piece for command in commands for piece in command])
+            errors = []
+            for _ in commands:
+                try:
+                    conn.read_response()
+                except Exception as exc:  # read every reply, so the connection stays in step
+                    errors.append(exc)
+            if errors:
+                raise errors[0]
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+
+    def _set_value(self, rkey: str, header: bytes, payload: bytes | bytearray | memoryview, ttl: int | None) -> None:
+        """SET rkey <header + payload> [EX ttl], the payload sent straight from the chunk's buffer.
+
+        redis-py (with hiredis) copies every argument into one new buffer before sending it: for multi-MB values
+        that copy, faulting fresh pages in, cost more than the network (SET 1.8 GB/s with it, 2.5 without,
+        measured). So the command is framed here and written piece by piece on a pooled connection. In a
+        cluster the key's node is asked directly; a redirection (the slot moved) falls back to redis-py's SET,
+        which follows it."""
+        import redis
+
+        parts = _set_command(rkey, header, payload, ttl)
+        node_client = self.client.get_node_from_key(rkey).redis_connection if self.url.cluster else self.client
+        if node_client is None:
+            self.client.set(rkey, header + bytes(payload), ex=ttl)
+            return
+        pool = node_client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(parts)
+            conn.read_response()
+        except redis.ResponseError:
+            if not self.url.cluster:
+                raise
+            self.client.set(rkey, header + bytes(payload), ex=ttl)  # MOVED/ASK: let the cluster client follow it
+        except BaseException:
+            conn.disconnect()  # a half-sent command must not be followed by another on this connection
+            raise
+        finally:
+            pool.release(conn)
+
+    def _accept(self, key: int, value: bytes | None, unpacked: Chunk | CorruptRemoteValue | None) -> Chunk | None:
+        """What a read found for `key`: the chunk, or None for a miss (the mirror forgets it) or a corrupt value
+        (deleted unless someone rewrote it meanwhile)."""
+        if value is None or unpacked is None:
             self.misses += 1
             if self._forget_meta_locked(key):
                 self._mark_gone(key)
             return None
-        try:
-            chunk = unpack_value(value, key)
-        except CorruptRemoteValue as exc:
-            log.error("chunk %016x in the remote tier is unreadable, deleting it: %s", key, exc)
+        if isinstance(unpacked, CorruptRemoteValue):
+            log.error("chunk %016x in the remote tier is unreadable, deleting it: %s", key, unpacked)
             self.dropped_corrupt.append(key)
             self._forget_meta_locked(key)
             self._mark_gone(key)
             try:
-                self._call(self._swap_delete, key, value)
+                self._call(self._delete_if_same, keys=[self._rkey(key)], args=[value])
             except RemoteError:
                 pass
             return None
         self.hits += 1
         if key not in self:
-            self._remember(key, _entry(chunk), pinned=False)
-        return chunk
-
-    def _swap_delete(self, key: int, value: bytes) -> None:
-        """Delete a corrupt value unless someone rewrote it meanwhile."""
-        rkey = self._rkey(key)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.get(rkey)
-        (current,) = pipe.execute()
-        if current == value:
-            self.client.delete(rkey)
+            self._remember(key, _entry(unpacked), pinned=False)
+        return unpacked
 
     def get(self, key: int) -> Chunk | None:
-        return self._parse(key, self._call(self.client.get, self._rkey(key), probe=False))
+        value = self._call(self.client.get, self._rkey(key), probe=False)
+        return self._accept(key, value, _unpack_or_error(value, key))
 
     def get_many(self, keys: list[int]) -> list[Chunk | None]:
         """Values for `keys` in one round trip (MGET; in a cluster, one pipelined batch per node)."""
@@ -438,7 +543,11 @@ class RemoteBackend(Backend):
         names = [self._rkey(k) for k in keys]
         fetch = self.client.mget_nonatomic if self.url.cluster else self.client.mget
         values = self._call(fetch, names, probe=False)
-        return [self._parse(k, v) for k, v in zip(keys, values, strict=True)]
+        # Checksums in parallel (zlib lets go of the GIL): on values fresh off the socket one thread ran at
+        # 2.1 GB/s, which made a retrieve 0.8 GB/s beside MGET's 1.25; two threads: 1.0 GB/s. (Pipelined GETs
+        # with each value checked while the next arrived measured slower: 0.82 GB/s.)
+        unpacked = list(_VERIFY_POOL.map(_unpack_or_error, values, keys)) if len(keys) > 1 else [_unpack_or_error(values[0], keys[0])]
+        return [self._accept(k, v, u) for k, v, u in zip(keys, values, unpacked, strict=True)]
 
     def peek_many(self, keys: list[int]) -> list[ChunkInfo | None]:
         """Which of `keys` Redis holds and what they are (size, method, pinned), from their headers alone, in one

@@ -99,7 +99,7 @@ async def run(config: Config, stop: asyncio.Event, engine: dict[str, Any] | None
         from lmcached.model import load_model
 
         loaded = await asyncio.get_running_loop().run_in_executor(daemon.executor, load_model, engine.get("model"))
-        worker = f"127.0.0.1:{ports.data}"
+        worker = f"{dialable_host(config.host)}:{ports.data}"  # where the embedded instance listens
         engine_task = asyncio.create_task(run_engine(loaded, config.host, int(engine["port"]), worker, config.auth_token, stop))
     # One machine-readable line, so scripts and tests started with port 0 learn the real ports.
     ready = {

@@ -30,6 +30,8 @@ DISK_DRAIN_TIMEOUT_S = 30.0
 REMOTE_EVENTS_S = 0.25
 #: Threads for remote-tier calls (write-through, scans, engines' lookups and retrieves).
 REMOTE_THREADS = 4
+#: A retrieve from the remote tier gets remote_timeout_s plus its bytes at this rate before it counts as a miss.
+REMOTE_MIN_BYTES_PER_S = 100e6
 #: How long a command on the remote tier waits for queued write-through to land first (the tier may be down).
 REMOTE_FLUSH_TIMEOUT_S = 10.0
 
@@ -105,11 +107,11 @@ class Storage:
             raise InvalidRequest("the worker has no storage: enable local_cpu or set local_disk")
         if CPU in self.backends:
             if DISK in self.backends:
-                self._behind[DISK] = WriteBehind(DISK, lambda c: self._put(DISK, c), WRITE_BEHIND_BYTES)
+                self._behind[DISK] = WriteBehind(DISK, self._put_disk_batch, WRITE_BEHIND_BYTES)
             if REMOTE in self.backends:
                 self._behind[REMOTE] = WriteBehind(
                     REMOTE,
-                    lambda c: self._put(REMOTE, c),
+                    self._put_remote,
                     int(config.remote_write_queue_size * 1024**3),
                     when_full="drop",
                     is_outage=lambda exc: isinstance(exc, RemoteError),
@@ -196,11 +198,26 @@ class Storage:
         except KeyError:
             raise NotFound(f"instance {self.instance_id} has no {location} (enable it in the config)") from None
 
-    async def _put(self, location: str, chunk: Chunk) -> None:
-        backend = self.backends[location]
+    async def _put_disk_batch(self, chunks: list[Chunk]) -> None:
+        for chunk in chunks:
+            await self._put(DISK, chunk)
+
+    async def _put_remote(self, chunks: list[Chunk]) -> None:
+        """Chunks into the remote tier together (encoded first with remote_serde: compressed at rest and on the wire)."""
+        remote = self.backends[REMOTE]
+        assert isinstance(remote, RemoteBackend)
         serde = self.config.remote_serde
-        if location == REMOTE and serde != "naive" and chunk.method is None:
-            chunk = await self.run(encode_chunk, chunk, serde)  # compressed at rest and on the wire
+        if serde != "naive":
+            chunks = list(await asyncio.gather(*(self.run(encode_chunk, c, serde) if c.method is None else _done(c) for c in chunks)))
+        await self.run_remote(remote.put_many, chunks)
+        for chunk in chunks:
+            self._note(REMOTE, chunk.key)
+
+    async def _put(self, location: str, chunk: Chunk) -> None:
+        if location == REMOTE:
+            await self._put_remote([chunk])
+            return
+        backend = self.backends[location]
         evicted = await self._call(backend, backend.put, chunk)
         for key in evicted:
             self._note(location, key)
@@ -212,6 +229,9 @@ class Storage:
         locations = [location] if location else list(self.backends)
         for loc in locations:
             self.backend(loc)
+        if location == REMOTE:  # straight into the remote tier (a move, a bench): one batch
+            await self._put_remote(chunks)
+            locations = []
         stored = 0
         for chunk in chunks:
             for loc in locations:
@@ -249,8 +269,11 @@ class Storage:
         """The remote tier's chunks among `keys`, in one round trip; nothing when it is down."""
         remote = self.backends[REMOTE]
         assert isinstance(remote, RemoteBackend)
+        # The deadline grows with what the mirror says the values weigh: a big prompt is not a slow tier.
+        expected = sum(info.nbytes for info in map(remote.info, keys) if info is not None)
+        deadline = self.config.remote_timeout_s + expected / REMOTE_MIN_BYTES_PER_S
         try:
-            chunks = await self.run_remote(remote.get_many, keys, deadline=self.config.remote_timeout_s)
+            chunks = await self.run_remote(remote.get_many, keys, deadline=deadline)
         except RemoteError:
             return {}
         return {c.key: c for c in chunks if c is not None}

@@ -13,10 +13,12 @@ log = logging.getLogger(__name__)
 
 #: While the tier is down, the head of the queue is retried this often (the queue keeps its order).
 RETRY_S = 0.5
+#: Chunks already queued are written together up to this many bytes (the remote tier sends them in one go).
+BATCH_BYTES = 64 * 1024 * 1024
 
 
 class WriteBehind:
-    """A queue of chunks written to one tier by one task.
+    """A queue of chunks written to one tier by one task, in order, in batches of what is already queued.
 
     `when_full="wait"` makes a store wait for room (the disk: slow but always there); `"drop"` lets the store
     go on and skips the tier's copy (the remote tier: an outage must not stall the engine; RAM still has the
@@ -27,7 +29,7 @@ class WriteBehind:
     def __init__(
         self,
         tier: str,
-        write: Callable[[Chunk], Awaitable[None]],
+        write: Callable[[list[Chunk]], Awaitable[None]],
         bound_bytes: int,
         when_full: str = "wait",
         is_outage: Callable[[BaseException], bool] = lambda exc: False,
@@ -70,21 +72,26 @@ class WriteBehind:
 
     async def _loop(self) -> None:
         while True:
-            chunk = await self._queue.get()
+            batch = [await self._queue.get()]
+            size = batch[0].nbytes
+            while not self._queue.empty() and size < BATCH_BYTES:
+                batch.append(self._queue.get_nowait())
+                size += batch[-1].nbytes
             try:
                 while True:
                     try:
-                        await self._write(chunk)
+                        await self._write(batch)
                         break
                     except (LmcachedError, OSError) as exc:
                         if not self._is_outage(exc):
-                            log.warning("chunk %016x not written to %s: %s", chunk.key, self.tier, exc)
+                            log.warning("%d chunk(s) from %016x on not written to %s: %s", len(batch), batch[0].key, self.tier, exc)
                             break
                         await asyncio.sleep(RETRY_S)  # the tier is down: keep the order, try again
             finally:
-                self.pending_bytes -= chunk.nbytes
+                self.pending_bytes -= size
                 self._room.set()
-                self._queue.task_done()
+                for _ in batch:
+                    self._queue.task_done()
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait until every queued write has landed; False if `timeout` passed first."""
