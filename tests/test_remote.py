@@ -432,3 +432,12 @@ def test_remote_backend_reports_its_url_without_the_password(redis: RedisServer)
         assert stats["up"] is True and stats["url"] == f"redis://127.0.0.1:{redis.port}"
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [("remote_serde", "zstd", "remote_serde"), ("remote_ttl_s", -1.0, "remote_ttl_s"), ("remote_namespace", "a:b", "remote_namespace")],
+)
+def test_remote_settings_are_checked(key: str, value: object, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        test_config(**{key: value})
