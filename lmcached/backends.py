@@ -10,13 +10,17 @@ import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import orjson
 
 from lmcached.errors import InvalidRequest, LmcachedError
+
+if TYPE_CHECKING:
+    from lmcached.arena import Arena
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,8 @@ class Chunk:
     num_tokens: int
     shape: tuple[int, ...]  # [2, L, T, C] of the raw tensor
     dtype: str  # "float16", "bfloat16" or "float32"
-    data: bytes | bytearray | memoryview  # raw tensor bytes (C order), or a codec blob; never mutated once stored
+    # Raw tensor bytes (C order) or a codec blob; in RAM, a numpy uint8 view of the arena. Never mutated once stored.
+    data: bytes | bytearray | memoryview | np.ndarray
     method: str | None = None  # None: raw; else the codec name that made `data`
 
     @property
@@ -204,19 +209,59 @@ class Backend:
 
 
 class LocalCPUBackend(Backend):
-    """Chunks in RAM, LRU-evicted past `max_local_cpu_size` except when pinned."""
+    """Chunks in RAM, LRU-evicted past `max_local_cpu_size` except when pinned.
+
+    With an `arena` (lmcached.arena), chunk bytes live in its preallocated shared memory: a chunk received
+    straight into an arena block (`reserve`) is kept as it is, any other is copied into one; blocks of chunks
+    that leave go back to the arena once no reader holds them."""
 
     name = CPU
 
-    def __init__(self, capacity_bytes: int) -> None:
+    def __init__(self, capacity_bytes: int, arena: Arena | None = None) -> None:
         super().__init__(capacity_bytes)
         self._data: dict[int, Chunk] = {}
+        self.arena = arena
+
+    def reserve(self, nbytes: int) -> tuple[Any | None, list[int]]:
+        """An arena block for `nbytes` about to be stored, after evicting what the byte budget says must go
+        (least recently used, unpinned); returns (block, evicted keys). The block is None when the arena has no
+        free block that large — its free space is fragmented, or held by blocks still being read or written
+        behind to disk: the chunk then lives in ordinary memory, which is slower to fill but never fails."""
+        assert self.arena is not None
+        evicted: list[int] = []
+        with self._lock:
+            while self.used_bytes + nbytes > self.capacity_bytes:
+                victim = next((k for k in self._meta if k not in self._pinned), None)
+                if victim is None:
+                    break  # full of pinned chunks: _admit_meta says so when the chunk is stored
+                self._drop(victim)
+                evicted.append(victim)
+            return self.arena.alloc(nbytes), evicted
 
     def put(self, chunk: Chunk) -> list[int]:
         with self._lock:
-            evicted = self._admit_meta(chunk)
+            evicted: list[int] = []
+            if self.arena is not None and not self.arena.owns(chunk.data) and chunk.nbytes:
+                # The block first (what it evicts may include this key's older version), then the metadata.
+                block, evicted = self.reserve(chunk.nbytes)
+                if block is not None:
+                    block[:] = np.frombuffer(chunk.data, dtype=np.uint8)
+                    chunk = replace(chunk, data=block)
+            evicted += self._admit_meta(chunk)
+            old = self._data.get(chunk.key)
+            if old is not None and old.data is not chunk.data:
+                self._release(old)
             self._data[chunk.key] = chunk
             return evicted
+
+    def _release(self, chunk: Chunk) -> None:
+        if self.arena is not None:
+            self.arena.free(chunk.data)  # type: ignore[arg-type]
+
+    def holds(self, chunk: Chunk) -> bool:
+        """Whether this very chunk object is what the backend keeps under its key (its block adopted)."""
+        with self._lock:
+            return self._data.get(chunk.key) is chunk
 
     def get(self, key: int) -> Chunk | None:
         with self._lock:
@@ -236,19 +281,28 @@ class LocalCPUBackend(Backend):
             try:
                 self.put(new)
             except StoreFull:
-                self.put(old)
+                self._data[old.key] = old  # put the old version back as it was (its block untouched)
+                self._meta[old.key] = (old.num_tokens, old.nbytes, old.method, old.raw_nbytes)
+                self.used_bytes += old.nbytes
+                if pinned:
+                    self._pinned.add(old.key)
                 raise
+            self._release(old)
             if pinned:
                 self._pinned.add(new.key)
             return True
 
     def _drop(self, key: int) -> None:
         self._forget_meta(key)
-        self._data.pop(key, None)
+        chunk = self._data.pop(key, None)
+        if chunk is not None:
+            self._release(chunk)
 
     def remove(self, key: int) -> bool:
         with self._lock:
-            self._data.pop(key, None)
+            chunk = self._data.pop(key, None)
+            if chunk is not None:
+                self._release(chunk)
             return self._forget_meta(key)
 
 

@@ -51,6 +51,7 @@ class Config:
     heartbeat_timeout: float = 5.0  # a worker silent this long is dropped from the index (LMCache issue 4808)
     command_timeout: float = 30.0  # a controller command a worker has not answered by then fails
     max_request_bytes: int = 16 * 1024 * 1024  # HTTP bodies above this get a 413
+    local_cpu_prefault: float = 1.0  # GB of the RAM tier's arena faulted in at start-up, in the background
     remote_ttl_s: float = 86400.0  # unpinned chunks in the remote tier expire after this (0: never)
     remote_namespace: str = "lmcached"  # prefix of every Redis key; fleets of different models use different ones
     remote_scan_interval: float = 5.0  # seconds between reconciliation scans of the remote tier
@@ -74,7 +75,7 @@ class Config:
             raise ConfigError("max_request_bytes must be positive", "max_request_bytes")
         if self.remote_serde not in REMOTE_SERDES:
             raise ConfigError(f"remote_serde must be one of {', '.join(REMOTE_SERDES)}, got {self.remote_serde!r}", "remote_serde")
-        for key in ("remote_ttl_s", "remote_write_queue_size"):
+        for key in ("remote_ttl_s", "remote_write_queue_size", "local_cpu_prefault"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}", key)
         if self.remote_timeout_s <= 0:

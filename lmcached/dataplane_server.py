@@ -8,11 +8,11 @@ import logging
 import socket
 from typing import Any
 
-from lmcached.backends import Chunk
+from lmcached.backends import CPU, Chunk
 from lmcached.config import Config
 from lmcached.dataplane import check_keys, chunk_headers
 from lmcached.errors import LmcachedError, ProtocolError, Unauthorized
-from lmcached.frames import HELLO_TIMEOUT_S, MAX_DATA_PAYLOAD_BYTES, Kind, frame_parts, read_frame_head, read_payload
+from lmcached.frames import HELLO_TIMEOUT_S, MAX_DATA_PAYLOAD_BYTES, Kind, frame_parts, read_frame_head, read_payload, read_payload_into
 from lmcached.handshake import receive_hello
 from lmcached.sockio import SocketStream, serve_sockets
 from lmcached.storage import Storage, raw_nbytes
@@ -87,12 +87,15 @@ class DataPlaneServer:
     async def _answer(self, stream: SocketStream, kind: Kind, header: dict[str, Any], payload_len: int) -> None:
         req_id = header.get("req_id")
         if kind == Kind.STORE:
-            chunks = await self._receive_chunks(stream, header, payload_len)
+            location = header.get("location")
+            chunks = await self._receive_chunks(stream, header, payload_len, into_arena=location in (None, CPU))
             try:
-                stored = await self.storage.store(chunks, header.get("location"))
+                stored = await self.storage.store(chunks, location)
             except LmcachedError as exc:
                 await self._reply(stream, {"req_id": req_id, "error": str(exc), "status": exc.http_status})
                 return
+            finally:
+                self.storage.release_unkept(chunks)
             await self._reply(stream, {"req_id": req_id, "num_tokens": stored})
             return
         if payload_len:
@@ -109,16 +112,32 @@ class DataPlaneServer:
         else:
             raise ProtocolError(f"unexpected {kind.name} frame on the data plane")
 
-    @staticmethod
-    async def _receive_chunks(stream: SocketStream, header: dict[str, Any], payload_len: int) -> list[Chunk]:
+    def _reserve(self, nbytes: int) -> Any | None:
+        """An arena block for a chunk on its way in, or None (fresh memory) when there is none to be had."""
+        return self.storage.reserve(nbytes) if nbytes else None
+
+    async def _receive_chunks(self, stream: SocketStream, header: dict[str, Any], payload_len: int, into_arena: bool) -> list[Chunk]:
+        """The chunks of a STORE, each received straight into its own buffer: an arena block when the RAM tier
+        will keep it (memory faulted in already, reused), else fresh memory. A client that dies mid-payload
+        leaves nothing behind: the blocks received so far go back to the arena."""
         metas = chunk_headers(header)
         if sum(m["nbytes"] for m in metas) != payload_len:
             raise ProtocolError("chunk sizes do not add up to the payload length")
-        chunks = []
         for meta in metas:
-            data = await read_payload(stream, meta["nbytes"])  # straight into this chunk's own buffer
-            chunk = Chunk.from_meta(meta, data)
-            if chunk.method is None and raw_nbytes(chunk.shape, chunk.dtype) != chunk.nbytes:
-                raise ProtocolError(f"chunk {chunk.key:016x}: {chunk.nbytes} bytes do not match shape {list(chunk.shape)}")
-            chunks.append(chunk)
+            if meta.get("method") is None and raw_nbytes(tuple(meta["shape"]), meta["dtype"]) != meta["nbytes"]:
+                raise ProtocolError(f"chunk {meta['key']:016x}: {meta['nbytes']} bytes do not match shape {meta['shape']}")
+        chunks: list[Chunk] = []
+        try:
+            for meta in metas:
+                block = self._reserve(meta["nbytes"]) if into_arena else None
+                if block is None:
+                    data = await read_payload(stream, meta["nbytes"])
+                else:
+                    chunks.append(Chunk.from_meta(meta, block))  # before the read: freed if the read fails
+                    await read_payload_into(stream, memoryview(block))
+                    continue
+                chunks.append(Chunk.from_meta(meta, data))
+        except BaseException:
+            self.storage.release_unkept(chunks)
+            raise
         return chunks

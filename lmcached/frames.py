@@ -159,6 +159,15 @@ async def read_payload(reader: ByteReader, size: int) -> bytes | bytearray:
         raise ProtocolError("connection closed inside a frame payload") from None
 
 
+async def read_payload_into(reader: ByteReader, view: memoryview) -> None:
+    """read_payload into a buffer the caller owns (an arena block), within the same time limit."""
+    try:
+        if view.nbytes:
+            await _within(reader.readinto(view), payload_timeout(view.nbytes))  # type: ignore[attr-defined]
+    except asyncio.IncompleteReadError:
+        raise ProtocolError("connection closed inside a frame payload") from None
+
+
 async def read_frame(reader: ByteReader, max_payload: int = MAX_CONTROL_PAYLOAD_BYTES) -> Frame | None:
     """Read one whole frame; None on a clean end of stream before a frame starts (see read_frame_head)."""
     head = await read_frame_head(reader, max_payload)

@@ -14,6 +14,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, TypeVar
 
+from lmcached.arena import Arena
 from lmcached.backends import CPU, DISK, REMOTE, Backend, Chunk, ChunkInfo, LocalCPUBackend, LocalDiskBackend, StoreFull, check_location
 from lmcached.config import Config
 from lmcached.errors import InvalidRequest, LmcachedError, NotFound, ProtocolError
@@ -73,8 +74,11 @@ class Storage:
         self._own_executor = executor is None
         self.executor = executor or ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="lmcached")
         self.backends: dict[str, Backend] = {}
+        #: The RAM tier's preallocated shared memory (None without a RAM tier).
+        self.arena: Arena | None = None
         if config.local_cpu:
-            self.backends[CPU] = LocalCPUBackend(config.max_local_cpu_bytes)
+            self.arena = Arena(config.max_local_cpu_bytes) if config.max_local_cpu_bytes > 0 else None
+            self.backends[CPU] = LocalCPUBackend(config.max_local_cpu_bytes, self.arena)
         #: (location, key) -> the chunk's state there now, None when it left; drained by the controller link.
         self.changes: dict[tuple[str, int], ChunkInfo | None] = {}
         self.changed = asyncio.Event()
@@ -91,6 +95,8 @@ class Storage:
         """Open the disk backend and the remote tier (when configured) and start writing behind RAM.
         RemoteError when the remote tier is configured but unusable (unreachable, wrong password, not Redis)."""
         config = self.config
+        if self.arena is not None:
+            self.arena.start_prefault(int(config.local_cpu_prefault * 1024**3))
         disk = config.local_disk_path
         if disk is not None:
             self.backends[DISK] = await self.run(LocalDiskBackend, disk, config.max_local_disk_bytes)
@@ -132,6 +138,8 @@ class Storage:
             self._remote_pool.shutdown(wait=False, cancel_futures=True)
         if self._own_executor:
             self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.arena is not None:
+            self.arena.close()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Blocking work (disk, network, codecs) off the event loop."""
@@ -244,6 +252,25 @@ class Storage:
         if self.after_store is not None:
             await self.after_store()
         return stored
+
+    def reserve(self, nbytes: int) -> Any | None:
+        """An arena block to receive a chunk for the RAM tier into (evictions it needed are reported), or None
+        without an arena. The caller frees it (`release_unkept`) if the chunk is not stored after all."""
+        cpu = self.backends.get(CPU)
+        if not isinstance(cpu, LocalCPUBackend) or cpu.arena is None:
+            return None
+        block, evicted = cpu.reserve(nbytes)
+        for key in evicted:
+            self._note(CPU, key)
+        return block
+
+    def release_unkept(self, chunks: list[Chunk]) -> None:
+        """Give back the arena blocks of received chunks the RAM tier did not keep (a failed or disk-only store)."""
+        cpu = self.backends.get(CPU)
+        if isinstance(cpu, LocalCPUBackend) and cpu.arena is not None:
+            for chunk in chunks:
+                if cpu.arena.owns(chunk.data) and not cpu.holds(chunk):
+                    cpu.arena.free(chunk.data)  # type: ignore[arg-type]
 
     async def flush_disk(self) -> None:
         """Wait until every queued disk write has landed (before any command touches the disk)."""

@@ -31,6 +31,10 @@ if "LMCACHED_CACHE_DIR" not in os.environ:
     os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(_cache, "vllm"))
     os.environ.setdefault("MPLCONFIGDIR", os.path.join(_cache, "matplotlib"))
 
+# Daemons the tests start do not fault their RAM arena in up front (a gigabyte each, many daemons): the tests
+# that measure or check prefaulting ask for it.
+os.environ.setdefault("LMCACHE_LOCAL_CPU_PREFAULT", "0")
+
 # Without a GPU, numba.cuda runs the CUDA kernels in its simulator, so their logic is tested everywhere.
 # This must happen before numba is first imported; on a machine with a GPU the real device is used.
 if not torch.cuda.is_available():
