@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
+from lmcached.arena import ArenaView, ShmInfo
 from lmcached.backends import Chunk
 from lmcached.chunks import ChunkSpan, chunk_spans
 from lmcached.dataplane import CLIENT_ROLE, chunk_headers
-from lmcached.errors import LmcachedError, ProtocolError, Unauthorized
+from lmcached.errors import InvalidRequest, LmcachedError, ProtocolError, Unauthorized
 from lmcached.frames import (
     MAX_DATA_PAYLOAD_BYTES,
     PREFIX_BYTES,
@@ -69,7 +70,7 @@ class _Store:
         dtype = dtype_name(kv.dtype)
         _, layers, _, channels = kv.shape
         item = kv.element_size()
-        metas = [
+        self.metas = metas = [
             {
                 "key": s.key,
                 "num_tokens": s.num_tokens,
@@ -93,7 +94,7 @@ class _Store:
 class _Retrieve:
     """Assembles a retrieve reply chunk by chunk into one output tensor."""
 
-    def __init__(self, metas: list[dict[str, Any]]) -> None:
+    def __init__(self, metas: list[dict[str, Any]], out: torch.Tensor | None = None) -> None:
         self.metas = metas
         self.out: torch.Tensor | None = None
         if metas:
@@ -102,7 +103,17 @@ class _Retrieve:
             if any(m["shape"][1] != layers or m["shape"][3] != channels or m["dtype"] != first["dtype"] for m in metas):
                 raise ProtocolError("the cached prefix mixes KV shapes or dtypes")
             total = sum(m["shape"][2] for m in metas)
-            self.out = torch.empty((2, layers, total, channels), dtype=dtype_from_name(first["dtype"]))
+            dtype = dtype_from_name(first["dtype"])
+            if out is None:
+                self.out = torch.empty((2, layers, total, channels), dtype=dtype)
+            else:
+                if out.dtype != dtype or out.dim() != 4 or tuple(out.shape[:2]) != (2, layers) or out.shape[3] != channels:
+                    raise InvalidRequest(
+                        f"out must be [2, {layers}, >= {total}, {channels}] {first['dtype']}, got {list(out.shape)} {out.dtype}"
+                    )
+                if out.shape[2] < total or not out.is_contiguous() or out.device.type != "cpu":
+                    raise InvalidRequest(f"out must be a contiguous CPU tensor with room for {total} tokens")
+                self.out = out[:, :, :total]
 
     def targets(self, staging: _Staging) -> Iterator[tuple[memoryview, Callable[[], None]]]:
         """(buffer to receive a chunk into, function that places it) for each chunk in order."""
@@ -143,12 +154,15 @@ def _hello(token: str | None) -> dict[str, Any]:
 class KVClient:
     """A blocking data-plane client (one connection; not thread-safe: one per thread)."""
 
-    def __init__(self, address: str, *, auth_token: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, address: str, *, auth_token: str | None = None, timeout: float = 60.0, shared_memory: bool = True) -> None:
         self.address = address
         self._host, self._port = parse_address(address, 8001)
         self._token = auth_token
         self._timeout = timeout
         self._sock: socket.socket | None = None
+        self._want_shm = shared_memory
+        #: The worker's arena, mapped, when it offered one and this process could open it (same host and user).
+        self._arena: ArenaView | None = None
         self._staging = _Staging()
         self._req_ids = itertools.count(1)
         self.chunk_size = 256
@@ -174,11 +188,27 @@ class KVClient:
             raise
         self.chunk_size = int(welcome["chunk_size"])
         self.save_unfull_chunk = bool(welcome.get("save_unfull_chunk", True))
+        self._arena = None
+        offer = welcome.get("shm")
+        if self._want_shm and isinstance(offer, dict):
+            try:
+                info = ShmInfo(
+                    int(offer["pid"]), int(offer["fd"]), int(offer["size"]), str(offer["token"]), int(offer.get("prefaulted", 0))
+                )
+                self._arena = ArenaView(info)
+            except (OSError, KeyError, TypeError, ValueError):
+                self._arena = None  # another host, another user, another pid namespace: the socket it is
+
+    @property
+    def transport(self) -> str:
+        """ "shared memory" when KV moves through the worker's arena, else "socket"."""
+        return "shared memory" if self._arena is not None else "socket"
 
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._arena = None
 
     def spans(self, tokens: Sequence[int], salt: str | None = None) -> list[ChunkSpan]:
         return chunk_spans(tokens, self.chunk_size, self.save_unfull_chunk, salt)
@@ -196,11 +226,55 @@ class KVClient:
         if not spans:
             return found
         store = _Store(spans, kv, next(self._req_ids))
+        if self._arena is not None:
+            stored = self._store_shm(store, kv)
+            if stored is not None:
+                return found + stored
         sock = self._conn()
         sock.sendall(store.head)
-        for view in store.chunks(self._staging):
-            sock.sendall(view)
+        # Each chunk's bytes are 2×L runs of the tensor's own memory (one per side and layer): sent from there
+        # in one gather write, without staging the chunk in a buffer first.
+        rows = _rows(kv.contiguous())
+        for span in spans:
+            _sendmsg_all(sock, [row[span.start : span.end] for row in rows])
         return found + int(self._reply()["num_tokens"])
+
+    def _store_shm(self, store: _Store, kv: torch.Tensor) -> int | None:
+        """Write the chunks into the worker's arena and commit them; None when the worker asks for the socket."""
+        assert self._arena is not None
+        self._send(frame_parts(Kind.SHM_STORE, {"req_id": next(self._req_ids), "chunks": store.metas}, []))
+        reply = self._reply()
+        if reply.get("fallback"):
+            return None
+        rows = _rows(kv.contiguous())
+        for span, meta, offset in zip(store.spans, store.metas, reply["offsets"], strict=True):
+            block = self._arena.view(offset, meta["nbytes"]).reshape(rows.shape[0], span.num_tokens, rows.shape[2])
+            block[:] = rows[:, span.start : span.end]
+        self._send(frame_parts(Kind.SHM_COMMIT, {"req_id": next(self._req_ids), "store": reply["store"]}, []))
+        return int(self._reply()["num_tokens"])
+
+    def _retrieve_shm(self, keys: list[int], out: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
+        """(True, the KV) read out of the worker's arena under a lease, or (False, None) to use the socket."""
+        assert self._arena is not None
+        self._send(frame_parts(Kind.SHM_RETRIEVE, {"req_id": next(self._req_ids), "keys": keys}, []))
+        reply = self._reply()
+        if reply.get("fallback"):
+            return False, None
+        try:
+            metas = chunk_headers(reply)
+            retrieve = _Retrieve(metas, out)
+            if retrieve.out is None:
+                return True, None
+            rows = _rows(retrieve.out if out is None else out)
+            start = 0
+            for meta, offset in zip(metas, reply["offsets"], strict=True):
+                tokens = meta["shape"][2]
+                block = self._arena.view(offset, meta["nbytes"]).reshape(rows.shape[0], tokens, rows.shape[2])
+                rows[:, start : start + tokens] = block
+                start += tokens
+            return True, retrieve.out
+        finally:  # the worker may reuse the blocks now (no reply: nothing to wait for)
+            self._send(frame_parts(Kind.SHM_RELEASE, {"lease": reply["lease"]}, []))
 
     def _held(self, spans: list[ChunkSpan]) -> int:
         """How many tokens of these chunks' prefix the worker holds (in any tier)."""
@@ -213,18 +287,31 @@ class KVClient:
         self._send(frame_parts(Kind.LOOKUP, {"req_id": next(self._req_ids), "keys": keys}, []))
         return int(self._reply()["num_tokens"])
 
-    def retrieve(self, tokens: Sequence[int], salt: str | None = None) -> torch.Tensor | None:
-        """The KV of the cached prefix [2, L, n, C] (compressed chunks come back decoded), or None."""
+    def retrieve(self, tokens: Sequence[int], salt: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The KV of the cached prefix [2, L, n, C] (compressed chunks come back decoded), or None.
+
+        With `out` (a contiguous [2, L, >= len(tokens), C] tensor of the KV's dtype, e.g. a buffer the caller
+        reuses) the KV lands there and the result is its first n tokens; else in a new tensor. Each chunk is
+        received straight into its place (one scatter read per chunk), never staged."""
         keys = [s.key for s in self.spans(tokens, salt)]
+        if self._arena is not None:
+            done, kv = self._retrieve_shm(keys, out)
+            if done:
+                return kv
         self._send(frame_parts(Kind.RETRIEVE, {"req_id": next(self._req_ids), "keys": keys}, []))
         kind, header, payload_len = self._read_head()
         metas = chunk_headers(_check_reply(kind, header))
         if sum(m["nbytes"] for m in metas) != payload_len:
             raise ProtocolError("retrieve reply sizes do not add up")
-        retrieve = _Retrieve(metas)
-        for buffer, place in retrieve.targets(self._staging):
-            self._recv_into(buffer)
-            place()
+        retrieve = _Retrieve(metas, out)
+        if retrieve.out is None:
+            return None
+        rows = _rows(retrieve.out if out is None else out)
+        offset = 0
+        for meta in metas:
+            tokens_here = meta["shape"][2]
+            self._recvmsg_all([row[offset : offset + tokens_here] for row in rows])
+            offset += tokens_here
         return retrieve.out
 
     # -- I/O
@@ -240,6 +327,17 @@ class KVClient:
             return
         for part in parts:  # big KV payloads go out from the tensors' own memory
             sock.sendall(part)
+
+    def _recvmsg_all(self, buffers: list[Any]) -> None:
+        """Fill `buffers` in order from the socket (scatter reads, IOV_MAX buffers at a time)."""
+        sock = self._conn()
+        views = [memoryview(b).cast("B") for b in buffers]
+        first = 0
+        while first < len(views):
+            n = sock.recvmsg_into(views[first : first + _IOV_MAX])[0]
+            if n == 0:
+                raise ProtocolError("worker closed the connection")
+            first = _advance(views, first, n)
 
     def _recv_into(self, view: memoryview) -> None:
         sock = self._conn()
@@ -264,6 +362,38 @@ class KVClient:
         if payload_len:
             self._recv(payload_len)
         return _check_reply(kind, header)
+
+
+#: Buffers per sendmsg/recvmsg_into call (Linux's IOV_MAX is 1024).
+_IOV_MAX = 1024
+
+
+def _rows(kv: torch.Tensor) -> Any:
+    """A contiguous [2, L, T, C] tensor as 2×L rows of T×C elements' bytes (numpy uint8 [2L, T, C×itemsize]):
+    a chunk's payload is the same token range of every row, in order."""
+    two, layers, tokens, channels = kv.shape
+    return kv.view(torch.uint8).numpy().reshape(two * layers, tokens, channels * kv.element_size())
+
+
+def _advance(views: list[memoryview], first: int, n: int) -> int:
+    """Account for `n` bytes moved from views[first:]: drop the whole ones, trim a partial one; the new first."""
+    while n:
+        size = views[first].nbytes
+        if n >= size:
+            n -= size
+            first += 1
+        else:
+            views[first] = views[first][n:]
+            n = 0
+    return first
+
+
+def _sendmsg_all(sock: socket.socket, buffers: list[Any]) -> None:
+    """Send `buffers` in order from their own memory (gather writes, IOV_MAX buffers at a time)."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    first = 0
+    while first < len(views):
+        first = _advance(views, first, sock.sendmsg(views[first : first + _IOV_MAX]))
 
 
 def byte_view_writable(tensor: torch.Tensor) -> memoryview:

@@ -51,7 +51,8 @@ class Config:
     heartbeat_timeout: float = 5.0  # a worker silent this long is dropped from the index (LMCache issue 4808)
     command_timeout: float = 30.0  # a controller command a worker has not answered by then fails
     max_request_bytes: int = 16 * 1024 * 1024  # HTTP bodies above this get a 413
-    local_cpu_prefault: float = 1.0  # GB of the RAM tier's arena faulted in at start-up, in the background
+    local_cpu_prefault: float = 1.0  # GB of the RAM tier's arena faulted in at start-up (before ready)
+    shared_memory: bool = True  # same-host clients (same user) may move KV through the RAM tier's shared memory
     remote_ttl_s: float = 86400.0  # unpinned chunks in the remote tier expire after this (0: never)
     remote_namespace: str = "lmcached"  # prefix of every Redis key; fleets of different models use different ones
     remote_scan_interval: float = 5.0  # seconds between reconciliation scans of the remote tier

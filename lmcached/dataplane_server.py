@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import logging
 import socket
+import traceback
 from typing import Any
 
 from lmcached.backends import CPU, Chunk
 from lmcached.config import Config
 from lmcached.dataplane import check_keys, chunk_headers
+from lmcached.dataplane_shm import ShmSession
 from lmcached.errors import LmcachedError, ProtocolError, Unauthorized
 from lmcached.frames import HELLO_TIMEOUT_S, MAX_DATA_PAYLOAD_BYTES, Kind, frame_parts, read_frame_head, read_payload, read_payload_into
 from lmcached.handshake import receive_hello
@@ -18,6 +20,16 @@ from lmcached.sockio import SocketStream, serve_sockets
 from lmcached.storage import Storage, raw_nbytes
 
 log = logging.getLogger(__name__)
+
+
+def _clear_frames(exc: BaseException | None) -> None:
+    """Drop the locals of the finished frames in an exception's traceback, and in those of its causes."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if exc.__traceback__ is not None:
+            traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
 
 
 class DataPlaneServer:
@@ -55,6 +67,7 @@ class DataPlaneServer:
         task = asyncio.current_task()
         assert task is not None
         self._client_tasks.add(task)
+        shm = ShmSession(self.storage)
         try:
             if await receive_hello(stream, self.config.auth_token) is None:
                 return
@@ -63,12 +76,14 @@ class DataPlaneServer:
                 **self.identity,
                 "save_unfull_chunk": self.config.save_unfull_chunk,
             }
+            if self.storage.arena is not None and self.config.shared_memory:
+                welcome["shm"] = self.storage.arena.shm.as_wire()  # a client on this host may map the arena
             await stream.sendall(frame_parts(Kind.WELCOME, welcome, []))
             while True:
                 head = await read_frame_head(stream, MAX_DATA_PAYLOAD_BYTES)
                 if head is None:
                     return
-                await self._answer(stream, *head)
+                await self._answer(stream, *head, shm)
         except (ProtocolError, Unauthorized) as exc:
             log.warning("data-plane peer %s: %s; closing", stream.peername(), exc)
             with contextlib.suppress(OSError):
@@ -78,13 +93,14 @@ class DataPlaneServer:
         except (OSError, asyncio.CancelledError):
             pass
         finally:
+            shm.close()
             self._client_tasks.discard(task)
             stream.close()
 
     async def _reply(self, stream: SocketStream, header: dict[str, Any], payloads: list[Any] | None = None) -> None:
         await stream.sendall(frame_parts(Kind.REPLY, header, payloads or []))
 
-    async def _answer(self, stream: SocketStream, kind: Kind, header: dict[str, Any], payload_len: int) -> None:
+    async def _answer(self, stream: SocketStream, kind: Kind, header: dict[str, Any], payload_len: int, shm: ShmSession) -> None:
         req_id = header.get("req_id")
         if kind == Kind.STORE:
             location = header.get("location")
@@ -100,7 +116,9 @@ class DataPlaneServer:
             return
         if payload_len:
             raise ProtocolError(f"{kind.name} frames carry no payload")
-        if kind == Kind.LOOKUP:
+        if kind in (Kind.SHM_STORE, Kind.SHM_COMMIT, Kind.SHM_RETRIEVE, Kind.SHM_RELEASE):
+            await self._answer_shm(stream, kind, header, shm)
+        elif kind == Kind.LOOKUP:
             await self._reply(stream, {"req_id": req_id, "num_tokens": await self.storage.lookup(check_keys(header))})
         elif kind == Kind.RETRIEVE:
             try:
@@ -111,6 +129,24 @@ class DataPlaneServer:
             await self._reply(stream, {"req_id": req_id, "chunks": [c.meta() for c in chunks]}, [c.data for c in chunks])
         else:
             raise ProtocolError(f"unexpected {kind.name} frame on the data plane")
+
+    async def _answer_shm(self, stream: SocketStream, kind: Kind, header: dict[str, Any], shm: ShmSession) -> None:
+        req_id = header.get("req_id")
+        if kind == Kind.SHM_RELEASE:
+            shm.release(header)
+            return
+        try:
+            if kind == Kind.SHM_STORE:
+                answer = shm.reserve(header)
+            elif kind == Kind.SHM_COMMIT:
+                answer = {"num_tokens": await shm.commit(header)}
+            else:
+                answer = await shm.lease(header)
+        except LmcachedError as exc:
+            if isinstance(exc, ProtocolError):
+                raise
+            answer = {"error": str(exc), "status": exc.http_status}
+        await self._reply(stream, {"req_id": req_id, **answer})
 
     def _reserve(self, nbytes: int) -> Any | None:
         """An arena block for a chunk on its way in, or None (fresh memory) when there is none to be had."""
@@ -137,7 +173,12 @@ class DataPlaneServer:
                     await read_payload_into(stream, memoryview(block))
                     continue
                 chunks.append(Chunk.from_meta(meta, data))
-        except BaseException:
+        except BaseException as exc:
             self.storage.release_unkept(chunks)
+            # The exception's traceback keeps the frames that were reading alive (until the cycle collector
+            # runs), and with them the blocks: let go of those now, so the arena can reuse them at once.
+            chunks.clear()
+            block = None  # noqa: F841
+            _clear_frames(exc)
             raise
         return chunks

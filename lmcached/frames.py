@@ -56,6 +56,11 @@ class Kind(enum.IntEnum):
     SNAPSHOT = 11  # controller -> monitor: the whole state
     EVENT = 12  # controller -> monitor: one thing that happened
     GOODBYE = 13  # worker -> controller: leaving on purpose (a clean shutdown, not a loss)
+    # Same-host shared memory on the data plane (lmcached.dataplane_shm): KV moves through the worker's arena.
+    SHM_STORE = 14  # client -> worker: chunk metadata; the reply gives arena offsets to write them at
+    SHM_COMMIT = 15  # client -> worker: those chunks are written, store them (until then nothing is visible)
+    SHM_RETRIEVE = 16  # client -> worker: keys; the reply gives the cached prefix's arena offsets, leased
+    SHM_RELEASE = 17  # client -> worker: done reading a lease (no reply)
 
 
 @dataclass(slots=True)

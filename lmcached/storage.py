@@ -95,8 +95,8 @@ class Storage:
         """Open the disk backend and the remote tier (when configured) and start writing behind RAM.
         RemoteError when the remote tier is configured but unusable (unreachable, wrong password, not Redis)."""
         config = self.config
-        if self.arena is not None:
-            self.arena.start_prefault(int(config.local_cpu_prefault * 1024**3))
+        if self.arena is not None:  # like LMCache's pinned allocator: the RAM tier is there before we say ready
+            await self.run(self.arena.prefault, int(config.local_cpu_prefault * 1024**3))
         disk = config.local_disk_path
         if disk is not None:
             self.backends[DISK] = await self.run(LocalDiskBackend, disk, config.max_local_disk_bytes)
