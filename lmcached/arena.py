@@ -92,6 +92,11 @@ class Arena:
         self._retired: list[tuple[np.ndarray, int, int]] = []
         self.used = 0
         self.prefaulted = 0
+        self.high_water = HEADER
+        self._ahead = 0
+        self._more = threading.Event()
+        self._ahead_thread: threading.Thread | None = None
+        self._closed = False
 
     @property
     def shm(self) -> ShmInfo:
@@ -108,6 +113,9 @@ class Arena:
             if block is None:
                 return None
             self.used += need
+            self.high_water = max(self.high_water, block + need)
+            if self._ahead and self.prefaulted - self.high_water < self._ahead // 2:
+                self._more.set()  # the background thread keeps fresh pages ready ahead of the stores
             return self.array[block : block + nbytes]
 
     def _take(self, need: int) -> int | None:
@@ -173,14 +181,32 @@ class Arena:
 
     # ---------------------------------------------------------------- pages
     def prefault(self, nbytes: int) -> None:
-        """Fault the first `nbytes` of the arena in (a cold first store then lands in memory that is there)."""
-        end = HEADER + min(nbytes, self.capacity)
-        if end > HEADER and not populate(self._mm, HEADER, end - HEADER):
-            for start in range(HEADER, end, 64 * 1024 * 1024):  # one write per page (they are zero already)
-                self.array[start : min(start + 64 * 1024 * 1024, end) : PAGE] = 0
-        self.prefaulted = end
+        """Fault the first `nbytes` of the arena in (a cold first store then lands in memory that is there),
+        and from then on keep `nbytes` of fresh pages faulted in ahead of the highest block handed out, in a
+        background thread, up to the capacity: a store never pays for zeroing new pages itself."""
+        self._extend(HEADER + min(nbytes, self.capacity))
+        self._ahead = nbytes
+        if nbytes > 0 and self._ahead_thread is None:
+            self._ahead_thread = threading.Thread(target=self._keep_ahead, name="lmcached-prefault", daemon=True)
+            self._ahead_thread.start()
+
+    def _extend(self, end: int) -> None:
+        end = min(end, self.size)
+        step = 16 * 1024 * 1024  # numpy lets go of the GIL while it faults pages in; small steps keep it fair
+        for start in range(self.prefaulted or HEADER, end, step):
+            self.array[start : min(start + step, end) : PAGE] = 0  # one write per page (they are zero already)
+            self.prefaulted = min(start + step, end)
+
+    def _keep_ahead(self) -> None:
+        while not self._closed:
+            self._more.wait()
+            self._more.clear()
+            if not self._closed and self.prefaulted < self.size:
+                self._extend(self.high_water + self._ahead)
 
     def close(self) -> None:
+        self._closed = True
+        self._more.set()
         try:
             os.close(self.fd)
         except OSError:
@@ -210,3 +236,7 @@ class ArenaView:
 
     def view(self, offset: int, nbytes: int) -> np.ndarray:
         return self.array[offset : offset + nbytes]
+
+    def populate(self, offset: int, nbytes: int) -> None:
+        """Map a block's pages into this process before writing it (blocks are page-aligned and page-sized)."""
+        populate(self._mm, offset, _round_up(nbytes))

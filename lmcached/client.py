@@ -248,6 +248,7 @@ class KVClient:
             return None
         rows = _rows(kv.contiguous())
         for span, meta, offset in zip(store.spans, store.metas, reply["offsets"], strict=True):
+            self._arena.populate(offset, meta["nbytes"])  # map the block's pages in one call, not a fault a page
             block = self._arena.view(offset, meta["nbytes"]).reshape(rows.shape[0], span.num_tokens, rows.shape[2])
             block[:] = rows[:, span.start : span.end]
         self._send(frame_parts(Kind.SHM_COMMIT, {"req_id": next(self._req_ids), "store": reply["store"]}, []))
