@@ -79,9 +79,13 @@ class Arena:
     def __init__(self, capacity: int, name: str = "lmcached-ram") -> None:
         self.capacity = _round_up(max(capacity, PAGE))
         self.size = HEADER + self.capacity
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, self.size)
-        self._mm = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        if hasattr(os, "memfd_create"):
+            self.fd: int | None = os.memfd_create(name, os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, self.size)
+            self._mm = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        else:  # not Linux: the arena still saves allocations, but no client can map it (no shared memory)
+            self.fd = None
+            self._mm = mmap.mmap(-1, self.size)
         self.token = secrets.token_hex(16)
         self._mm[: len(MAGIC) + 32] = MAGIC + self.token.encode()
         self.array = np.frombuffer(self._mm, dtype=np.uint8)
@@ -99,8 +103,9 @@ class Arena:
         self._closed = False
 
     @property
-    def shm(self) -> ShmInfo:
-        return ShmInfo(os.getpid(), self.fd, self.size, self.token, self.prefaulted)
+    def shm(self) -> ShmInfo | None:
+        """What a same-host client needs to map the arena; None where it cannot be shared."""
+        return None if self.fd is None else ShmInfo(os.getpid(), self.fd, self.size, self.token, self.prefaulted)
 
     # ---------------------------------------------------------------- blocks
     def alloc(self, nbytes: int) -> np.ndarray | None:
@@ -207,10 +212,11 @@ class Arena:
     def close(self) -> None:
         self._closed = True
         self._more.set()
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
         # The mapping itself stays until the process ends if views of it are still alive (mmap refuses to
         # close under exported buffers); the memfd's memory goes back to the kernel with the last mapping.
 

@@ -76,8 +76,9 @@ class DataPlaneServer:
                 **self.identity,
                 "save_unfull_chunk": self.config.save_unfull_chunk,
             }
-            if self.storage.arena is not None and self.config.shared_memory:
-                welcome["shm"] = self.storage.arena.shm.as_wire()  # a client on this host may map the arena
+            shm_info = self.storage.arena.shm if self.storage.arena is not None else None
+            if shm_info is not None and self.config.shared_memory:
+                welcome["shm"] = shm_info.as_wire()  # a client on this host may map the arena
             await stream.sendall(frame_parts(Kind.WELCOME, welcome, []))
             while True:
                 head = await read_frame_head(stream, MAX_DATA_PAYLOAD_BYTES)
