@@ -14,6 +14,7 @@ from typing import Any
 from lmcached.errors import CodecError
 
 from .base import Codec
+from .threads import available_cpus, configure, threads
 
 _REGISTRY: dict[str, str] = {"cachegen": "CacheGenCodec", "lossless": "LosslessCodec"}
 
@@ -42,4 +43,4 @@ def decode(blob: bytes) -> Any:
     return get_codec(unpack(blob).codec).decode(blob)
 
 
-__all__ = ["Codec", "CodecError", "available_codecs", "get_codec", "decode"]
+__all__ = ["Codec", "CodecError", "available_codecs", "get_codec", "decode", "configure", "threads", "available_cpus"]

@@ -14,6 +14,7 @@ from lmcached.errors import CodecError
 
 from . import rans_cpu
 from .rans_cpu import PROB_BITS, PROB_SCALE, STATE_WORDS
+from .scratch import scratch
 
 _TABLE_HEAD = struct.Struct("<BH")
 
@@ -89,18 +90,19 @@ def encode(symbols: np.ndarray, groups: int, group_len: int, lane_size: int) -> 
     freq = normalize(counts)
     cum = cumulative(freq)
     lanes = groups * lanes_for(group_len, lane_size)
-    scratch = np.empty((lanes, lane_size + STATE_WORDS), dtype=np.uint16)
+    lane_buf = scratch("entropy.lanes", (lanes, lane_size + STATE_WORDS), np.uint16)
     lane_words = np.zeros(lanes, dtype=np.int64)
-    rans_cpu.encode_lanes(symbols, groups, group_len, lane_size, rans_cpu.encoder_tables(freq, cum), scratch, lane_words)
+    rans_cpu.encode_lanes(symbols, groups, group_len, lane_size, rans_cpu.encoder_tables(freq, cum), lane_buf, lane_words)
     offsets = np.zeros(lanes + 1, dtype=np.int64)
     np.cumsum(lane_words, out=offsets[1:])
     words = np.empty(int(offsets[-1]), dtype=np.uint16)
-    rans_cpu.gather_lanes(scratch, lane_words, offsets, words)
+    rans_cpu.gather_lanes(lane_buf, lane_words, offsets, words)
     return Coded(pack_tables(freq), offsets.astype("<u4"), words)
 
 
 def decode(tables: memoryview, offsets: np.ndarray, words: np.ndarray, groups: int, group_len: int, lane_size: int) -> np.ndarray:
-    """Inverse of `encode`; raises CodecError when the coded data does not decode cleanly."""
+    """Inverse of `encode`; raises CodecError when the coded data does not decode cleanly. The symbols are in
+    this thread's scratch buffer: valid until its next decode."""
     freq = unpack_tables(tables, groups)
     if not np.all(freq.sum(axis=1) == PROB_SCALE):
         raise CodecError("frequency table does not sum to the coder's scale")
@@ -109,7 +111,7 @@ def decode(tables: memoryview, offsets: np.ndarray, words: np.ndarray, groups: i
     if offsets.shape[0] != lanes + 1 or offsets[0] != 0 or offsets[-1] != words.shape[0] or np.any(np.diff(offsets) < 0):
         raise CodecError("lane offsets do not match the coded words")
     dtab = rans_cpu.decoder_tables(freq, cumulative(freq))
-    out = np.empty(groups * group_len, dtype=np.uint8)
+    out = scratch("entropy.symbols", (groups * group_len,), np.uint8)  # the callers consume it at once
     bad = rans_cpu.decode_lanes(words, offsets, groups, group_len, lane_size, dtab, out)
     if bad:
         raise CodecError(f"{bad} rANS lane(s) failed to decode: the blob is corrupted")

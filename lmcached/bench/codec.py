@@ -217,6 +217,8 @@ def speed(report: Report, chunks: list[torch.Tensor], quick: bool) -> None:
             "≥ 2× zstd -3" if name == "cachegen" else "",
             need=("ratio", ">=", 2.0) if name == "cachegen" else None,
         )
+        if name == "cachegen":
+            library_speed(report, chunks, quick)
         if name == "cachegen" and torch.cuda.is_available():
             gpu_speed(report, codec, chunks, repeats)
         if name == "lossless":
@@ -245,6 +247,51 @@ def speed(report: Report, chunks: list[torch.Tensor], quick: bool) -> None:
                 "≥ 2× zstd -19",
                 need=("ratio", ">=", 2.0),
             )
+
+
+def library_speed(report: Report, chunks: list[torch.Tensor], quick: bool) -> None:
+    """cachegen as a library in a fresh process (no allocator tuning), quiet and beside a CPU-bound neighbour,
+    each beside zstd -3 in the same pass (lmcached.bench.codec_library)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/chunks.pt"
+        torch.save(chunks, path)
+        done = subprocess.run(
+            [sys.executable, "-m", "lmcached.bench.codec_library", path, "2" if quick else "3"],
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            check=True,
+        )
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    gb = figures["bytes"] / 1e9
+    quiet, busy = figures["quiet"], figures["busy"]
+    for what, zstd_need in (("encode", 1.2), ("decode", 2.5)):
+        report.add(
+            "codec speed",
+            f"cachegen {what} as a library, quiet ({figures['threads']} threads)",
+            gb / quiet[what],
+            "GB/s",
+            gb / quiet["zstd3"],
+            "zstd -3 compress",
+            f"≥ {zstd_need}× zstd -3",
+            need=("ratio", ">=", zstd_need),
+        )
+        report.add(
+            "codec speed",
+            f"cachegen {what} as a library, one core kept busy by another process",
+            gb / busy[what],
+            "GB/s",
+            gb / quiet[what],
+            "the same, quiet",
+            "≥ 45% of quiet",
+            extra={"zstd3_busy_GBps": gb / busy["zstd3"]},
+            need=("ratio", ">=", 0.45),
+        )
 
 
 def gpu_speed(report: Report, codec: object, chunks: list[torch.Tensor], repeats: int) -> None:
