@@ -36,6 +36,20 @@ DEFAULTS: dict[str, Any] = {
 }
 #: A channel or token with (almost) no spread still needs a positive step.
 MIN_STEP = 1e-6
+#: `quality` 1 (smallest) … 9 (closest to the original); 5 is the defaults above. Each level up divides both
+#: steps by sqrt(2) (about a quarter of a bit more per element), each level down multiplies them.
+QUALITY_LEVELS = range(1, 10)
+DEFAULT_QUALITY = 5
+
+
+def steps_for_quality(quality: int) -> dict[str, float]:
+    """key_step and value_step for a quality level (see QUALITY_LEVELS)."""
+    if isinstance(quality, bool) or not isinstance(quality, int) or quality not in QUALITY_LEVELS:
+        raise CodecError(f"cachegen quality must be an integer from 1 (smallest) to 9 (closest), got {quality!r}")
+    scale = 2.0 ** ((DEFAULT_QUALITY - quality) / 2)
+    return {"key_step": DEFAULTS["key_step"] * scale, "value_step": DEFAULTS["value_step"] * scale}
+
+
 SECTIONS = 8
 
 
@@ -48,7 +62,11 @@ class CacheGenCodec(Codec):
     name = "cachegen"
     lossy = True
 
-    def __init__(self, **params: Any) -> None:
+    def __init__(self, quality: int | None = None, **params: Any) -> None:
+        if quality is not None:
+            if "key_step" in params or "value_step" in params:
+                raise CodecError("give cachegen either quality or key_step/value_step, not both")
+            params = {**params, **steps_for_quality(quality)}
         unknown = set(params) - set(DEFAULTS)
         if unknown:
             raise CodecError(f"unknown cachegen parameter(s): {', '.join(sorted(unknown))}")

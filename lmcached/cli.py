@@ -367,10 +367,13 @@ def _on_prefix(
     wait: bool,
     timeout: float,
     method: str | None = None,
+    quality: int | None = None,
 ) -> None:
     body: dict[str, Any] = {"instance_id": instance_id, "location": location, "tokens": _tokens(tokens, tokens_file)}
     if method is not None:
         body["method"] = method
+    if quality is not None:
+        body["quality"] = quality
     run_operation(f"/{op}", body, controller, auth_token, wait, timeout)
 
 
@@ -381,13 +384,16 @@ def compress(
     instance_id: str = InstanceOpt,
     location: str = LocationOpt,
     method: str = MethodOpt,
+    quality: int | None = typer.Option(
+        None, "--quality", min=1, max=9, help="cachegen only: 1 (smallest) to 9 (closest to the original); default 5."
+    ),
     controller: str = ControllerOpt,
     auth_token: str | None = TokenOpt,
     wait: bool = WaitOpt,
     timeout: float = TimeoutOpt,
 ) -> None:
     """Compress the cached prefix of these tokens (keeps the raw bytes until the compressed ones are whole)."""
-    _on_prefix("compress", tokens, tokens_file, instance_id, location, controller, auth_token, wait, timeout, method)
+    _on_prefix("compress", tokens, tokens_file, instance_id, location, controller, auth_token, wait, timeout, method, quality)
 
 
 @app.command()

@@ -208,7 +208,12 @@ class Controller:
         return json_response({"event_id": event.event_id, "layout_info": layout})
 
     async def compress(self, request: web.Request) -> web.Response:
-        return await self._on_prefix(request, "compress", lambda body: {"method": fields.method(body, self.methods)})
+        return await self._on_prefix(request, "compress", self._compress_args)
+
+    def _compress_args(self, body: dict[str, Any]) -> dict[str, Any]:
+        method = fields.method(body, self.methods)
+        quality = fields.quality(body, method)
+        return {"method": method} if quality is None else {"method": method, "quality": quality}
 
     async def decompress(self, request: web.Request) -> web.Response:
         return await self._on_prefix(request, "decompress", lambda body: {"method": fields.method(body, self.methods)})
@@ -361,7 +366,13 @@ class Controller:
         keys = header.get("keys")
         if not isinstance(keys, list) or not all(type(k) is int for k in keys):
             raise InvalidRequest("keys must be a list of chunk keys", "keys", 422)
-        extra = {"method": fields.method(header, self.methods)} if op in ("compress", "decompress") else {}
+        extra = (
+            self._compress_args(header)
+            if op == "compress"
+            else {"method": fields.method(header, self.methods)}
+            if op == "decompress"
+            else {}
+        )
         self.index.check_location(instance_id, location)
         wanted = set(keys)
         calls, num_tokens = [], 0

@@ -84,6 +84,20 @@ def method(body: dict[str, Any], known: list[str]) -> str:
     return value
 
 
+def quality(body: dict[str, Any], method_name: str) -> int | None:
+    """The optional `quality` of a compress: an integer 1 (smallest) … 9 (closest), for cachegen only."""
+    value = body.get("quality")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 9:
+        raise InvalidRequest(
+            f"field 'quality' must be an integer from 1 (smallest) to 9 (closest to the original), got {value!r}", "quality", 422
+        )
+    if method_name != "cachegen":
+        raise InvalidRequest(f"field 'quality' applies to cachegen, not {method_name!r}", "quality")
+    return value
+
+
 def worker_ids(body: dict[str, Any], name: str = "worker_ids") -> list[int | str] | None:
     """Workers named by LMCache's integer rank or by lmcached's string id (both may be mixed)."""
     value = body.get(name)

@@ -37,13 +37,14 @@ REMOTE_MIN_BYTES_PER_S = 100e6
 REMOTE_FLUSH_TIMEOUT_S = 10.0
 
 
-def encode_chunk(chunk: Chunk, method: str) -> Chunk:
-    """Compress a raw chunk with a codec (runs in the executor)."""
+def encode_chunk(chunk: Chunk, method: str, quality: int | None = None) -> Chunk:
+    """Compress a raw chunk with a codec (runs in the executor); `quality` tunes cachegen (1 … 9)."""
     from lmcached.codecs import get_codec
     from lmcached.tensors import from_bytes
 
     kv = from_bytes(chunk.data, chunk.shape, chunk.dtype)
-    return replace(chunk, data=get_codec(method).encode(kv), method=method)
+    codec = get_codec(method) if quality is None else get_codec(method, quality=quality)
+    return replace(chunk, data=codec.encode(kv), method=method)
 
 
 def decode_chunk(chunk: Chunk) -> Chunk:
@@ -426,11 +427,12 @@ class Storage:
         return {"num_tokens": tokens, "chunks": count, "bytes_before": before, "bytes_after": after, "skipped": skipped}
 
     async def _op_compress(self, args: dict[str, Any]) -> dict[str, Any]:
-        method = args["method"]
+        method, quality = args["method"], args.get("quality")
         return await self._transform(
             args,
+            # (to change a chunk's quality, decompress it first: the original KV is what gets re-encoded)
             lambda c: f"already compressed with {method}" if c.method == method else None,
-            lambda c: encode_chunk(decode_chunk(c) if c.method else c, method),
+            lambda c: encode_chunk(decode_chunk(c) if c.method else c, method, quality),
         )
 
     async def _op_decompress(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -60,6 +60,16 @@ def test_rans_kernels_round_trip_and_match_the_cpu_format() -> None:
     assert (entropy.decode(memoryview(coded.tables), coded.offsets, coded.words, 3, 100, 32) == sym).all()
 
 
+def test_rans_kernels_match_the_cpu_on_a_skewed_distribution() -> None:
+    """Dominant symbols push states above 2**31, where the quotient needs its correction on both twins."""
+    rng = np.random.default_rng(3)
+    sym = np.where(rng.random(3 * 400) < 0.9, 128, rng.integers(0, 256, 3 * 400)).astype(np.uint8)
+    coded = gpu.entropy_encode(cuda.to_device(sym), 3, 400, 64)
+    cpu = entropy.encode(sym, 3, 400, 64)
+    assert (coded.words == cpu.words).all()
+    assert (entropy.decode(memoryview(cpu.tables), cpu.offsets, cpu.words, 3, 400, 64) == sym).all()
+
+
 def test_blob_encoded_on_the_device_decodes_on_the_cpu_and_back() -> None:
     kv = kv_like_real(2, 12, 16, torch.float16)
     codec = get_codec("cachegen")
@@ -84,3 +94,43 @@ def test_gpu_and_cpu_decode_to_the_same_tensor(dtype: torch.dtype) -> None:
     for blob in (gpu_blob, cpu_blob):
         assert torch.equal(codec.decode(blob, device="cuda").cpu(), codec.decode(blob))
     assert relative_error(codec.decode(gpu_blob), kv.cpu()) < 0.3
+
+
+#: (frequency, state) pairs where a 31-bit reciprocal alone gives x // f one too high (found by search).
+OFF_BY_ONE = [(2964, 3107979263), (2964, 3107976299), (2994, 3139436543), (3005, 3150970879)]
+
+
+def test_the_encoder_step_is_exact_where_the_reciprocal_alone_is_not() -> None:
+    """rANS's x' = (x // f) * M + x % f + cum on both twins, for states just under the renormalisation bound."""
+    pairs = OFF_BY_ONE + [(1, 1000), (2, (2 << 20) - 1), (4096, (1 << 32) - 1), (3, 3 * (1 << 20) - 1)]
+    freq = np.zeros((len(pairs), 256), dtype=np.uint32)
+    for i, (f, _) in enumerate(pairs):
+        freq[i, 0] = f
+        freq[i, 1] = rans_cpu.PROB_SCALE - f  # cum of symbol 0 is 0
+    tab = rans_cpu.encoder_tables(freq, entropy.cumulative(freq))
+    xs = np.array([x for _, x in pairs], dtype=np.uint64)
+    expected = np.array([(x // f) * rans_cpu.PROB_SCALE + x % f for f, x in pairs], dtype=np.uint64)
+
+    @cuda.jit
+    def step(xs, tab, out):  # pragma: no cover - device code
+        i = cuda.grid(1)
+        if i < xs.shape[0]:
+            row = cuda.local.array(4, dtype=np.uint16)
+            x, _ = rans_cuda._enc(xs[i], tab[i, 0, 0], tab[i, 0, 1], row, 0)
+            out[i] = x
+
+    out = cuda.to_device(np.zeros_like(xs))
+    step[1, 32](cuda.to_device(xs), cuda.to_device(tab), out)
+    assert (out.copy_to_host() == expected).all()
+
+    from numba import njit
+
+    @njit
+    def cpu_step(xs, tab, out):  # pragma: no cover - compiled
+        row = np.zeros(4, dtype=np.uint16)
+        for i in range(xs.shape[0]):
+            out[i] = rans_cpu._enc(xs[i], tab[i, 0, 0], tab[i, 0, 1], row, 0)[0]
+
+    cpu_out = np.zeros_like(xs)
+    cpu_step(xs, tab, cpu_out)
+    assert (cpu_out == expected).all()

@@ -268,3 +268,22 @@ async def test_auth_token_guards_http_and_tcp(tmp_path: Path) -> None:
             assert await client.lookup([1]) == 0
     finally:
         await daemon.stop()
+
+
+async def test_compress_takes_an_optional_quality(running: Running) -> None:
+    tokens = list(range(5000, 5000 + 32))
+    await running.store(tokens, make_kv(len(tokens), seed=11))
+    base = {"instance_id": INSTANCE, "location": CPU, "tokens": tokens, "method": "cachegen"}
+    for bad, status in ((0, 422), (10, 422), ("x", 422)):
+        got, body = await running.post("/compress", {**base, "quality": bad})
+        assert got == status and "quality" in body["detail"]
+    got, body = await running.post("/compress", {**base, "method": "lossless", "quality": 3})
+    assert got == 400 and "cachegen" in body["detail"]
+    got, body = await running.post("/compress", {**base, "quality": 1})
+    assert got == 200
+    small = (await running.wait_event(body["event_id"]))["result"]["bytes_after"]
+    got, body = await running.post("/decompress", {**base})
+    await running.wait_event(body["event_id"])
+    got, body = await running.post("/compress", {**base, "quality": 9})
+    large = (await running.wait_event(body["event_id"]))["result"]["bytes_after"]
+    assert small < large

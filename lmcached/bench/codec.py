@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ def score(logits: torch.Tensor, ref: torch.Tensor, ids: torch.Tensor) -> tuple[f
 Method = Callable[[torch.Tensor], tuple[torch.Tensor, int]]  # fp16 chunk -> (decoded chunk, bytes it took)
 
 
-def lmcached_codec(name: str, **params: float) -> Method:
+def lmcached_codec(name: str, **params: Any) -> Method:
     from lmcached.codecs import get_codec
 
     codec = get_codec(name, **params)
@@ -136,6 +137,8 @@ def run(report: Report, quick: bool = False) -> None:
         "lmcached cachegen": lmcached_codec("cachegen"),
         "LMCache CacheGen (emulated)": lmcache_cachegen,
         "int8 per token": int8_per_token,
+        # The quality knob (5 is the default above): what each level costs and keeps.
+        **{f"lmcached cachegen quality {q}": lmcached_codec("cachegen", quality=q) for q in (1, 3, 7, 9)},
     }
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in methods}
     with progress() as bar:
