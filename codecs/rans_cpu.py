@@ -41,12 +41,11 @@ def _enc(x, lo, hi, buf, pos):  # pragma: no cover - compiled
     x >>= out << np.uint64(4)
     # x // freq by a multiply with a precomputed reciprocal (ryg_rans), then x' = x + bias + q * (M - freq).
     # ryg's 31-bit reciprocal is exact for states below 2**31; ours reach 2**32 (16-bit renormalisation), where
-    # it can be one off for a frequent symbol (a blob that did not decode: found with skewed distributions).
-    # Two branch-free corrections make it exact for every 32-bit state.
+    # it can be one too high for a frequent symbol (blobs of skewed data did not decode). Rounded up, it is
+    # never low and never two off (checked for every frequency), so one branch-free correction makes it exact.
+    # (A frequency of 1 is ryg's special case, q = x - 1 on purpose: the correction leaves it alone.)
     q = ((x * (lo & np.uint64(0xFFFFFFFF))) >> np.uint64(32)) >> (hi >> np.uint64(32))
-    # (A frequency of 1 is ryg's special case: q is x - 1 on purpose, and its bias makes up for it.)
     q -= np.uint64(q * f > x)
-    q += np.uint64((x - q * f >= f) & (f > np.uint64(1)))
     return x + (lo >> np.uint64(32)) + q * (np.uint64(PROB_SCALE) - f), pos
 
 

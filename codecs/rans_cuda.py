@@ -42,10 +42,8 @@ def _enc(x, lo, hi, row, pos):  # pragma: no cover - device code
         pos += 1
         x >>= uint64(16)
     q = ((x * (lo & uint64(0xFFFFFFFF))) >> uint64(32)) >> (hi >> uint64(32))
-    if q * f > x:  # the reciprocal can be one off for states above 2**31: make the quotient exact (as on the CPU)
+    if q * f > x:  # the reciprocal can be one too high for states above 2**31: exact, as on the CPU
         q -= uint64(1)
-    if f > uint64(1) and x - q * f >= f:  # (a frequency of 1 keeps ryg's q = x - 1, its bias makes up for it)
-        q += uint64(1)
     return x + (lo >> uint64(32)) + q * (uint64(PROB_SCALE) - f), pos
 
 
