@@ -71,21 +71,15 @@ def run(report: Report, quick: bool = False) -> None:
     from lmcached.client import KVClient, byte_view_writable
     from lmcached.tensors import byte_view
 
-    daemon, ports = start_daemon()
     loop_proc, loop_port = start_loopback()
     repeats = 2 if quick else 4
     plans = [("SmolLM2-135M", 16 if quick else 64), ("Llama-3.1-8B", 4 if quick else 12)]
+    transports = {"socket": False, "shared memory": True}
+    daemon: subprocess.Popen[str] | None = None
     try:
-        clients = {
-            "socket": KVClient(f"127.0.0.1:{ports['data']}", shared_memory=False),
-            "shared memory": KVClient(f"127.0.0.1:{ports['data']}"),
-        }
-        for name, c in clients.items():
-            c.connect()
-            assert c.transport == name, f"{name} client got {c.transport}"
         loop = LoopbackClient(loop_port)
         with progress() as bar:
-            task = bar.add_task("dataplane", total=len(plans) * len(clients))
+            task = bar.add_task("dataplane", total=len(plans) * len(transports))
             for number, (model, chunks) in enumerate(plans):
                 layers, channels = SHAPES[model]
                 kv = torch.randn(2, layers, chunks * CHUNK_TOKENS, channels).half()
@@ -102,8 +96,12 @@ def run(report: Report, quick: bool = False) -> None:
                 report.add("dataplane", f"memcpy {label}", gb / memcpy, "GB/s")
                 # The caller's buffer for retrieves (an engine's KV cache, say): already touched, reused.
                 out = torch.zeros_like(kv)
-                for t, (transport, client) in enumerate(clients.items()):
-                    # Tokens of their own per model and transport: the same ids would be chunks already stored.
+                for t, (transport, shared_memory) in enumerate(transports.items()):
+                    # "Cold" means the first store into a fresh worker: a new daemon for each model and transport.
+                    daemon, ports = start_daemon()
+                    client = KVClient(f"127.0.0.1:{ports['data']}", shared_memory=shared_memory)
+                    client.connect()
+                    assert client.transport == transport, f"{transport} client got {client.transport}"
                     base = (number * 2 + t) * 1_000_000
                     tokens = list(range(base, base + chunks * CHUNK_TOKENS))
                     cold_store = timed(lambda: client.store(tokens, kv))  # the first store of these chunks
@@ -155,14 +153,18 @@ def run(report: Report, quick: bool = False) -> None:
                         need=("ratio", ">=", 20.0),
                     )
                     bar.advance(task)
-            sweep_chunk_sizes(report, clients["socket"], loop, quick)
-        for c in clients.values():
-            c.close()
+                    if transport == "socket" and number == len(plans) - 1:
+                        sweep_chunk_sizes(report, client, loop, quick)
+                    client.close()
+                    daemon.terminate()
+                    daemon.wait(20)
+                    daemon = None
         loop.close()
     finally:
-        daemon.terminate()
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(20)
         loop_proc.terminate()
-        daemon.wait(20)
         loop_proc.wait(20)
 
 
