@@ -211,11 +211,6 @@ def _unpack_or_error(value: bytes | None, key: int) -> Chunk | CorruptRemoteValu
         return exc
 
 
-def header_of(value: bytes) -> bytes:
-    """The header bytes (with the checksum), which identify one exact value for compare-and-set."""
-    return bytes(value[: _header_len(value)[1]])
-
-
 def _entry_from_head(head: bytes) -> tuple[int, int, str | None, int] | None:
     """A chunk's (num_tokens, nbytes, method, raw_nbytes) from the first bytes of its value (no payload, no
     checksum check: a reader checks that); None for something that is not a whole lmcached header."""
@@ -572,7 +567,7 @@ class RemoteBackend(Backend):
         return infos
 
     def replace_if_same(self, old: Chunk, new: Chunk) -> bool:
-        swapped = self._call(self._swap, keys=[self._rkey(old.key)], args=[header_of(pack_value(old)), pack_value(new)])
+        swapped = self._call(self._swap, keys=[self._rkey(old.key)], args=[value_parts(old)[0], pack_value(new)])
         if swapped:
             self._remember(new.key, _entry(new), self.is_pinned(old.key))
         return bool(swapped)

@@ -12,26 +12,17 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 #: A CPU-bound neighbour: one core kept busy for as long as it runs.
 NEIGHBOUR = "while True: pass"
 
 
-def best_of(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def measure(path: str, repeats: int) -> dict[str, Any]:
     import torch
     import zstandard
 
+    from lmcached.bench.dataplane import best_of
     from lmcached.codecs import get_codec, threads
 
     chunks = torch.load(path)
