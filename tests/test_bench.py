@@ -51,3 +51,16 @@ def test_bench_dataplane_quick_prints_json_and_a_plot(tmp_path: Path) -> None:
 def test_bench_rejects_an_unknown_kind() -> None:
     done = subprocess.run([sys.executable, "-m", "lmcached", "bench", "disk"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "unknown benchmark 'disk'" in done.stderr
+
+
+def test_the_held_out_set_has_every_kind_split_apart() -> None:
+    from lmcached.bench.codec import TOPICS
+    from lmcached.bench.heldout import KINDS, MIN_CHARS, split
+
+    for kind in KINDS:
+        tuning, held_out = split(kind, TOPICS)
+        assert held_out, f"no held-out {kind} text on this machine"
+        assert not {n for n, _ in tuning} & {n for n, _ in held_out}  # disjoint halves
+        assert all(len(text) >= MIN_CHARS for _, text in held_out)
+        assert split(kind, TOPICS) == (tuning, held_out)  # the same split every time
+    assert not {n for n, _ in split("documentation", TOPICS)[1]} & set(TOPICS)  # never the topics tuned on

@@ -30,12 +30,16 @@ class Sample:
     ref_logits: torch.Tensor  # continuation logits with the original (fp16) KV
 
 
-def texts(tokenizer: object, count: int) -> list[tuple[str, torch.Tensor]]:
-    from pydoc_data.topics import topics
+def texts(tokenizer: object, count: int, source: list[tuple[str, str]] | None = None) -> list[tuple[str, torch.Tensor]]:
+    """The first `count` texts of `source` (default: the tuning topics) long enough for a prefix and its
+    scored continuation, as token ids."""
+    if source is None:
+        from pydoc_data.topics import topics
 
+        source = [(name, topics[name]) for name in TOPICS]
     out = []
-    for name in TOPICS:
-        ids = tokenizer(topics[name], return_tensors="pt").input_ids[:, : PREFIX + CONTINUATION]  # type: ignore[operator]
+    for name, text in source:
+        ids = tokenizer(text, return_tensors="pt").input_ids[:, : PREFIX + CONTINUATION]  # type: ignore[operator]
         if ids.shape[1] == PREFIX + CONTINUATION:
             out.append((name, ids))
         if len(out) == count:
@@ -51,11 +55,11 @@ def continuation_logits(loaded: object, kv: torch.Tensor, ids: torch.Tensor) -> 
         return forward(loaded.model, ids[:, PREFIX:], cache).logits[0].float()  # type: ignore[attr-defined]
 
 
-def samples(loaded: object, count: int) -> list[Sample]:
+def samples(loaded: object, count: int, source: list[tuple[str, str]] | None = None) -> list[Sample]:
     from lmcached.model import forward, kv_from_cache
 
     out = []
-    for name, ids in texts(loaded.tokenizer, count):  # type: ignore[attr-defined]
+    for name, ids in texts(loaded.tokenizer, count, source):  # type: ignore[attr-defined]
         with torch.no_grad():
             prefill = forward(loaded.model, ids[:, :PREFIX])  # type: ignore[attr-defined]
         kv = kv_from_cache(prefill.cache, torch.float16)
@@ -144,15 +148,8 @@ def run(report: Report, quick: bool = False) -> None:
     with progress() as bar:
         task = bar.add_task("codec quality", total=len(data) * len(methods))
         for sample in data:
-            fp16_bytes = sample.kv.numel() * 2
             for name, method in methods.items():
-                parts, size = [], 0
-                for start in range(0, PREFIX, CHUNK):
-                    decoded, nbytes = method(sample.kv[:, :, start : start + CHUNK].contiguous())
-                    parts.append(decoded)
-                    size += nbytes
-                ppl, ref_ppl, agree = score(continuation_logits(loaded, torch.cat(parts, dim=2), sample.ids), sample.ref_logits, sample.ids)
-                results[name].append((fp16_bytes / size, ppl / ref_ppl - 1, agree))
+                results[name].append(evaluate(loaded, method, sample))
                 bar.advance(task)
     for name, rows in results.items():
         ratio, dppl, agree = (float(np.mean([r[i] for r in rows])) for i in range(3))
@@ -181,7 +178,42 @@ def run(report: Report, quick: bool = False) -> None:
             target="≥ 0.95" if ours else "",
             need=("value", ">=", 0.95) if ours else None,
         )
+    heldout_quality(report, loaded, 1 if quick else 3)
     speed(report, [s.kv[:, :, i : i + CHUNK].contiguous() for s in data for i in range(0, PREFIX, CHUNK)], quick)
+
+
+def evaluate(loaded: object, method: Method, sample: Sample) -> tuple[float, float, float]:
+    """(size vs fp16, perplexity change, top-1 agreement) of a method on a sample, chunk by chunk."""
+    parts, size = [], 0
+    for start in range(0, PREFIX, CHUNK):
+        decoded, nbytes = method(sample.kv[:, :, start : start + CHUNK].contiguous())
+        parts.append(decoded)
+        size += nbytes
+    ppl, ref_ppl, agree = score(continuation_logits(loaded, torch.cat(parts, dim=2), sample.ids), sample.ref_logits, sample.ids)
+    return sample.kv.numel() * 2 / size, ppl / ref_ppl - 1, agree
+
+
+def heldout_quality(report: Report, loaded: object, per_kind: int) -> None:
+    """cachegen's defaults on the held-out half of six kinds of text (lmcached.bench.heldout): the mean and the
+    worst perplexity change and the top-1 agreement per kind, against the targets for text nobody tuned on."""
+    from lmcached.bench.heldout import KINDS, split
+
+    method = lmcached_codec("cachegen")
+    with progress() as bar:
+        task = bar.add_task("held-out text", total=len(KINDS) * per_kind)
+        for kind in KINDS:
+            _, held_out = split(kind, TOPICS)
+            rows = [evaluate(loaded, method, sample) for sample in samples(loaded, per_kind, held_out)]
+            bar.advance(task, per_kind)
+            if not rows:
+                continue
+            ratio = float(np.mean([r[0] for r in rows]))
+            mean, worst = 100 * float(np.mean([r[1] for r in rows])), 100 * max(r[1] for r in rows)
+            agree = float(np.mean([r[2] for r in rows]))
+            label = f"held-out {kind} ({len(rows)} text{'s' if len(rows) > 1 else ''}, {ratio:.2f}× smaller)"
+            report.add("codec held-out", f"{label}: perplexity change, mean", mean, "%", target="≤ +1.0%", need=("value", "<=", 1.0))
+            report.add("codec held-out", f"{label}: perplexity change, worst", worst, "%", target="≤ +2.5%", need=("value", "<=", 2.5))
+            report.add("codec held-out", f"{label}: top-1 agreement", agree, "", target="≥ 0.95", need=("value", ">=", 0.95))
 
 
 def speed(report: Report, chunks: list[torch.Tensor], quick: bool) -> None:
