@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmcached import OMP_WAIT_POLICY_DEFAULTED
+
 MODEL_NAME = "SmolLM2-135M-Instruct"
 CONNECTOR = {"kv_connector": "LmcachedConnector", "kv_connector_module_path": "lmcached.integrations.vllm", "kv_role": "kv_both"}
 START_TIMEOUT_S = 300.0
@@ -108,6 +110,8 @@ def start_vllm(
     LmcachedConnector configured by `lmcache_config` (written as LMCACHE_CONFIG_FILE) and `extra_config`."""
     port = port or free_port()
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    if OMP_WAIT_POLICY_DEFAULTED:  # lmcached's choice for its codec threads, not vLLM's: vLLM keeps its own default
+        env.pop("OMP_WAIT_POLICY", None)
     if lmcache_config is not None:
         config_file = Path(tempfile.mkdtemp(prefix="lmcached-vllm-")) / "lmcache.yaml"
         config_file.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in lmcache_config.items()))
