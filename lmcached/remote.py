@@ -432,10 +432,7 @@ class RemoteBackend(Backend):
             (self._pinned.add if pinned else self._pinned.discard)(key)
 
     def put(self, chunk: Chunk) -> list[int]:
-        pinned = self.is_pinned(chunk.key)
-        ttl = None if pinned or self.ttl_s <= 0 else max(1, int(self.ttl_s))
-        self._call(self._set_value, self._rkey(chunk.key), *value_parts(chunk), ttl)
-        self._remember(chunk.key, _entry(chunk), pinned)
+        self.put_many([chunk])
         return []  # Redis evicts by itself; the index hears of it through notifications and scans
 
     def put_many(self, chunks: list[Chunk]) -> None:
@@ -448,15 +445,20 @@ class RemoteBackend(Backend):
         ttls = [None if p or self.ttl_s <= 0 else max(1, int(self.ttl_s)) for p in pinned]
         if self.url.cluster:  # keys live on different nodes: one SET each (the cluster client knows where)
             for chunk, (header, payload), ttl in zip(chunks, parts, ttls, strict=True):
-                self._call(self._set_value, self._rkey(chunk.key), header, payload, ttl)
+                self._call(self._set_on_node, self._rkey(chunk.key), header, payload, ttl)
         else:
             commands = [_set_command(self._rkey(c.key), h, p, t) for c, (h, p), t in zip(chunks, parts, ttls, strict=True)]
-            self._call(self._send_all, commands)
+            self._call(self._send_all, self.client, commands)
         for chunk, pin in zip(chunks, pinned, strict=True):
             self._remember(chunk.key, _entry(chunk), pin)
 
-    def _send_all(self, commands: list[list[Any]]) -> None:
-        pool = self.client.connection_pool
+    def _send_all(self, client: Any, commands: list[list[Any]]) -> None:
+        """Write framed commands (`_set_command`) on one of `client`'s pooled connections, then read every reply.
+
+        redis-py (with hiredis) copies every argument into one new buffer before sending it: for multi-MB values
+        that copy, faulting fresh pages in, cost more than the network (SET 1.8 GB/s with it, 2.5 without,
+        measured). So the commands are framed here and written piece by piece, payloads from their own buffers."""
+        pool = client.connection_pool
         conn = pool.get_connection()
         try:
             conn.send_packed_command([piece for command in commands for piece in command])
@@ -469,40 +471,23 @@ class RemoteBackend(Backend):
             if errors:
                 raise errors[0]
         except BaseException:
-            conn.disconnect()
+            conn.disconnect()  # a half-sent or failed batch must not be followed by another on this connection
             raise
         finally:
             pool.release(conn)
 
-    def _set_value(self, rkey: str, header: bytes, payload: bytes | bytearray | memoryview, ttl: int | None) -> None:
-        """SET rkey <header + payload> [EX ttl], the payload sent straight from the chunk's buffer.
-
-        redis-py (with hiredis) copies every argument into one new buffer before sending it: for multi-MB values
-        that copy, faulting fresh pages in, cost more than the network (SET 1.8 GB/s with it, 2.5 without,
-        measured). So the command is framed here and written piece by piece on a pooled connection. In a
-        cluster the key's node is asked directly; a redirection (the slot moved) falls back to redis-py's SET,
-        which follows it."""
+    def _set_on_node(self, rkey: str, header: bytes, payload: bytes | bytearray | memoryview, ttl: int | None) -> None:
+        """In a cluster: SET straight on the key's node; a redirection (the slot moved) falls back to redis-py's
+        SET, which follows it."""
         import redis
 
-        parts = _set_command(rkey, header, payload, ttl)
-        node_client = self.client.get_node_from_key(rkey).redis_connection if self.url.cluster else self.client
-        if node_client is None:
-            self.client.set(rkey, header + bytes(payload), ex=ttl)
-            return
-        pool = node_client.connection_pool
-        conn = pool.get_connection()
+        node = self.client.get_node_from_key(rkey).redis_connection
         try:
-            conn.send_packed_command(parts)
-            conn.read_response()
+            if node is None:
+                raise redis.ResponseError("no connection to the key's node yet")
+            self._send_all(node, [_set_command(rkey, header, payload, ttl)])
         except redis.ResponseError:
-            if not self.url.cluster:
-                raise
-            self.client.set(rkey, header + bytes(payload), ex=ttl)  # MOVED/ASK: let the cluster client follow it
-        except BaseException:
-            conn.disconnect()  # a half-sent command must not be followed by another on this connection
-            raise
-        finally:
-            pool.release(conn)
+            self.client.set(rkey, header + bytes(payload), ex=ttl)
 
     def _accept(self, key: int, value: bytes | None, unpacked: Chunk | CorruptRemoteValue | None) -> Chunk | None:
         """What a read found for `key`: the chunk, or None for a miss (the mirror forgets it) or a corrupt value
