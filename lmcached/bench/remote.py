@@ -230,17 +230,14 @@ def cross_host_ttft(report: Report, quick: bool) -> None:
         hit, hit_spread = median_spread(hits)
         setting = "hosts in network namespaces" if hosts_ok else "same host (no network namespaces here)"
         report.add("remote", f"TTFT miss, {size}-token prompt ({setting}, median of {repeats})", miss * 1000, "ms", extra=miss_spread)
-        report.add(
+        report.add_vs_miss(
             "remote",
             f"TTFT Redis-only hit from another host, {size}-token prompt ({cached} cached, median of {repeats})",
-            hit * 1000,
-            "ms",
-            miss * 1000,
-            "miss",
+            hit,
+            miss,
+            hit_spread,
             "≥5× faster than a miss",
-            better="lower",
-            extra=hit_spread,
-            need=("ratio", ">=", 5.0),
+            5.0,
         )
 
 

@@ -71,6 +71,24 @@ class Report:
         self.rows.append(row)
         return row
 
+    def add_vs_miss(
+        self, section: str, name: str, seconds: float, miss_seconds: float, extra: dict[str, Any], target: str, factor: float | None
+    ) -> Row:
+        """A time to first token in ms beside the miss it saves (ratio = miss / it); `factor`, when given, is the
+        ratio `target` asks for."""
+        return self.add(
+            section,
+            name,
+            seconds * 1000,
+            "ms",
+            miss_seconds * 1000,
+            "miss",
+            target,
+            better="lower",
+            extra=extra,
+            need=("ratio", ">=", factor) if factor is not None else None,
+        )
+
     def machine(self) -> dict[str, Any]:
         return {
             "cpu": platform.processor() or platform.machine(),
