@@ -69,10 +69,6 @@ class ShmInfo:
         return {"pid": self.pid, "fd": self.fd, "size": self.size, "token": self.token, "prefaulted": self.prefaulted}
 
 
-class ArenaFull(Exception):
-    """No free block is large enough (even after waiting for readers to let go)."""
-
-
 class Arena:
     """A memfd-backed region with a first-fit, coalescing, page-aligned allocator. Thread-safe."""
 
@@ -179,10 +175,6 @@ class Arena:
             del self._free[i - 1]
             i -= 1
         self._free.insert(i, (offset, size))
-
-    def free_bytes(self) -> int:
-        with self._lock:
-            return sum(size for _, size in self._free)
 
     # ---------------------------------------------------------------- pages
     def prefault(self, nbytes: int) -> None:

@@ -163,7 +163,6 @@ class KVClient:
         self._want_shm = shared_memory
         #: The worker's arena, mapped, when it offered one and this process could open it (same host and user).
         self._arena: ArenaView | None = None
-        self._staging = _Staging()
         self._req_ids = itertools.count(1)
         self.chunk_size = 256
         self.save_unfull_chunk = True

@@ -413,13 +413,6 @@ class RemoteBackend(Backend):
         self._mark(True)
         return result
 
-    def ping(self) -> bool:
-        try:
-            self._call(self.client.ping)
-        except RemoteError:
-            return False
-        return True
-
     # ---------------------------------------------------------------- the Backend interface
     def _remember(self, key: int, entry: tuple[int, int, str | None, int], pinned: bool) -> None:
         """Record in the mirror that the tier holds `key`: (num_tokens, nbytes, method, raw_nbytes)."""
