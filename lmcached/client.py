@@ -249,7 +249,7 @@ class KVClient:
         for span, meta, offset in zip(store.spans, store.metas, reply["offsets"], strict=True):
             self._arena.populate(offset, meta["nbytes"])  # map the block's pages in one call, not a fault a page
             block = self._arena.view(offset, meta["nbytes"]).reshape(rows.shape[0], span.num_tokens, rows.shape[2])
-            block[:] = rows[:, span.start : span.end]
+            _copy(block, rows[:, span.start : span.end])
         self._send(frame_parts(Kind.SHM_COMMIT, {"req_id": next(self._req_ids), "store": reply["store"]}, []))
         return int(self._reply()["num_tokens"])
 
@@ -270,7 +270,7 @@ class KVClient:
             for meta, offset in zip(metas, reply["offsets"], strict=True):
                 tokens = meta["shape"][2]
                 block = self._arena.view(offset, meta["nbytes"]).reshape(rows.shape[0], tokens, rows.shape[2])
-                rows[:, start : start + tokens] = block
+                _copy(rows[:, start : start + tokens], block)
                 start += tokens
             return True, retrieve.out
         finally:  # the worker may reuse the blocks now (no reply: nothing to wait for)
@@ -373,6 +373,12 @@ def _rows(kv: torch.Tensor) -> Any:
     a chunk's payload is the same token range of every row, in order."""
     two, layers, tokens, channels = kv.shape
     return kv.view(torch.uint8).numpy().reshape(two * layers, tokens, channels * kv.element_size())
+
+
+def _copy(dst: Any, src: Any) -> None:
+    """Copy between numpy byte views with torch, which splits a large copy over its threads (numpy uses one):
+    a copy through shared memory is bound by one core's memory bandwidth otherwise, half the machine's."""
+    torch.from_numpy(dst).copy_(torch.from_numpy(src))
 
 
 def _advance(views: list[memoryview], first: int, n: int) -> int:

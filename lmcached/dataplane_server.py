@@ -105,7 +105,9 @@ class DataPlaneServer:
         req_id = header.get("req_id")
         if kind == Kind.STORE:
             location = header.get("location")
-            chunks = await self._receive_chunks(stream, header, payload_len, into_arena=location in (None, CPU))
+            arena = self.storage.arena if location in (None, CPU) else None
+            with arena.writing() if arena is not None else contextlib.nullcontext():
+                chunks = await self._receive_chunks(stream, header, payload_len, into_arena=arena is not None)
             try:
                 stored = await self.storage.store(chunks, location)
             except LmcachedError as exc:

@@ -54,6 +54,7 @@ class ShmSession:
             chunks.append(Chunk.from_meta(meta, block))
         store_id = next(self._ids)
         self.pending[store_id] = (chunks, location)
+        arena.begin_write()  # the client copies into the blocks until it commits (or its connection closes)
         return {"store": store_id, "offsets": [arena.offset_of(c.data) for c in chunks]}
 
     async def commit(self, header: dict[str, Any]) -> int:
@@ -62,6 +63,7 @@ class ShmSession:
         if entry is None:
             raise ProtocolError("SHM_COMMIT names no pending store")
         chunks, location = entry
+        self._end_write()
         try:
             return await self.storage.store(chunks, location)
         finally:
@@ -90,6 +92,10 @@ class ShmSession:
         self.leases[lease_id] = held
         return {"lease": lease_id, "chunks": [c.meta() for c in chunks], "offsets": offsets}
 
+    def _end_write(self) -> None:
+        if self.storage.arena is not None:
+            self.storage.arena.end_write()
+
     def release(self, header: dict[str, Any]) -> None:
         """SHM_RELEASE: the client has read a lease's blocks."""
         self.leases.pop(_int(header, "lease"), None)
@@ -97,6 +103,7 @@ class ShmSession:
     def close(self) -> None:
         """The connection ended: uncommitted stores vanish, leases end."""
         for chunks, _ in self.pending.values():
+            self._end_write()
             self.storage.release_unkept(chunks)
         self.pending.clear()
         self.leases.clear()

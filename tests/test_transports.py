@@ -227,3 +227,56 @@ def test_a_worker_killed_mid_transfer_is_an_error_never_torn_kv(tmp_path: Path, 
     stop_serve(worker)
     assert not thread.is_alive(), "the client hung on a dead worker"
     assert str(outcome.get("result", "")).startswith("error"), outcome
+
+
+def test_a_client_maps_each_stretch_of_the_arena_in_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ArenaView populates a block's pages before a write, but never the same stretch twice (asking the kernel
+    again walks the page tables, a cost on every store); a block across stretches maps all of them."""
+    import lmcached.arena as arena_module
+
+    arena = arena_module.Arena(8 * arena_module.REGION)
+    try:
+        view = arena_module.ArenaView(arena.shm)  # type: ignore[arg-type]
+        calls: list[tuple[int, int]] = []
+        real = arena_module.populate
+        monkeypatch.setattr(arena_module, "populate", lambda mm, start, length: calls.append((start, length)) or real(mm, start, length))
+        block = arena.alloc(3 * arena_module.REGION)  # from the header page on: spans four stretches
+        assert block is not None
+        offset = arena.offset_of(block)
+        assert offset is not None
+        view.populate(offset, block.nbytes)
+        assert calls == [(0, 4 * arena_module.REGION)]
+        view.populate(offset, block.nbytes)
+        view.populate(offset + 100, 1000)
+        assert len(calls) == 1  # already mapped: no call
+        view.view(offset, block.nbytes)[:] = 7  # the client's writes are the worker's bytes
+        assert int(block[0]) == 7 and int(block[-1]) == 7
+        later = arena.alloc(arena_module.REGION)
+        assert later is not None
+        view.populate(arena.offset_of(later), later.nbytes)  # type: ignore[arg-type]
+        assert calls[1] == (4 * arena_module.REGION, arena_module.REGION)  # only the stretch not mapped yet
+    finally:
+        arena.close()
+
+
+def test_background_prefault_waits_while_a_store_writes() -> None:
+    """The arena faults fresh pages in ahead of the stores in the background, but not while a store is
+    writing into its blocks (it would take the cores and memory bandwidth from that copy); it catches up after."""
+    from lmcached.arena import Arena
+
+    mb = 1024 * 1024
+    arena = Arena(256 * mb)
+    try:
+        arena.prefault(32 * mb)
+        start = arena.prefaulted
+        with arena.writing():
+            block = arena.alloc(30 * mb)  # past half the lead: the background thread is asked for more pages
+            assert block is not None
+            time.sleep(0.3)
+            assert arena.prefaulted == start  # held back while the store writes
+        deadline = time.monotonic() + 10
+        while arena.prefaulted <= start and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert arena.prefaulted > start  # and done once it has finished
+    finally:
+        arena.close()
