@@ -25,10 +25,13 @@ from .format import pack, unpack
 from .scratch import output, scratch
 
 DEFAULTS: dict[str, Any] = {
-    # Step size as a fraction of the standard deviation: keys per channel, values per token. Keys decide
-    # attention and are far more sensitive (measured with `lmcached bench codec`), so they get finer steps.
-    "key_step": 0.25,
-    "value_step": 0.9,
+    # Keys: one step for all channels of a layer, this fraction of the layer's typical channel spread (the
+    # geometric mean of the channels' standard deviations, from the chunk itself). Values: a step per token,
+    # this fraction of the token's standard deviation. Keys decide attention and are far more sensitive
+    # (measured with `lmcached bench codec`), so they get finer steps. Both chosen on the tuning half of the
+    # held-out set (lmcached.bench.heldout), see docs/codec.md.
+    "key_step": 0.30,
+    "value_step": 0.75,
     # The first tokens of a chunk are kept exact: when a chunk starts a sequence they are its attention
     # sinks, and one sink token's quantisation error cost more perplexity than all the others (measured).
     "exact_tokens": 1,
@@ -51,6 +54,24 @@ def steps_for_quality(quality: int) -> dict[str, float]:
 
 
 SECTIONS = 8
+
+
+def key_steps(k_std: np.ndarray, tokens: int, fraction: float) -> np.ndarray:
+    """Key steps [L, C]: the same absolute step for every channel of a layer, `fraction` of the layer's typical
+    channel spread (the geometric mean of its channels' standard deviations in this chunk).
+
+    It was a step proportional to each channel's own spread. Measured on the tuning texts at the same 4.77×,
+    one step per layer cut the mean perplexity change from +0.64 % to −0.1 % and lifted top-1 agreement on
+    tables from 0.923 to 0.95 (steps proportional to spread^0.5 and ^0.25 landed in between). Equal absolute
+    error in every channel is what minimises the total squared error of the attention logits' inputs for a
+    given rate (reverse water-filling): quiet channels fall to the zero symbol, which costs almost nothing,
+    and the loud channels, which move the logits most, are no longer the coarsest in absolute terms.
+
+    A channel is never given a step so fine that its values clip: no value lies more than std·sqrt(T) from
+    its channel's mean, so a step of at least std·sqrt(T)/QMAX keeps every symbol in range."""
+    spread = np.maximum(k_std, MIN_STEP)
+    typical = np.exp(np.log(spread).mean(axis=1, keepdims=True))
+    return np.maximum(fraction * typical, k_std * (np.sqrt(tokens) / quant_cpu.QMAX))
 
 
 def _f16(a: np.ndarray) -> np.ndarray:
@@ -84,7 +105,7 @@ class CacheGenCodec(Codec):
         # A NaN or infinity anywhere poisons its channel's (or token's) statistics: checking those is cheap.
         if not (np.isfinite(k_std).all() and np.isfinite(v_std).all()):
             raise CodecError("kv holds NaN or infinite values")
-        k_step = _f16(np.maximum(k_std * self.params["key_step"], MIN_STEP))
+        k_step = _f16(np.maximum(key_steps(k_std, v_std.shape[1], self.params["key_step"]), MIN_STEP))
         v_step = _f16(np.maximum(v_std * self.params["value_step"], MIN_STEP))
         return Steps(k_step, _f16(k_mean), v_step, _f16(v_mean))
 

@@ -40,7 +40,8 @@ class Blob:
 
 def pack(codec: str, dtype: str, shape: tuple[int, ...], params: dict[str, Any], sections: list[Any]) -> bytes:
     params_bytes = json.dumps(params, sort_keys=True, separators=(",", ":")).encode()
-    views = [memoryview(s).cast("B") for s in sections]
+    # (An empty section — no exact tokens, say — has a zero in its shape, which memoryview cannot cast.)
+    views = [memoryview(s).cast("B") if memoryview(s).nbytes else memoryview(b"") for s in sections]
     head = b"".join(
         [
             _HEAD.pack(MAGIC, FORMAT_VERSION, CODEC_IDS[codec], DTYPE_CODES[dtype], len(shape)),

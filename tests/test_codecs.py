@@ -74,6 +74,28 @@ def test_cachegen_compresses_real_shaped_kv_about_five_times() -> None:
     assert kv.numel() * 2 / len(blob) > 4.0
 
 
+def test_keys_get_one_step_per_layer_and_a_loud_channel_never_clips() -> None:
+    """Key steps are equal across a layer's channels (a fraction of its typical spread), except where that
+    step would clip a loud channel's values: there the step grows just enough, and the error stays within
+    half a step everywhere."""
+    from lmcached.codecs.cachegen import key_steps
+
+    kv = kv_like_real(2, 64, 32, torch.float32)
+    kv[0, 1, :, 7] *= 400.0  # one channel hundreds of times louder than the rest of its layer
+    kv[0, 1, 5, 7] += 5_000.0  # with one far outlier token in it
+    codec = get_codec("cachegen", exact_tokens=0)
+    k = kv[0].double().numpy()
+    steps = key_steps(k.std(axis=1), 64, codec.params["key_step"])
+    assert np.allclose(steps[0], steps[0, 0])  # layer 0: one step for every channel
+    loud = steps[1, 7]
+    assert loud > steps[1, 0] and np.allclose(np.delete(steps[1], 7), steps[1, 0])
+    out = codec.decode(codec.encode(kv))
+    error = (out[0] - kv[0]).abs()
+    # fp16 steps, fp32 arithmetic: within half a (stored, rounded) step plus rounding
+    assert float(error[1, :, 7].max()) <= loud * 0.5 * 1.002 + 1e-3
+    assert float(error[0].max()) <= steps[0, 0] * 0.5 * 1.002 + 1e-4
+
+
 def test_step_parameters_trade_size_for_error() -> None:
     kv = kv_like_real(2, 128, 64, torch.float16)
     fine, coarse = get_codec("cachegen", key_step=0.1, value_step=0.1), get_codec("cachegen", key_step=1.0, value_step=1.0)
