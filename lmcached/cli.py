@@ -529,10 +529,15 @@ def bench(
     plot: Path | None = typer.Option(None, "--plot", help="Write plots to this PNG file."),
     quick: bool = typer.Option(False, "--quick", help="Smaller sizes, fewer repeats (a smoke run)."),
     markdown: Path | None = typer.Option(None, "--markdown", help="Also write the results as a Markdown table to this file."),
+    curve: bool = typer.Option(
+        False, "--curve", help="codec: also the rate–quality curve of every method and setting on held-out text (table and plot)."
+    ),
 ) -> None:
     """Measure lmcached beside its baselines in the same run and print the figures."""
     if kind not in BENCH_KINDS:
         fail(f"unknown benchmark {kind!r}; choose one of {', '.join(BENCH_KINDS)}", 2)
+    if curve and kind not in ("codec", "all"):
+        fail("--curve belongs to the codec benchmark: lmcached bench codec --curve", 2)
     if kind == "vllm":
         import importlib.util
 
@@ -542,7 +547,7 @@ def bench(
     from lmcached.memory import tune_allocator
 
     tune_allocator()
-    report = run_benchmarks(kind, quick)
+    report = run_benchmarks(kind, quick, curve=curve)
     if as_json:
         typer.echo(report.as_json())
     else:

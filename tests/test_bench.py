@@ -64,3 +64,27 @@ def test_the_held_out_set_has_every_kind_split_apart() -> None:
         assert all(len(text) >= MIN_CHARS for _, text in held_out)
         assert split(kind, TOPICS) == (tuning, held_out)  # the same split every time
     assert not {n for n, _ in split("documentation", TOPICS)[1]} & set(TOPICS)  # never the topics tuned on
+
+
+def test_the_rate_quality_curve_orders_the_quality_levels_and_draws_both_plots(tmp_path: Path) -> None:
+    """The curve's points are real measurements on held-out text: a higher cachegen quality costs more bits and
+    loses less perplexity; every method has a point; the plot renders."""
+    from lmcached.bench import codec_curve
+    from lmcached.model import load_model
+
+    report = Report()
+    codec_curve.run(report, load_model(), per_kind=1, kinds=("tables",))
+    rows = {r.name.split(":")[0]: r for r in report.rows}
+    assert set(rows) == set(codec_curve.methods())
+    bits = [rows[f"cachegen quality {q}"].extra["bits_per_element"] for q in range(1, 10)]
+    assert bits == sorted(bits) and 1.0 < bits[0] < bits[-1] < 16.0
+    assert rows["cachegen quality 1"].value > rows["cachegen quality 9"].value  # coarser costs more perplexity
+    assert rows["int8 per token"].extra["bits_per_element"] > 8.0
+    plot = tmp_path / "curve.png"
+    report.plot(plot)
+    assert plot.stat().st_size > 10_000
+
+
+def test_curve_belongs_to_the_codec_benchmark() -> None:
+    done = subprocess.run([sys.executable, "-m", "lmcached", "bench", "index", "--curve"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--curve belongs to the codec benchmark" in done.stderr

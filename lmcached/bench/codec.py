@@ -132,7 +132,7 @@ def zstd_size(chunk: torch.Tensor, level: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------- the run
-def run(report: Report, quick: bool = False) -> None:
+def run(report: Report, quick: bool = False, curve: bool = False) -> None:
     from lmcached.model import load_model
 
     loaded = load_model()
@@ -179,6 +179,10 @@ def run(report: Report, quick: bool = False) -> None:
             need=("value", ">=", 0.95) if ours else None,
         )
     heldout_quality(report, loaded, 1 if quick else 3)
+    if curve:
+        from lmcached.bench import codec_curve
+
+        codec_curve.run(report, loaded, 1 if quick else 2)
     speed(report, [s.kv[:, :, i : i + CHUNK].contiguous() for s in data for i in range(0, PREFIX, CHUNK)], quick)
 
 

@@ -150,13 +150,17 @@ class Report:
         fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
         for ax, name in zip(axes[0], names, strict=True):
             data = self.series[name]
-            for label, values in data["lines"].items():
+            for label, values in data.get("lines", {}).items():
                 ax.plot(data["x"], values, marker="o", label=label)
+            for label, points in data.get("points", {}).items():  # lines with their own x values
+                ax.plot(points["x"], points["y"], marker="o", label=label)
             ax.set_title(name)
             ax.set_xlabel(data.get("xlabel", ""))
             ax.set_ylabel(data.get("ylabel", ""))
             if data.get("xlog"):
                 ax.set_xscale("log")
+            if data.get("ylog"):
+                ax.set_yscale("symlog", linthresh=0.1)  # perplexity changes can be tiny or negative
             ax.legend()
             ax.grid(True, alpha=0.3)
         fig.tight_layout()

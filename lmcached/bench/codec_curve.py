@@ -1,0 +1,71 @@
+"""`lmcached bench codec --curve`: the rate–quality curve of every codec setting on held-out text.
+
+Each point is one method at one setting, run chunk by chunk over the same held-out samples (every kind of text
+in lmcached.bench.heldout): its size in bits per KV element (fp16 is 16) against the continuation's perplexity
+change and top-1 agreement with the uncompressed cache. LMCache's CacheGen (emulated, see `lmcache_cachegen`)
+is the reference point. Printed as a table (one row per point) and drawn as two plots.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lmcached.bench.report import Report, progress
+
+
+def methods() -> dict[str, tuple[str, object]]:
+    """Label -> (family, method): the curve's points, grouped into lines by family."""
+    from lmcached.bench.codec import int8_per_token, lmcache_cachegen, lmcached_codec
+
+    points: dict[str, tuple[str, object]] = {
+        f"cachegen quality {q}": ("lmcached cachegen", lmcached_codec("cachegen", quality=q)) for q in range(1, 10)
+    }
+    points["int8 per token"] = ("int8 per token", int8_per_token)
+    points["LMCache CacheGen (emulated)"] = ("LMCache CacheGen (emulated)", lmcache_cachegen)
+    return points
+
+
+def run(report: Report, loaded: object, per_kind: int, kinds: tuple[str, ...] | None = None) -> None:
+    """The curve on `per_kind` held-out texts of each kind (all kinds unless `kinds` names some)."""
+    from lmcached.bench.codec import TOPICS, evaluate, samples
+    from lmcached.bench.heldout import KINDS, split
+
+    data = [s for kind in kinds or KINDS for s in samples(loaded, per_kind, split(kind, TOPICS)[1])]
+    points = methods()
+    lines: dict[str, dict[str, list[float]]] = {}
+    with progress() as bar:
+        task = bar.add_task("rate–quality curve", total=len(points) * len(data))
+        for label, (family, method) in points.items():
+            rows = []
+            for sample in data:
+                rows.append(evaluate(loaded, method, sample))  # type: ignore[arg-type]
+                bar.advance(task)
+            ratio = float(np.mean([r[0] for r in rows]))
+            bits = 16 / ratio
+            dppl = 100 * float(np.mean([r[1] for r in rows]))
+            worst = 100 * max(r[1] for r in rows)
+            agree = float(np.mean([r[2] for r in rows]))
+            report.add(
+                "codec curve",
+                f"{label}: {bits:.2f} bits/element ({ratio:.2f}× smaller), top-1 {agree:.3f}, worst {worst:+.2f}%"
+                f" ({len(data)} held-out texts)",
+                dppl,
+                "% ppl",
+                extra={"bits_per_element": bits, "ratio": ratio, "top1": agree, "worst_pct": worst},
+                better="lower",
+            )
+            line = lines.setdefault(family, {"x": [], "ppl": [], "top1": []})
+            line["x"].append(bits)
+            line["ppl"].append(dppl)
+            line["top1"].append(agree)
+    report.series["rate–quality: perplexity change"] = {
+        "xlabel": "bits per KV element (fp16 = 16)",
+        "ylabel": "perplexity change, % (held-out text)",
+        "ylog": True,
+        "points": {family: {"x": line["x"], "y": line["ppl"]} for family, line in lines.items()},
+    }
+    report.series["rate–quality: top-1 agreement"] = {
+        "xlabel": "bits per KV element (fp16 = 16)",
+        "ylabel": "top-1 agreement with fp16 KV",
+        "points": {family: {"x": line["x"], "y": line["top1"]} for family, line in lines.items()},
+    }
