@@ -9,6 +9,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from lmcached.errors import CodecError
 
@@ -21,19 +22,26 @@ _TABLE_HEAD = struct.Struct("<BH")
 
 def normalize(counts: np.ndarray) -> np.ndarray:
     """Histograms [G, 256] -> frequencies summing to 2**PROB_BITS per group, every seen symbol at least 1."""
-    counts = counts.astype(np.int64)
-    totals = np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    freq = (counts * PROB_SCALE) // totals
-    freq[(counts > 0) & (freq == 0)] = 1
-    for g in range(freq.shape[0]):
-        row = freq[g]
-        if row.sum() == 0:  # an empty group still needs a valid table
-            row[0] = PROB_SCALE
-        diff = PROB_SCALE - int(row.sum())
-        while diff != 0:
-            top = int(np.argmax(row))
-            step = diff if diff > 0 else -min(-diff, int(row[top]) - 1)
-            row[top] += step
+    return _normalize(np.ascontiguousarray(counts, dtype=np.int64))
+
+
+@njit(nogil=True, cache=True)
+def _normalize(counts):  # pragma: no cover - compiled
+    # (Compiled: as a Python loop per group it cost 4.5 ms a chunk for kvtc's 480 groups.)
+    groups = counts.shape[0]
+    freq = np.zeros((groups, 256), dtype=np.int64)
+    for g in range(groups):
+        total = max(counts[g].sum(), 1)
+        for s in range(256):
+            f = counts[g, s] * PROB_SCALE // total
+            freq[g, s] = 1 if f == 0 and counts[g, s] > 0 else f
+        if freq[g].sum() == 0:  # an empty group still needs a valid table
+            freq[g, 0] = PROB_SCALE
+        diff = PROB_SCALE - freq[g].sum()
+        while diff != 0:  # settle the rounding on the most frequent symbol (never below 1)
+            top = np.argmax(freq[g])
+            step = diff if diff > 0 else -min(-diff, freq[g, top] - 1)
+            freq[g, top] += step
             diff -= step
     return freq.astype(np.uint32)
 

@@ -20,7 +20,7 @@ from lmcached.errors import CodecError
 
 MAGIC: Final = b"LMCB"
 FORMAT_VERSION: Final = 1
-CODEC_IDS: Final = {"cachegen": 1, "lossless": 2}
+CODEC_IDS: Final = {"cachegen": 1, "lossless": 2, "kvtc": 3}
 CODEC_NAMES: Final = {v: k for k, v in CODEC_IDS.items()}
 DTYPE_CODES: Final = {"float16": 1, "bfloat16": 2, "float32": 3}
 DTYPE_NAMES: Final = {v: k for k, v in DTYPE_CODES.items()}

@@ -67,18 +67,28 @@ def test_the_held_out_set_has_every_kind_split_apart() -> None:
 
 
 def test_the_rate_quality_curve_orders_the_quality_levels_and_draws_both_plots(tmp_path: Path) -> None:
-    """The curve's points are real measurements on held-out text: a higher cachegen quality costs more bits and
-    loses less perplexity; every method has a point; the plot renders."""
+    """The curve's points are real measurements on held-out text: a higher cachegen quality (or finer kvtc
+    steps) costs more bits and loses less perplexity; every method has a point; the plot renders."""
+    from lmcached.codecs.kvtc import Codebook
+
     from lmcached.bench import codec_curve
+    from lmcached.bench.codec import CHUNK, PREFIX, TOPICS, samples
+    from lmcached.bench.heldout import split
     from lmcached.model import load_model
 
+    loaded = load_model()
+    tuning, held_out = split("tables", TOPICS)
+    book = Codebook.fit(s.kv[:, :, i : i + CHUNK] for s in samples(loaded, 1, tuning) for i in range(0, PREFIX, CHUNK))
     report = Report()
-    codec_curve.run(report, load_model(), per_kind=1, kinds=("tables",))
+    codec_curve.run(report, loaded, samples(loaded, 1, held_out), book)
     rows = {r.name.split(":")[0]: r for r in report.rows}
-    assert set(rows) == set(codec_curve.methods())
+    assert set(rows) == set(codec_curve.methods(book))
     bits = [rows[f"cachegen quality {q}"].extra["bits_per_element"] for q in range(1, 10)]
     assert bits == sorted(bits) and 1.0 < bits[0] < bits[-1] < 16.0
     assert rows["cachegen quality 1"].value > rows["cachegen quality 9"].value  # coarser costs more perplexity
+    kvtc_bits = [rows[f"kvtc steps ×{s}"].extra["bits_per_element"] for s in (0.5, 0.7, 1.0, 1.4, 2.0)]
+    assert kvtc_bits == sorted(kvtc_bits, reverse=True)
+    assert rows["kvtc steps ×2.0"].value > rows["kvtc steps ×0.5"].value
     assert rows["int8 per token"].extra["bits_per_element"] > 8.0
     plot = tmp_path / "curve.png"
     report.plot(plot)

@@ -178,12 +178,20 @@ def run(report: Report, quick: bool = False, curve: bool = False) -> None:
             target="≥ 0.95" if ours else "",
             need=("value", ">=", 0.95) if ours else None,
         )
-    heldout_quality(report, loaded, 1 if quick else 3)
+    from lmcached.bench import codec_kvtc
+    from lmcached.bench.heldout import KINDS, split
+
+    per_kind = 1 if quick else 3
+    held_out = {kind: samples(loaded, per_kind, split(kind, TOPICS)[1]) for kind in KINDS}
+    heldout_quality(report, loaded, held_out)
+    chunks = [s.kv[:, :, i : i + CHUNK].contiguous() for s in data for i in range(0, PREFIX, CHUNK)]
+    book = codec_kvtc.calibrate(loaded, per_kind)
+    codec_kvtc.run(report, loaded, book, [s for texts in held_out.values() for s in texts], chunks, quick)
     if curve:
         from lmcached.bench import codec_curve
 
-        codec_curve.run(report, loaded, 1 if quick else 2)
-    speed(report, [s.kv[:, :, i : i + CHUNK].contiguous() for s in data for i in range(0, PREFIX, CHUNK)], quick)
+        codec_curve.run(report, loaded, [s for texts in held_out.values() for s in texts[: 1 if quick else 2]], book)
+    speed(report, chunks, quick)
 
 
 def evaluate(loaded: object, method: Method, sample: Sample) -> tuple[float, float, float]:
@@ -197,18 +205,17 @@ def evaluate(loaded: object, method: Method, sample: Sample) -> tuple[float, flo
     return sample.kv.numel() * 2 / size, ppl / ref_ppl - 1, agree
 
 
-def heldout_quality(report: Report, loaded: object, per_kind: int) -> None:
+def heldout_quality(report: Report, loaded: object, held_out: dict[str, list[Sample]]) -> None:
     """cachegen's defaults on the held-out half of six kinds of text (lmcached.bench.heldout): the mean and the
     worst perplexity change and the top-1 agreement per kind, against the targets for text nobody tuned on."""
-    from lmcached.bench.heldout import KINDS, split
-
     method = lmcached_codec("cachegen")
     with progress() as bar:
-        task = bar.add_task("held-out text", total=len(KINDS) * per_kind)
-        for kind in KINDS:
-            _, held_out = split(kind, TOPICS)
-            rows = [evaluate(loaded, method, sample) for sample in samples(loaded, per_kind, held_out)]
-            bar.advance(task, per_kind)
+        task = bar.add_task("held-out text", total=sum(len(texts) for texts in held_out.values()))
+        for kind, texts in held_out.items():
+            rows = []
+            for sample in texts:
+                rows.append(evaluate(loaded, method, sample))
+                bar.advance(task)
             if not rows:
                 continue
             ratio = float(np.mean([r[0] for r in rows]))

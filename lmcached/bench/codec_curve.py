@@ -13,25 +13,31 @@ import numpy as np
 from lmcached.bench.report import Report, progress
 
 
-def methods() -> dict[str, tuple[str, object]]:
-    """Label -> (family, method): the curve's points, grouped into lines by family."""
+def methods(book: object | None = None) -> dict[str, tuple[str, object]]:
+    """Label -> (family, method): the curve's points, grouped into lines by family. kvtc's points need its
+    codebook (learned from the tuning half)."""
     from lmcached.bench.codec import int8_per_token, lmcache_cachegen, lmcached_codec
 
     points: dict[str, tuple[str, object]] = {
         f"cachegen quality {q}": ("lmcached cachegen", lmcached_codec("cachegen", quality=q)) for q in range(1, 10)
     }
+    if book is not None:
+        from lmcached.bench.codec_kvtc import method
+        from lmcached.codecs.kvtc import DEFAULTS, KvtcCodec
+
+        for scale in (0.5, 0.7, 1.0, 1.4, 2.0):
+            steps = {"key_step": DEFAULTS["key_step"] * scale, "value_step": DEFAULTS["value_step"] * scale}
+            points[f"kvtc steps ×{scale}"] = ("lmcached kvtc", method(KvtcCodec(book, **steps)))  # type: ignore[arg-type]
     points["int8 per token"] = ("int8 per token", int8_per_token)
     points["LMCache CacheGen (emulated)"] = ("LMCache CacheGen (emulated)", lmcache_cachegen)
     return points
 
 
-def run(report: Report, loaded: object, per_kind: int, kinds: tuple[str, ...] | None = None) -> None:
-    """The curve on `per_kind` held-out texts of each kind (all kinds unless `kinds` names some)."""
-    from lmcached.bench.codec import TOPICS, evaluate, samples
-    from lmcached.bench.heldout import KINDS, split
+def run(report: Report, loaded: object, data: list[object], book: object | None = None) -> None:
+    """The curve over `data` (held-out samples, lmcached.bench.codec.Sample)."""
+    from lmcached.bench.codec import evaluate
 
-    data = [s for kind in kinds or KINDS for s in samples(loaded, per_kind, split(kind, TOPICS)[1])]
-    points = methods()
+    points = methods(book)
     lines: dict[str, dict[str, list[float]]] = {}
     with progress() as bar:
         task = bar.add_task("rate–quality curve", total=len(points) * len(data))

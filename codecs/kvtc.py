@@ -1,0 +1,288 @@
+"""The "kvtc" codec: transform coding of KV with a codebook learned once per model (after KVTC, arXiv 2511.01815).
+
+Per model shape (layers, channels) a **codebook** holds, for keys and for values of every layer, the mean
+vector and the principal components (PCA basis, by variance) of calibration KV. A chunk is coded in that basis:
+
+1. The first `exact_tokens` tokens stay exact (the attention sink, as in cachegen).
+2. y = (x - mean) · basis: the channels decorrelated, most of the energy in the first components.
+3. One quantiser step per (keys or values, layer): a fraction of the layer's typical component spread (keys
+   finer: they decide attention), raised for a component only where the chunk's values would clip (steps are
+   stored per component, fp16). Values also get a per-token scale (their token norms vary a lot), stored
+   as fp16 like cachegen's. Components whose spread is below the step fall to the zero symbol and cost almost
+   nothing: a uniform step over decorrelated components is the reverse water-filling bit allocation.
+4. The symbols are rANS-coded (`codecs/entropy.py`, the coder cachegen uses) in bands of components of similar
+   variance, each band of each layer with its own table.
+
+The blob names its codebook by content hash (`Codebook.digest`); decoding needs that codebook, found in the
+codec's own codebook or in a `CodebookStore`. A missing or different codebook is a CodecError, never garbage.
+
+Not offered by the daemon yet (`get_codec` does not list it): a worker would have to keep codebooks durably with
+its chunks and ship them with `/move` first, so that no stored blob can become undecodable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmcached.errors import CodecError
+
+from . import entropy, kvtc_cpu
+from .base import DTYPES, TORCH_DTYPES, TORCH_ITEMSIZE, Codec
+from .format import pack, unpack
+
+DEFAULTS: dict[str, Any] = {
+    # Steps as fractions of the layer's typical component spread (root of the mean component variance),
+    # chosen on the tuning half of lmcached.bench.heldout (SmolLM2): 0.15/0.6 gave 4.73×, +0.04 %, top-1 0.974;
+    # 0.17/0.7 5.02×, +0.11 %, 0.966; 0.2/0.8 5.37×, +0.20 %, 0.961 (tables 0.941).
+    "key_step": 0.17,
+    "value_step": 0.7,
+    "exact_tokens": 1,
+    "lane_size": 16384,
+}
+#: Components per layer are coded in this many bands of similar variance (when the channels divide evenly).
+BANDS = 8
+SECTIONS = 6
+ZERO, QMAX = 128, 127
+
+CODEBOOK_MAGIC = b"LMCKVTCB"
+CODEBOOK_VERSION = 1
+_CODEBOOK_HEAD = struct.Struct("<8sHII")
+
+
+@dataclass(frozen=True, eq=False)
+class Codebook:
+    """Per side (keys 0, values 1) and layer: mean [C], basis [C, C] (columns are components, by variance,
+    largest first) and the components' variances [C]. Identified by the hash of its bytes."""
+
+    mean: np.ndarray  # float32 [2, L, C]
+    basis: np.ndarray  # float32 [2, L, C, C]
+    variance: np.ndarray  # float32 [2, L, C]
+    digest: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "digest", hashlib.blake2b(self._body(), digest_size=16).hexdigest())
+
+    @property
+    def layers(self) -> int:
+        return int(self.mean.shape[1])
+
+    @property
+    def channels(self) -> int:
+        return int(self.mean.shape[2])
+
+    @classmethod
+    def fit(cls, chunks: Iterable[torch.Tensor], exact_tokens: int = DEFAULTS["exact_tokens"]) -> Codebook:
+        """Learn a codebook from calibration chunks [2, L, T, C] of one model (the exact tokens left out: they
+        are never transform-coded)."""
+        rows = [c.detach().to("cpu", torch.float64)[:, :, exact_tokens:] for c in chunks]
+        rows = [r for r in rows if r.shape[2]]
+        if not rows:
+            raise CodecError("a kvtc codebook needs calibration chunks with tokens to learn from")
+        shapes = {(r.shape[0], r.shape[1], r.shape[3]) for r in rows}
+        if len(shapes) != 1 or rows[0].shape[0] != 2:
+            raise CodecError(f"calibration chunks must share one [2, L, T, C] shape, got {sorted(shapes)}")
+        x = torch.cat(rows, dim=2)
+        if not torch.isfinite(x).all():
+            raise CodecError("calibration chunks hold NaN or infinite values")
+        mean = x.mean(dim=2)
+        centred = x - mean[:, :, None, :]
+        cov = centred.transpose(-1, -2) @ centred / x.shape[2]
+        variance, basis = torch.linalg.eigh(cov)  # ascending
+        variance, basis = variance.flip(-1).clamp(min=0), basis.flip(-1)
+        return cls(mean.float().numpy(), basis.float().contiguous().numpy(), variance.float().numpy())
+
+    def projected_mean(self) -> np.ndarray:
+        """mean · basis [2, L, C] (cached): what the encoder subtracts after projecting."""
+        cached = self.__dict__.get("_projected")
+        if cached is None:
+            cached = np.einsum("slc,slcd->sld", self.mean, self.basis).astype(np.float32)
+            object.__setattr__(self, "_projected", cached)
+        return cached
+
+    def _body(self) -> bytes:
+        _, L, C = self.mean.shape
+        head = _CODEBOOK_HEAD.pack(CODEBOOK_MAGIC, CODEBOOK_VERSION, L, C)
+        arrays = (np.ascontiguousarray(a, dtype="<f4").tobytes() for a in (self.mean, self.basis, self.variance))
+        return head + b"".join(arrays)
+
+    def to_bytes(self) -> bytes:
+        """Versioned bytes; the last 16 bytes are the digest of the rest (a checksum that is also its name)."""
+        return self._body() + bytes.fromhex(self.digest)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Codebook:
+        if len(data) < _CODEBOOK_HEAD.size + 16:
+            raise CodecError("kvtc codebook is truncated")
+        magic, version, L, C = _CODEBOOK_HEAD.unpack_from(data)
+        if magic != CODEBOOK_MAGIC:
+            raise CodecError("not a kvtc codebook")
+        if version != CODEBOOK_VERSION:
+            raise CodecError(f"kvtc codebook version {version} is not supported (this build reads {CODEBOOK_VERSION})")
+        sizes = (2 * L * C, 2 * L * C * C, 2 * L * C)
+        if len(data) != _CODEBOOK_HEAD.size + 4 * sum(sizes) + 16:
+            raise CodecError("kvtc codebook has the wrong size for its shape")
+        body, digest = data[:-16], data[-16:].hex()
+        if hashlib.blake2b(body, digest_size=16).hexdigest() != digest:
+            raise CodecError("kvtc codebook checksum mismatch: it is corrupted")
+        flat, pos = [], _CODEBOOK_HEAD.size
+        for n in sizes:
+            flat.append(np.frombuffer(body, dtype="<f4", count=n, offset=pos).astype(np.float32))
+            pos += 4 * n
+        return cls(flat[0].reshape(2, L, C), flat[1].reshape(2, L, C, C), flat[2].reshape(2, L, C))
+
+
+class CodebookStore:
+    """Codebooks by digest, in memory and (with a directory) durably as `<digest>.kvtcbook` files."""
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        self._books: dict[str, Codebook] = {}
+
+    def add(self, book: Codebook) -> str:
+        self._books[book.digest] = book
+        if self.directory is not None:
+            path = self.directory / f"{book.digest}.kvtcbook"
+            if not path.exists():
+                self.directory.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                with open(tmp, "wb") as f:
+                    f.write(book.to_bytes())
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)  # atomic: a half-written codebook is never found
+        return book.digest
+
+    def get(self, digest: str) -> Codebook:
+        book = self._books.get(digest)
+        if book is None and self.directory is not None:
+            path = self.directory / f"{digest}.kvtcbook"
+            if path.is_file():
+                book = Codebook.from_bytes(path.read_bytes())
+                if book.digest != digest:
+                    raise CodecError(f"kvtc codebook file {path.name} holds codebook {book.digest}")
+                self._books[digest] = book
+        if book is None:
+            raise CodecError(f"this kvtc blob needs codebook {digest}, which is not here (calibrate, or copy it over)")
+        return book
+
+
+class KvtcCodec(Codec):
+    name = "kvtc"
+    lossy = True
+
+    def __init__(self, codebook: Codebook | None = None, store: CodebookStore | None = None, **params: Any) -> None:
+        unknown = set(params) - set(DEFAULTS)
+        if unknown:
+            raise CodecError(f"unknown kvtc parameter(s): {', '.join(sorted(unknown))}")
+        self.params = {**DEFAULTS, **params}
+        for key in ("key_step", "value_step"):
+            if not float(self.params[key]) > 0:
+                raise CodecError(f"kvtc {key} must be positive")
+        if int(self.params["exact_tokens"]) < 0 or int(self.params["lane_size"]) < 16:
+            raise CodecError("kvtc exact_tokens must be >= 0 and lane_size >= 16")
+        self.codebook = codebook
+        self.store = store if store is not None else CodebookStore()
+        if codebook is not None:
+            self.store.add(codebook)
+
+    # ------------------------------------------------------------------ encode
+    def encode(self, kv: torch.Tensor) -> bytes:
+        dtype, shape = self.check(kv)
+        book = self.codebook
+        if book is None:
+            raise CodecError("kvtc needs a codebook to encode (Codebook.fit on calibration chunks of this model)")
+        _, L, T, C = shape
+        if (L, C) != (book.layers, book.channels):
+            raise CodecError(f"kvtc codebook {book.digest} is for {book.layers} layers × {book.channels} channels, not {L} × {C}")
+        exact = min(int(self.params["exact_tokens"]), T)
+        n = T - exact
+        bands = BANDS if C % BANDS == 0 else 1
+        x = kv.detach().to("cpu", torch.float32)[:, :, exact:].reshape(2 * L, n, C)
+        # y = (x - mean) · basis, as x · basis - mean · basis: one fused matrix product per (side, layer).
+        basis = torch.from_numpy(book.basis).reshape(2 * L, C, C)
+        y = torch.baddbmm(torch.from_numpy(book.projected_mean()).reshape(2 * L, 1, C), x, basis, beta=-1.0)
+        y_np = y.numpy().reshape(2, L, n, C)
+        token = np.ones((2, L, n), np.float32)
+        if n:
+            rms = np.empty((L, n), np.float64)
+            kvtc_cpu.token_rms(y_np[1], rms)
+            token[1] = _f16(rms / np.maximum(rms.mean(axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        need = np.empty((2, L, C), np.float32)
+        kvtc_cpu.reach(y_np, token, need)
+        if not np.isfinite(need).all():
+            raise CodecError("kv holds NaN or infinite values")
+        # Per component: the layer's step, raised where this chunk's values would clip (a component far
+        # louder than the calibration said, or the leading ones on an unusual chunk).
+        steps = _f16(np.maximum(self.layer_steps(book)[:, :, None], need * (1.001 / QMAX)))
+        banded = np.empty((2, L, bands, n, C // bands), np.uint8)
+        kvtc_cpu.quantize(y_np, steps.astype(np.float32), token, bands, banded)
+        coded = entropy.encode(banded.reshape(-1), 2 * L * bands, n * (C // bands), int(self.params["lane_size"]))
+        scale = token[1].astype(np.float16)
+        exact_rows = kv[:, :, :exact, :].detach().to("cpu").contiguous().view(torch.uint8).numpy()
+        params = {
+            "codebook": book.digest,
+            "key_step": self.params["key_step"],
+            "value_step": self.params["value_step"],
+            "exact_tokens": exact,
+            "bands": bands,
+            "lane_size": int(self.params["lane_size"]),
+        }
+        return pack(self.name, dtype, shape, params, [steps, scale, coded.tables, coded.offsets, coded.words, exact_rows])
+
+    def layer_steps(self, book: Codebook) -> np.ndarray:
+        """[2, L]: a fraction of each layer's typical component spread (keys and values apart)."""
+        spread = np.sqrt(np.maximum(book.variance.mean(axis=2), 1e-12))
+        return spread * np.array([self.params["key_step"], self.params["value_step"]])[:, None]
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, blob: bytes, device: str | torch.device | None = None) -> torch.Tensor:
+        b = unpack(blob, self.name)
+        if len(b.shape) != 4 or b.shape[0] != 2 or len(b.sections) != SECTIONS:
+            raise CodecError("kvtc blob has the wrong layout")
+        _, L, T, C = b.shape
+        p = b.params
+        digest, exact, bands, lane = p.get("codebook"), p.get("exact_tokens"), p.get("bands"), p.get("lane_size")
+        if not isinstance(digest, str) or not isinstance(exact, int) or not 0 <= exact <= T:
+            raise CodecError("kvtc blob has bad parameters")
+        if not isinstance(bands, int) or bands < 1 or C % bands or not isinstance(lane, int) or lane < 16:
+            raise CodecError("kvtc blob has bad parameters")
+        book = self.store.get(digest)
+        if (L, C) != (book.layers, book.channels):
+            raise CodecError(f"kvtc codebook {digest} does not match the blob's shape")
+        n = T - exact
+        steps = self._array(b.sections[0], 2 * L * C, np.float16).reshape(2, L, C).astype(np.float32)
+        scale = self._array(b.sections[1], L * n, np.float16).reshape(L, n).astype(np.float32)
+        offsets = self._array(b.sections[3], None, np.dtype("<u4"))
+        words = self._array(b.sections[4], None, np.dtype("<u2"))
+        exact_rows = self._array(b.sections[5], 2 * L * exact * C * TORCH_ITEMSIZE[b.dtype], np.uint8)
+        sym = entropy.decode(b.sections[2], offsets, words, 2 * L * bands, n * (C // bands), lane)
+        token = np.ones((2, L, n), np.float32)
+        token[1] = scale
+        y = np.empty((2 * L, n, C), np.float32)
+        kvtc_cpu.dequantize(sym.reshape(2, L, bands, n, C // bands), steps, token, y.reshape(2, L, n, C))
+        # x = y · basisᵀ + mean, the mean added inside the matrix product
+        mean = torch.from_numpy(book.mean).reshape(2 * L, 1, C)
+        basis_t = torch.from_numpy(book.basis).reshape(2 * L, C, C).transpose(1, 2)
+        x = torch.baddbmm(mean, torch.from_numpy(y), basis_t)
+        out = torch.empty((2, L, T, C), dtype=TORCH_DTYPES[b.dtype])
+        out[:, :, exact:] = x.reshape(2, L, n, C)
+        if exact:
+            out[:, :, :exact] = torch.from_numpy(exact_rows.copy()).view(TORCH_DTYPES[b.dtype]).reshape(2, L, exact, C)
+        return out.to(torch.device(device) if device is not None else torch.device("cpu"))
+
+
+def _f16(a: np.ndarray) -> np.ndarray:
+    """As stored: the encoder quantises with exactly the fp16 values the decoder reads (never 0 or inf)."""
+    return np.clip(a, 1e-4, 6e4).astype(np.float16)
+
+
+__all__ = ["Codebook", "CodebookStore", "KvtcCodec", "DTYPES"]

@@ -1,0 +1,82 @@
+"""kvtc's element-wise passes on the CPU (Numba): each one pass over the chunk in the component basis, where
+torch needed four or five (abs, divide, round, clamp, convert: measured 3× the codec's matrix products).
+
+y is [S, L, n, C] float32 (S = 2: keys, values), by component; `token` [S, L, n] the per-token scale
+(1 for keys). The symbols are written band by band ([S, L, band, n, C / bands]) for the entropy coder.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+ZERO = 128
+QMAX = 127
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def token_rms(y, out):  # pragma: no cover - compiled
+    """out[l, t] = root mean square of y[l, t, :] (y [L, n, C])."""
+    L, n, C = y.shape
+    for lt in prange(L * n):
+        layer = lt // n
+        t = lt - layer * n
+        acc = 0.0
+        for c in range(C):
+            v = np.float64(y[layer, t, c])
+            acc += v * v
+        out[layer, t] = np.sqrt(acc / C)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def reach(y, token, out):  # pragma: no cover - compiled
+    """out[s, l, c] = max over tokens of |y| / token: the largest step count a component needs (NaN and
+    infinity come through, so the caller's finiteness check covers the input)."""
+    S, L, n, C = y.shape
+    for sl in prange(S * L):
+        s = sl // L
+        layer = sl - s * L
+        for c in range(C):
+            out[s, layer, c] = 0.0
+        for t in range(n):
+            inv = np.float32(1.0) / token[s, layer, t]
+            for c in range(C):
+                v = abs(y[s, layer, t, c]) * inv
+                if not v <= out[s, layer, c]:  # (a NaN is kept too)
+                    out[s, layer, c] = v
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def quantize(y, steps, token, bands, out):  # pragma: no cover - compiled
+    """Symbols round(y / (step[c] * token[t])) + ZERO, clipped, into out [S, L, bands, n, C / bands]."""
+    S, L, n, C = y.shape
+    width = C // bands
+    for sl in prange(S * L):
+        s = sl // L
+        layer = sl - s * L
+        inv = np.empty(C, dtype=np.float32)
+        for c in range(C):
+            inv[c] = np.float32(1.0) / steps[s, layer, c]
+        for t in range(n):
+            k = np.float32(1.0) / token[s, layer, t]
+            for b in range(bands):
+                for w in range(width):
+                    c = b * width + w
+                    q = np.rint(y[s, layer, t, c] * (inv[c] * k))
+                    q = min(max(q, -QMAX), QMAX)
+                    out[s, layer, b, t, w] = np.uint8(q + ZERO)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def dequantize(sym, steps, token, out):  # pragma: no cover - compiled
+    """The inverse of `quantize`'s layout: y [S, L, n, C] = (symbol - ZERO) * step[c] * token[t]."""
+    S, L, bands, n, width = sym.shape
+    for sl in prange(S * L):
+        s = sl // L
+        layer = sl - s * L
+        for t in range(n):
+            k = token[s, layer, t]
+            for b in range(bands):
+                for w in range(width):
+                    c = b * width + w
+                    out[s, layer, t, c] = np.float32(np.int32(sym[s, layer, b, t, w]) - ZERO) * (steps[s, layer, c] * k)

@@ -1,0 +1,77 @@
+"""kvtc in `lmcached bench codec`: a codebook learned from the tuning half's KV only, scored on the held-out
+half (size, perplexity change, top-1) and timed beside cachegen on the same chunks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmcached.bench.dataplane import best_of
+from lmcached.bench.report import Report
+
+
+def calibrate(loaded: object, per_kind: int) -> Any:
+    """The codebook, fitted on the 256-token chunks of `per_kind` tuning texts of every kind."""
+    from lmcached.bench.codec import CHUNK, PREFIX, TOPICS, samples
+    from lmcached.bench.heldout import KINDS, split
+    from lmcached.codecs.kvtc import Codebook
+
+    tuning = [s for kind in KINDS for s in samples(loaded, per_kind, split(kind, TOPICS)[0])]
+    return Codebook.fit(s.kv[:, :, i : i + CHUNK] for s in tuning for i in range(0, PREFIX, CHUNK))
+
+
+def method(codec: Any) -> Any:
+    def run(chunk: torch.Tensor) -> tuple[torch.Tensor, int]:
+        blob = codec.encode(chunk)
+        return codec.decode(blob), len(blob)
+
+    return run
+
+
+def run(report: Report, loaded: object, book: Any, held_out: list[Any], chunks: list[torch.Tensor], quick: bool) -> None:
+    from lmcached.bench.codec import evaluate
+    from lmcached.bench.report import progress
+    from lmcached.codecs import get_codec
+    from lmcached.codecs.kvtc import KvtcCodec
+
+    codec = KvtcCodec(book)
+    with progress() as bar:
+        task = bar.add_task("kvtc, held-out text", total=len(held_out))
+        rows = []
+        for sample in held_out:
+            rows.append(evaluate(loaded, method(codec), sample))
+            bar.advance(task)
+    ratio = float(np.mean([r[0] for r in rows]))
+    mean, worst = 100 * float(np.mean([r[1] for r in rows])), 100 * max(r[1] for r in rows)
+    agree = float(np.mean([r[2] for r in rows]))
+    label = f"kvtc on {len(rows)} held-out texts (codebook {book.digest[:8]} from the tuning half)"
+    report.add("codec kvtc", f"{label}: size vs fp16", ratio, "×", target="≥ 6× (goal ≥ 8×)", need=("value", ">=", 6.0))
+    report.add("codec kvtc", f"{label}: perplexity change, mean", mean, "%", target="≤ +1.0%", need=("value", "<=", 1.0))
+    report.add("codec kvtc", f"{label}: perplexity change, worst", worst, "%")
+    report.add("codec kvtc", f"{label}: top-1 agreement", agree, "", target="≥ 0.95", need=("value", ">=", 0.95))
+    # Speed on the same chunks as cachegen's rows (the codebook's shape is SmolLM2's, like theirs).
+    cachegen = get_codec("cachegen")
+    repeats = 2 if quick else 3
+    gb = sum(c.numel() * c.element_size() for c in chunks) / 1e9
+    for other in (codec, cachegen):
+        [other.decode(other.encode(c)) for c in chunks]  # compiles the kernels before timing
+    timings = {}
+    for name, other in (("kvtc", codec), ("cachegen", cachegen)):
+        blobs = [other.encode(c) for c in chunks]
+        timings[name] = (
+            best_of(lambda other=other: [other.encode(c) for c in chunks], repeats),
+            best_of(lambda other=other, blobs=blobs: [other.decode(b) for b in blobs], repeats),
+        )
+    for i, what in enumerate(("encode", "decode")):
+        report.add(
+            "codec kvtc",
+            f"kvtc {what} (fp16)",
+            gb / timings["kvtc"][i],
+            "GB/s",
+            gb / timings["cachegen"][i],
+            f"cachegen {what}",
+            "within 2× of cachegen",
+            need=("ratio", ">=", 0.5),
+        )

@@ -1,0 +1,144 @@
+"""kvtc: transform coding with a per-model codebook — round trips, the codebook's identity and durability, and
+clear errors (never garbage) for a missing, different or corrupted codebook."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lmcached.codecs import get_codec
+from lmcached.codecs.kvtc import Codebook, CodebookStore, KvtcCodec
+
+from lmcached.errors import CodecError
+
+from .codec_helpers import assert_round_trip, kv_like_real, relative_error
+
+
+def correlated_kv(layers: int, tokens: int, channels: int, seed: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """KV whose channels are correlated (as real KV is): a few latent directions mixed into all channels."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(2, layers, 8, channels, generator=torch.Generator().manual_seed(99))  # the same model
+    latent = torch.randn(2, layers, tokens, 8, generator=gen) * torch.linspace(3.0, 0.3, 8)
+    noise = 0.05 * torch.randn(2, layers, tokens, channels, generator=gen)
+    return (latent @ mix + noise).to(dtype)
+
+
+@pytest.fixture(scope="module")
+def book() -> Codebook:
+    return Codebook.fit([correlated_kv(3, 64, 32, seed) for seed in range(4)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_round_trip_within_error_with_an_exact_sink_row(book: Codebook, dtype: torch.dtype) -> None:
+    kv = correlated_kv(3, 64, 32, seed=10, dtype=dtype)  # not one of the calibration chunks
+    codec = KvtcCodec(book)
+    blob = assert_round_trip(codec, kv, max_relative_error=0.1)
+    assert torch.equal(codec.decode(blob)[:, :, :1], kv[:, :, :1])
+    assert len(blob) < kv.numel() * kv.element_size() / 3  # correlated channels: most components cost ~nothing
+
+
+def test_finer_steps_cost_bytes_and_buy_accuracy(book: Codebook) -> None:
+    kv = correlated_kv(3, 64, 32, seed=11)
+    fine, coarse = KvtcCodec(book, key_step=0.05, value_step=0.1), KvtcCodec(book, key_step=0.5, value_step=1.0)
+    fine_blob, coarse_blob = fine.encode(kv), coarse.encode(kv)
+    assert len(fine_blob) > len(coarse_blob)
+    assert relative_error(fine.decode(fine_blob), kv) < relative_error(coarse.decode(coarse_blob), kv)
+
+
+def test_a_chunk_louder_than_calibration_never_clips(book: Codebook) -> None:
+    """Steps rise per component where the chunk's own values would clip: the error stays proportionate."""
+    kv = correlated_kv(3, 64, 32, seed=12, dtype=torch.float32)
+    kv[:, 1, 20:30] *= 200.0  # far outside anything the codebook saw
+    codec = KvtcCodec(book)
+    out = codec.decode(codec.encode(kv))
+    assert relative_error(out, kv) < 0.1
+    assert float((out - kv)[:, 1].abs().max()) < 0.05 * float(kv[:, 1].abs().max())
+
+
+def test_only_the_exact_rows_when_a_chunk_is_that_short(book: Codebook) -> None:
+    kv = correlated_kv(3, 1, 32, seed=13)
+    codec = KvtcCodec(book)
+    assert torch.equal(codec.decode(codec.encode(kv)), kv)
+
+
+def test_the_codebook_is_named_by_its_content_and_survives_bytes(book: Codebook) -> None:
+    again = Codebook.from_bytes(book.to_bytes())
+    assert again.digest == book.digest and np.array_equal(again.basis, book.basis)
+    other = Codebook.fit([correlated_kv(3, 64, 32, seed) for seed in range(4, 8)])
+    assert other.digest != book.digest
+    assert Codebook.fit([correlated_kv(3, 64, 32, seed) for seed in range(4)]).digest == book.digest  # deterministic
+
+
+def test_a_corrupted_or_foreign_codebook_is_refused(book: Codebook) -> None:
+    data = bytearray(book.to_bytes())
+    data[100] ^= 0x01
+    with pytest.raises(CodecError, match="checksum"):
+        Codebook.from_bytes(bytes(data))
+    with pytest.raises(CodecError, match="truncated|wrong size"):
+        Codebook.from_bytes(book.to_bytes()[:-40])
+    future = bytearray(book.to_bytes())
+    future[8] = 9  # the version field
+    with pytest.raises(CodecError, match="version 9"):
+        Codebook.from_bytes(bytes(future))
+    with pytest.raises(CodecError, match="not a kvtc codebook"):
+        Codebook.from_bytes(b"x" * 200)
+
+
+def test_codebooks_are_kept_durably_and_found_by_digest(book: Codebook, tmp_path: Path) -> None:
+    kv = correlated_kv(3, 64, 32, seed=14)
+    blob = KvtcCodec(book, store=CodebookStore(tmp_path)).encode(kv)
+    assert (tmp_path / f"{book.digest}.kvtcbook").is_file()
+    # Another process (a fresh store on the same directory) decodes the blob: the codebook is on disk.
+    decoded = KvtcCodec(store=CodebookStore(tmp_path)).decode(blob)
+    assert relative_error(decoded, kv) < 0.1
+
+
+def test_a_blob_without_its_codebook_is_an_error_never_garbage(book: Codebook, tmp_path: Path) -> None:
+    blob = KvtcCodec(book).encode(correlated_kv(3, 64, 32, seed=15))
+    with pytest.raises(CodecError, match=f"needs codebook {book.digest}"):
+        KvtcCodec(store=CodebookStore(tmp_path)).decode(blob)
+    # A codebook file whose name lies about its content is refused too.
+    other = Codebook.fit([correlated_kv(3, 64, 32, seed) for seed in range(20, 23)])
+    (tmp_path / f"{book.digest}.kvtcbook").write_bytes(other.to_bytes())
+    with pytest.raises(CodecError, match="holds codebook"):
+        KvtcCodec(store=CodebookStore(tmp_path)).decode(blob)
+
+
+def test_shape_mismatches_and_bad_input_are_codec_errors(book: Codebook) -> None:
+    codec = KvtcCodec(book)
+    with pytest.raises(CodecError, match="3 layers × 32 channels"):
+        codec.encode(kv_like_real(4, 16, 32, torch.float16))
+    bad = correlated_kv(3, 16, 32, seed=16, dtype=torch.float32)
+    bad[1, 2, 5, 7] = float("nan")
+    with pytest.raises(CodecError, match="NaN"):
+        codec.encode(bad)
+    with pytest.raises(CodecError, match="needs a codebook"):
+        KvtcCodec().encode(correlated_kv(3, 16, 32, seed=17))
+    with pytest.raises(CodecError, match="unknown kvtc parameter"):
+        KvtcCodec(book, bits=4)
+    with pytest.raises(CodecError, match="positive"):
+        KvtcCodec(book, key_step=0)
+    with pytest.raises(CodecError):
+        Codebook.fit([correlated_kv(3, 16, 32, 0), correlated_kv(2, 16, 32, 1)])  # two shapes
+
+
+def test_corrupted_blobs_are_caught(book: Codebook) -> None:
+    blob = KvtcCodec(book).encode(correlated_kv(3, 64, 32, seed=18))
+    for position in (10, len(blob) // 2, len(blob) - 8):
+        bad = bytearray(blob)
+        bad[position] ^= 0x20
+        with pytest.raises(CodecError):
+            KvtcCodec(book).decode(bytes(bad))
+    with pytest.raises(CodecError, match="not 'kvtc'"):
+        KvtcCodec(book).decode(get_codec("cachegen").encode(correlated_kv(3, 8, 32, seed=19)))
+
+
+def test_the_daemon_does_not_offer_kvtc_until_workers_keep_codebooks() -> None:
+    """A blob whose codebook a worker could lose (or not ship with /move) must never be made by /compress."""
+    from lmcached.codecs import available_codecs
+
+    assert "kvtc" not in available_codecs()
+    with pytest.raises(CodecError, match="unknown codec 'kvtc'"):
+        get_codec("kvtc")
