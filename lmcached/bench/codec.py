@@ -83,13 +83,27 @@ Method = Callable[[torch.Tensor], tuple[torch.Tensor, int]]  # fp16 chunk -> (de
 def lmcached_codec(name: str, **params: Any) -> Method:
     from lmcached.codecs import get_codec
 
-    codec = get_codec(name, **params)
+    return codec_method(get_codec(name, **params))
+
+
+def codec_method(codec: Any) -> Method:
+    """A codec object as a Method: encode, decode, and the blob's size."""
 
     def run(chunk: torch.Tensor) -> tuple[torch.Tensor, int]:
         blob = codec.encode(chunk)
         return codec.decode(blob), len(blob)
 
     return run
+
+
+def summarize(rows: list[tuple[float, float, float]]) -> tuple[float, float, float, float]:
+    """Evaluations (size ratio, perplexity change, top-1) -> mean ratio, mean and worst change in %, mean top-1."""
+    return (
+        float(np.mean([r[0] for r in rows])),
+        100 * float(np.mean([r[1] for r in rows])),
+        100 * max(r[1] for r in rows),
+        float(np.mean([r[2] for r in rows])),
+    )
 
 
 def int8_per_token(chunk: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -218,9 +232,7 @@ def heldout_quality(report: Report, loaded: object, held_out: dict[str, list[Sam
                 bar.advance(task)
             if not rows:
                 continue
-            ratio = float(np.mean([r[0] for r in rows]))
-            mean, worst = 100 * float(np.mean([r[1] for r in rows])), 100 * max(r[1] for r in rows)
-            agree = float(np.mean([r[2] for r in rows]))
+            ratio, mean, worst, agree = summarize(rows)
             label = f"held-out {kind} ({len(rows)} text{'s' if len(rows) > 1 else ''}, {ratio:.2f}× smaller)"
             report.add("codec held-out", f"{label}: perplexity change, mean", mean, "%", target="≤ +1.0%", need=("value", "<=", 1.0))
             report.add("codec held-out", f"{label}: perplexity change, worst", worst, "%", target="≤ +2.5%", need=("value", "<=", 2.5))

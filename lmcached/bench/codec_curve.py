@@ -8,8 +8,6 @@ is the reference point. Printed as a table (one row per point) and drawn as two 
 
 from __future__ import annotations
 
-import numpy as np
-
 from lmcached.bench.report import Report, progress
 
 
@@ -22,12 +20,12 @@ def methods(book: object | None = None) -> dict[str, tuple[str, object]]:
         f"cachegen quality {q}": ("lmcached cachegen", lmcached_codec("cachegen", quality=q)) for q in range(1, 10)
     }
     if book is not None:
-        from lmcached.bench.codec_kvtc import method
+        from lmcached.bench.codec import codec_method
         from lmcached.codecs.kvtc import DEFAULTS, KvtcCodec
 
         for scale in (0.5, 0.7, 1.0, 1.4, 2.0):
             steps = {"key_step": DEFAULTS["key_step"] * scale, "value_step": DEFAULTS["value_step"] * scale}
-            points[f"kvtc steps ×{scale}"] = ("lmcached kvtc", method(KvtcCodec(book, **steps)))  # type: ignore[arg-type]
+            points[f"kvtc steps ×{scale}"] = ("lmcached kvtc", codec_method(KvtcCodec(book, **steps)))  # type: ignore[arg-type]
     points["int8 per token"] = ("int8 per token", int8_per_token)
     points["LMCache CacheGen (emulated)"] = ("LMCache CacheGen (emulated)", lmcache_cachegen)
     return points
@@ -35,7 +33,7 @@ def methods(book: object | None = None) -> dict[str, tuple[str, object]]:
 
 def run(report: Report, loaded: object, data: list[object], book: object | None = None) -> None:
     """The curve over `data` (held-out samples, lmcached.bench.codec.Sample)."""
-    from lmcached.bench.codec import evaluate
+    from lmcached.bench.codec import evaluate, summarize
 
     points = methods(book)
     lines: dict[str, dict[str, list[float]]] = {}
@@ -46,11 +44,8 @@ def run(report: Report, loaded: object, data: list[object], book: object | None 
             for sample in data:
                 rows.append(evaluate(loaded, method, sample))  # type: ignore[arg-type]
                 bar.advance(task)
-            ratio = float(np.mean([r[0] for r in rows]))
+            ratio, dppl, worst, agree = summarize(rows)
             bits = 16 / ratio
-            dppl = 100 * float(np.mean([r[1] for r in rows]))
-            worst = 100 * max(r[1] for r in rows)
-            agree = float(np.mean([r[2] for r in rows]))
             report.add(
                 "codec curve",
                 f"{label}: {bits:.2f} bits/element ({ratio:.2f}× smaller), top-1 {agree:.3f}, worst {worst:+.2f}%"

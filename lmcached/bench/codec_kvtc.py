@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from lmcached.bench.dataplane import best_of
@@ -22,16 +21,8 @@ def calibrate(loaded: object, per_kind: int) -> Any:
     return Codebook.fit(s.kv[:, :, i : i + CHUNK] for s in tuning for i in range(0, PREFIX, CHUNK))
 
 
-def method(codec: Any) -> Any:
-    def run(chunk: torch.Tensor) -> tuple[torch.Tensor, int]:
-        blob = codec.encode(chunk)
-        return codec.decode(blob), len(blob)
-
-    return run
-
-
 def run(report: Report, loaded: object, book: Any, held_out: list[Any], chunks: list[torch.Tensor], quick: bool) -> None:
-    from lmcached.bench.codec import evaluate
+    from lmcached.bench.codec import codec_method, evaluate, summarize
     from lmcached.bench.report import progress
     from lmcached.codecs import get_codec
     from lmcached.codecs.kvtc import KvtcCodec
@@ -41,11 +32,9 @@ def run(report: Report, loaded: object, book: Any, held_out: list[Any], chunks: 
         task = bar.add_task("kvtc, held-out text", total=len(held_out))
         rows = []
         for sample in held_out:
-            rows.append(evaluate(loaded, method(codec), sample))
+            rows.append(evaluate(loaded, codec_method(codec), sample))
             bar.advance(task)
-    ratio = float(np.mean([r[0] for r in rows]))
-    mean, worst = 100 * float(np.mean([r[1] for r in rows])), 100 * max(r[1] for r in rows)
-    agree = float(np.mean([r[2] for r in rows]))
+    ratio, mean, worst, agree = summarize(rows)
     label = f"kvtc on {len(rows)} held-out texts (codebook {book.digest[:8]} from the tuning half)"
     report.add("codec kvtc", f"{label}: size vs fp16", ratio, "×", target="≥ 6× (goal ≥ 8×)", need=("value", ">=", 6.0))
     report.add("codec kvtc", f"{label}: perplexity change, mean", mean, "%", target="≤ +1.0%", need=("value", "<=", 1.0))
