@@ -3,6 +3,7 @@ clear errors (never garbage) for a missing, different or corrupted codebook."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +143,21 @@ def test_the_daemon_does_not_offer_kvtc_until_workers_keep_codebooks() -> None:
     assert "kvtc" not in available_codecs()
     with pytest.raises(CodecError, match="unknown codec 'kvtc'"):
         get_codec("kvtc")
+
+
+GOLDEN = Path(__file__).parent.parent / "codecs" / "golden"
+
+
+def test_golden_kvtc_blob_still_decodes() -> None:
+    """A blob and codebook written by kvtc format 1 decode to exactly what they decoded to when committed."""
+    book_path, blob_path, expected_path = (GOLDEN / f"kvtc-{name}.bin" for name in ("codebook-v1", "float16-v1", "float16-v1.expected"))
+    if os.environ.get("LMCACHED_WRITE_GOLDEN"):
+        book = Codebook.fit([correlated_kv(3, 40, 24, seed) for seed in range(3)])
+        book_path.write_bytes(book.to_bytes())
+        blob = KvtcCodec(book).encode(correlated_kv(3, 20, 24, seed=1234))
+        blob_path.write_bytes(blob)
+        expected_path.write_bytes(KvtcCodec(book).decode(blob).contiguous().view(torch.uint8).numpy().tobytes())
+    book = Codebook.from_bytes(book_path.read_bytes())
+    out = KvtcCodec(book).decode(blob_path.read_bytes())
+    assert out.dtype == torch.float16 and out.shape == (2, 3, 20, 24)
+    assert out.contiguous().view(torch.uint8).numpy().tobytes() == expected_path.read_bytes()
