@@ -149,7 +149,7 @@ GOLDEN = Path(__file__).parent.parent / "codecs" / "golden"
 
 
 def test_golden_kvtc_blob_still_decodes() -> None:
-    """A blob and codebook written by kvtc format 1 decode to exactly what they decoded to when committed."""
+    """A blob and codebook written by kvtc format 1 still decode to what they decoded to when committed."""
     book_path, blob_path, expected_path = (GOLDEN / f"kvtc-{name}.bin" for name in ("codebook-v1", "float16-v1", "float16-v1.expected"))
     if os.environ.get("LMCACHED_WRITE_GOLDEN"):
         book = Codebook.fit([correlated_kv(3, 40, 24, seed) for seed in range(3)])
@@ -160,4 +160,9 @@ def test_golden_kvtc_blob_still_decodes() -> None:
     book = Codebook.from_bytes(book_path.read_bytes())
     out = KvtcCodec(book).decode(blob_path.read_bytes())
     assert out.dtype == torch.float16 and out.shape == (2, 3, 20, 24)
-    assert out.contiguous().view(torch.uint8).numpy().tobytes() == expected_path.read_bytes()
+    expected = torch.frombuffer(bytearray(expected_path.read_bytes()), dtype=torch.float16).reshape(out.shape)
+    # Not bit for bit, unlike cachegen's: the inverse transform is a float32 matrix product, whose summation
+    # order (and so its last bits, now and then an fp16 rounding) depends on the CPU's BLAS kernel. A format
+    # change would be far outside this.
+    assert torch.equal(out[:, :, :1], expected[:, :, :1])  # the exact sink row is exact everywhere
+    assert torch.allclose(out.float(), expected.float(), rtol=2e-3, atol=1e-3)
