@@ -48,6 +48,23 @@ class Codec:
         return np.frombuffer(section, dtype=dt)
 
 
+def step_params(codec: str, params: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The defaults with `params` over them, checked: the parameters every quantise-then-rANS codec shares
+    (positive key and value steps, lanes of at least 16 symbols, no negative count of exact tokens)."""
+    unknown = set(params) - set(defaults)
+    if unknown:
+        raise CodecError(f"unknown {codec} parameter(s): {', '.join(sorted(unknown))}")
+    merged = {**defaults, **params}
+    for key in ("key_step", "value_step"):
+        if not float(merged[key]) > 0:
+            raise CodecError(f"{codec} {key} must be positive")
+    if int(merged["lane_size"]) < 16:
+        raise CodecError(f"{codec} lane_size must be at least 16")
+    if int(merged["exact_tokens"]) < 0:
+        raise CodecError(f"{codec} exact_tokens must be >= 0")
+    return merged
+
+
 def as_float32_numpy(kv: torch.Tensor) -> np.ndarray:
     return kv.detach().to("cpu", torch.float32).contiguous().numpy()
 

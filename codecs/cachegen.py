@@ -20,7 +20,7 @@ import torch
 from lmcached.errors import CodecError
 
 from . import entropy, quant_cpu
-from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, gpu_available
+from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, gpu_available, step_params
 from .format import pack, unpack
 from .scratch import output, scratch
 
@@ -88,17 +88,7 @@ class CacheGenCodec(Codec):
             if "key_step" in params or "value_step" in params:
                 raise CodecError("give cachegen either quality or key_step/value_step, not both")
             params = {**params, **steps_for_quality(quality)}
-        unknown = set(params) - set(DEFAULTS)
-        if unknown:
-            raise CodecError(f"unknown cachegen parameter(s): {', '.join(sorted(unknown))}")
-        self.params = {**DEFAULTS, **params}
-        for key in ("key_step", "value_step"):
-            if not float(self.params[key]) > 0:
-                raise CodecError(f"cachegen {key} must be positive")
-        if int(self.params["lane_size"]) < 16:
-            raise CodecError("cachegen lane_size must be at least 16")
-        if int(self.params["exact_tokens"]) < 0:
-            raise CodecError("cachegen exact_tokens must be >= 0")
+        self.params = step_params(self.name, params, DEFAULTS)
 
     def steps(self, k_mean: np.ndarray, k_std: np.ndarray, v_mean: np.ndarray, v_std: np.ndarray) -> Steps:
         """Steps and offsets from the statistics, rounded to fp16 as stored (CPU and GPU share this)."""

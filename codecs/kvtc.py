@@ -36,7 +36,7 @@ import torch
 from lmcached.errors import CodecError
 
 from . import entropy, kvtc_cpu
-from .base import DTYPES, TORCH_DTYPES, TORCH_ITEMSIZE, Codec
+from .base import DTYPES, TORCH_DTYPES, TORCH_ITEMSIZE, Codec, step_params
 from .format import pack, unpack
 
 DEFAULTS: dict[str, Any] = {
@@ -180,15 +180,7 @@ class KvtcCodec(Codec):
     lossy = True
 
     def __init__(self, codebook: Codebook | None = None, store: CodebookStore | None = None, **params: Any) -> None:
-        unknown = set(params) - set(DEFAULTS)
-        if unknown:
-            raise CodecError(f"unknown kvtc parameter(s): {', '.join(sorted(unknown))}")
-        self.params = {**DEFAULTS, **params}
-        for key in ("key_step", "value_step"):
-            if not float(self.params[key]) > 0:
-                raise CodecError(f"kvtc {key} must be positive")
-        if int(self.params["exact_tokens"]) < 0 or int(self.params["lane_size"]) < 16:
-            raise CodecError("kvtc exact_tokens must be >= 0 and lane_size >= 16")
+        self.params = step_params(self.name, params, DEFAULTS)
         self.codebook = codebook
         self.store = store if store is not None else CodebookStore()
         if codebook is not None:
