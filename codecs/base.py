@@ -65,6 +65,15 @@ def step_params(codec: str, params: dict[str, Any], defaults: dict[str, Any]) ->
     return merged
 
 
+def with_exact_rows(result: torch.Tensor, exact_rows: np.ndarray, dtype: str, exact: int) -> torch.Tensor:
+    """Put a blob's exact first tokens (the stored bytes, [2, L, exact, C] of `dtype`) into a decoded result."""
+    if exact:
+        _, L, _, C = result.shape
+        rows = torch.from_numpy(exact_rows.copy()).view(TORCH_DTYPES[dtype]).reshape(2, L, exact, C)
+        result[:, :, :exact, :] = rows.to(result.device)
+    return result
+
+
 def as_float32_numpy(kv: torch.Tensor) -> np.ndarray:
     return kv.detach().to("cpu", torch.float32).contiguous().numpy()
 

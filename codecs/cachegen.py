@@ -20,7 +20,7 @@ import torch
 from lmcached.errors import CodecError
 
 from . import entropy, quant_cpu
-from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, gpu_available, step_params
+from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, gpu_available, step_params, with_exact_rows
 from .format import pack, unpack
 from .scratch import output, scratch
 
@@ -165,14 +165,6 @@ class CacheGenCodec(Codec):
             quant_cpu.dequantize_half(sym[1], unit.ones_c, unit.zeros_c, f32.v_step, f32.v_off, bfloat, bits[1])
             result = torch.from_numpy(bits).view(TORCH_DTYPES[b.dtype])
         return with_exact_rows(result, exact_rows, b.dtype, exact).to(target)
-
-
-def with_exact_rows(result: torch.Tensor, exact_rows: np.ndarray, dtype: str, exact: int) -> torch.Tensor:
-    if exact:
-        _, L, _, C = result.shape
-        rows = torch.from_numpy(exact_rows.copy()).view(TORCH_DTYPES[dtype]).reshape(2, L, exact, C)
-        result[:, :, :exact, :] = rows.to(result.device)
-    return result
 
 
 @dataclass

@@ -117,8 +117,7 @@ def decode_arrays(b: Any, steps: Any, offsets: np.ndarray, words: np.ndarray) ->
 def cachegen_decode(
     b: Any, steps: Any, offsets: np.ndarray, words: np.ndarray, exact_rows: np.ndarray, target: torch.device
 ) -> torch.Tensor:
-    from .base import TORCH_DTYPES
-    from .cachegen import with_exact_rows
+    from .base import TORCH_DTYPES, with_exact_rows
 
     out = torch.as_tensor(decode_arrays(b, steps, offsets, words), device=target)
     return with_exact_rows(out.to(TORCH_DTYPES[b.dtype]), exact_rows, b.dtype, int(b.params["exact_tokens"]))

@@ -36,7 +36,7 @@ import torch
 from lmcached.errors import CodecError
 
 from . import entropy, kvtc_cpu
-from .base import DTYPES, TORCH_DTYPES, TORCH_ITEMSIZE, Codec, step_params
+from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, step_params, with_exact_rows
 from .format import pack, unpack
 
 DEFAULTS: dict[str, Any] = {
@@ -267,9 +267,7 @@ class KvtcCodec(Codec):
         x = torch.baddbmm(mean, torch.from_numpy(y), basis_t)
         out = torch.empty((2, L, T, C), dtype=TORCH_DTYPES[b.dtype])
         out[:, :, exact:] = x.reshape(2, L, n, C)
-        if exact:
-            out[:, :, :exact] = torch.from_numpy(exact_rows.copy()).view(TORCH_DTYPES[b.dtype]).reshape(2, L, exact, C)
-        return out.to(torch.device(device) if device is not None else torch.device("cpu"))
+        return with_exact_rows(out, exact_rows, b.dtype, exact).to(torch.device(device) if device is not None else torch.device("cpu"))
 
 
 def _f16(a: np.ndarray) -> np.ndarray:
@@ -277,4 +275,4 @@ def _f16(a: np.ndarray) -> np.ndarray:
     return np.clip(a, 1e-4, 6e4).astype(np.float16)
 
 
-__all__ = ["Codebook", "CodebookStore", "KvtcCodec", "DTYPES"]
+__all__ = ["Codebook", "CodebookStore", "KvtcCodec"]
