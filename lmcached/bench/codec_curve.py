@@ -14,13 +14,12 @@ from lmcached.bench.report import Report, progress
 def methods(book: object | None = None) -> dict[str, tuple[str, object]]:
     """Label -> (family, method): the curve's points, grouped into lines by family. kvtc's points need its
     codebook (learned from the tuning half)."""
-    from lmcached.bench.codec import int8_per_token, lmcache_cachegen, lmcached_codec
+    from lmcached.bench.codec import codec_method, int8_per_token, lmcache_cachegen, lmcached_codec
 
     points: dict[str, tuple[str, object]] = {
         f"cachegen quality {q}": ("lmcached cachegen", lmcached_codec("cachegen", quality=q)) for q in range(1, 10)
     }
     if book is not None:
-        from lmcached.bench.codec import codec_method
         from lmcached.codecs.kvtc import DEFAULTS, KvtcCodec
 
         for scale in (0.5, 0.7, 1.0, 1.4, 2.0):
