@@ -38,9 +38,10 @@ def get_codec(name: str, **params: Any) -> Codec:
 
 def decode(blob: bytes) -> Any:
     """Decode any lmcached blob, whichever codec wrote it (the blob names it)."""
-    from .format import unpack
+    from .format import codec_of
 
-    return get_codec(unpack(blob).codec).decode(blob)
+    # The header names the codec; the codec's own decode verifies the whole blob (once, not twice).
+    return get_codec(codec_of(blob)).decode(blob)
 
 
 __all__ = ["Codec", "CodecError", "available_codecs", "get_codec", "decode", "configure", "threads", "available_cpus"]

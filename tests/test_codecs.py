@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lmcached.codecs import available_codecs, decode, entropy, get_codec, quant_cpu, rans_cpu
-from lmcached.codecs.format import MAGIC, unpack
+from lmcached.codecs.format import FORMAT_VERSION, MAGIC, TRAILERS, unpack
 
 from lmcached.errors import CodecError
 
@@ -119,20 +118,29 @@ def golden_input(dtype: torch.dtype) -> torch.Tensor:
     return kv_like_real(3, 20, 24, dtype, seed=1234)
 
 
-GOLDEN_CASES = [("cachegen", torch.float16), ("cachegen", torch.bfloat16), ("lossless", torch.float16), ("lossless", torch.float32)]
+GOLDEN_CASES = [
+    (name, dtype, version)
+    for version in (1, 2)
+    for name, dtype in [("cachegen", torch.float16), ("cachegen", torch.bfloat16), ("lossless", torch.float16), ("lossless", torch.float32)]
+]
 
 
-@pytest.mark.parametrize(("name", "dtype"), GOLDEN_CASES, ids=[f"{n}-{d}".replace("torch.", "") for n, d in GOLDEN_CASES])
-def test_golden_blobs_still_decode(name: str, dtype: torch.dtype) -> None:
-    """Blobs written by format version 1 decode to exactly what they decoded to when committed."""
-    stem = f"{name}-{str(dtype).removeprefix('torch.')}-v1"
+@pytest.mark.parametrize(
+    ("name", "dtype", "version"), GOLDEN_CASES, ids=[f"{n}-{d}-v{v}".replace("torch.", "") for n, d, v in GOLDEN_CASES]
+)
+def test_golden_blobs_still_decode(name: str, dtype: torch.dtype, version: int) -> None:
+    """Blobs written by every format version decode to exactly what they decoded to when committed.
+    (LMCACHED_WRITE_GOLDEN=1 rewrites the current version's files only: older ones are history.)"""
+    stem = f"{name}-{str(dtype).removeprefix('torch.')}-v{version}"
     blob_path, expected_path = GOLDEN / f"{stem}.bin", GOLDEN / f"{stem}.expected.bin"
-    if os.environ.get("LMCACHED_WRITE_GOLDEN"):
+    if os.environ.get("LMCACHED_WRITE_GOLDEN") and version == FORMAT_VERSION:
         codec = get_codec(name)
         blob = codec.encode(golden_input(dtype))
         blob_path.write_bytes(blob)
         expected_path.write_bytes(codec.decode(blob).contiguous().view(torch.uint8).numpy().tobytes())
-    out = decode(blob_path.read_bytes())
+    blob = blob_path.read_bytes()
+    assert struct.unpack_from("<H", blob, 4)[0] == version
+    out = decode(blob)
     assert out.dtype == dtype and out.shape == (2, 3, 20, 24)
     assert out.contiguous().view(torch.uint8).numpy().tobytes() == expected_path.read_bytes()
     if name == "lossless":
@@ -159,6 +167,39 @@ def test_flipped_bytes_are_caught_by_the_checksum(blob: bytes) -> None:
             decode(bytes(bad))
 
 
+def test_a_format_1_blob_is_still_verified_by_its_crc() -> None:
+    bad = bytearray((GOLDEN / "cachegen-float16-v1.bin").read_bytes())
+    bad[len(bad) // 2] ^= 0x01
+    with pytest.raises(CodecError, match="checksum"):
+        decode(bytes(bad))
+
+
+def test_an_unknown_format_version_is_named(blob: bytes) -> None:
+    future = bytearray(blob)
+    struct.pack_into("<H", future, 4, 99)
+    with pytest.raises(CodecError, match="format version 99 is not supported"):
+        decode(bytes(future))
+
+
+def test_checksum64_sees_every_flipped_bit_and_moved_block() -> None:
+    from lmcached.codecs.checksum import BLOCK, checksum64
+
+    rng = np.random.default_rng(7)
+    data = rng.integers(0, 256, 3 * BLOCK + 13, dtype=np.uint8).tobytes()
+    base = checksum64(data)
+    for position in (0, 7, 8, BLOCK - 1, BLOCK, 2 * BLOCK + 5, len(data) - 13, len(data) - 1):
+        for bit in (0, 3, 7):
+            bad = bytearray(data)
+            bad[position] ^= 1 << bit
+            assert checksum64(bad) != base, (position, bit)
+    swapped = data[BLOCK : 2 * BLOCK] + data[:BLOCK] + data[2 * BLOCK :]
+    assert checksum64(swapped) != base
+    assert checksum64(data[:-1]) != base and checksum64(data + b"\0") != base
+    # The same bytes hash the same wherever they start in memory (numpy reads unaligned words).
+    assert checksum64(memoryview(b"x" + data)[1:]) == base
+    assert checksum64(b"") != checksum64(b"\0")
+
+
 def test_foreign_and_empty_blobs_raise() -> None:
     for junk in (b"", b"hello world" * 10, bytes(1000), b"\x89PNG\r\n\x1a\n" + bytes(100)):
         with pytest.raises(CodecError, match="blob"):
@@ -171,7 +212,9 @@ def test_wrong_codec_is_named(blob: bytes) -> None:
 
 
 def refresh_crc(data: bytearray) -> bytes:
-    data[-4:] = struct.pack("<I", zlib.crc32(bytes(data[:-4])))
+    """The blob with its checksum recomputed for its (possibly corrupted) content."""
+    trailer, checksum = TRAILERS[FORMAT_VERSION]
+    data[-trailer.size :] = trailer.pack(checksum(bytes(data[: -trailer.size])))
     return bytes(data)
 
 
@@ -181,7 +224,7 @@ def test_corruption_behind_a_valid_checksum_never_crashes(blob: bytes, data: st.
     """Even with a recomputed checksum, corrupt content gives a CodecError or a tensor of the right shape."""
     bad = bytearray(blob)
     for _ in range(data.draw(st.integers(1, 8))):
-        bad[data.draw(st.integers(0, len(bad) - 5))] = data.draw(st.integers(0, 255))
+        bad[data.draw(st.integers(0, len(bad) - 1 - TRAILERS[FORMAT_VERSION][0].size))] = data.draw(st.integers(0, 255))
     try:
         out = decode(refresh_crc(bad))
     except CodecError:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from lmcached.codecs import get_codec
+from lmcached.codecs.format import FORMAT_VERSION
 from lmcached.codecs.kvtc import Codebook, CodebookStore, KvtcCodec
 
 from lmcached.errors import CodecError
@@ -148,12 +149,14 @@ def test_the_daemon_does_not_offer_kvtc_until_workers_keep_codebooks() -> None:
 GOLDEN = Path(__file__).parent.parent / "codecs" / "golden"
 
 
-def test_golden_kvtc_blob_still_decodes() -> None:
-    """A blob and codebook written by kvtc format 1 still decode to what they decoded to when committed."""
-    book_path, blob_path, expected_path = (GOLDEN / f"kvtc-{name}.bin" for name in ("codebook-v1", "float16-v1", "float16-v1.expected"))
-    if os.environ.get("LMCACHED_WRITE_GOLDEN"):
-        book = Codebook.fit([correlated_kv(3, 40, 24, seed) for seed in range(3)])
-        book_path.write_bytes(book.to_bytes())
+@pytest.mark.parametrize("version", [1, 2])
+def test_golden_kvtc_blob_still_decodes(version: int) -> None:
+    """Blobs of every container format version, with the format 1 codebook, still decode to what they decoded
+    to when committed. (LMCACHED_WRITE_GOLDEN=1 rewrites only the current version's blob.)"""
+    book_path = GOLDEN / "kvtc-codebook-v1.bin"
+    blob_path, expected_path = (GOLDEN / f"kvtc-float16-v{version}{suffix}.bin" for suffix in ("", ".expected"))
+    if os.environ.get("LMCACHED_WRITE_GOLDEN") and version == FORMAT_VERSION:
+        book = Codebook.from_bytes(book_path.read_bytes())
         blob = KvtcCodec(book).encode(correlated_kv(3, 20, 24, seed=1234))
         blob_path.write_bytes(blob)
         expected_path.write_bytes(KvtcCodec(book).decode(blob).contiguous().view(torch.uint8).numpy().tobytes())
