@@ -19,7 +19,7 @@ import torch
 
 from lmcached.errors import CodecError
 
-from . import entropy, quant_cpu
+from . import cachegen_cpu, entropy, quant_cpu
 from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, gpu_available, step_params, with_exact_rows
 from .format import pack, unpack
 from .scratch import output, scratch
@@ -150,19 +150,26 @@ class CacheGenCodec(Codec):
             from . import gpu
 
             return gpu.cachegen_decode(b, steps, offsets, words, exact_rows, target)
-        sym = entropy.decode(b.sections[4], offsets, words, 2 * L, T * C, lane).reshape(2, L, T, C)
         unit = unit_params(L, T, C)
         f32 = steps.as_float32(L, T, C)
         if b.dtype == "float32":
+            sym = entropy.decode(b.sections[4], offsets, words, 2 * L, T * C, lane).reshape(2, L, T, C)
             out = output("cachegen.out32", (2, L, T, C), np.float32)
             quant_cpu.dequantize(sym[0], f32.k_step, f32.k_off, unit.ones_r, unit.zeros_r, out[0])
             quant_cpu.dequantize(sym[1], unit.ones_c, unit.zeros_c, f32.v_step, f32.v_off, out[1])
             result = torch.from_numpy(out)
-        else:  # half precision written directly: no float32 tensor and no conversion pass
-            bfloat = b.dtype == "bfloat16"
+        else:  # half precision written directly, a layer at a time: no symbol array, no float32 tensor
+            dtab, lane_offsets = entropy.decoder(b.sections[4], offsets, words, 2 * L, T * C, lane)
             bits = output("cachegen.out16", (2, L, T, C), np.uint16)
-            quant_cpu.dequantize_half(sym[0], f32.k_step, f32.k_off, unit.ones_r, unit.zeros_r, bfloat, bits[0])
-            quant_cpu.dequantize_half(sym[1], unit.ones_c, unit.zeros_c, f32.v_step, f32.v_off, bfloat, bits[1])
+            # Keys' parameters are per column, values' per row; the other side of each is neutral (1 and 0).
+            col_step, col_off = np.concatenate([f32.k_step, unit.ones_c]), np.concatenate([f32.k_off, unit.zeros_c])
+            row_step, row_off = np.concatenate([unit.ones_r, f32.v_step]), np.concatenate([unit.zeros_r, f32.v_off])
+            bfloat = b.dtype == "bfloat16"
+            bad = cachegen_cpu.decode_half(
+                words, lane_offsets, lane, dtab, col_step, col_off, row_step, row_off, bfloat, bits.reshape(2 * L, T, C)
+            )
+            if bad:
+                raise entropy.corrupt_lanes(bad)
             result = torch.from_numpy(bits).view(TORCH_DTYPES[b.dtype])
         return with_exact_rows(result, exact_rows, b.dtype, exact).to(target)
 

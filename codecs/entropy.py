@@ -108,9 +108,11 @@ def encode(symbols: np.ndarray, groups: int, group_len: int, lane_size: int) -> 
     return Coded(pack_tables(freq), offsets.astype("<u4"), words)
 
 
-def decode(tables: memoryview, offsets: np.ndarray, words: np.ndarray, groups: int, group_len: int, lane_size: int) -> np.ndarray:
-    """Inverse of `encode`; raises CodecError when the coded data does not decode cleanly. The symbols are in
-    this thread's scratch buffer: valid until its next decode."""
+def decoder(
+    tables: memoryview, offsets: np.ndarray, words: np.ndarray, groups: int, group_len: int, lane_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check what `decode` needs and build it: the decoder tables and the lane offsets (int64). Raises
+    CodecError for tables or offsets that cannot be right. For kernels that decode lanes themselves."""
     freq = unpack_tables(tables, groups)
     if not np.all(freq.sum(axis=1) == PROB_SCALE):
         raise CodecError("frequency table does not sum to the coder's scale")
@@ -118,11 +120,21 @@ def decode(tables: memoryview, offsets: np.ndarray, words: np.ndarray, groups: i
     offsets = offsets.astype(np.int64)
     if offsets.shape[0] != lanes + 1 or offsets[0] != 0 or offsets[-1] != words.shape[0] or np.any(np.diff(offsets) < 0):
         raise CodecError("lane offsets do not match the coded words")
-    dtab = rans_cpu.decoder_tables(freq, cumulative(freq))
+    return rans_cpu.decoder_tables(freq, cumulative(freq)), offsets
+
+
+def corrupt_lanes(bad: int) -> CodecError:
+    return CodecError(f"{bad} rANS lane(s) failed to decode: the blob is corrupted")
+
+
+def decode(tables: memoryview, offsets: np.ndarray, words: np.ndarray, groups: int, group_len: int, lane_size: int) -> np.ndarray:
+    """Inverse of `encode`; raises CodecError when the coded data does not decode cleanly. The symbols are in
+    this thread's scratch buffer: valid until its next decode."""
+    dtab, offsets = decoder(tables, offsets, words, groups, group_len, lane_size)
     out = scratch("entropy.symbols", (groups * group_len,), np.uint8)  # the callers consume it at once
     bad = rans_cpu.decode_lanes(words, offsets, groups, group_len, lane_size, dtab, out)
     if bad:
-        raise CodecError(f"{bad} rANS lane(s) failed to decode: the blob is corrupted")
+        raise corrupt_lanes(bad)
     return out
 
 

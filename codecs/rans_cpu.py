@@ -177,6 +177,55 @@ def _read_state(words, pos):  # pragma: no cover - compiled
     return (np.uint64(words[pos]) << np.uint64(16)) | np.uint64(words[pos + 1])
 
 
+@njit(inline="always")
+def decode_lane(words, pos, end, n, d_tab, out, start):  # pragma: no cover - compiled
+    """Decode the lane in words[pos:end] (n symbols, table d_tab) into out[start:start + n]; False when it is
+    corrupt: a whole lane ends with every word consumed and every state back at its start value."""
+    if end - pos < STATE_WORDS:
+        return False
+    x0 = _read_state(words, pos)
+    x1 = _read_state(words, pos + 2)
+    x2 = _read_state(words, pos + 4)
+    x3 = _read_state(words, pos + 6)
+    pos += STATE_WORDS
+    n4 = n & ~3
+    # A corrupt lane could read past its words; the bound costs one compare per four symbols.
+    limit = end - 4
+    i = 0
+    while i < n4 and pos <= limit:
+        x0, s, pos = _dec(x0, d_tab, words, pos)
+        out[start + i] = s
+        x1, s, pos = _dec(x1, d_tab, words, pos)
+        out[start + i + 1] = s
+        x2, s, pos = _dec(x2, d_tab, words, pos)
+        out[start + i + 2] = s
+        x3, s, pos = _dec(x3, d_tab, words, pos)
+        out[start + i + 3] = s
+        i += 4
+    while i < n:  # the tail, and any lane that ran near its end: check every read
+        k = i & 3
+        x = x0 if k == 0 else (x1 if k == 1 else (x2 if k == 2 else x3))
+        e = np.uint64(d_tab[x & np.uint64(PROB_SCALE - 1)])
+        s = np.uint8(e & np.uint64(0xFF))
+        x = ((e >> np.uint64(8)) & np.uint64(0xFFF)) * (x >> np.uint64(PROB_BITS)) + (x >> np.uint64(PROB_BITS)) + (e >> np.uint64(20))
+        if x < np.uint64(RANS_L):
+            if pos >= end:
+                return False
+            x = (x << np.uint64(16)) | np.uint64(words[pos])
+            pos += 1
+        out[start + i] = s
+        if k == 0:
+            x0 = x
+        elif k == 1:
+            x1 = x
+        elif k == 2:
+            x2 = x
+        else:
+            x3 = x
+        i += 1
+    return pos == end and x0 == RANS_L and x1 == RANS_L and x2 == RANS_L and x3 == RANS_L
+
+
 @njit(nogil=True, cache=True, parallel=True)
 def decode_lanes(words, offsets, groups, group_len, lane_size, dtab, out):  # pragma: no cover
     """Decode every lane into `out` (uint8, groups * group_len). Returns the number of corrupt lanes."""
@@ -185,57 +234,7 @@ def decode_lanes(words, offsets, groups, group_len, lane_size, dtab, out):  # pr
     for lane in prange(groups * lanes_per_group):
         g = lane // lanes_per_group
         j = lane - g * lanes_per_group
-        start = g * group_len + j * lane_size
         n = min(lane_size, group_len - j * lane_size)
-        pos = offsets[lane]
-        end = offsets[lane + 1]
-        if end - pos < STATE_WORDS:
-            bad[lane] = 1
-            continue
-        x0 = _read_state(words, pos)
-        x1 = _read_state(words, pos + 2)
-        x2 = _read_state(words, pos + 4)
-        x3 = _read_state(words, pos + 6)
-        pos += STATE_WORDS
-        d_tab = dtab[g]
-        n4 = n & ~3
-        # A corrupt lane could read past its words; the bound costs one compare per four symbols.
-        limit = end - 4
-        i = 0
-        while i < n4 and pos <= limit:
-            x0, s, pos = _dec(x0, d_tab, words, pos)
-            out[start + i] = s
-            x1, s, pos = _dec(x1, d_tab, words, pos)
-            out[start + i + 1] = s
-            x2, s, pos = _dec(x2, d_tab, words, pos)
-            out[start + i + 2] = s
-            x3, s, pos = _dec(x3, d_tab, words, pos)
-            out[start + i + 3] = s
-            i += 4
-        overflow = False
-        while i < n:  # the tail, and any lane that ran near its end: check every read
-            k = i & 3
-            x = x0 if k == 0 else (x1 if k == 1 else (x2 if k == 2 else x3))
-            e = np.uint64(d_tab[x & np.uint64(PROB_SCALE - 1)])
-            s = np.uint8(e & np.uint64(0xFF))
-            x = ((e >> np.uint64(8)) & np.uint64(0xFFF)) * (x >> np.uint64(PROB_BITS)) + (x >> np.uint64(PROB_BITS)) + (e >> np.uint64(20))
-            if x < np.uint64(RANS_L):
-                if pos >= end:
-                    overflow = True
-                    break
-                x = (x << np.uint64(16)) | np.uint64(words[pos])
-                pos += 1
-            out[start + i] = s
-            if k == 0:
-                x0 = x
-            elif k == 1:
-                x1 = x
-            elif k == 2:
-                x2 = x
-            else:
-                x3 = x
-            i += 1
-        # A whole lane ends with every word consumed and every state back at its start value.
-        if overflow or pos != end or x0 != RANS_L or x1 != RANS_L or x2 != RANS_L or x3 != RANS_L:
+        if not decode_lane(words, offsets[lane], offsets[lane + 1], n, dtab[g], out, g * group_len + j * lane_size):
             bad[lane] = 1
     return bad.sum()

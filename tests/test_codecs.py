@@ -329,6 +329,32 @@ def test_quant_kernels_match_numpy() -> None:
     assert (half == torch.from_numpy(out).bfloat16().view(torch.int16).numpy().view(np.uint16)).all()
 
 
+@pytest.mark.parametrize("bfloat", [False, True])
+def test_fused_half_decode_matches_lanes_then_dequantize(bfloat: bool) -> None:
+    """cachegen_cpu.decode_half (lanes and dequantisation a group at a time) is bit-identical to decoding every
+    lane and then dequantising, also where a group's last lane is short, and counts a corrupt lane."""
+    from lmcached.codecs import cachegen_cpu
+
+    rng = np.random.default_rng(11)
+    G, R, C, lane = 4, 37, 24, 256  # 888 symbols a group: three whole lanes and a short one
+    sym = np.clip(np.rint(rng.normal(128, 6, (G, R, C))), 0, 255).astype(np.uint8)
+    col_step = rng.uniform(0.01, 0.5, (G, C)).astype(np.float32)
+    col_off = rng.normal(0, 1, (G, C)).astype(np.float32)
+    row_step = rng.uniform(0.5, 2, (G, R)).astype(np.float32)
+    row_off = rng.normal(0, 0.1, (G, R)).astype(np.float32)
+    coded = entropy.encode(sym.reshape(-1), G, R * C, lane)
+    expected = np.empty((G, R, C), np.uint16)
+    decoded = entropy.decode(memoryview(coded.tables), coded.offsets, coded.words, G, R * C, lane).reshape(G, R, C)
+    quant_cpu.dequantize_half(decoded, col_step, col_off, row_step, row_off, bfloat, expected)
+    dtab, offsets = entropy.decoder(memoryview(coded.tables), coded.offsets, coded.words, G, R * C, lane)
+    out = np.empty((G, R, C), np.uint16)
+    assert cachegen_cpu.decode_half(coded.words, offsets, lane, dtab, col_step, col_off, row_step, row_off, bfloat, out) == 0
+    assert np.array_equal(out, expected)
+    words = coded.words.copy()
+    words[offsets[5] + 20] ^= 0x5A5A  # inside the second group's second lane
+    assert cachegen_cpu.decode_half(words, offsets, lane, dtab, col_step, col_off, row_step, row_off, bfloat, out) >= 1
+
+
 def test_half_conversion_rounds_like_torch_at_the_edges() -> None:
     rng = np.random.default_rng(3)
     values = np.concatenate(
