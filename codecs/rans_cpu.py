@@ -95,7 +95,9 @@ def encode_lanes(symbols, groups, group_len, lane_size, tab, scratch, lane_words
         j = lane - g * lanes_per_group
         start = g * group_len + j * lane_size
         n = min(lane_size, group_len - j * lane_size)
-        row = scratch[lane]
+        # Words are emitted last-read-first, so they are written from the row's end backwards (through a
+        # reversed view): the lane then sits in reading order at the end of its row, with no reversal pass.
+        row = scratch[lane, ::-1]
         pos = 0
         x0 = np.uint64(RANS_L)
         x1 = np.uint64(RANS_L)
@@ -130,20 +132,18 @@ def encode_lanes(symbols, groups, group_len, lane_size, tab, scratch, lane_words
             row[pos] = np.uint16(x & np.uint64(0xFFFF))
             row[pos + 1] = np.uint16(x >> np.uint64(16))
             pos += 2
-        # Reverse in place so the lane reads forwards; its words occupy row[:pos].
-        for a in range(pos // 2):
-            tmp = row[a]
-            row[a] = row[pos - 1 - a]
-            row[pos - 1 - a] = tmp
-        lane_words[lane] = pos
+        lane_words[lane] = pos  # in reading order at scratch[lane, -pos:]
 
 
 @njit(nogil=True, cache=True, parallel=True)
 def gather_lanes(scratch, lane_words, offsets, out):  # pragma: no cover - compiled
+    """Each lane's words (the last lane_words[lane] of its scratch row) to out[offsets[lane]:]."""
     for lane in prange(lane_words.shape[0]):
         o = offsets[lane]
-        for k in range(lane_words[lane]):
-            out[o + k] = scratch[lane, k]
+        n = lane_words[lane]
+        end = scratch.shape[1] - n
+        for k in range(n):
+            out[o + k] = scratch[lane, end + k]
 
 
 @njit(nogil=True, cache=True, parallel=True)
