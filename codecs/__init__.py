@@ -16,7 +16,7 @@ from lmcached.errors import CodecError
 from .base import Codec
 from .threads import available_cpus, configure, threads
 
-_REGISTRY: dict[str, str] = {"cachegen": "CacheGenCodec", "lossless": "LosslessCodec"}
+_REGISTRY: dict[str, str] = {"cachegen": "CacheGenCodec", "kvtc": "KvtcCodec", "lossless": "LosslessCodec"}
 
 
 def available_codecs() -> list[str]:
@@ -31,6 +31,10 @@ def get_codec(name: str, **params: Any) -> Codec:
         from .cachegen import CacheGenCodec
 
         return CacheGenCodec(**params)
+    if name == "kvtc":  # needs codebook= (to encode) and/or store= (a CodebookStore, to decode)
+        from .kvtc import KvtcCodec
+
+        return KvtcCodec(**params)
     from .lossless import LosslessCodec
 
     return LosslessCodec(**params)

@@ -15,9 +15,7 @@ vector and the principal components (PCA basis, by variance) of calibration KV. 
 
 The blob names its codebook by content hash (`Codebook.digest`); decoding needs that codebook, found in the
 codec's own codebook or in a `CodebookStore`. A missing or different codebook is a CodecError, never garbage.
-
-Not offered by the daemon yet (`get_codec` does not list it): a worker would have to keep codebooks durably with
-its chunks and ship them with `/move` first, so that no stored blob can become undecodable.
+A worker keeps its codebooks with its chunks and ships them wherever its kvtc blobs go (`lmcached.codebooks`).
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,10 +139,12 @@ class Codebook:
 
 
 class CodebookStore:
-    """Codebooks by digest, in memory and (with a directory) durably as `<digest>.kvtcbook` files."""
+    """Codebooks by digest, in memory and (with a directory) durably as `<digest>.kvtcbook` files; with `fetch`
+    (digest -> the codebook's bytes, or None), a codebook found nowhere here is asked for there (and kept)."""
 
-    def __init__(self, directory: str | Path | None = None) -> None:
+    def __init__(self, directory: str | Path | None = None, fetch: Callable[[str], bytes | None] | None = None) -> None:
         self.directory = Path(directory) if directory is not None else None
+        self.fetch = fetch
         self._books: dict[str, Codebook] = {}
 
     def add(self, book: Codebook) -> str:
@@ -162,6 +162,13 @@ class CodebookStore:
         return book.digest
 
     def get(self, digest: str) -> Codebook:
+        book = self.find(digest)
+        if book is None:
+            raise CodecError(f"this kvtc blob needs codebook {digest}, which is not here (calibrate, or copy it over)")
+        return book
+
+    def find(self, digest: str) -> Codebook | None:
+        """The codebook, from memory, the directory or `fetch` (checked against its name), else None."""
         book = self._books.get(digest)
         if book is None and self.directory is not None:
             path = self.directory / f"{digest}.kvtcbook"
@@ -170,9 +177,22 @@ class CodebookStore:
                 if book.digest != digest:
                     raise CodecError(f"kvtc codebook file {path.name} holds codebook {book.digest}")
                 self._books[digest] = book
-        if book is None:
-            raise CodecError(f"this kvtc blob needs codebook {digest}, which is not here (calibrate, or copy it over)")
+        if book is None and self.fetch is not None:
+            data = self.fetch(digest)
+            if data is not None:
+                book = Codebook.from_bytes(data)
+                if book.digest != digest:
+                    raise CodecError(f"asked for kvtc codebook {digest}, got {book.digest}")
+                self.add(book)
         return book
+
+
+def codebook_of(blob: bytes | bytearray | memoryview) -> str:
+    """The digest of the codebook a kvtc blob needs (the blob is verified on the way)."""
+    digest = unpack(blob, "kvtc").params.get("codebook")
+    if not isinstance(digest, str):
+        raise CodecError("kvtc blob does not name its codebook")
+    return digest
 
 
 class KvtcCodec(Codec):
@@ -275,4 +295,4 @@ def _f16(a: np.ndarray) -> np.ndarray:
     return np.clip(a, 1e-4, 6e4).astype(np.float16)
 
 
-__all__ = ["Codebook", "CodebookStore", "KvtcCodec"]
+__all__ = ["Codebook", "CodebookStore", "KvtcCodec", "codebook_of"]

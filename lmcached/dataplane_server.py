@@ -13,7 +13,7 @@ from lmcached.backends import CPU, Chunk
 from lmcached.config import Config
 from lmcached.dataplane import check_keys, chunk_headers
 from lmcached.dataplane_shm import ShmSession
-from lmcached.errors import LmcachedError, ProtocolError, Unauthorized
+from lmcached.errors import CodecError, LmcachedError, ProtocolError, Unauthorized
 from lmcached.frames import HELLO_TIMEOUT_S, MAX_DATA_PAYLOAD_BYTES, Kind, frame_parts, read_frame_head, read_payload, read_payload_into
 from lmcached.handshake import receive_hello
 from lmcached.sockio import SocketStream, serve_sockets
@@ -117,6 +117,9 @@ class DataPlaneServer:
                 self.storage.release_unkept(chunks)
             await self._reply(stream, {"req_id": req_id, "num_tokens": stored})
             return
+        if kind == Kind.CODEBOOK:
+            await self._answer_codebook(stream, header, payload_len)
+            return
         if payload_len:
             raise ProtocolError(f"{kind.name} frames carry no payload")
         if kind in (Kind.SHM_STORE, Kind.SHM_COMMIT, Kind.SHM_RETRIEVE, Kind.SHM_RELEASE):
@@ -132,6 +135,26 @@ class DataPlaneServer:
             await self._reply(stream, {"req_id": req_id, "chunks": [c.meta() for c in chunks]}, [c.data for c in chunks])
         else:
             raise ProtocolError(f"unexpected {kind.name} frame on the data plane")
+
+    async def _answer_codebook(self, stream: SocketStream, header: dict[str, Any], payload_len: int) -> None:
+        """Whether this worker has kvtc codebook `digest` (no payload), or keep the one in the payload; with
+        "current", new kvtc blobs of its shape use it (`lmcached calibrate`)."""
+        req_id, digest = header.get("req_id"), header.get("digest")
+        if not isinstance(digest, str):
+            raise ProtocolError("a CODEBOOK frame names its codebook's digest")
+        codebooks = self.storage.codebooks
+        if not payload_len:
+            have = await self.storage.run(codebooks.find, digest) is not None
+            await self._reply(stream, {"req_id": req_id, "have": have})
+            return
+        data = await read_payload(stream, payload_len)
+        try:
+            book = await self.storage.run(_codebook_from, data, digest)
+            await self.storage.run(codebooks.install, book, bool(header.get("current", False)))
+        except LmcachedError as exc:
+            await self._reply(stream, {"req_id": req_id, "error": str(exc), "status": exc.http_status})
+            return
+        await self._reply(stream, {"req_id": req_id, "have": True, "layers": book.layers, "channels": book.channels})
 
     async def _answer_shm(self, stream: SocketStream, kind: Kind, header: dict[str, Any], shm: ShmSession) -> None:
         req_id = header.get("req_id")
@@ -185,3 +208,13 @@ class DataPlaneServer:
             _clear_frames(exc)
             raise
         return chunks
+
+
+def _codebook_from(data: bytes | bytearray, digest: str) -> Any:
+    """The codebook in `data`, checked to be the one its sender named (blocking: it hashes megabytes)."""
+    from lmcached.codecs.kvtc import Codebook
+
+    book = Codebook.from_bytes(bytes(data))
+    if book.digest != digest:
+        raise CodecError(f"the codebook sent as {digest} is {book.digest}")
+    return book

@@ -61,6 +61,8 @@ class Kind(enum.IntEnum):
     SHM_COMMIT = 15  # client -> worker: those chunks are written, store them (until then nothing is visible)
     SHM_RETRIEVE = 16  # client -> worker: keys; the reply gives the cached prefix's arena offsets, leased
     SHM_RELEASE = 17  # client -> worker: done reading a lease (no reply)
+    # kvtc codebooks on the data plane (lmcached.codebooks): sent ahead of the blobs that need them.
+    CODEBOOK = 18  # client -> worker: "digest" alone asks whether it has it; with the codebook as payload, keep it
 
 
 @dataclass(slots=True)

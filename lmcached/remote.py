@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -412,6 +413,24 @@ class RemoteBackend(Backend):
                 self._probing = False
         self._mark(True)
         return result
+
+    # ---------------------------------------------------------------- kvtc codebooks
+    def _codebook_key(self, digest: str) -> str:
+        return f"{self.namespace}:codebook:{digest}"
+
+    def put_codebook(self, digest: str, data: Callable[[], bytes]) -> None:
+        """Keep a codebook that kvtc chunks written here name, beside them, for every worker that reads them.
+        `data` (the bytes) is only called when the tier lacks it. No TTL: chunks written later may still need
+        it when the first ones have expired. (Under an allkeys-* eviction policy Redis may still evict it; a
+        chunk whose codebook is gone from everywhere then fails to decode, which counts as a miss.)"""
+        key = self._codebook_key(digest)
+        if not self._call(self.client.exists, key):
+            self._call(self.client.set, key, data(), nx=True)
+
+    def get_codebook(self, digest: str) -> bytes | None:
+        """A codebook kept here by `put_codebook`, or None."""
+        value = self._call(self.client.get, self._codebook_key(digest), probe=False)
+        return bytes(value) if value is not None else None
 
     # ---------------------------------------------------------------- the Backend interface
     def _remember(self, key: int, entry: tuple[int, int, str | None, int], pinned: bool) -> None:

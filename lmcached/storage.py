@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from lmcached.arena import Arena
 from lmcached.backends import CPU, DISK, REMOTE, Backend, Chunk, ChunkInfo, LocalCPUBackend, LocalDiskBackend, StoreFull, check_location
+from lmcached.codebooks import LEARN_MAX_TOKENS, LEARN_MIN_TOKENS, Codebooks
 from lmcached.config import Config
 from lmcached.errors import InvalidRequest, LmcachedError, NotFound, ProtocolError
 from lmcached.remote import RemoteBackend, RemoteError
@@ -37,23 +38,32 @@ REMOTE_MIN_BYTES_PER_S = 100e6
 REMOTE_FLUSH_TIMEOUT_S = 10.0
 
 
-def encode_chunk(chunk: Chunk, method: str, quality: int | None = None) -> Chunk:
-    """Compress a raw chunk with a codec (runs in the executor); `quality` tunes cachegen (1 … 9)."""
+def encode_chunk(chunk: Chunk, method: str, quality: int | None = None, codebooks: Codebooks | None = None) -> Chunk:
+    """Compress a raw chunk with a codec (runs in the executor); `quality` tunes cachegen (1 … 9); kvtc writes
+    with the current codebook of the chunk's shape in `codebooks`."""
     from lmcached.codecs import get_codec
     from lmcached.tensors import from_bytes
 
     kv = from_bytes(chunk.data, chunk.shape, chunk.dtype)
-    codec = get_codec(method) if quality is None else get_codec(method, quality=quality)
+    if method == "kvtc":
+        book = codebooks.current(chunk.shape[1], chunk.shape[3]) if codebooks is not None else None
+        if book is None or codebooks is None:
+            raise InvalidRequest(f"no kvtc codebook for {chunk.shape[1]} layers × {chunk.shape[3]} channels (run lmcached calibrate)")
+        codec = get_codec("kvtc", codebook=book, store=codebooks.store)
+    else:
+        codec = get_codec(method) if quality is None else get_codec(method, quality=quality)
     return replace(chunk, data=codec.encode(kv), method=method)
 
 
-def decode_chunk(chunk: Chunk) -> Chunk:
-    """Turn a compressed chunk back into raw bytes (runs in the executor)."""
+def decode_chunk(chunk: Chunk, codebooks: Codebooks | None = None) -> Chunk:
+    """Turn a compressed chunk back into raw bytes (runs in the executor); kvtc blobs find their codebook in
+    `codebooks`."""
     from lmcached.codecs import get_codec
     from lmcached.tensors import byte_view, dtype_name
 
     assert chunk.method is not None
-    kv = get_codec(chunk.method).decode(chunk.data)
+    codec = get_codec("kvtc", store=codebooks.store) if chunk.method == "kvtc" and codebooks is not None else get_codec(chunk.method)
+    kv = codec.decode(chunk.data)
     if tuple(kv.shape) != chunk.shape or dtype_name(kv.dtype) != chunk.dtype:
         raise LmcachedError(f"chunk {chunk.key:016x} decoded to {list(kv.shape)} {kv.dtype}, expected {chunk.shape}")
     return replace(chunk, data=bytes(byte_view(kv)), method=None)
@@ -90,6 +100,10 @@ class Storage:
         self._behind: dict[str, WriteBehind] = {}
         self._remote_task: asyncio.Task[None] | None = None
         self._remote_pool: ThreadPoolExecutor | None = None
+        # kvtc codebooks live as long as the chunks that name them: beside the disk tier's files, else in RAM.
+        disk = config.local_disk_path
+        self.codebooks = Codebooks(disk / "codebooks" if disk is not None else None)
+        self._learning = asyncio.Lock()  # one codebook learned at a time (two compresses of a new shape: one fit)
 
     # ---------------------------------------------------------------- lifecycle
     async def open(self) -> None:
@@ -107,6 +121,7 @@ class Storage:
             self._remote_pool = ThreadPoolExecutor(max_workers=REMOTE_THREADS, thread_name_prefix="lmcached-remote")
             remote = await self.run_remote(RemoteBackend, config.remote, config.remote_namespace, config.remote_ttl_s)
             self.backends[REMOTE] = remote
+            self.codebooks.fetch = remote.get_codebook  # a kvtc blob from another worker names its codebook
             await self.run_remote(remote.reconcile)  # what the tier already holds (other workers, earlier runs)
             remote.start_listener()
             self._remote_task = asyncio.create_task(self._follow_remote(remote), name="remote-tier-events")
@@ -218,9 +233,19 @@ class Storage:
         serde = self.config.remote_serde
         if serde != "naive":
             chunks = list(await asyncio.gather(*(self.run(encode_chunk, c, serde) if c.method is None else _done(c) for c in chunks)))
+        await self._codebooks_to_remote(remote, chunks)
         await self.run_remote(remote.put_many, chunks)
         for chunk in chunks:
             self._note(REMOTE, chunk.key)
+
+    async def _kvtc_codebooks(self, chunks: list[Chunk]) -> list[str]:
+        return await self.run(kvtc_codebooks, chunks) if any(c.method == "kvtc" for c in chunks) else []
+
+    async def _codebooks_to_remote(self, remote: RemoteBackend, chunks: list[Chunk]) -> None:
+        """The codebooks of the kvtc chunks among `chunks` into the remote tier (before the chunks: a worker that
+        reads one there finds its codebook beside it)."""
+        for digest in await self._kvtc_codebooks(chunks):
+            await self.run_remote(remote.put_codebook, digest, lambda d=digest: self.codebooks.get(d).to_bytes())
 
     async def _put(self, location: str, chunk: Chunk) -> None:
         if location == REMOTE:
@@ -238,6 +263,10 @@ class Storage:
         locations = [location] if location else list(self.backends)
         for loc in locations:
             self.backend(loc)
+        for digest in await self._kvtc_codebooks(chunks):
+            # A blob this worker could not decode is never stored: its codebook comes first (a /move sends it).
+            if await self.run(self.codebooks.find, digest) is None:
+                raise InvalidRequest(f"kvtc chunks need codebook {digest}, which this worker does not have: send it first")
         if location == REMOTE:  # straight into the remote tier (a move, a bench): one batch
             await self._put_remote(chunks)
             locations = []
@@ -365,7 +394,7 @@ class Storage:
     async def retrieve(self, keys: list[int]) -> list[Chunk]:
         """The cached prefix as raw chunks, decoding compressed ones off the event loop."""
         chunks = await self.prefix(keys)
-        return list(await asyncio.gather(*(self.run(decode_chunk, c) if c.method else _done(c) for c in chunks)))
+        return list(await asyncio.gather(*(self.run(decode_chunk, c, self.codebooks) if c.method else _done(c) for c in chunks)))
 
     def stats(self) -> dict[str, dict[str, Any]]:
         out = {name: b.stats() for name, b in self.backends.items()}
@@ -428,15 +457,66 @@ class Storage:
 
     async def _op_compress(self, args: dict[str, Any]) -> dict[str, Any]:
         method, quality = args["method"], args.get("quality")
+        books = self.codebooks
+        if method == "kvtc":
+            await self._ensure_codebooks(args["location"], args["keys"])
         return await self._transform(
             args,
             # (to change a chunk's quality, decompress it first: the original KV is what gets re-encoded)
             lambda c: f"already compressed with {method}" if c.method == method else None,
-            lambda c: encode_chunk(decode_chunk(c) if c.method else c, method, quality),
+            lambda c: encode_chunk(decode_chunk(c, books) if c.method else c, method, quality, books),
         )
 
     async def _op_decompress(self, args: dict[str, Any]) -> dict[str, Any]:
-        return await self._transform(args, lambda c: "not compressed" if c.method is None else None, decode_chunk)
+        books = self.codebooks
+        return await self._transform(args, lambda c: "not compressed" if c.method is None else None, lambda c: decode_chunk(c, books))
+
+    async def _ensure_codebooks(self, location: str, keys: list[int]) -> None:
+        """A current kvtc codebook for the shape of the chunks at `keys` (one model: the first chunk found tells),
+        learned from this worker's own chunks of that shape when there is none yet; in the remote tier too when
+        that is where the blobs will be."""
+        first = next((c for c in [await self._get(location, k) for k in keys[:1] if k in self.backend(location)] if c), None)
+        if first is None:
+            return
+        layers, channels = first.shape[1], first.shape[3]
+        async with self._learning:
+            book = await self.run(self.codebooks.current, layers, channels)
+            if book is None:
+                samples = await self._samples(layers, channels)
+                tokens = sum(t.shape[2] for t in samples)
+                if tokens < LEARN_MIN_TOKENS:
+                    raise InvalidRequest(
+                        f"no kvtc codebook for {layers} layers × {channels} channels yet, and {tokens} tokens of that shape here "
+                        f"are too few to learn one from (at least {LEARN_MIN_TOKENS}): store more, or run lmcached calibrate"
+                    )
+                from lmcached.codecs.kvtc import Codebook
+
+                book = await self.run(Codebook.fit, samples)
+                await self.run(self.codebooks.install, book)
+                log.info("learned kvtc codebook %s for %d×%d from %d tokens", book.digest, layers, channels, tokens)
+        remote = self.backends.get(REMOTE)
+        if location == REMOTE and isinstance(remote, RemoteBackend):
+            await self.run_remote(remote.put_codebook, book.digest, book.to_bytes)
+
+    async def _samples(self, layers: int, channels: int) -> list[Any]:
+        """Up to LEARN_MAX_TOKENS tokens of this worker's chunks (RAM and disk) of one shape, as raw tensors."""
+        from lmcached.tensors import from_bytes
+
+        samples: list[Any] = []
+        tokens = 0
+        for location, backend in self.backends.items():
+            if location == REMOTE:
+                continue
+            for key in backend.keys():
+                chunk = await self._get(location, key)
+                if chunk is None or (chunk.shape[1], chunk.shape[3]) != (layers, channels) or chunk.method == "kvtc":
+                    continue
+                raw = await self.run(decode_chunk, chunk, self.codebooks) if chunk.method else chunk
+                samples.append(from_bytes(raw.data, raw.shape, raw.dtype))
+                tokens += chunk.num_tokens
+                if tokens >= LEARN_MAX_TOKENS:
+                    return samples
+        return samples
 
     async def _set_pinned(self, args: dict[str, Any], pinned: bool) -> dict[str, Any]:
         location = args["location"]
@@ -491,6 +571,8 @@ class Storage:
             from lmcached.client import AsyncKVClient
 
             async with AsyncKVClient(target, auth_token=self.config.auth_token) as client:
+                for digest in await self._kvtc_codebooks(chunks):  # the codebooks first: the target refuses blobs without
+                    await client.send_codebook(digest, lambda d=digest: self.codebooks.get(d).to_bytes())
                 await client.store_chunks(chunks, target_location)
         if not args.get("copy", False):
             await self._op_clear({"location": location, "keys": [c.key for c in chunks]})
@@ -499,3 +581,10 @@ class Storage:
 
 async def _done(value: T) -> T:
     return value
+
+
+def kvtc_codebooks(chunks: list[Chunk]) -> list[str]:
+    """The codebooks the kvtc chunks among `chunks` name (each blob is verified on the way: blocking)."""
+    from lmcached.codecs.kvtc import codebook_of
+
+    return sorted({codebook_of(c.data) for c in chunks if c.method == "kvtc"})

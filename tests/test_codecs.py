@@ -23,7 +23,7 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
 def test_registry() -> None:
-    assert available_codecs() == ["cachegen", "lossless"]
+    assert available_codecs() == ["cachegen", "kvtc", "lossless"]
     with pytest.raises(CodecError, match="unknown codec 'zip'"):
         get_codec("zip")
     with pytest.raises(CodecError, match="unknown cachegen parameter"):

@@ -137,13 +137,35 @@ def test_corrupted_blobs_are_caught(book: Codebook) -> None:
         KvtcCodec(book).decode(get_codec("cachegen").encode(correlated_kv(3, 8, 32, seed=19)))
 
 
-def test_the_daemon_does_not_offer_kvtc_until_workers_keep_codebooks() -> None:
-    """A blob whose codebook a worker could lose (or not ship with /move) must never be made by /compress."""
-    from lmcached.codecs import available_codecs
+def test_kvtc_is_in_the_registry_and_names_what_it_lacks() -> None:
+    from lmcached.codecs import available_codecs, decode
 
-    assert "kvtc" not in available_codecs()
-    with pytest.raises(CodecError, match="unknown codec 'kvtc'"):
-        get_codec("kvtc")
+    assert "kvtc" in available_codecs()
+    book = Codebook.fit([correlated_kv(3, 40, 24, seed) for seed in range(2)])
+    blob = get_codec("kvtc", codebook=book).encode(correlated_kv(3, 20, 24, seed=5))
+    with pytest.raises(CodecError, match="needs a codebook to encode"):
+        get_codec("kvtc").encode(correlated_kv(3, 20, 24, seed=5))
+    with pytest.raises(CodecError, match=f"needs codebook {book.digest}"):
+        decode(blob)  # no store that holds it
+
+
+def test_a_store_asks_its_fetch_for_a_missing_codebook_and_keeps_it(tmp_path: Path) -> None:
+    from lmcached.codecs.kvtc import codebook_of
+
+    book = Codebook.fit([correlated_kv(3, 40, 24, seed) for seed in range(2)])
+    blob = KvtcCodec(book).encode(correlated_kv(3, 20, 24, seed=6))
+    assert codebook_of(blob) == book.digest
+    asked: list[str] = []
+    store = CodebookStore(tmp_path, fetch=lambda d: asked.append(d) or (book.to_bytes() if d == book.digest else None))
+    out = KvtcCodec(store=store).decode(blob)
+    assert out.shape == (2, 3, 20, 24) and asked == [book.digest]
+    assert (tmp_path / f"{book.digest}.kvtcbook").is_file()  # kept durably: not asked again
+    KvtcCodec(store=store).decode(blob)
+    assert asked == [book.digest]
+    assert store.find("0" * 32) is None and asked[-1] == "0" * 32
+    liar = CodebookStore(fetch=lambda d: Codebook.fit([correlated_kv(3, 40, 24, 9)]).to_bytes())
+    with pytest.raises(CodecError, match="got"):
+        KvtcCodec(store=liar).decode(blob)
 
 
 GOLDEN = Path(__file__).parent.parent / "codecs" / "golden"
