@@ -39,7 +39,9 @@ TokensOpt = typer.Option(None, "--tokens", help="Token ids, comma-separated: 1,2
 TokensFileOpt = typer.Option(None, "--tokens-file", help="A file of token ids: a JSON list, or ids separated by commas/spaces.")
 InstanceOpt = typer.Option(DEFAULT_INSTANCE_ID, "--instance-id", help="The instance to act on.")
 LocationOpt = typer.Option(CPU_LOCATION, "--location", help="LocalCPUBackend or LocalDiskBackend.")
-MethodOpt = typer.Option("cachegen", "--method", help="Codec: cachegen (lossy, default) or lossless.")
+MethodOpt = typer.Option(
+    "cachegen", "--method", help="Codec: cachegen (lossy, default), kvtc (lossy, smaller: needs a codebook, see calibrate) or lossless."
+)
 WaitOpt = typer.Option(True, "--wait/--no-wait", help="Wait for the operation to finish and exit non-zero if it fails.")
 TimeoutOpt = typer.Option(300.0, "--timeout", help="Seconds to wait for the operation (with --wait).")
 #: How often a waiting command asks /check_finish.
@@ -199,6 +201,69 @@ def engine_command(
         await run_engine(loaded, host, port, worker or None, auth_token, stop, kv_dtype)
 
     run_daemon(run)
+
+
+@app.command()
+def calibrate(
+    text: list[Path] = typer.Argument(..., help="Text files to run through the model (several kinds of text calibrate best)."),
+    model: str | None = typer.Option(None, "--model", help="A local .gguf file or transformers directory (default: SmolLM2)."),
+    worker: str = typer.Option(
+        "127.0.0.1:8001", "--worker", help="Send the codebook to this worker's data plane, current for its shape ('' not to send it)."
+    ),
+    codebooks: Path | None = typer.Option(
+        None, "--codebooks", help="Also write it into this codebook directory (a worker's <local_disk>/codebooks), as current."
+    ),
+    max_tokens: int = typer.Option(16384, "--max-tokens", help="Use at most this many tokens of the text."),
+    kv_dtype: str = typer.Option("float16", "--kv-dtype", help="The dtype the engine offloads KV in: float16, bfloat16 or float32."),
+    auth_token: str | None = TokenOpt,
+) -> None:
+    """Learn a kvtc codebook for a model from text, and give it to a worker: its kvtc compressions use it from then on."""
+    import asyncio
+
+    import torch
+
+    from lmcached.calibrate import calibrate as fit_codebook
+    from lmcached.errors import LmcachedError
+    from lmcached.model import ModelError, load_model
+
+    if kv_dtype not in ("float16", "bfloat16", "float32"):
+        fail(f"--kv-dtype must be float16, bfloat16 or float32, not {kv_dtype!r}", 2)
+    if not worker and codebooks is None:
+        fail("nowhere to put the codebook: give --worker HOST:PORT and/or --codebooks DIR", 2)
+    try:
+        texts = [path.read_text(errors="replace") for path in text]
+    except OSError as exc:
+        fail(f"cannot read {exc.filename}: {exc.strerror}", 2)
+    try:
+        typer.echo("loading the model …", err=True)
+        loaded = load_model(model)
+        typer.echo(f"running up to {max_tokens} tokens of {len(texts)} file(s) through {loaded.name} …", err=True)
+        result = fit_codebook(loaded, texts, max_tokens, getattr(torch, kv_dtype))
+    except (ModelError, LmcachedError) as exc:
+        fail(str(exc))
+    book = result.codebook
+    where = []
+    if codebooks is not None:
+        from lmcached.codebooks import Codebooks
+
+        Codebooks(codebooks).install(book)
+        where.append(f"written to {codebooks}")
+    if worker:
+        from lmcached.client import AsyncKVClient
+
+        async def send() -> None:
+            async with AsyncKVClient(worker, auth_token=auth_token) as client:
+                await client.send_codebook(book.digest, book.to_bytes, current=True)
+
+        try:
+            asyncio.run(send())
+        except (LmcachedError, OSError) as exc:
+            fail(f"could not send the codebook to the worker at {worker}: {exc}")
+        where.append(f"current at the worker {worker}")
+    typer.echo(
+        f"kvtc codebook {book.digest} for {book.layers} layers × {book.channels} channels, "
+        f"from {result.tokens} tokens in {result.windows} windows; {' and '.join(where)}"
+    )
 
 
 @app.command(name="model-dir")

@@ -3,6 +3,9 @@ blobs and keep them beside their chunks in Redis — so a kvtc blob is never sto
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -212,3 +215,36 @@ async def test_compress_kvtc_over_http(running: Running) -> None:
     assert got is not None and got.shape == kv.shape and relative_error(got, kv) < 0.25
     status, body = await running.post("/decompress", {**base, "method": "kvtc"})
     assert (await running.wait_event(body["event_id"]))["status"] == "finished"
+
+
+# ---------------------------------------------------------------------------------------------- lmcached calibrate
+def calibrate_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lmcached", "calibrate", *args], capture_output=True, text=True, timeout=600)
+
+
+async def test_calibrate_runs_text_through_the_model_and_hands_the_codebook_to_a_worker(tmp_path: Path) -> None:
+    from pydoc_data.topics import topics
+
+    text = tmp_path / "calibration.txt"
+    text.write_text("\n\n".join(topics[name] for name in ("execmodel", "import", "types")))
+    w = await worker()
+    try:
+        loop = asyncio.get_running_loop()
+        args = (str(text), "--worker", f"127.0.0.1:{w.data_port}", "--codebooks", str(tmp_path / "books"), "--max-tokens", "1024")
+        done = await loop.run_in_executor(None, lambda: calibrate_cli(*args))
+        assert done.returncode == 0, done.stderr
+        digest = done.stdout.split("kvtc codebook ")[1].split()[0]
+        assert "for 30 layers × 192 channels, from 1024 tokens in 2 windows" in done.stdout
+        book = w.storage.codebooks.current(30, 192)  # SmolLM2's shape: the worker's kvtc uses it now
+        assert book is not None and book.digest == digest
+        assert Codebooks(tmp_path / "books").current(30, 192).digest == digest  # type: ignore[union-attr]
+    finally:
+        await w.stop()
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to calibrate on.")
+    done = calibrate_cli(str(short), "--worker", "")
+    assert done.returncode == 2 and "--codebooks" in done.stderr
+    done = calibrate_cli(str(short), "--codebooks", str(tmp_path / "books"))
+    assert done.returncode == 1 and "too few to calibrate on" in done.stderr
+    done = calibrate_cli(str(tmp_path / "missing.txt"))
+    assert done.returncode == 2 and "cannot read" in done.stderr
