@@ -159,14 +159,14 @@ class CacheGenCodec(Codec):
             quant_cpu.dequantize(sym[1], unit.ones_c, unit.zeros_c, f32.v_step, f32.v_off, out[1])
             result = torch.from_numpy(out)
         else:  # half precision written directly, a layer at a time: no symbol array, no float32 tensor
-            dtab, lane_offsets = entropy.decoder(b.sections[4], offsets, words, 2 * L, T * C, lane)
+            d = entropy.decoder(b.sections[4], offsets, words, 2 * L, T * C, lane)
             bits = output("cachegen.out16", (2, L, T, C), np.uint16)
             # Keys' parameters are per column, values' per row; the other side of each is neutral (1 and 0).
             col_step, col_off = np.concatenate([f32.k_step, unit.ones_c]), np.concatenate([f32.k_off, unit.zeros_c])
             row_step, row_off = np.concatenate([unit.ones_r, f32.v_step]), np.concatenate([unit.zeros_r, f32.v_off])
             bfloat = b.dtype == "bfloat16"
             bad = cachegen_cpu.decode_half(
-                words, lane_offsets, lane, dtab, col_step, col_off, row_step, row_off, bfloat, bits.reshape(2 * L, T, C)
+                words, d.offsets, lane, d.freq, d.cum, col_step, col_off, row_step, row_off, bfloat, bits.reshape(2 * L, T, C)
             )
             if bad:
                 raise entropy.corrupt_lanes(bad)

@@ -1,5 +1,6 @@
 """cachegen's CPU decode to half precision in one pass per group (a layer of K or of V): its rANS lanes into a
-small buffer that stays in the core's cache, then straight to float16/bfloat16 bits.
+small buffer that stays in the core's cache (with the group's decoding table), then straight to float16/bfloat16
+bits.
 
 Decoding every lane into one chunk-sized symbol array and then dequantising it wrote and re-read 2.9 MB of
 symbols per SmolLM2 chunk; dequantisation is bound by memory bandwidth on this VM, and the fused pass took
@@ -13,11 +14,11 @@ import numpy as np
 from numba import njit, prange
 
 from .quant_cpu import half_row
-from .rans_cpu import decode_lane
+from .rans_cpu import PROB_SCALE, decode_lane, fill_decoder_table
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def decode_half(words, offsets, lane_size, dtab, col_step, col_off, row_step, row_off, bfloat, out):  # pragma: no cover
+def decode_half(words, offsets, lane_size, freq, cum, col_step, col_off, row_step, row_off, bfloat, out):  # pragma: no cover
     """Decode groups of R×C symbols (lanes of `lane_size`) and dequantise them into out [G, R, C] (uint16 bits),
     with column parameters [G, C] and row parameters [G, R]. Returns the number of corrupt lanes."""
     G, R, C = out.shape
@@ -25,12 +26,14 @@ def decode_half(words, offsets, lane_size, dtab, col_step, col_off, row_step, ro
     lanes_per_group = (group_len + lane_size - 1) // lane_size
     bad = np.zeros(G, dtype=np.int64)
     for g in prange(G):
+        tab = np.empty(PROB_SCALE, dtype=np.uint32)
+        fill_decoder_table(freq[g], cum[g], tab)
         sym = np.empty((1, R, C), dtype=np.uint8)
         flat = sym.reshape(group_len)
         for j in range(lanes_per_group):
             lane = g * lanes_per_group + j
             n = min(lane_size, group_len - j * lane_size)
-            if not decode_lane(words, offsets[lane], offsets[lane + 1], n, dtab[g], flat, j * lane_size):
+            if not decode_lane(words, offsets[lane], offsets[lane + 1], n, tab, flat, j * lane_size):
                 bad[g] += 1
         row = np.empty(C, dtype=np.float32)
         spare = np.empty(C, dtype=np.float32)

@@ -146,17 +146,25 @@ def gather_lanes(scratch, lane_words, offsets, out):  # pragma: no cover - compi
             out[o + k] = scratch[lane, end + k]
 
 
+@njit(inline="always")
+def fill_decoder_table(freq, cum, tab):  # pragma: no cover - compiled
+    """One group's table: per slot, one 32-bit entry symbol | (freq - 1) << 8 | (slot - cum) << 20, so a
+    symbol costs one load."""
+    for s in range(256):
+        f = freq[s]
+        c = cum[s]
+        entry = np.uint32(s) | (np.uint32(f - 1) << np.uint32(8))
+        for j in range(f):
+            tab[c + j] = entry | (np.uint32(j) << np.uint32(20))
+
+
 @njit(nogil=True, cache=True, parallel=True)
 def decoder_tables(freq, cum):  # pragma: no cover - compiled
-    """Per group and slot, one 32-bit entry: symbol | (freq - 1) << 8 | (slot - cum) << 20: one load a symbol."""
+    """Every group's table at once (for the GPU, which decodes from device memory)."""
     groups = freq.shape[0]
     tab = np.zeros((groups, PROB_SCALE), dtype=np.uint32)
     for g in prange(groups):
-        for s in range(256):
-            f = freq[g, s]
-            c = cum[g, s]
-            for j in range(f):
-                tab[g, c + j] = np.uint32(s) | (np.uint32(f - 1) << np.uint32(8)) | (np.uint32(j) << np.uint32(20))
+        fill_decoder_table(freq[g], cum[g], tab[g])
     return tab
 
 
@@ -227,14 +235,18 @@ def decode_lane(words, pos, end, n, d_tab, out, start):  # pragma: no cover - co
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def decode_lanes(words, offsets, groups, group_len, lane_size, dtab, out):  # pragma: no cover
-    """Decode every lane into `out` (uint8, groups * group_len). Returns the number of corrupt lanes."""
+def decode_lanes(words, offsets, groups, group_len, lane_size, freq, cum, out):  # pragma: no cover
+    """Decode every lane into `out` (uint8, groups * group_len), a group at a time: its table is built where
+    its lanes are decoded, in the core's cache (a table is 16 KB; kvtc's 480 groups of ~6,000 symbols built
+    them all up front as 7.8 MB, 1.7 ms of a 10 ms decode). Returns the number of corrupt lanes."""
     lanes_per_group = (group_len + lane_size - 1) // lane_size
-    bad = np.zeros(groups * lanes_per_group, dtype=np.uint8)
-    for lane in prange(groups * lanes_per_group):
-        g = lane // lanes_per_group
-        j = lane - g * lanes_per_group
-        n = min(lane_size, group_len - j * lane_size)
-        if not decode_lane(words, offsets[lane], offsets[lane + 1], n, dtab[g], out, g * group_len + j * lane_size):
-            bad[lane] = 1
+    bad = np.zeros(groups, dtype=np.int64)
+    for g in prange(groups):
+        tab = np.empty(PROB_SCALE, dtype=np.uint32)
+        fill_decoder_table(freq[g], cum[g], tab)
+        for j in range(lanes_per_group):
+            lane = g * lanes_per_group + j
+            n = min(lane_size, group_len - j * lane_size)
+            if not decode_lane(words, offsets[lane], offsets[lane + 1], n, tab, out, g * group_len + j * lane_size):
+                bad[g] += 1
     return bad.sum()

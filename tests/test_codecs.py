@@ -346,13 +346,13 @@ def test_fused_half_decode_matches_lanes_then_dequantize(bfloat: bool) -> None:
     expected = np.empty((G, R, C), np.uint16)
     decoded = entropy.decode(memoryview(coded.tables), coded.offsets, coded.words, G, R * C, lane).reshape(G, R, C)
     quant_cpu.dequantize_half(decoded, col_step, col_off, row_step, row_off, bfloat, expected)
-    dtab, offsets = entropy.decoder(memoryview(coded.tables), coded.offsets, coded.words, G, R * C, lane)
+    d = entropy.decoder(memoryview(coded.tables), coded.offsets, coded.words, G, R * C, lane)
     out = np.empty((G, R, C), np.uint16)
-    assert cachegen_cpu.decode_half(coded.words, offsets, lane, dtab, col_step, col_off, row_step, row_off, bfloat, out) == 0
+    assert cachegen_cpu.decode_half(coded.words, d.offsets, lane, d.freq, d.cum, col_step, col_off, row_step, row_off, bfloat, out) == 0
     assert np.array_equal(out, expected)
     words = coded.words.copy()
-    words[offsets[5] + 20] ^= 0x5A5A  # inside the second group's second lane
-    assert cachegen_cpu.decode_half(words, offsets, lane, dtab, col_step, col_off, row_step, row_off, bfloat, out) >= 1
+    words[d.offsets[5] + 20] ^= 0x5A5A  # inside the second group's second lane
+    assert cachegen_cpu.decode_half(words, d.offsets, lane, d.freq, d.cum, col_step, col_off, row_step, row_off, bfloat, out) >= 1
 
 
 def test_half_conversion_rounds_like_torch_at_the_edges() -> None:
