@@ -475,9 +475,11 @@ class Storage:
         """A current kvtc codebook for the shape of the chunks at `keys` (one model: the first chunk found tells),
         learned from this worker's own chunks of that shape when there is none yet; in the remote tier too when
         that is where the blobs will be."""
-        first = next((c for c in [await self._get(location, k) for k in keys[:1] if k in self.backend(location)] if c), None)
+        backend = self.backend(location)
+        present = [k for k in keys if k in backend]
+        first = await self._get(location, present[0]) if present else None
         if first is None:
-            return
+            return  # nothing here to compress: the transform reports that
         layers, channels = first.shape[1], first.shape[3]
         async with self._learning:
             book = await self.run(self.codebooks.current, layers, channels)
