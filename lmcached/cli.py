@@ -253,7 +253,7 @@ def calibrate(
 
         async def send() -> None:
             async with AsyncKVClient(worker, auth_token=auth_token) as client:
-                await client.send_codebook(book.digest, book.to_bytes, current=True)
+                await client.put_codebook(book.digest, book.to_bytes(), current=True)
 
         try:
             asyncio.run(send())

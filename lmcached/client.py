@@ -481,18 +481,17 @@ class AsyncKVClient:
         async with self._lock:
             return int((await self._request(_chunks_frame(chunks, location, next(self._req_ids))))["num_tokens"])
 
-    async def send_codebook(self, digest: str, data: Callable[[], bytes], current: bool = False) -> bool:
-        """Make sure the worker has kvtc codebook `digest`: asked first, and `data()` (its bytes) sent only when
-        it lacks it. With `current`, sent in any case, and new kvtc blobs of its shape use it from then on.
-        Returns whether the bytes were sent."""
+    async def has_codebook(self, digest: str) -> bool:
+        """Whether the worker holds kvtc codebook `digest` (or can fetch it from its remote tier)."""
         async with self._lock:
-            if not current:
-                ask = frame_parts(Kind.CODEBOOK, {"req_id": next(self._req_ids), "digest": digest}, [])
-                if (await self._request(ask))["have"]:
-                    return False
+            return bool((await self._request(frame_parts(Kind.CODEBOOK, {"req_id": next(self._req_ids), "digest": digest}, [])))["have"])
+
+    async def put_codebook(self, digest: str, data: bytes, current: bool = False) -> None:
+        """Give the worker kvtc codebook `digest` (its bytes, checked against the digest there); with `current`,
+        its new kvtc blobs of that shape use it from then on."""
+        async with self._lock:
             head = {"req_id": next(self._req_ids), "digest": digest, "current": current}
-            await self._request(frame_parts(Kind.CODEBOOK, head, [data()]))
-            return True
+            await self._request(frame_parts(Kind.CODEBOOK, head, [data]))
 
     async def lookup(self, tokens: Sequence[int], salt: str | None = None) -> int:
         """The length of `tokens`' prefix that the worker holds."""

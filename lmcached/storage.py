@@ -245,7 +245,11 @@ class Storage:
         """The codebooks of the kvtc chunks among `chunks` into the remote tier (before the chunks: a worker that
         reads one there finds its codebook beside it)."""
         for digest in await self._kvtc_codebooks(chunks):
-            await self.run_remote(remote.put_codebook, digest, lambda d=digest: self.codebooks.get(d).to_bytes())
+            await self.run_remote(remote.put_codebook, digest, lambda d=digest: self._codebook_bytes(d))
+
+    def _codebook_bytes(self, digest: str) -> bytes:
+        """A codebook's bytes, to send (blocking: it may be read from disk and is megabytes)."""
+        return self.codebooks.get(digest).to_bytes()
 
     async def _put(self, location: str, chunk: Chunk) -> None:
         if location == REMOTE:
@@ -574,7 +578,8 @@ class Storage:
 
             async with AsyncKVClient(target, auth_token=self.config.auth_token) as client:
                 for digest in await self._kvtc_codebooks(chunks):  # the codebooks first: the target refuses blobs without
-                    await client.send_codebook(digest, lambda d=digest: self.codebooks.get(d).to_bytes())
+                    if not await client.has_codebook(digest):
+                        await client.put_codebook(digest, await self.run(self._codebook_bytes, digest))
                 await client.store_chunks(chunks, target_location)
         if not args.get("copy", False):
             await self._op_clear({"location": location, "keys": [c.key for c in chunks]})

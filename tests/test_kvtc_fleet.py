@@ -109,7 +109,7 @@ async def test_kvtc_chunks_on_disk_decode_after_a_restart(tmp_path: Path) -> Non
 
 
 # ---------------------------------------------------------------------------------------------- between workers
-async def test_a_move_sends_the_codebook_ahead_of_the_blobs(pair: tuple[Worker, Worker]) -> None:
+async def test_a_move_sends_the_codebook_ahead_of_the_blobs(pair: tuple[Worker, Worker], monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = pair
     tokens = list(range(LEARN_MIN_TOKENS))
     keys = await store(a, tokens, model_kv(len(tokens), seed=4))
@@ -123,8 +123,16 @@ async def test_a_move_sends_the_codebook_ahead_of_the_blobs(pair: tuple[Worker, 
     got = await retrieve(b, tokens)
     assert got is not None and decoded_at_a is not None and torch.equal(got, decoded_at_a)
     # Sent once: a second move finds the codebook there and sends only the blobs.
-    async with AsyncKVClient(f"127.0.0.1:{b.data_port}") as client:
-        assert not await client.send_codebook(book.digest, lambda: pytest.fail("the codebook was sent again"))
+    sent: list[str] = []
+    original = AsyncKVClient.put_codebook
+
+    async def counting(self: AsyncKVClient, digest: str, data: bytes, current: bool = False) -> None:
+        sent.append(digest)
+        await original(self, digest, data, current)
+
+    monkeypatch.setattr(AsyncKVClient, "put_codebook", counting)
+    await a.execute("move", {"location": CPU, "keys": keys, "copy": True, **target})
+    assert sent == []
 
 
 async def test_a_kvtc_blob_whose_codebook_a_worker_lacks_is_refused(pair: tuple[Worker, Worker]) -> None:
@@ -140,7 +148,7 @@ async def test_a_kvtc_blob_whose_codebook_a_worker_lacks_is_refused(pair: tuple[
         book = a.storage.codebooks.current(LAYERS, CHANNELS)
         assert book is not None
         with pytest.raises(LmcachedError, match="is "):
-            await client.send_codebook("0" * 32, book.to_bytes)
+            await client.put_codebook("0" * 32, book.to_bytes())
     assert len(b.backends[CPU]) == 0 and b.storage.codebooks.find(book.digest) is None
 
 
@@ -149,7 +157,9 @@ async def test_calibrated_codebooks_sent_as_current_are_used_at_once(pair: tuple
     _, b = pair
     book = Codebook.fit([model_kv(512, seed) for seed in (10, 11)])
     async with AsyncKVClient(f"127.0.0.1:{b.data_port}") as client:
-        assert await client.send_codebook(book.digest, book.to_bytes, current=True)
+        assert not await client.has_codebook(book.digest)
+        await client.put_codebook(book.digest, book.to_bytes(), current=True)
+        assert await client.has_codebook(book.digest)
     tokens = list(range(48))
     keys = await store(b, tokens, model_kv(len(tokens), seed=12))
     assert (await b.execute("compress", {"location": CPU, "keys": keys, "method": "kvtc"}))["chunks"] == 3
