@@ -1,6 +1,8 @@
-"""The CacheGen codec on a CUDA device: statistics, quantisation, histograms, rANS and dequantisation run
-as Numba-CUDA kernels; only the tiny tables and the packed blob pass through the host. Same blob format as
-the CPU path, so either side decodes what the other wrote, to the same values."""
+"""The codecs on a CUDA device. cachegen: statistics, quantisation, histograms, rANS and dequantisation run
+as Numba-CUDA kernels; only the tiny tables and the packed blob pass through the host. kvtc: the basis products
+in torch on the device, its element-wise passes as Numba-CUDA kernels (`kvtc_cuda`), the same rANS kernels.
+Same blob formats as the CPU paths, so either side decodes what the other wrote (cachegen to the same values,
+kvtc to within the matrix products' rounding)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,6 @@ from typing import Any
 import numpy as np
 import torch
 from numba import cuda
-
-from lmcached.errors import CodecError
 
 from . import entropy, quant_cuda, rans_cpu, rans_cuda
 from .rans_cpu import STATE_WORDS
@@ -79,27 +79,27 @@ def cachegen_encode(codec: Any, kv: torch.Tensor, dtype: str, shape: tuple[int, 
     return encode_arrays(codec, cuda.as_cuda_array(x), dtype, shape, kv)
 
 
+def entropy_decode(tables: Any, offsets: np.ndarray, words: np.ndarray, groups: int, group_len: int, lane: int) -> Any:
+    """rANS-decode a blob's symbols on the device: a uint8 device array [groups * group_len]."""
+    d = entropy.decoder(tables, offsets, words, groups, group_len, lane)
+    lanes = d.offsets.shape[0] - 1
+    dtab = cuda.to_device(rans_cpu.decoder_tables(d.freq, d.cum))
+    dsym = cuda.device_array(groups * group_len, dtype=np.uint8)
+    bad = cuda.to_device(np.zeros(lanes, dtype=np.uint8))
+    dwords = cuda.to_device(words if words.size else np.zeros(1, np.uint16))
+    rans_cuda.decode_kernel[_blocks(lanes), THREADS](dwords, cuda.to_device(d.offsets), groups, group_len, lane, dtab, dsym, bad)
+    failed = int(bad.copy_to_host().sum())
+    if failed:
+        raise entropy.corrupt_lanes(failed)
+    return dsym
+
+
 def decode_arrays(b: Any, steps: Any, offsets: np.ndarray, words: np.ndarray) -> Any:
     """Decode a blob's symbols and dequantise them on the device: a float32 device array [2, L, T, C]."""
     from .cachegen import unit_params
 
     _, L, T, C = b.shape
-    groups, group_len, lane = 2 * L, T * C, int(b.params["lane_size"])
-    freq = entropy.unpack_tables(b.sections[4], groups)
-    if not np.all(freq.sum(axis=1) == rans_cpu.PROB_SCALE):
-        raise CodecError("frequency table does not sum to the coder's scale")
-    lanes = groups * entropy.lanes_for(group_len, lane)
-    offs = offsets.astype(np.int64)
-    if offs.shape[0] != lanes + 1 or offs[0] != 0 or offs[-1] != words.shape[0] or np.any(np.diff(offs) < 0):
-        raise CodecError("lane offsets do not match the coded words")
-    dtab = cuda.to_device(rans_cpu.decoder_tables(freq, entropy.cumulative(freq)))
-    dsym = cuda.device_array(groups * group_len, dtype=np.uint8)
-    bad = cuda.to_device(np.zeros(lanes, dtype=np.uint8))
-    dwords = cuda.to_device(words if words.size else np.zeros(1, np.uint16))
-    rans_cuda.decode_kernel[_blocks(lanes), THREADS](dwords, cuda.to_device(offs), groups, group_len, lane, dtab, dsym, bad)
-    failed = int(bad.copy_to_host().sum())
-    if failed:
-        raise CodecError(f"{failed} rANS lane(s) failed to decode: the blob is corrupted")
+    dsym = entropy_decode(b.sections[4], offsets, words, 2 * L, T * C, int(b.params["lane_size"]))
     f32 = steps.as_float32(L, T, C)
     unit = unit_params(L, T, C)
     sym = dsym.reshape(2, L, T, C)
@@ -121,3 +121,79 @@ def cachegen_decode(
 
     out = torch.as_tensor(decode_arrays(b, steps, offsets, words), device=target)
     return with_exact_rows(out.to(TORCH_DTYPES[b.dtype]), exact_rows, b.dtype, int(b.params["exact_tokens"]))
+
+
+# ---------------------------------------------------------------------------------------------- kvtc
+def kvtc_encode(codec: Any, book: Any, kv: torch.Tensor, dtype: str, shape: tuple[int, ...], exact: int) -> bytes:
+    """kvtc on the device: y = (x - mean) · basis in float32 by torch, then `kvtc_encode_arrays`."""
+    _, L, T, C = shape
+    n = T - exact
+    x = kv.detach()[:, :, exact:].to(torch.float32).reshape(2 * L, n, C)
+    mean = torch.as_tensor(book.mean, device=kv.device).reshape(2 * L, 1, C)
+    basis = torch.as_tensor(book.basis, device=kv.device).reshape(2 * L, C, C)
+    y = torch.bmm(x - mean, basis).reshape(2, L, n, C).contiguous()
+    return kvtc_encode_arrays(codec, book, cuda.as_cuda_array(y), kv, dtype, shape, exact)
+
+
+def kvtc_encode_arrays(codec: Any, book: Any, dy: Any, kv: torch.Tensor, dtype: str, shape: tuple[int, ...], exact: int) -> bytes:
+    """Encode the projected chunk (a float32 device array y [2, L, n, C]): the twin of the CPU encode after its
+    projection; `kv` supplies the exact rows."""
+    from . import kvtc_cuda
+    from .kvtc import BANDS
+
+    _, L, T, C = shape
+    n = T - exact
+    bands = BANDS if C % BANDS == 0 else 1
+    rms = cuda.device_array((L, max(n, 1)), np.float64)
+    if n:
+        kvtc_cuda.token_rms_kernel[_blocks(L * n), THREADS](dy[1], rms)
+    token = codec.token_scale(rms.copy_to_host()[:, :n])
+    dtoken = cuda.to_device(token)
+    need = cuda.device_array((2, L, C), np.float32)
+    kvtc_cuda.reach_kernel[_blocks(2 * L * C), THREADS](dy, dtoken, need)
+    steps = codec.component_steps(book, need.copy_to_host())
+    banded = cuda.device_array((2, L, bands, n, C // bands), np.uint8)
+    if n:
+        kvtc_cuda.quantize_kernel[_blocks(2 * L * n * C), THREADS](dy, cuda.to_device(steps.astype(np.float32)), dtoken, bands, banded)
+    lane = int(codec.params.get("gpu_lane_size", GPU_LANE_SIZE))
+    coded = entropy_encode(banded.reshape(banded.size), 2 * L * bands, n * (C // bands), lane)
+    return codec.blob(dtype, shape, book, exact, bands, lane, steps, token, coded, kv)
+
+
+def kvtc_decode_arrays(b: Any, steps: np.ndarray, token: np.ndarray, offsets: np.ndarray, words: np.ndarray) -> Any:
+    """A kvtc blob's symbols decoded and dequantised on the device: y, a float32 device array [2, L, n, C]."""
+    from . import kvtc_cuda
+
+    _, L, T, C = b.shape
+    bands, exact = int(b.params["bands"]), int(b.params["exact_tokens"])
+    n = T - exact
+    dsym = entropy_decode(b.sections[2], offsets, words, 2 * L * bands, n * (C // bands), int(b.params["lane_size"]))
+    dy = cuda.device_array((2, L, n, C), np.float32)
+    if n:
+        sym = dsym.reshape(2, L, bands, n, C // bands)
+        kvtc_cuda.dequantize_kernel[_blocks(2 * L * n * C), THREADS](sym, cuda.to_device(steps), cuda.to_device(token), dy)
+    return dy
+
+
+def kvtc_decode(
+    b: Any,
+    book: Any,
+    steps: np.ndarray,
+    token: np.ndarray,
+    offsets: np.ndarray,
+    words: np.ndarray,
+    exact_rows: np.ndarray,
+    target: torch.device,
+) -> torch.Tensor:
+    """x = y · basisᵀ + mean on the device, in the blob's dtype, with its exact rows."""
+    from .base import TORCH_DTYPES, with_exact_rows
+
+    _, L, T, C = b.shape
+    exact = int(b.params["exact_tokens"])
+    n = T - exact
+    y = torch.as_tensor(kvtc_decode_arrays(b, steps, token, offsets, words), device=target).reshape(2 * L, n, C)
+    mean = torch.as_tensor(book.mean, device=target).reshape(2 * L, 1, C)
+    basis_t = torch.as_tensor(book.basis, device=target).reshape(2 * L, C, C).transpose(1, 2)
+    out = torch.empty((2, L, T, C), dtype=TORCH_DTYPES[b.dtype], device=target)
+    out[:, :, exact:] = torch.baddbmm(mean, y, basis_t).reshape(2, L, n, C)
+    return with_exact_rows(out, exact_rows, b.dtype, exact)

@@ -34,7 +34,7 @@ import torch
 from lmcached.errors import CodecError
 
 from . import entropy, kvtc_cpu
-from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, step_params, with_exact_rows
+from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, gpu_available, step_params, with_exact_rows
 from .format import pack, unpack
 from .scratch import output
 
@@ -242,8 +242,31 @@ class KvtcCodec(Codec):
         if (L, C) != (book.layers, book.channels):
             raise CodecError(f"kvtc codebook {book.digest} is for {book.layers} layers × {book.channels} channels, not {L} × {C}")
         exact = min(int(self.params["exact_tokens"]), T)
+        if kv.is_cuda and gpu_available():
+            from . import gpu
+
+            return gpu.kvtc_encode(self, book, kv, dtype, shape, exact)
+        y_np = self.project(book, kv, exact)
         n = T - exact
         bands = BANDS if C % BANDS == 0 else 1
+        rms = np.empty((L, n), np.float64)
+        if n:
+            kvtc_cpu.token_rms(y_np[1], rms)
+        token = self.token_scale(rms)
+        need = np.empty((2, L, C), np.float32)
+        kvtc_cpu.reach(y_np, token, need)
+        steps = self.component_steps(book, need)
+        banded = np.empty((2, L, bands, n, C // bands), np.uint8)
+        kvtc_cpu.quantize(y_np, steps.astype(np.float32), token, bands, banded)
+        lane = int(self.params["lane_size"])
+        coded = entropy.encode(banded.reshape(-1), 2 * L * bands, n * (C // bands), lane)
+        return self.blob(dtype, shape, book, exact, bands, lane, steps, token, coded, kv)
+
+    @staticmethod
+    def project(book: Codebook, kv: torch.Tensor, exact: int) -> np.ndarray:
+        """y [2, L, n, C] (float32): the tokens after the exact ones, centred and in the codebook's basis."""
+        _, L, T, C = kv.shape
+        n = T - exact
         x = kv.detach().to("cpu", torch.float32)[:, :, exact:].reshape(2 * L, n, C)
         if MATMUL_DTYPE == torch.float32:
             # y = (x - mean) · basis, as x · basis - mean · basis: one fused matrix product per (side, layer).
@@ -252,23 +275,40 @@ class KvtcCodec(Codec):
         else:  # centred first (in float32: the mean may be far larger than the spread), then the product
             centred = (x - torch.from_numpy(book.mean).reshape(2 * L, 1, C)).to(MATMUL_DTYPE)
             y = torch.bmm(centred, book.basis_as(MATMUL_DTYPE)).float()
-        y_np = y.numpy().reshape(2, L, n, C)
+        return y.numpy().reshape(2, L, n, C)
+
+    @staticmethod
+    def token_scale(rms: np.ndarray) -> np.ndarray:
+        """token [2, L, n] (float32, as stored in fp16): 1 for keys; for values each token's RMS over the layer's
+        mean RMS (value token norms vary a lot). `rms` [L, n] is the values' RMS per token."""
+        L, n = rms.shape
         token = np.ones((2, L, n), np.float32)
         if n:
-            rms = np.empty((L, n), np.float64)
-            kvtc_cpu.token_rms(y_np[1], rms)
             token[1] = _f16(rms / np.maximum(rms.mean(axis=1, keepdims=True), 1e-12)).astype(np.float32)
-        need = np.empty((2, L, C), np.float32)
-        kvtc_cpu.reach(y_np, token, need)
+        return token
+
+    def component_steps(self, book: Codebook, need: np.ndarray) -> np.ndarray:
+        """Steps [2, L, C] (fp16, as stored): the layer's step, raised where this chunk's values would clip (a
+        component far louder than the calibration said, or the leading ones on an unusual chunk). `need` is
+        the largest |y| / token per component."""
         if not np.isfinite(need).all():
             raise CodecError("kv holds NaN or infinite values")
-        # Per component: the layer's step, raised where this chunk's values would clip (a component far
-        # louder than the calibration said, or the leading ones on an unusual chunk).
-        steps = _f16(np.maximum(self.layer_steps(book)[:, :, None], need * (1.001 / QMAX)))
-        banded = np.empty((2, L, bands, n, C // bands), np.uint8)
-        kvtc_cpu.quantize(y_np, steps.astype(np.float32), token, bands, banded)
-        coded = entropy.encode(banded.reshape(-1), 2 * L * bands, n * (C // bands), int(self.params["lane_size"]))
-        scale = token[1].astype(np.float16)
+        return _f16(np.maximum(self.layer_steps(book)[:, :, None], need * (1.001 / QMAX)))
+
+    def blob(
+        self,
+        dtype: str,
+        shape: tuple[int, ...],
+        book: Codebook,
+        exact: int,
+        bands: int,
+        lane: int,
+        steps: np.ndarray,
+        token: np.ndarray,
+        coded: entropy.Coded,
+        kv: torch.Tensor,
+    ) -> bytes:
+        """The blob (CPU and GPU share it): steps, value token scales, the coded symbols, the exact rows."""
         exact_rows = kv[:, :, :exact, :].detach().to("cpu").contiguous().view(torch.uint8).numpy()
         params = {
             "codebook": book.digest,
@@ -276,9 +316,10 @@ class KvtcCodec(Codec):
             "value_step": self.params["value_step"],
             "exact_tokens": exact,
             "bands": bands,
-            "lane_size": int(self.params["lane_size"]),
+            "lane_size": lane,
         }
-        return pack(self.name, dtype, shape, params, [steps, scale, coded.tables, coded.offsets, coded.words, exact_rows])
+        sections = [steps, token[1].astype(np.float16), coded.tables, coded.offsets, coded.words, exact_rows]
+        return pack(self.name, dtype, shape, params, sections)
 
     def layer_steps(self, book: Codebook) -> np.ndarray:
         """[2, L]: a fraction of each layer's typical component spread (keys and values apart)."""
@@ -306,9 +347,14 @@ class KvtcCodec(Codec):
         offsets = self._array(b.sections[3], None, np.dtype("<u4"))
         words = self._array(b.sections[4], None, np.dtype("<u2"))
         exact_rows = self._array(b.sections[5], 2 * L * exact * C * TORCH_ITEMSIZE[b.dtype], np.uint8)
-        sym = entropy.decode(b.sections[2], offsets, words, 2 * L * bands, n * (C // bands), lane)
         token = np.ones((2, L, n), np.float32)
         token[1] = scale
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        if target.type == "cuda" and gpu_available():
+            from . import gpu
+
+            return gpu.kvtc_decode(b, book, steps, token, offsets, words, exact_rows, target)
+        sym = entropy.decode(b.sections[2], offsets, words, 2 * L * bands, n * (C // bands), lane)
         banded = sym.reshape(2, L, bands, n, C // bands)
         # (Recycled from this thread's earlier outputs once their holders let go, as cachegen's: a fresh 5.9 MB
         # output faulted its pages in inside the last pass.)
@@ -329,7 +375,7 @@ class KvtcCodec(Codec):
             kvtc_cpu.add_mean_half(
                 product.view(torch.int16).numpy().view(np.uint16).reshape(2, L, n, C), book.mean, exact, b.dtype == "bfloat16", bits
             )
-        return with_exact_rows(out, exact_rows, b.dtype, exact).to(torch.device(device) if device is not None else torch.device("cpu"))
+        return with_exact_rows(out, exact_rows, b.dtype, exact).to(target)
 
 
 def _f16(a: np.ndarray) -> np.ndarray:

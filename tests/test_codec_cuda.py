@@ -134,3 +134,76 @@ def test_the_encoder_step_is_exact_where_the_reciprocal_alone_is_not() -> None:
     cpu_out = np.zeros_like(xs)
     cpu_step(xs, tab, cpu_out)
     assert (cpu_out == expected).all()
+
+
+# ---------------------------------------------------------------------------------------------- kvtc
+def test_kvtc_kernels_match_their_cpu_twins() -> None:
+    from lmcached.codecs import kvtc_cpu, kvtc_cuda
+
+    rng = np.random.default_rng(5)
+    S, L, n, C, bands = 2, 2, 7, 16, 4
+    y = (rng.normal(size=(S, L, n, C)) * np.linspace(0.1, 4, C)).astype(np.float32)
+    token = rng.uniform(0.5, 2, (S, L, n)).astype(np.float32)
+    steps = rng.uniform(0.05, 0.4, (S, L, C)).astype(np.float32)
+    dy, dtoken = cuda.to_device(y), cuda.to_device(token)
+    rms, cpu_rms = cuda.device_array((L, n), np.float64), np.empty((L, n))
+    kvtc_cuda.token_rms_kernel[1, 64](dy[1], rms)
+    kvtc_cpu.token_rms(y[1], cpu_rms)
+    np.testing.assert_allclose(rms.copy_to_host(), cpu_rms, rtol=1e-12)
+    need, cpu_need = cuda.device_array((S, L, C), np.float32), np.empty((S, L, C), np.float32)
+    kvtc_cuda.reach_kernel[1, 64](dy, dtoken, need)
+    kvtc_cpu.reach(y, token, cpu_need)
+    assert (need.copy_to_host() == cpu_need).all()
+    sym, cpu_sym = cuda.device_array((S, L, bands, n, C // bands), np.uint8), np.empty((S, L, bands, n, C // bands), np.uint8)
+    kvtc_cuda.quantize_kernel[4, 128](dy, cuda.to_device(steps), dtoken, bands, sym)
+    kvtc_cpu.quantize(y, steps, token, bands, cpu_sym)
+    assert (sym.copy_to_host() == cpu_sym).all()
+    out, cpu_out = cuda.device_array((S, L, n, C), np.float32), np.empty((S, L, n, C), np.float32)
+    kvtc_cuda.dequantize_kernel[4, 128](sym, cuda.to_device(steps), dtoken, out)
+    kvtc_cpu.dequantize(cpu_sym, steps, token, cpu_out)
+    assert (out.copy_to_host() == cpu_out).all()
+
+
+def test_kvtc_blobs_coded_on_the_device_decode_like_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the same projected chunk the device path writes the symbols, steps and scales the CPU path writes
+    (its lanes are shorter), and decodes a blob to the CPU's y."""
+    from lmcached.codecs import kvtc
+    from lmcached.codecs.kvtc import Codebook, KvtcCodec
+
+    monkeypatch.setattr(kvtc, "MATMUL_DTYPE", torch.float32)  # the device's products are float32
+    book = Codebook.fit([kv_like_real(2, 40, 16, torch.float16, seed) for seed in range(2)])
+    kv = kv_like_real(2, 24, 16, torch.float16, seed=9)
+    codec = KvtcCodec(book)
+    cpu_blob = codec.encode(kv)
+    y = codec.project(book, kv, 1)
+    gpu_blob = gpu.kvtc_encode_arrays(codec, book, cuda.to_device(y), kv, "float16", tuple(kv.shape), 1)
+    assert unpack(gpu_blob).params["lane_size"] == gpu.GPU_LANE_SIZE != unpack(cpu_blob).params["lane_size"]
+    assert torch.equal(codec.decode(gpu_blob), codec.decode(cpu_blob))
+    parsed = unpack(cpu_blob)
+    L, n, C = 2, 23, 16
+    steps = np.frombuffer(parsed.sections[0], np.float16).reshape(2, L, C).astype(np.float32)
+    token = np.ones((2, L, n), np.float32)
+    token[1] = np.frombuffer(parsed.sections[1], np.float16).reshape(L, n)
+    dy = gpu.kvtc_decode_arrays(parsed, steps, token, np.frombuffer(parsed.sections[3], "<u4"), np.frombuffer(parsed.sections[4], "<u2"))
+    from lmcached.codecs import entropy, kvtc_cpu
+
+    sym = entropy.decode(
+        parsed.sections[2], np.frombuffer(parsed.sections[3], "<u4"), np.frombuffer(parsed.sections[4], "<u2"), 2 * L * 8, n * 2, 16384
+    )
+    cpu_y = np.empty((2, L, n, C), np.float32)
+    kvtc_cpu.dequantize(sym.reshape(2, L, 8, n, 2), steps, token, cpu_y)
+    assert (dy.copy_to_host() == cpu_y).all()
+
+
+@pytest.mark.gpu
+def test_kvtc_on_the_gpu_round_trips_and_matches_the_cpu() -> None:
+    from lmcached.codecs.kvtc import Codebook, KvtcCodec
+
+    book = Codebook.fit([kv_like_real(30, 256, 192, torch.float16, seed) for seed in range(3)])
+    kv = kv_like_real(30, 256, 192, torch.float16, seed=7).cuda()
+    codec = KvtcCodec(book)
+    gpu_blob = codec.encode(kv)
+    on_device = codec.decode(gpu_blob, device="cuda")
+    assert on_device.is_cuda and on_device.dtype == torch.float16
+    assert relative_error(on_device.cpu(), codec.decode(gpu_blob)) < 0.01  # the products' rounding only
+    assert relative_error(on_device.cpu(), kv.cpu()) < 0.3
