@@ -15,6 +15,17 @@ from numba import cuda, float32, float64, int32, uint8
 from .kvtc_cpu import QMAX, ZERO
 
 
+@cuda.jit(device=True)
+def _element(i, L, n, C):  # pragma: no cover - device code
+    """(side, layer, token, component) of thread i, one thread per element of y [S, L, n, C]."""
+    c = i % C
+    rest = i // C
+    t = rest % n
+    sl = rest // n
+    s = sl // L
+    return s, sl - s * L, t, c
+
+
 @cuda.jit
 def token_rms_kernel(y, out):  # pragma: no cover - device code
     """out[l, t] = root mean square of y[l, t, :] (y [L, n, C], out float64)."""
@@ -57,12 +68,7 @@ def quantize_kernel(y, steps, token, bands, out):  # pragma: no cover - device c
     i = cuda.grid(1)
     if i >= S * L * n * C:
         return
-    c = i % C
-    rest = i // C
-    t = rest % n
-    sl = rest // n
-    s = sl // L
-    layer = sl - s * L
+    s, layer, t, c = _element(i, L, n, C)
     width = C // bands
     q = round(y[s, layer, t, c] * ((float32(1.0) / steps[s, layer, c]) * (float32(1.0) / token[s, layer, t])))
     q = min(max(q, -QMAX), QMAX)
@@ -77,11 +83,6 @@ def dequantize_kernel(sym, steps, token, out):  # pragma: no cover - device code
     i = cuda.grid(1)
     if i >= S * L * n * C:
         return
-    c = i % C
-    rest = i // C
-    t = rest % n
-    sl = rest // n
-    s = sl // L
-    layer = sl - s * L
+    s, layer, t, c = _element(i, L, n, C)
     q = float32(int32(sym[s, layer, c // width, t, c % width]) - ZERO)
     out[s, layer, t, c] = q * (steps[s, layer, c] * token[s, layer, t])
