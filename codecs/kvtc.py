@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmcached.errors import CodecError
+from lmcached.errors import CodecError, MissingCodebook
 
 from . import entropy, kvtc_cpu
 from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, gpu_available, step_params, with_exact_rows
@@ -190,7 +190,7 @@ class CodebookStore:
     def get(self, digest: str) -> Codebook:
         book = self.find(digest)
         if book is None:
-            raise CodecError(f"this kvtc blob needs codebook {digest}, which is not here (calibrate, or copy it over)")
+            raise MissingCodebook(f"this kvtc blob needs codebook {digest}, which is not here (calibrate, or copy it over)")
         return book
 
     def find(self, digest: str) -> Codebook | None:

@@ -30,6 +30,10 @@ class CodecError(LmcachedError):
     """A blob cannot be encoded or decoded (truncated, corrupted, foreign, unsupported)."""
 
 
+class MissingCodebook(CodecError):
+    """A kvtc blob names a codebook that is nowhere to be found (not here, not in the remote tier)."""
+
+
 class NotFound(LmcachedError):
     """An instance, worker, location or event does not exist."""
 

@@ -18,7 +18,7 @@ from lmcached.arena import Arena
 from lmcached.backends import CPU, DISK, REMOTE, Backend, Chunk, ChunkInfo, LocalCPUBackend, LocalDiskBackend, StoreFull, check_location
 from lmcached.codebooks import LEARN_MAX_TOKENS, LEARN_MIN_TOKENS, Codebooks
 from lmcached.config import Config
-from lmcached.errors import InvalidRequest, LmcachedError, NotFound, ProtocolError
+from lmcached.errors import InvalidRequest, LmcachedError, MissingCodebook, NotFound, ProtocolError
 from lmcached.remote import RemoteBackend, RemoteError
 from lmcached.write_behind import WriteBehind
 
@@ -364,6 +364,9 @@ class Storage:
         return found
 
     async def _keep_in_ram(self, chunk: Chunk) -> None:
+        for digest in await self._kvtc_codebooks([chunk]):
+            if await self.run(self.codebooks.find, digest) is None:
+                return  # undecodable here (its codebook is gone): not kept, and the retrieve ends at it
         try:
             await self._put(CPU, chunk)
         except StoreFull:
@@ -396,9 +399,21 @@ class Storage:
         return tokens
 
     async def retrieve(self, keys: list[int]) -> list[Chunk]:
-        """The cached prefix as raw chunks, decoding compressed ones off the event loop."""
+        """The cached prefix as raw chunks, decoding compressed ones off the event loop. A kvtc chunk whose
+        codebook is nowhere to be found (evicted from Redis, say) ends the prefix there: a miss, not an error."""
         chunks = await self.prefix(keys)
-        return list(await asyncio.gather(*(self.run(decode_chunk, c, self.codebooks) if c.method else _done(c) for c in chunks)))
+        decoded = await asyncio.gather(
+            *(self.run(decode_chunk, c, self.codebooks) if c.method else _done(c) for c in chunks), return_exceptions=True
+        )
+        out: list[Chunk] = []
+        for chunk, result in zip(chunks, decoded, strict=True):
+            if isinstance(result, MissingCodebook):
+                log.warning("chunk %016x cannot be decoded (%s): served as a miss from there", chunk.key, result)
+                break
+            if isinstance(result, BaseException):
+                raise result
+            out.append(result)
+        return out
 
     def stats(self) -> dict[str, dict[str, Any]]:
         out = {name: b.stats() for name, b in self.backends.items()}

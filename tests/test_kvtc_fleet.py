@@ -201,6 +201,14 @@ async def test_redis_keeps_the_codebook_beside_kvtc_chunks_for_other_workers() -
             got = await retrieve(b, tokens)  # every chunk from Redis, kvtc-coded, its codebook fetched there
             assert got is not None and relative_error(got, kv) < 0.2
             assert book.digest in b.storage.codebooks.store._books
+            # A third worker that finds the codebook evicted from Redis: a clean miss, not an error.
+            redis.cli("DEL", f"lmcached:codebook:{book.digest}")
+            c = await worker(remote_url=redis.url, remote_scan_interval=0.2)
+            try:
+                assert await retrieve(c, tokens) is None
+                assert len(c.backends[CPU]) == 0  # and nothing undecodable was kept in its RAM
+            finally:
+                await c.stop()
         finally:
             await a.stop()
             await b.stop()
