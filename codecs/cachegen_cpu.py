@@ -5,7 +5,7 @@ bits.
 Decoding every lane into one chunk-sized symbol array and then dequantising it wrote and re-read 2.9 MB of
 symbols per SmolLM2 chunk; dequantisation is bound by memory bandwidth on this VM, and the fused pass took
 0.25 ms (6 %) off a 4.4 ms decode (measured on the bench's chunks). Bit-identical to `rans_cpu.decode_lanes`
-followed by `quant_cpu.dequantize_half`, which stay the reference (and the float32 path).
+followed by `quant_cpu.dequantize` (the float32 path) and torch's rounding to half precision (tested).
 """
 
 from __future__ import annotations

@@ -126,15 +126,3 @@ def f32_bits_to_bf16_bits(f):  # pragma: no cover - compiled
     if (f & np.uint32(0x7F800000)) == np.uint32(0x7F800000) and (f & np.uint32(0x7FFFFF)) != 0:
         return np.uint16((f >> np.uint32(16)) | np.uint32(0x40))  # keep NaN a NaN
     return np.uint16((f + np.uint32(0x7FFF) + ((f >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-
-
-@njit(nogil=True, cache=True, parallel=True)
-def dequantize_half(sym, col_step, col_off, row_step, row_off, bfloat, out):  # pragma: no cover - compiled
-    """Dequantise straight to float16 (or bfloat16) bits, rounded to nearest even: exactly `dequantize`
-    followed by torch's conversion, without the float32 array in between."""
-    G, R, C = sym.shape
-    for g in prange(G):
-        row = np.empty(C, dtype=np.float32)  # scratch rows per layer, not per token
-        spare = np.empty(C, dtype=np.float32)
-        for r in range(R):
-            half_row(sym, g, g, r, col_step, col_off, row_step[g, r], row_off[g, r], bfloat, row, spare, out)

@@ -322,17 +322,34 @@ def test_quant_kernels_match_numpy() -> None:
     out = np.empty(x.shape, np.float32)
     quant_cpu.dequantize(sym, col_step, col_off, row_step, row_off, out)
     np.testing.assert_array_equal(out, q.astype(np.float32) * col_step[:, None, :] + col_off[:, None, :])
-    half = np.empty(x.shape, np.uint16)
-    quant_cpu.dequantize_half(sym, col_step, col_off, row_step, row_off, False, half)
-    assert (half == torch.from_numpy(out).half().view(torch.int16).numpy().view(np.uint16)).all()  # torch's rounding
-    quant_cpu.dequantize_half(sym, col_step, col_off, row_step, row_off, True, half)
-    assert (half == torch.from_numpy(out).bfloat16().view(torch.int16).numpy().view(np.uint16)).all()
+    half = decode_half(sym, col_step, col_off, row_step, row_off, False)
+    assert (half == half_bits(out, torch.float16)).all()  # torch's rounding
+    half = decode_half(sym, col_step, col_off, row_step, row_off, True)
+    assert (half == half_bits(out, torch.bfloat16)).all()
+
+
+def half_bits(values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """float32 values rounded to `dtype` by torch, as uint16 bits."""
+    return torch.from_numpy(values).to(dtype).view(torch.int16).numpy().view(np.uint16)
+
+
+def decode_half(sym: np.ndarray, col_step, col_off, row_step, row_off, bfloat: bool, lane: int = 256) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Symbols [G, R, C] rANS-coded, then dequantised to half-precision bits by cachegen's CPU decode."""
+    from lmcached.codecs import cachegen_cpu
+
+    G, R, C = sym.shape
+    coded = entropy.encode(np.ascontiguousarray(sym).reshape(-1), G, R * C, lane)
+    d = entropy.decoder(memoryview(coded.tables), coded.offsets, coded.words, G, R * C, lane)
+    out = np.empty((G, R, C), np.uint16)
+    assert cachegen_cpu.decode_half(coded.words, d.offsets, lane, d.freq, d.cum, col_step, col_off, row_step, row_off, bfloat, out) == 0
+    return out
 
 
 @pytest.mark.parametrize("bfloat", [False, True])
 def test_fused_half_decode_matches_lanes_then_dequantize(bfloat: bool) -> None:
     """cachegen_cpu.decode_half (lanes and dequantisation a group at a time) is bit-identical to decoding every
-    lane and then dequantising, also where a group's last lane is short, and counts a corrupt lane."""
+    lane, dequantising to float32 and rounding with torch, also where a group's last lane is short, and counts
+    a corrupt lane."""
     from lmcached.codecs import cachegen_cpu
 
     rng = np.random.default_rng(11)
@@ -343,9 +360,10 @@ def test_fused_half_decode_matches_lanes_then_dequantize(bfloat: bool) -> None:
     row_step = rng.uniform(0.5, 2, (G, R)).astype(np.float32)
     row_off = rng.normal(0, 0.1, (G, R)).astype(np.float32)
     coded = entropy.encode(sym.reshape(-1), G, R * C, lane)
-    expected = np.empty((G, R, C), np.uint16)
     decoded = entropy.decode(memoryview(coded.tables), coded.offsets, coded.words, G, R * C, lane).reshape(G, R, C)
-    quant_cpu.dequantize_half(decoded, col_step, col_off, row_step, row_off, bfloat, expected)
+    widened = np.empty((G, R, C), np.float32)
+    quant_cpu.dequantize(decoded, col_step, col_off, row_step, row_off, widened)
+    expected = half_bits(widened, torch.bfloat16 if bfloat else torch.float16)
     d = entropy.decoder(memoryview(coded.tables), coded.offsets, coded.words, G, R * C, lane)
     out = np.empty((G, R, C), np.uint16)
     assert cachegen_cpu.decode_half(coded.words, d.offsets, lane, d.freq, d.cum, col_step, col_off, row_step, row_off, bfloat, out) == 0
@@ -366,17 +384,15 @@ def test_half_conversion_rounds_like_torch_at_the_edges() -> None:
         ]
     ).astype(np.float32)
     sym = np.full((1, 1, values.size), 129, np.uint8)  # q = 1: the output is the step itself
-    half = np.empty(sym.shape, np.uint16)
-    quant_cpu.dequantize_half(
+    half = decode_half(
         sym,
         values.reshape(1, -1),
         np.zeros((1, values.size), np.float32),
         np.ones((1, 1), np.float32),
         np.zeros((1, 1), np.float32),
         False,
-        half,
     )
-    assert (half[0, 0] == torch.from_numpy(values).half().view(torch.int16).numpy().view(np.uint16)).all()
+    assert (half[0, 0] == half_bits(values, torch.float16)).all()
 
 
 def test_scratch_buffers_are_reused_per_thread_and_never_shared() -> None:
