@@ -70,18 +70,23 @@ SECTIONS = 6
 ZERO, QMAX = 128, 127
 
 CODEBOOK_MAGIC = b"LMCKVTCB"
-CODEBOOK_VERSION = 1
+#: Version 1: mean, basis, variance. Version 2 adds per-layer step multipliers (`Codebook.step_scale`); a
+#: codebook without them is still written as version 1, so its digest, and the blobs that name it, never change.
+CODEBOOK_VERSION = 2
 _CODEBOOK_HEAD = struct.Struct("<8sHII")
 
 
 @dataclass(frozen=True, eq=False)
 class Codebook:
     """Per side (keys 0, values 1) and layer: mean [C], basis [C, C] (columns are components, by variance,
-    largest first) and the components' variances [C]. Identified by the hash of its bytes."""
+    largest first) and the components' variances [C]; optionally a multiplier of each layer's step, from what
+    its error was measured to cost the model (`lmcached.sensitivity`; None: the same step for every layer).
+    Identified by the hash of its bytes."""
 
     mean: np.ndarray  # float32 [2, L, C]
     basis: np.ndarray  # float32 [2, L, C, C]
     variance: np.ndarray  # float32 [2, L, C]
+    step_scale: np.ndarray | None = None  # float32 [2, L]
     digest: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -116,6 +121,17 @@ class Codebook:
         variance, basis = variance.flip(-1).clamp(min=0), basis.flip(-1)
         return cls(mean.float().numpy(), basis.float().contiguous().numpy(), variance.float().numpy())
 
+    def uniform(self) -> Codebook:
+        """This codebook with the same step for every layer."""
+        return self if self.step_scale is None else Codebook(self.mean, self.basis, self.variance)
+
+    def weighted(self, step_scale: np.ndarray) -> Codebook:
+        """This codebook with per-layer step multipliers [2, L] (finite, positive)."""
+        scale = np.asarray(step_scale, dtype=np.float32)
+        if scale.shape != (2, self.layers) or not (np.isfinite(scale).all() and (scale > 0).all()):
+            raise CodecError(f"kvtc step multipliers must be [2, {self.layers}], finite and positive")
+        return Codebook(self.mean, self.basis, self.variance, scale)
+
     def projected_mean(self) -> np.ndarray:
         """mean · basis [2, L, C] (cached): what the encoder subtracts after projecting."""
         cached = self.__dict__.get("_projected")
@@ -134,9 +150,11 @@ class Codebook:
 
     def _body(self) -> bytes:
         _, L, C = self.mean.shape
-        head = _CODEBOOK_HEAD.pack(CODEBOOK_MAGIC, CODEBOOK_VERSION, L, C)
-        arrays = (np.ascontiguousarray(a, dtype="<f4").tobytes() for a in (self.mean, self.basis, self.variance))
-        return head + b"".join(arrays)
+        arrays = [self.mean, self.basis, self.variance]
+        if self.step_scale is not None:
+            arrays.append(self.step_scale)
+        head = _CODEBOOK_HEAD.pack(CODEBOOK_MAGIC, 1 if self.step_scale is None else 2, L, C)
+        return head + b"".join(np.ascontiguousarray(a, dtype="<f4").tobytes() for a in arrays)
 
     def to_bytes(self) -> bytes:
         """Versioned bytes; the last 16 bytes are the digest of the rest (a checksum that is also its name)."""
@@ -149,9 +167,9 @@ class Codebook:
         magic, version, L, C = _CODEBOOK_HEAD.unpack_from(data)
         if magic != CODEBOOK_MAGIC:
             raise CodecError("not a kvtc codebook")
-        if version != CODEBOOK_VERSION:
-            raise CodecError(f"kvtc codebook version {version} is not supported (this build reads {CODEBOOK_VERSION})")
-        sizes = (2 * L * C, 2 * L * C * C, 2 * L * C)
+        if version not in (1, 2):
+            raise CodecError(f"kvtc codebook version {version} is not supported (this build reads 1 to {CODEBOOK_VERSION})")
+        sizes = (2 * L * C, 2 * L * C * C, 2 * L * C) + ((2 * L,) if version == 2 else ())
         if len(data) != _CODEBOOK_HEAD.size + 4 * sum(sizes) + 16:
             raise CodecError("kvtc codebook has the wrong size for its shape")
         body, digest = data[:-16], data[-16:].hex()
@@ -161,7 +179,8 @@ class Codebook:
         for n in sizes:
             flat.append(np.frombuffer(body, dtype="<f4", count=n, offset=pos).astype(np.float32))
             pos += 4 * n
-        return cls(flat[0].reshape(2, L, C), flat[1].reshape(2, L, C, C), flat[2].reshape(2, L, C))
+        book = cls(flat[0].reshape(2, L, C), flat[1].reshape(2, L, C, C), flat[2].reshape(2, L, C))
+        return book.weighted(flat[3].reshape(2, L)) if version == 2 else book
 
 
 class CodebookStore:
@@ -322,9 +341,11 @@ class KvtcCodec(Codec):
         return pack(self.name, dtype, shape, params, sections)
 
     def layer_steps(self, book: Codebook) -> np.ndarray:
-        """[2, L]: a fraction of each layer's typical component spread (keys and values apart)."""
+        """[2, L]: a fraction of each layer's typical component spread (keys and values apart), times the
+        codebook's multiplier for the layer where it has them."""
         spread = np.sqrt(np.maximum(book.variance.mean(axis=2), 1e-12))
-        return spread * np.array([self.params["key_step"], self.params["value_step"]])[:, None]
+        steps = spread * np.array([self.params["key_step"], self.params["value_step"]])[:, None]
+        return steps if book.step_scale is None else steps * book.step_scale
 
     # ------------------------------------------------------------------ decode
     def decode(self, blob: bytes, device: str | torch.device | None = None) -> torch.Tensor:

@@ -17,6 +17,8 @@ from lmcached.errors import CodecError
 
 from .codec_helpers import assert_round_trip, kv_like_real, relative_error
 
+GOLDEN = Path(__file__).parent.parent / "codecs" / "golden"
+
 
 def correlated_kv(layers: int, tokens: int, channels: int, seed: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """KV whose channels are correlated (as real KV is): a few latent directions mixed into all channels."""
@@ -71,6 +73,38 @@ def test_the_codebook_is_named_by_its_content_and_survives_bytes(book: Codebook)
     other = Codebook.fit([correlated_kv(3, 64, 32, seed) for seed in range(4, 8)])
     assert other.digest != book.digest
     assert Codebook.fit([correlated_kv(3, 64, 32, seed) for seed in range(4)]).digest == book.digest  # deterministic
+
+
+def test_layer_step_multipliers_set_each_layers_step_and_name_a_new_codebook(book: Codebook, tmp_path: Path) -> None:
+    """What `lmcached calibrate` adds (lmcached.sensitivity): a multiplier per side and layer. A codebook
+    without them is still written as version 1, so its digest, and every blob naming it, stay as they were."""
+    assert book.to_bytes()[8] == 1 and book.uniform() is book
+    scale = np.array([[0.5, 1.0, 4.0], [1.0, 1.0, 1.0]], np.float32)
+    weighted = book.weighted(scale)
+    data = weighted.to_bytes()
+    assert data[8] == 2 and weighted.digest != book.digest and weighted.uniform().digest == book.digest
+    again = Codebook.from_bytes(data)
+    assert again.digest == weighted.digest and np.array_equal(again.step_scale, scale)
+    assert np.allclose(KvtcCodec(weighted).layer_steps(weighted), KvtcCodec(book).layer_steps(book) * scale)
+    kv = correlated_kv(3, 64, 32, seed=15)
+    out = KvtcCodec(weighted, store=CodebookStore(tmp_path)).decode(KvtcCodec(weighted).encode(kv))
+    errors = [relative_error(out[0, layer], kv[0, layer]) for layer in range(3)]
+    assert errors[0] < errors[1] < errors[2]  # the keys of layer 2 were coded with 8× the step of layer 0's
+    for bad in (np.ones((2, 2)), -scale, scale * np.nan):
+        with pytest.raises(CodecError, match="multipliers"):
+            book.weighted(bad)
+
+
+def test_golden_weighted_codebook_still_reads() -> None:
+    """A version 2 codebook (layer steps) as committed: the same digest, its multipliers, its steps."""
+    path = GOLDEN / "kvtc-codebook-v2.bin"
+    if os.environ.get("LMCACHED_WRITE_GOLDEN"):
+        base = Codebook.from_bytes((GOLDEN / "kvtc-codebook-v1.bin").read_bytes())
+        path.write_bytes(base.weighted(np.linspace(0.5, 2.0, 2 * base.layers, dtype=np.float32).reshape(2, -1)).to_bytes())
+    data = path.read_bytes()
+    book = Codebook.from_bytes(data)
+    assert book.to_bytes() == data and book.uniform().digest == Codebook.from_bytes((GOLDEN / "kvtc-codebook-v1.bin").read_bytes()).digest
+    assert book.step_scale is not None and np.allclose(book.step_scale.ravel(), np.linspace(0.5, 2.0, 2 * book.layers))
 
 
 def test_a_corrupted_or_foreign_codebook_is_refused(book: Codebook) -> None:
@@ -166,9 +200,6 @@ def test_a_store_asks_its_fetch_for_a_missing_codebook_and_keeps_it(tmp_path: Pa
     liar = CodebookStore(fetch=lambda d: Codebook.fit([correlated_kv(3, 40, 24, 9)]).to_bytes())
     with pytest.raises(CodecError, match="got"):
         KvtcCodec(store=liar).decode(blob)
-
-
-GOLDEN = Path(__file__).parent.parent / "codecs" / "golden"
 
 
 @pytest.mark.parametrize("version", [1, 2])
