@@ -215,6 +215,12 @@ def calibrate(
     ),
     max_tokens: int = typer.Option(16384, "--max-tokens", help="Use at most this many tokens of the text."),
     kv_dtype: str = typer.Option("float16", "--kv-dtype", help="The dtype the engine offloads KV in: float16, bfloat16 or float32."),
+    probes: int | None = typer.Option(
+        None, "--probes", help="Windows on which to measure each layer's error cost, to set its step (default 6; 0: one step for all)."
+    ),
+    kl_budget: float | None = typer.Option(
+        None, "--kl-budget", help="The steps' total cost: KL from the uncoded output, nats per token (default 0.006; less: finer)."
+    ),
     auth_token: str | None = TokenOpt,
 ) -> None:
     """Learn a kvtc codebook for a model from text, and give it to a worker: its kvtc compressions use it from then on."""
@@ -230,6 +236,8 @@ def calibrate(
         fail(f"--kv-dtype must be float16, bfloat16 or float32, not {kv_dtype!r}", 2)
     if not worker and codebooks is None:
         fail("nowhere to put the codebook: give --worker HOST:PORT and/or --codebooks DIR", 2)
+    if (probes is not None and probes < 0) or (kl_budget is not None and not kl_budget > 0):
+        fail("--probes must be 0 or more and --kl-budget above 0", 2)
     try:
         texts = [path.read_text(errors="replace") for path in text]
     except OSError as exc:
@@ -237,8 +245,20 @@ def calibrate(
     try:
         typer.echo("loading the model …", err=True)
         loaded = load_model(model)
-        typer.echo(f"running up to {max_tokens} tokens of {len(texts)} file(s) through {loaded.name} …", err=True)
-        result = fit_codebook(loaded, texts, max_tokens, getattr(torch, kv_dtype))
+        typer.echo(
+            f"running up to {max_tokens} tokens of {len(texts)} file(s) through {loaded.name}, then measuring each layer's "
+            f"cost on a few windows ({2 * loaded.num_layers} passes each) …",
+            err=True,
+        )
+        result = fit_codebook(
+            loaded,
+            texts,
+            max_tokens,
+            getattr(torch, kv_dtype),
+            probes,
+            kl_budget,
+            on_probe=lambda done, of: typer.echo(f"layer costs measured on window {done} of {of}", err=True),
+        )
     except (ModelError, LmcachedError) as exc:
         fail(str(exc))
     book = result.codebook
@@ -260,9 +280,14 @@ def calibrate(
         except (LmcachedError, OSError) as exc:
             fail(f"could not send the codebook to the worker at {worker}: {exc}")
         where.append(f"current at the worker {worker}")
+    steps = (
+        f"layer steps for a KL budget of {result.kl_budget:g} from {result.probed} probed windows"
+        if result.probed
+        else "one step for every layer (no window was probed: --probes 0, or no full 512-token window)"
+    )
     typer.echo(
         f"kvtc codebook {book.digest} for {book.layers} layers × {book.channels} channels, "
-        f"from {result.tokens} tokens in {result.windows} windows; {' and '.join(where)}"
+        f"from {result.tokens} tokens in {result.windows} windows, {steps}; {' and '.join(where)}"
     )
 
 

@@ -248,13 +248,17 @@ async def test_calibrate_runs_text_through_the_model_and_hands_the_codebook_to_a
     w = await worker()
     try:
         loop = asyncio.get_running_loop()
-        args = (str(text), "--worker", f"127.0.0.1:{w.data_port}", "--codebooks", str(tmp_path / "books"), "--max-tokens", "1024")
+        books = str(tmp_path / "books")
+        args = (str(text), "--worker", f"127.0.0.1:{w.data_port}", "--codebooks", books, "--max-tokens", "1024", "--probes", "1")
         done = await loop.run_in_executor(None, lambda: calibrate_cli(*args))
         assert done.returncode == 0, done.stderr
         digest = done.stdout.split("kvtc codebook ")[1].split()[0]
-        assert "for 30 layers × 192 channels, from 1024 tokens in 2 windows" in done.stdout
+        assert "for 30 layers × 192 channels, from 1024 tokens in 2 windows, layer steps" in done.stdout
+        assert "for a KL budget of 0.006 from 1 probed windows" in done.stdout
+        assert "layer costs measured on window 1 of 1" in done.stderr  # progress
         book = w.storage.codebooks.current(30, 192)  # SmolLM2's shape: the worker's kvtc uses it now
         assert book is not None and book.digest == digest
+        assert book.step_scale is not None and book.step_scale.shape == (2, 30) and book.step_scale.max() > 3 * book.step_scale.min()
         assert Codebooks(tmp_path / "books").current(30, 192).digest == digest  # type: ignore[union-attr]
     finally:
         await w.stop()
@@ -266,3 +270,5 @@ async def test_calibrate_runs_text_through_the_model_and_hands_the_codebook_to_a
     assert done.returncode == 1 and "too few to calibrate on" in done.stderr
     done = calibrate_cli(str(tmp_path / "missing.txt"))
     assert done.returncode == 2 and "cannot read" in done.stderr
+    done = calibrate_cli(str(text), "--worker", "", "--codebooks", str(tmp_path / "books"), "--kl-budget", "0")
+    assert done.returncode == 2 and "--kl-budget above 0" in done.stderr
