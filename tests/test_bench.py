@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lmcached.bench.report import Report
@@ -79,6 +80,7 @@ def test_the_rate_quality_curve_orders_the_quality_levels_and_draws_both_plots(t
     loaded = load_model()
     tuning, held_out = split("tables", TOPICS)
     book = Codebook.fit(s.kv[:, :, i : i + CHUNK] for s in samples(loaded, 1, tuning) for i in range(0, PREFIX, CHUNK))
+    book = book.weighted(np.linspace(0.5, 3.0, 2 * book.layers).reshape(2, book.layers))  # layer steps, as calibrated
     report = Report()
     codec_curve.run(report, loaded, samples(loaded, 1, held_out), book)
     rows = {r.name.split(":")[0]: r for r in report.rows}
@@ -86,9 +88,10 @@ def test_the_rate_quality_curve_orders_the_quality_levels_and_draws_both_plots(t
     bits = [rows[f"cachegen quality {q}"].extra["bits_per_element"] for q in range(1, 10)]
     assert bits == sorted(bits) and 1.0 < bits[0] < bits[-1] < 16.0
     assert rows["cachegen quality 1"].value > rows["cachegen quality 9"].value  # coarser costs more perplexity
-    kvtc_bits = [rows[f"kvtc steps ×{s}"].extra["bits_per_element"] for s in (0.5, 0.7, 1.0, 1.4, 2.0)]
+    kvtc_bits = [rows[f"kvtc layer steps ×{s}"].extra["bits_per_element"] for s in (0.5, 0.7, 1.0, 1.3, 1.6, 2.0)]
     assert kvtc_bits == sorted(kvtc_bits, reverse=True)
-    assert rows["kvtc steps ×2.0"].value > rows["kvtc steps ×0.5"].value
+    assert rows["kvtc layer steps ×2.0"].value > rows["kvtc layer steps ×0.5"].value
+    assert rows["kvtc one step ×1.0"].extra["bits_per_element"] > rows["kvtc one step ×1.4"].extra["bits_per_element"]
     assert rows["int8 per token"].extra["bits_per_element"] > 8.0
     plot = tmp_path / "curve.png"
     report.plot(plot)

@@ -22,9 +22,16 @@ def methods(book: object | None = None) -> dict[str, tuple[str, object]]:
     if book is not None:
         from lmcached.codecs.kvtc import DEFAULTS, KvtcCodec
 
-        for scale in (0.5, 0.7, 1.0, 1.4, 2.0):
+        def kvtc(codebook: object, scale: float) -> object:
             steps = {"key_step": DEFAULTS["key_step"] * scale, "value_step": DEFAULTS["value_step"] * scale}
-            points[f"kvtc steps ×{scale}"] = ("lmcached kvtc", codec_method(KvtcCodec(book, **steps)))  # type: ignore[arg-type]
+            return codec_method(KvtcCodec(codebook, **steps))  # type: ignore[arg-type]
+
+        # The codebook's own layer steps (×1: KL budget 0.006 nats a token; ×s: s² times that), and one step for
+        # every layer as the codebook would have without costs probed (×1 is the old default).
+        for scale in (0.5, 0.7, 1.0, 1.3, 1.6, 2.0):
+            points[f"kvtc layer steps ×{scale}"] = ("lmcached kvtc", kvtc(book, scale))
+        for scale in (1.0, 1.4):
+            points[f"kvtc one step ×{scale}"] = ("lmcached kvtc, one step for all layers", kvtc(book.uniform(), scale))  # type: ignore[attr-defined]
     points["int8 per token"] = ("int8 per token", int8_per_token)
     points["LMCache CacheGen (emulated)"] = ("LMCache CacheGen (emulated)", lmcache_cachegen)
     return points

@@ -1,5 +1,6 @@
-"""kvtc in `lmcached bench codec`: a codebook learned from the tuning half's KV only, scored on the held-out
-half (size, perplexity change, top-1); its speed is timed beside cachegen's in the codec speed pass."""
+"""kvtc in `lmcached bench codec`: a codebook learned from the tuning half only (its basis from the KV, its
+layer steps from costs probed on one tuning text of each kind, as `lmcached calibrate` does), scored on the
+held-out half (size, perplexity change, top-1); its speed is timed beside cachegen's in the codec speed pass."""
 
 from __future__ import annotations
 
@@ -9,13 +10,22 @@ from lmcached.bench.report import Report
 
 
 def calibrate(loaded: object, per_kind: int) -> Any:
-    """The codebook, fitted on the 256-token chunks of `per_kind` tuning texts of every kind."""
+    """The codebook: fitted on the 256-token chunks of `per_kind` tuning texts of every kind, its layer steps
+    from costs probed on the first of each kind (the first SCORED tokens of its continuation scored)."""
+    from lmcached import sensitivity
     from lmcached.bench.codec import CHUNK, PREFIX, TOPICS, samples
     from lmcached.bench.heldout import KINDS, split
+    from lmcached.bench.report import progress
+    from lmcached.calibrate import SCORED
     from lmcached.codecs.kvtc import Codebook
 
-    tuning = [s for kind in KINDS for s in samples(loaded, per_kind, split(kind, TOPICS)[0])]
-    return Codebook.fit(s.kv[:, :, i : i + CHUNK] for s in tuning for i in range(0, PREFIX, CHUNK))
+    tuning = {kind: samples(loaded, per_kind, split(kind, TOPICS)[0]) for kind in KINDS}
+    book = Codebook.fit(s.kv[:, :, i : i + CHUNK] for texts in tuning.values() for s in texts for i in range(0, PREFIX, CHUNK))
+    firsts = [texts[0] for texts in tuning.values() if texts]
+    probes = [sensitivity.Probe(s.ids[:, : PREFIX + SCORED], s.kv, s.ref_logits[:SCORED]) for s in firsts]
+    with progress() as bar:
+        task = bar.add_task("kvtc layer costs, tuning text", total=len(probes))
+        return sensitivity.weigh(loaded, book, probes, on_probe=lambda: bar.advance(task))
 
 
 def run(report: Report, loaded: object, book: Any, held_out: list[Any]) -> Any:
