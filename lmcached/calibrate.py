@@ -4,7 +4,7 @@ codebook directory.
 
 Two steps: the PCA basis of every layer from the KV of all the text (`Codebook.fit`), then, on a few windows
 of it, what each layer's coding error costs the model's output, which sets each layer's step
-(`lmcached.sensitivity`): that is what takes kvtc from 5× to ~7× at the same quality.
+(`lmcached.sensitivity`): that is what takes kvtc from 5× to 6.7× on held-out text (docs/codec.md).
 
 A worker can also learn a codebook from the chunks it happens to hold (lmcached.codebooks); calibrating on
 text chosen for the purpose is better: measured on the held-out set, a codebook from 29 texts of six kinds
