@@ -200,7 +200,7 @@ def run(report: Report, quick: bool = False, curve: bool = False) -> None:
     heldout_quality(report, loaded, held_out)
     chunks = [s.kv[:, :, i : i + CHUNK].contiguous() for s in data for i in range(0, PREFIX, CHUNK)]
     book = codec_kvtc.calibrate(loaded, 1 if quick else 6)  # more calibration text than held-out samples: it is cheap
-    kvtc = codec_kvtc.run(report, loaded, book, [s for texts in held_out.values() for s in texts])
+    kvtc = codec_kvtc.run(report, loaded, book, held_out)
     if curve:
         from lmcached.bench import codec_curve
 
