@@ -24,8 +24,8 @@ WINDOW = 512
 #: Fewer tokens than this cannot tell the components of a layer apart (a few hundred channels each).
 MIN_TOKENS = 256
 #: Windows probed for what each layer's error costs, spread over the text: each takes 2 × layers forward
-#: passes of SCORED tokens (~10 s for SmolLM2 on two cores). Six gave the same steps, within the probe's noise,
-#: as eleven windows of twice the scored tokens (docs/codec.md).
+#: passes of SCORED tokens (~20 s for SmolLM2 on two cores). Six set steps as good as eleven windows of twice
+#: the scored tokens, within the noise of the tuning texts (docs/codec.md).
 PROBES = 6
 #: Of a probed window, the last SCORED tokens are scored; the tokens before them are the coded context.
 SCORED = 128
