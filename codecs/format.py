@@ -20,9 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+import numpy as np
+
 from lmcached.errors import CodecError
 
 from .checksum import checksum64
+from .scratch import scratch
 
 MAGIC: Final = b"LMCB"
 #: The version this build writes; it reads every version in TRAILERS.
@@ -64,9 +67,19 @@ def pack(codec: str, dtype: str, shape: tuple[int, ...], params: dict[str, Any],
             struct.pack(f"<{len(views)}Q", *(v.nbytes for v in views)),
         ]
     )
-    body = b"".join([head, *views])
+    # Assembled in this thread's scratch buffer, hashed there, then copied out once: joining the body and then
+    # appending the trailer made two fresh blob-sized objects, each faulting its pages in (1.0 ms a SmolLM2
+    # chunk, against ~0.5 ms this way).
     trailer, checksum = TRAILERS[FORMAT_VERSION]
-    return body + trailer.pack(checksum(body))
+    size = len(head) + sum(v.nbytes for v in views)
+    buf = scratch("format.blob", (size + trailer.size,), np.uint8)
+    buf[: len(head)] = np.frombuffer(head, dtype=np.uint8)
+    pos = len(head)
+    for view in views:
+        buf[pos : pos + view.nbytes] = np.frombuffer(view, dtype=np.uint8)
+        pos += view.nbytes
+    trailer.pack_into(buf, size, checksum(buf[:size]))
+    return buf.tobytes()
 
 
 def codec_of(blob: bytes | bytearray | memoryview) -> str:
