@@ -127,9 +127,11 @@ class CacheGenCodec(Codec):
         steps = self.steps(k_mean, k_std, v_mean, v_std)
         sym = scratch("cachegen.sym", (2, L, T, C), np.uint8)
         unit = unit_params(L, T, C)
-        quant_cpu.quantize(x[0], steps.k_step.astype(np.float32), steps.k_off.astype(np.float32), unit.ones_r, unit.zeros_r, sym[0])
-        quant_cpu.quantize(x[1], unit.ones_c, unit.zeros_c, steps.v_step.astype(np.float32), steps.v_off.astype(np.float32), sym[1])
-        coded = entropy.encode(sym.reshape(-1), 2 * L, T * C, int(self.params["lane_size"]))
+        counts = np.empty((2 * L, 256), dtype=np.int64)  # per group (a layer of K or V), for the rANS tables
+        k_step, k_off, v_step, v_off = (a.astype(np.float32) for a in (steps.k_step, steps.k_off, steps.v_step, steps.v_off))
+        quant_cpu.quantize(x[0], k_step, k_off, unit.ones_r, unit.zeros_r, sym[0], counts[:L])
+        quant_cpu.quantize(x[1], unit.ones_c, unit.zeros_c, v_step, v_off, sym[1], counts[L:])
+        coded = entropy.encode(sym.reshape(-1), 2 * L, T * C, int(self.params["lane_size"]), counts)
         return self.blob(dtype, shape, steps, coded, kv)
 
     def decode(self, blob: bytes, device: str | torch.device | None = None) -> torch.Tensor:

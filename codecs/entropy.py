@@ -123,9 +123,11 @@ def lanes_for(group_len: int, lane_size: int) -> int:
     return -(-group_len // lane_size)
 
 
-def encode(symbols: np.ndarray, groups: int, group_len: int, lane_size: int) -> Coded:
-    """rANS-code `symbols` (uint8, groups * group_len) with one table per group."""
-    counts = rans_cpu.histogram(symbols, groups, group_len)
+def encode(symbols: np.ndarray, groups: int, group_len: int, lane_size: int, counts: np.ndarray | None = None) -> Coded:
+    """rANS-code `symbols` (uint8, groups * group_len) with one table per group; `counts` [groups, 256], when
+    the caller counted the symbols as it wrote them."""
+    if counts is None:
+        counts = rans_cpu.histogram(symbols, groups, group_len)
     freq = normalize(counts)
     cum = cumulative(freq)
     lanes = groups * lanes_for(group_len, lane_size)

@@ -40,7 +40,7 @@ def test_stats_and_quantize_kernels_match_cpu() -> None:
         cuda.to_device(x), cuda.to_device(col_step), cuda.to_device(col_off), cuda.to_device(ones), cuda.to_device(zeros), dsym
     )
     sym = np.empty(x.shape, np.uint8)
-    quant_cpu.quantize(x, col_step, col_off, ones, zeros, sym)
+    quant_cpu.quantize(x, col_step, col_off, ones, zeros, sym, np.empty((x.shape[0], 256), np.int64))
     assert (dsym.copy_to_host() == sym).all()
     dout = cuda.device_array(x.shape, np.float32)
     quant_cuda.dequantize_kernel[1, 64](

@@ -315,10 +315,11 @@ def test_quant_kernels_match_numpy() -> None:
     np.testing.assert_allclose(rstd, x.std(axis=2), rtol=1e-5, atol=1e-6)
     col_step, col_off = (std * 0.3).astype(np.float32), mean.astype(np.float32)
     row_step, row_off = np.ones((3, 17), np.float32), np.zeros((3, 17), np.float32)
-    sym = np.empty(x.shape, np.uint8)
-    quant_cpu.quantize(x, col_step, col_off, row_step, row_off, sym)
+    sym, counts = np.empty(x.shape, np.uint8), np.empty((3, 256), np.int64)
+    quant_cpu.quantize(x, col_step, col_off, row_step, row_off, sym, counts)
     q = np.clip(np.rint((x - col_off[:, None, :]) / col_step[:, None, :]), -127, 127)
     assert (sym.astype(int) - 128 == q).all()
+    assert (counts == rans_cpu.histogram(sym.reshape(-1), 3, sym[0].size)).all()  # counted as it quantised
     out = np.empty(x.shape, np.float32)
     quant_cpu.dequantize(sym, col_step, col_off, row_step, row_off, out)
     np.testing.assert_array_equal(out, q.astype(np.float32) * col_step[:, None, :] + col_off[:, None, :])
