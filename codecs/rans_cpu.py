@@ -23,21 +23,33 @@ STATE_WORDS = 8
 def histogram(symbols, groups, group_len):  # pragma: no cover - compiled
     counts = np.zeros((groups, 256), dtype=np.int64)
     for g in prange(groups):
-        base = g * group_len
-        # Four partial histograms, one per position mod 4: quantised KV is mostly a few symbols, and one
-        # counter incremented back to back waits on its own previous store each time (1.0 → 0.65 ms a chunk).
         part = np.zeros((4, 256), dtype=np.int32)
-        n4 = group_len & ~3
-        for i in range(0, n4, 4):
-            part[0, symbols[base + i]] += 1
-            part[1, symbols[base + i + 1]] += 1
-            part[2, symbols[base + i + 2]] += 1
-            part[3, symbols[base + i + 3]] += 1
-        for i in range(n4, group_len):
-            part[0, symbols[base + i]] += 1
-        for s in range(256):
-            counts[g, s] = part[0, s] + part[1, s] + part[2, s] + part[3, s]
+        count_into(symbols[g * group_len : (g + 1) * group_len], part)
+        sum_parts(part, counts[g])
     return counts
+
+
+@njit(inline="always")
+def count_into(symbols, part):  # pragma: no cover - compiled
+    """Add `symbols` (1-D uint8) to part [4, 256]: four partial histograms, one per position mod 4. Quantised
+    KV is mostly a few symbols, and one counter incremented back to back waits on its own previous store each
+    time (1.0 -> 0.65 ms a chunk)."""
+    n = symbols.shape[0]
+    n4 = n & ~3
+    for i in range(0, n4, 4):
+        part[0, symbols[i]] += 1
+        part[1, symbols[i + 1]] += 1
+        part[2, symbols[i + 2]] += 1
+        part[3, symbols[i + 3]] += 1
+    for i in range(n4, n):
+        part[0, symbols[i]] += 1
+
+
+@njit(inline="always")
+def sum_parts(part, counts):  # pragma: no cover - compiled
+    """counts [256] = the four partial histograms of `count_into` added up."""
+    for s in range(256):
+        counts[s] = part[0, s] + part[1, s] + part[2, s] + part[3, s]
 
 
 @njit(inline="always")
