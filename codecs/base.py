@@ -74,8 +74,13 @@ def with_exact_rows(result: torch.Tensor, exact_rows: np.ndarray, dtype: str, ex
     return result
 
 
-def as_float32_numpy(kv: torch.Tensor) -> np.ndarray:
-    return kv.detach().to("cpu", torch.float32).contiguous().numpy()
+def kernel_input(kv: torch.Tensor) -> np.ndarray:
+    """kv on the CPU as the CPU kernels read it: float32 as it is, float16 and bfloat16 as their uint16 bits
+    (`codecs/half.py` widens them). A copy only when kv is elsewhere or not contiguous."""
+    kv = kv.detach().to("cpu").contiguous()
+    if kv.dtype == torch.float32:
+        return kv.numpy()
+    return kv.view(torch.int16).numpy().view(np.uint16)
 
 
 def from_float32(out: np.ndarray, dtype: str, device: torch.device) -> torch.Tensor:

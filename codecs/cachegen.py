@@ -20,7 +20,7 @@ import torch
 from lmcached.errors import CodecError
 
 from . import cachegen_cpu, entropy, quant_cpu
-from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, gpu_available, step_params, with_exact_rows
+from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, gpu_available, kernel_input, step_params, with_exact_rows
 from .format import pack, unpack
 from .scratch import output, scratch
 
@@ -118,19 +118,19 @@ class CacheGenCodec(Codec):
 
             return gpu.cachegen_encode(self, kv, dtype, shape)
         _, L, T, C = shape
-        x = scratch("cachegen.x", (2, L, T, C), np.float32)  # reused per thread: no fresh 12 MB per chunk
-        torch.from_numpy(x).copy_(kv.detach())
+        x = kernel_input(kv)  # read as it is: no float32 copy of the chunk
+        bfloat = dtype == "bfloat16"
         k_mean, k_std = np.empty((L, C)), np.empty((L, C))
-        quant_cpu.column_stats(x[0], k_mean, k_std)
+        quant_cpu.column_stats(x[0], k_mean, k_std, bfloat)
         v_mean, v_std = np.empty((L, T)), np.empty((L, T))
-        quant_cpu.row_stats(x[1], v_mean, v_std)
+        quant_cpu.row_stats(x[1], v_mean, v_std, bfloat)
         steps = self.steps(k_mean, k_std, v_mean, v_std)
         sym = scratch("cachegen.sym", (2, L, T, C), np.uint8)
         unit = unit_params(L, T, C)
         counts = np.empty((2 * L, 256), dtype=np.int64)  # per group (a layer of K or V), for the rANS tables
         k_step, k_off, v_step, v_off = (a.astype(np.float32) for a in (steps.k_step, steps.k_off, steps.v_step, steps.v_off))
-        quant_cpu.quantize(x[0], k_step, k_off, unit.ones_r, unit.zeros_r, sym[0], counts[:L])
-        quant_cpu.quantize(x[1], unit.ones_c, unit.zeros_c, v_step, v_off, sym[1], counts[L:])
+        quant_cpu.quantize(x[0], k_step, k_off, unit.ones_r, unit.zeros_r, sym[0], counts[:L], bfloat)
+        quant_cpu.quantize(x[1], unit.ones_c, unit.zeros_c, v_step, v_off, sym[1], counts[L:], bfloat)
         coded = entropy.encode(sym.reshape(-1), 2 * L, T * C, int(self.params["lane_size"]), counts)
         return self.blob(dtype, shape, steps, coded, kv)
 

@@ -35,8 +35,6 @@ def decode_half(words, offsets, lane_size, freq, cum, col_step, col_off, row_ste
             n = min(lane_size, group_len - j * lane_size)
             if not decode_lane(words, offsets[lane], offsets[lane + 1], n, tab, flat, j * lane_size):
                 bad[g] += 1
-        row = np.empty(C, dtype=np.float32)
-        spare = np.empty(C, dtype=np.float32)
         for r in range(R):
-            half_row(sym, 0, g, r, col_step, col_off, row_step[g, r], row_off[g, r], bfloat, row, spare, out)
+            half_row(sym, 0, g, r, col_step, col_off, row_step[g, r], row_off[g, r], bfloat, out)
     return bad.sum()

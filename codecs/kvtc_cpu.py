@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .quant_cpu import f32_bits_to_bf16_bits, f32_to_f16_bits
+from .half import f32_from_bits, f32_to_bf16_bits, narrow
 
 ZERO = 128
 QMAX = 127
@@ -89,20 +89,15 @@ def dequantize_bf16(sym, steps, token, out):  # pragma: no cover - compiled
     """`dequantize`, written as bfloat16 bits (uint16 [S, L, n, C]) for a bfloat16 matrix product: the same
     float32 value, rounded to nearest even, without a float32 array and a conversion pass in between."""
     S, L, bands, n, width = sym.shape
-    C = bands * width
     for sl in prange(S * L):
         s = sl // L
         layer = sl - s * L
-        row = np.empty(C, dtype=np.float32)
-        bits = row.view(np.uint32)
         for t in range(n):
             k = token[s, layer, t]
             for b in range(bands):
                 for w in range(width):
                     c = b * width + w
-                    row[c] = np.float32(np.int32(sym[s, layer, b, t, w]) - ZERO) * (steps[s, layer, c] * k)
-            for c in range(C):
-                out[s, layer, t, c] = f32_bits_to_bf16_bits(bits[c])
+                    out[s, layer, t, c] = f32_to_bf16_bits(np.float32(np.int32(sym[s, layer, b, t, w]) - ZERO) * (steps[s, layer, c] * k))
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -113,20 +108,7 @@ def add_mean_half(product, mean, first, bfloat, out):  # pragma: no cover - comp
     for sl in prange(S * L):
         s = sl // L
         layer = sl - s * L
-        row = np.empty(C, dtype=np.float32)
-        spare = np.empty(C, dtype=np.float32)
-        bits = row.view(np.uint32)
-        spare_bits = spare.view(np.uint32)
         for t in range(n):
             for c in range(C):
-                bits[c] = np.uint32(product[s, layer, t, c]) << np.uint32(16)
-            for c in range(C):
-                v = row[c] + mean[s, layer, c]
-                row[c] = v
-                spare[c] = abs(v) + np.float32(0.5)
-            if bfloat:
-                for c in range(C):
-                    out[s, layer, first + t, c] = f32_bits_to_bf16_bits(bits[c])
-            else:
-                for c in range(C):
-                    out[s, layer, first + t, c] = f32_to_f16_bits(bits, spare_bits, c)
+                v = f32_from_bits(np.uint32(product[s, layer, t, c]) << np.uint32(16)) + mean[s, layer, c]
+                out[s, layer, first + t, c] = narrow(v, bfloat)

@@ -329,6 +329,30 @@ def test_quant_kernels_match_numpy() -> None:
     assert (half == half_bits(out, torch.bfloat16)).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_encoder_kernels_read_half_precision_bits_as_their_values(dtype: torch.dtype) -> None:
+    """cachegen's encoder reads a float16/bfloat16 chunk as its bits (codecs/half.py widens them in the
+    kernels): the same statistics and symbols as from the chunk widened to float32 first."""
+    from lmcached.codecs.base import kernel_input
+
+    kv = (torch.randn(2, 3, 17, 11, generator=torch.Generator().manual_seed(2)) * 3).to(dtype)
+    kv[0, 0, 0, :4] = torch.tensor([0.0, 1e-7, -6e-5, 6e4]).to(dtype)  # zero, subnormals, a large value
+    bits, wide, bfloat = kernel_input(kv), kv.float().numpy(), dtype == torch.bfloat16
+    assert bits.dtype == np.uint16 and kernel_input(kv.float()).dtype == np.float32
+    for stats in (quant_cpu.column_stats, quant_cpu.row_stats):
+        shape = (3, 11) if stats is quant_cpu.column_stats else (3, 17)
+        got, want = (np.empty(shape), np.empty(shape)), (np.empty(shape), np.empty(shape))
+        stats(bits[0], *got, bfloat)
+        stats(wide[0], *want)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    step, off = np.full((3, 11), 0.25, np.float32), np.zeros((3, 11), np.float32)
+    ones, zeros = np.ones((3, 17), np.float32), np.zeros((3, 17), np.float32)
+    got_sym, want_sym = np.empty((3, 17, 11), np.uint8), np.empty((3, 17, 11), np.uint8)
+    quant_cpu.quantize(bits[1], step, off, ones, zeros, got_sym, np.empty((3, 256), np.int64), bfloat)
+    quant_cpu.quantize(wide[1], step, off, ones, zeros, want_sym, np.empty((3, 256), np.int64))
+    assert np.array_equal(got_sym, want_sym)
+
+
 def half_bits(values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     """float32 values rounded to `dtype` by torch, as uint16 bits."""
     return torch.from_numpy(values).to(dtype).view(torch.int16).numpy().view(np.uint16)
