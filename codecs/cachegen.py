@@ -6,6 +6,7 @@ each instead of 33 int16 per channel), and the step size is a fraction of the sp
 
 Blob sections: key steps, key offsets (fp16, [L, C]), value steps, value offsets (fp16, [L, T]), rANS tables,
 lane offsets, rANS words, and the exact rows of the first `exact_tokens` tokens (input dtype, [2, L, n, C]).
+The rANS lanes have `rans_states` states each (a blob parameter; 32, or 4 in blobs that do not name it).
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ DEFAULTS: dict[str, Any] = {
     # The first tokens of a chunk are kept exact: when a chunk starts a sequence they are its attention
     # sinks, and one sink token's quantisation error cost more perplexity than all the others (measured).
     "exact_tokens": 1,
-    "lane_size": 16384,
+    # Symbols per rANS lane. A lane's 32 states (entropy.WIDE) cost 128 bytes for their final values, so a
+    # lane is a whole group (a layer of K or V) up to this size; groups still decode in parallel.
+    "lane_size": 65536,
 }
 #: A channel or token with (almost) no spread still needs a positive step.
 MIN_STEP = 1e-6
@@ -107,6 +110,7 @@ class CacheGenCodec(Codec):
             "value_step": self.params["value_step"],
             "lane_size": int(self.params["lane_size"]),
             "exact_tokens": exact,
+            "rans_states": coded.states,
         }
         sections = [steps.k_step, steps.k_off, steps.v_step, steps.v_off, coded.tables, coded.offsets, coded.words, exact_rows]
         return pack(self.name, dtype, shape, params, sections)
@@ -131,7 +135,7 @@ class CacheGenCodec(Codec):
         k_step, k_off, v_step, v_off = (a.astype(np.float32) for a in (steps.k_step, steps.k_off, steps.v_step, steps.v_off))
         quant_cpu.quantize(x[0], k_step, k_off, unit.ones_r, unit.zeros_r, sym[0], counts[:L], bfloat)
         quant_cpu.quantize(x[1], unit.ones_c, unit.zeros_c, v_step, v_off, sym[1], counts[L:], bfloat)
-        coded = entropy.encode(sym.reshape(-1), 2 * L, T * C, int(self.params["lane_size"]), counts)
+        coded = entropy.encode(sym.reshape(-1), 2 * L, T * C, int(self.params["lane_size"]), counts, entropy.WIDE)
         return self.blob(dtype, shape, steps, coded, kv)
 
     def decode(self, blob: bytes, device: str | torch.device | None = None) -> torch.Tensor:
@@ -142,6 +146,7 @@ class CacheGenCodec(Codec):
         lane, exact = b.params.get("lane_size"), b.params.get("exact_tokens")
         if not isinstance(lane, int) or lane < 16 or not isinstance(exact, int) or not 0 <= exact <= T:
             raise CodecError("cachegen blob has bad parameters")
+        states = entropy.check_states(b.params.get("rans_states", entropy.NARROW))
         sizes = (L * C, L * C, L * T, L * T)
         steps = Steps(*(self._array(s, n, np.float16) for s, n in zip(b.sections[:4], sizes, strict=True)))
         offsets = self._array(b.sections[5], None, np.dtype("<u4"))
@@ -155,7 +160,7 @@ class CacheGenCodec(Codec):
         unit = unit_params(L, T, C)
         f32 = steps.as_float32(L, T, C)
         if b.dtype == "float32":
-            sym = entropy.decode(b.sections[4], offsets, words, 2 * L, T * C, lane).reshape(2, L, T, C)
+            sym = entropy.decode(b.sections[4], offsets, words, 2 * L, T * C, lane, states).reshape(2, L, T, C)
             out = output("cachegen.out32", (2, L, T, C), np.float32)
             quant_cpu.dequantize(sym[0], f32.k_step, f32.k_off, unit.ones_r, unit.zeros_r, out[0])
             quant_cpu.dequantize(sym[1], unit.ones_c, unit.zeros_c, f32.v_step, f32.v_off, out[1])
@@ -168,7 +173,7 @@ class CacheGenCodec(Codec):
             row_step, row_off = np.concatenate([unit.ones_r, f32.v_step]), np.concatenate([unit.zeros_r, f32.v_off])
             bfloat = b.dtype == "bfloat16"
             bad = cachegen_cpu.decode_half(
-                words, d.offsets, lane, d.freq, d.cum, col_step, col_off, row_step, row_off, bfloat, bits.reshape(2 * L, T, C)
+                words, d.offsets, lane, states, d.freq, d.cum, col_step, col_off, row_step, row_off, bfloat, bits.reshape(2 * L, T, C)
             )
             if bad:
                 raise entropy.corrupt_lanes(bad)

@@ -13,14 +13,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from . import rans_wide
 from .quant_cpu import half_row
 from .rans_cpu import PROB_SCALE, decode_lane, fill_decoder_table
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def decode_half(words, offsets, lane_size, freq, cum, col_step, col_off, row_step, row_off, bfloat, out):  # pragma: no cover
-    """Decode groups of R×C symbols (lanes of `lane_size`) and dequantise them into out [G, R, C] (uint16 bits),
-    with column parameters [G, C] and row parameters [G, R]. Returns the number of corrupt lanes."""
+def decode_half(words, offsets, lane_size, states, freq, cum, col_step, col_off, row_step, row_off, bfloat, out):  # pragma: no cover
+    """Decode groups of R×C symbols (lanes of `lane_size`, `states` states each: 4 or rans_wide.STATES) and
+    dequantise them into out [G, R, C] (uint16 bits), with column parameters [G, C] and row parameters [G, R].
+    Returns the number of corrupt lanes."""
     G, R, C = out.shape
     group_len = R * C
     lanes_per_group = (group_len + lane_size - 1) // lane_size
@@ -30,10 +32,15 @@ def decode_half(words, offsets, lane_size, freq, cum, col_step, col_off, row_ste
         fill_decoder_table(freq[g], cum[g], tab)
         sym = np.empty((1, R, C), dtype=np.uint8)
         flat = sym.reshape(group_len)
+        x = np.empty(rans_wide.STATES, dtype=np.uint32)
         for j in range(lanes_per_group):
             lane = g * lanes_per_group + j
             n = min(lane_size, group_len - j * lane_size)
-            if not decode_lane(words, offsets[lane], offsets[lane + 1], n, tab, flat, j * lane_size):
+            if states == rans_wide.STATES:
+                ok = rans_wide.decode_lane(words, offsets[lane], offsets[lane + 1], n, tab, flat, j * lane_size, x)
+            else:
+                ok = decode_lane(words, offsets[lane], offsets[lane + 1], n, tab, flat, j * lane_size)
+            if not ok:
                 bad[g] += 1
         for r in range(R):
             half_row(sym, 0, g, r, col_step, col_off, row_step[g, r], row_off[g, r], bfloat, out)

@@ -12,12 +12,14 @@ import numpy as np
 import torch
 from numba import cuda
 
-from . import entropy, quant_cuda, rans_cpu, rans_cuda
-from .rans_cpu import STATE_WORDS
+from . import entropy, quant_cuda, rans_cpu, rans_cuda, rans_wide
 
 THREADS = 256
 #: GPU lanes are shorter than the CPU's: a 64 MB batch must give the GPU tens of thousands of threads.
 GPU_LANE_SIZE = 4096
+#: cachegen's 32-state lanes are a block of 32 threads each, so they can be longer (and each costs 128 bytes
+#: for its final states).
+GPU_WIDE_LANE_SIZE = 16384
 
 
 def _blocks(n: int) -> int:
@@ -34,22 +36,30 @@ def stats(dk: Any, dv: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
     return k_mean.copy_to_host(), k_std.copy_to_host(), v_mean.copy_to_host(), v_std.copy_to_host()
 
 
-def entropy_encode(dsym: Any, groups: int, group_len: int, lane_size: int) -> entropy.Coded:
+def entropy_encode(dsym: Any, groups: int, group_len: int, lane_size: int, states: int = entropy.NARROW) -> entropy.Coded:
+    """entropy.encode on the device (the same bytes): symbols a uint8 device array [groups * group_len]."""
+    states = entropy.check_states(states)
     counts = cuda.to_device(np.zeros((groups, 256), dtype=np.uint32))
     segments = min(64, _blocks(group_len))
     rans_cuda.histogram_kernel[(segments, groups), rans_cuda.HIST_THREADS](dsym, group_len, counts)
     freq = entropy.normalize(counts.copy_to_host())
-    tab = cuda.to_device(rans_cpu.encoder_tables(freq, entropy.cumulative(freq)))
+    tab = rans_cpu.encoder_tables(freq, entropy.cumulative(freq))
     lanes = groups * entropy.lanes_for(group_len, lane_size)
-    scratch = cuda.device_array((lanes, lane_size + STATE_WORDS), dtype=np.uint16)
+    scratch = cuda.device_array((lanes, lane_size + entropy.STATE_WORDS[states]), dtype=np.uint16)
     lane_words = cuda.to_device(np.zeros(lanes, dtype=np.int64))
-    rans_cuda.encode_kernel[_blocks(lanes), THREADS](dsym, groups, group_len, lane_size, tab, scratch, lane_words)
+    if states == entropy.WIDE:
+        rcp, packed = rans_wide.encoder_tables(tab)
+        kernel_args = (dsym, group_len, lane_size, cuda.to_device(rcp), cuda.to_device(packed), scratch, lane_words)
+        rans_cuda.encode_wide_kernel[lanes, rans_cuda.WIDE_STATES](*kernel_args)
+    else:
+        rans_cuda.encode_kernel[_blocks(lanes), THREADS](dsym, groups, group_len, lane_size, cuda.to_device(tab), scratch, lane_words)
     counts_host = lane_words.copy_to_host()
     offsets = np.zeros(lanes + 1, dtype=np.int64)
     np.cumsum(counts_host, out=offsets[1:])
     words = cuda.device_array(max(int(offsets[-1]), 1), dtype=np.uint16)
-    rans_cuda.gather_kernel[lanes, 128](scratch, lane_words, cuda.to_device(offsets), words)
-    return entropy.Coded(entropy.pack_tables(freq), offsets.astype("<u4"), words.copy_to_host()[: int(offsets[-1])])
+    gather = rans_cuda.gather_tail_kernel if states == entropy.WIDE else rans_cuda.gather_kernel
+    gather[lanes, 128](scratch, lane_words, cuda.to_device(offsets), words)
+    return entropy.Coded(entropy.pack_tables(freq), offsets.astype("<u4"), words.copy_to_host()[: int(offsets[-1])], states)
 
 
 def encode_arrays(codec: Any, dx: Any, dtype: str, shape: tuple[int, ...], kv: torch.Tensor) -> bytes:
@@ -68,8 +78,8 @@ def encode_arrays(codec: Any, dx: Any, dtype: str, shape: tuple[int, ...], kv: t
     quant_cuda.quantize_kernel[_blocks(n), THREADS](
         dx[1], cuda.to_device(unit.ones_c), cuda.to_device(unit.zeros_c), cuda.to_device(f32.v_step), cuda.to_device(f32.v_off), dsym[1]
     )
-    lane = int(codec.params.get("gpu_lane_size", GPU_LANE_SIZE))
-    coded = entropy_encode(dsym.reshape(2 * L * T * C), 2 * L, T * C, lane)
+    lane = int(codec.params.get("gpu_lane_size", GPU_WIDE_LANE_SIZE))
+    coded = entropy_encode(dsym.reshape(2 * L * T * C), 2 * L, T * C, lane, entropy.WIDE)
     gpu_codec = type(codec)(**{**codec.params, "lane_size": lane})
     return gpu_codec.blob(dtype, shape, steps, coded, kv)
 
@@ -79,15 +89,22 @@ def cachegen_encode(codec: Any, kv: torch.Tensor, dtype: str, shape: tuple[int, 
     return encode_arrays(codec, cuda.as_cuda_array(x), dtype, shape, kv)
 
 
-def entropy_decode(tables: Any, offsets: np.ndarray, words: np.ndarray, groups: int, group_len: int, lane: int) -> Any:
+def entropy_decode(
+    tables: Any, offsets: np.ndarray, words: np.ndarray, groups: int, group_len: int, lane: int, states: int = entropy.NARROW
+) -> Any:
     """rANS-decode a blob's symbols on the device: a uint8 device array [groups * group_len]."""
+    states = entropy.check_states(states)
     d = entropy.decoder(tables, offsets, words, groups, group_len, lane)
     lanes = d.offsets.shape[0] - 1
     dtab = cuda.to_device(rans_cpu.decoder_tables(d.freq, d.cum))
     dsym = cuda.device_array(groups * group_len, dtype=np.uint8)
     bad = cuda.to_device(np.zeros(lanes, dtype=np.uint8))
     dwords = cuda.to_device(words if words.size else np.zeros(1, np.uint16))
-    rans_cuda.decode_kernel[_blocks(lanes), THREADS](dwords, cuda.to_device(d.offsets), groups, group_len, lane, dtab, dsym, bad)
+    doffsets = cuda.to_device(d.offsets)
+    if states == entropy.WIDE:
+        rans_cuda.decode_wide_kernel[lanes, rans_cuda.WIDE_STATES](dwords, doffsets, group_len, lane, dtab, dsym, bad)
+    else:
+        rans_cuda.decode_kernel[_blocks(lanes), THREADS](dwords, doffsets, groups, group_len, lane, dtab, dsym, bad)
     failed = int(bad.copy_to_host().sum())
     if failed:
         raise entropy.corrupt_lanes(failed)
@@ -99,7 +116,8 @@ def decode_arrays(b: Any, steps: Any, offsets: np.ndarray, words: np.ndarray) ->
     from .cachegen import unit_params
 
     _, L, T, C = b.shape
-    dsym = entropy_decode(b.sections[4], offsets, words, 2 * L, T * C, int(b.params["lane_size"]))
+    states = b.params.get("rans_states", entropy.NARROW)
+    dsym = entropy_decode(b.sections[4], offsets, words, 2 * L, T * C, int(b.params["lane_size"]), states)
     f32 = steps.as_float32(L, T, C)
     unit = unit_params(L, T, C)
     sym = dsym.reshape(2, L, T, C)

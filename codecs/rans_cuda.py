@@ -139,3 +139,122 @@ def decode_kernel(words, offsets, groups, group_len, lane_size, dtab, out, bad):
             x3 = x
     if pos != end or x0 != RANS_L or x1 != RANS_L or x2 != RANS_L or x3 != RANS_L:
         bad[lane] = 1
+
+
+# ---------------------------------------------------------------------------------------------- 32-state lanes
+# The twins of `rans_wide` (its layout: symbol i of a lane is state i % 32's; a lane's words are its final
+# states, then per step the words of the renormalising states in state order). A block of WIDE_STATES threads
+# codes one lane, thread k holding state k; where a CPU vector takes an expand-load or compress-store, the
+# threads count the flags of the states before them in shared memory.
+WIDE_STATES = 32
+
+
+@cuda.jit(device=True, inline=True)
+def _count_flags(flags, k):  # pragma: no cover - device code
+    """(flags set before state k, flags set in all): where state k's word goes within its step's words."""
+    before = 0
+    total = 0
+    for m in range(WIDE_STATES):
+        total += flags[m]
+        if m < k:
+            before += flags[m]
+    return before, total
+
+
+@cuda.jit(device=True, inline=True)
+def _encode_wide_symbol(x, reciprocal, fields):  # pragma: no cover - device code
+    """rans_wide._encode_symbol on the device."""
+    freq = fields & uint64(0x1FFF)
+    q = ((x * reciprocal) >> uint64(32)) >> (fields >> uint64(26))
+    if q * freq > x:
+        q -= uint64(1)
+    return x + ((fields >> uint64(13)) & uint64(0x1FFF)) + q * (uint64(PROB_SCALE) - freq)
+
+
+@cuda.jit
+def encode_wide_kernel(symbols, group_len, lane_size, rcp, packed, scratch, lane_words):  # pragma: no cover
+    """Block per lane (WIDE_STATES threads): encode it into the end of its scratch row, in reading order."""
+    flags = cuda.shared.array(WIDE_STATES, dtype=uint32)
+    lanes_per_group = (group_len + lane_size - 1) // lane_size
+    lane = cuda.blockIdx.x
+    k = cuda.threadIdx.x
+    g = lane // lanes_per_group
+    j = lane - g * lanes_per_group
+    start = g * group_len + j * lane_size
+    n = min(lane_size, group_len - j * lane_size)
+    row = scratch[lane]
+    pos = row.shape[0]
+    x = uint64(RANS_L)
+    for step in range((n + WIDE_STATES - 1) // WIDE_STATES - 1, -1, -1):  # backwards, as every rANS encoder
+        i = step * WIDE_STATES + k
+        active = i < n
+        s = symbols[start + i] if active else uint8(0)
+        fields = uint64(packed[g, s])
+        emit = active and (x >> uint64(20)) >= (fields & uint64(0x1FFF))
+        flags[k] = 1 if emit else 0
+        cuda.syncthreads()
+        before, total = _count_flags(flags, k)
+        cuda.syncthreads()  # every thread has read the flags before any step writes new ones
+        if emit:
+            row[pos - total + before] = uint16(x & uint64(0xFFFF))
+            x >>= uint64(16)
+        pos -= total
+        if active:
+            x = _encode_wide_symbol(x, uint64(rcp[g, s]), fields)
+    pos -= 2 * WIDE_STATES  # the final states, read first: x0 high, x0 low, x1 high, ...
+    row[pos + 2 * k] = uint16(x >> uint64(16))
+    row[pos + 2 * k + 1] = uint16(x & uint64(0xFFFF))
+    if k == 0:
+        lane_words[lane] = row.shape[0] - pos
+
+
+@cuda.jit
+def gather_tail_kernel(scratch, lane_words, offsets, out):  # pragma: no cover - device code
+    """Block per lane: copy the lane's words (the last lane_words[lane] of its scratch row) to their place."""
+    lane = cuda.blockIdx.x
+    o = offsets[lane]
+    n = lane_words[lane]
+    end = scratch.shape[1] - n
+    for k in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+        out[o + k] = scratch[lane, end + k]
+
+
+@cuda.jit
+def decode_wide_kernel(words, offsets, group_len, lane_size, dtab, out, bad):  # pragma: no cover - device code
+    """Block per lane (WIDE_STATES threads): decode it; bad[lane] = 1 when it is corrupt."""
+    flags = cuda.shared.array(WIDE_STATES, dtype=uint32)
+    lanes_per_group = (group_len + lane_size - 1) // lane_size
+    lane = cuda.blockIdx.x
+    k = cuda.threadIdx.x
+    g = lane // lanes_per_group
+    j = lane - g * lanes_per_group
+    start = g * group_len + j * lane_size
+    n = min(lane_size, group_len - j * lane_size)
+    pos = offsets[lane]
+    end = offsets[lane + 1]
+    if end - pos < 2 * WIDE_STATES:  # the same for every thread of the block: they all leave
+        bad[lane] = 1
+        return
+    x = (uint64(words[pos + 2 * k]) << uint64(16)) | uint64(words[pos + 2 * k + 1])
+    pos += 2 * WIDE_STATES
+    broken = False
+    for step in range((n + WIDE_STATES - 1) // WIDE_STATES):
+        i = step * WIDE_STATES + k
+        take = False
+        if i < n:
+            e = uint64(dtab[g, x & uint64(PROB_SCALE - 1)])
+            x = ((e >> uint64(8)) & uint64(0xFFF)) * (x >> uint64(PROB_BITS)) + (x >> uint64(PROB_BITS)) + (e >> uint64(20))
+            take = x < uint64(RANS_L)
+            out[start + i] = uint8(e & uint64(0xFF))
+        flags[k] = 1 if take else 0
+        cuda.syncthreads()
+        before, total = _count_flags(flags, k)
+        cuda.syncthreads()
+        if take:
+            if pos + before < end:
+                x = (x << uint64(16)) | uint64(words[pos + before])
+            else:
+                broken = True
+        pos += total
+    if broken or pos != end or x != RANS_L:
+        bad[lane] = 1

@@ -11,6 +11,8 @@ from lmcached.codecs.cachegen import Steps
 from lmcached.codecs.format import unpack
 from numba import cuda
 
+from lmcached.errors import CodecError
+
 from .codec_helpers import kv_like_real, relative_error
 
 
@@ -68,6 +70,26 @@ def test_rans_kernels_match_the_cpu_on_a_skewed_distribution() -> None:
     cpu = entropy.encode(sym, 3, 400, 64)
     assert (coded.words == cpu.words).all()
     assert (entropy.decode(memoryview(cpu.tables), cpu.offsets, cpu.words, 3, 400, 64) == sym).all()
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+def test_wide_rans_kernels_write_the_cpu_vector_coders_bytes(skewed: bool) -> None:
+    """The 32-thread-per-lane twins of rans_wide: the same words as the CPU's vector steps, over lanes with
+    whole and ragged steps (100 symbols a group, lanes of 40), and they decode them."""
+    rng = np.random.default_rng(4)
+    if skewed:  # states above 2**31, where the quotient needs its correction
+        sym = np.where(rng.random(3 * 100) < 0.9, 128, rng.integers(0, 256, 3 * 100)).astype(np.uint8)
+    else:
+        sym = np.clip(rng.normal(128, 4, 3 * 100).round(), 0, 255).astype(np.uint8)
+    coded = gpu.entropy_encode(cuda.to_device(sym), 3, 100, 40, entropy.WIDE)
+    cpu = entropy.encode(sym, 3, 100, 40, states=entropy.WIDE)
+    assert coded.states == cpu.states == entropy.WIDE and coded.tables == cpu.tables
+    assert (coded.offsets == cpu.offsets).all() and (coded.words == cpu.words).all()  # the same bytes
+    assert (gpu.entropy_decode(memoryview(cpu.tables), cpu.offsets, cpu.words, 3, 100, 40, entropy.WIDE).copy_to_host() == sym).all()
+    words = cpu.words.copy()
+    words[cpu.offsets[4] + 66] ^= 0x0FF0  # the fifth lane's first word after its states
+    with pytest.raises(CodecError, match="lane"):
+        gpu.entropy_decode(memoryview(cpu.tables), cpu.offsets, words, 3, 100, 40, entropy.WIDE)
 
 
 def test_blob_encoded_on_the_device_decodes_on_the_cpu_and_back() -> None:
@@ -134,6 +156,32 @@ def test_the_encoder_step_is_exact_where_the_reciprocal_alone_is_not() -> None:
     cpu_out = np.zeros_like(xs)
     cpu_step(xs, tab, cpu_out)
     assert (cpu_out == expected).all()
+
+    # The 32-state coder's steps: 16 states at once in vector registers, and one state on the device.
+    from lmcached.codecs import rans_wide
+
+    rcp, packed = rans_wide.encoder_tables(tab)
+
+    @njit
+    def vector_step(x, rcp, packed):  # pragma: no cover - compiled
+        symbols = np.zeros(16, dtype=np.uint8)
+        row = np.zeros(16, dtype=np.uint16)
+        return rans_wide.encode_step16(rcp, packed, symbols, 0, x, 0, row, 16)
+
+    for i, (_, x) in enumerate(pairs):
+        states = np.full(16, x, dtype=np.uint32)
+        assert vector_step(states, rcp[i], packed[i]) == 16  # no state renormalised: none was at its bound
+        assert (states == expected[i]).all()
+
+    @cuda.jit
+    def wide_step(xs, rcp, packed, out):  # pragma: no cover - device code
+        i = cuda.grid(1)
+        if i < xs.shape[0]:
+            out[i] = rans_cuda._encode_wide_symbol(xs[i], np.uint64(rcp[i, 0]), np.uint64(packed[i, 0]))
+
+    out = cuda.to_device(np.zeros_like(xs))
+    wide_step[1, 32](cuda.to_device(xs), cuda.to_device(rcp), cuda.to_device(packed), out)
+    assert (out.copy_to_host() == expected).all()
 
 
 # ---------------------------------------------------------------------------------------------- kvtc

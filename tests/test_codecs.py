@@ -118,33 +118,44 @@ def golden_input(dtype: torch.dtype) -> torch.Tensor:
     return kv_like_real(3, 20, 24, dtype, seed=1234)
 
 
+#: (codec, dtype, file stem). Files of older formats are history: they must decode as they did when committed.
+#: cachegen's v2 files hold four-state rANS lanes, its v2-rans32 files the vector coder's 32-state lanes.
 GOLDEN_CASES = [
-    (name, dtype, version)
-    for version in (1, 2)
-    for name, dtype in [("cachegen", torch.float16), ("cachegen", torch.bfloat16), ("lossless", torch.float16), ("lossless", torch.float32)]
+    (name, dtype, f"{name}-{str(dtype).removeprefix('torch.')}-v{version}{layout}")
+    for name, dtype, version, layout in [
+        *[(name, dtype, version, "") for version in (1, 2) for name, dtype in [("cachegen", torch.float16), ("cachegen", torch.bfloat16)]],
+        *[(name, dtype, version, "") for version in (1, 2) for name, dtype in [("lossless", torch.float16), ("lossless", torch.float32)]],
+        ("cachegen", torch.float16, 2, "-rans32"),
+        ("cachegen", torch.bfloat16, 2, "-rans32"),
+    ]
 ]
+#: What this build writes; LMCACHED_WRITE_GOLDEN=1 rewrites these files only.
+CURRENT_GOLDEN = {f"cachegen-{d}-v{FORMAT_VERSION}-rans32" for d in ("float16", "bfloat16")} | {
+    f"lossless-{d}-v{FORMAT_VERSION}" for d in ("float16", "float32")
+}
 
 
-@pytest.mark.parametrize(
-    ("name", "dtype", "version"), GOLDEN_CASES, ids=[f"{n}-{d}-v{v}".replace("torch.", "") for n, d, v in GOLDEN_CASES]
-)
-def test_golden_blobs_still_decode(name: str, dtype: torch.dtype, version: int) -> None:
-    """Blobs written by every format version decode to exactly what they decoded to when committed.
-    (LMCACHED_WRITE_GOLDEN=1 rewrites the current version's files only: older ones are history.)"""
-    stem = f"{name}-{str(dtype).removeprefix('torch.')}-v{version}"
+@pytest.mark.parametrize(("name", "dtype", "stem"), GOLDEN_CASES, ids=[stem for _, _, stem in GOLDEN_CASES])
+def test_golden_blobs_still_decode(name: str, dtype: torch.dtype, stem: str) -> None:
+    """Blobs written by every format version and lane layout decode to exactly what they decoded to when
+    committed, and this build still writes the current ones byte for byte."""
     blob_path, expected_path = GOLDEN / f"{stem}.bin", GOLDEN / f"{stem}.expected.bin"
-    if os.environ.get("LMCACHED_WRITE_GOLDEN") and version == FORMAT_VERSION:
+    if os.environ.get("LMCACHED_WRITE_GOLDEN") and stem in CURRENT_GOLDEN:
         codec = get_codec(name)
         blob = codec.encode(golden_input(dtype))
         blob_path.write_bytes(blob)
         expected_path.write_bytes(codec.decode(blob).contiguous().view(torch.uint8).numpy().tobytes())
     blob = blob_path.read_bytes()
-    assert struct.unpack_from("<H", blob, 4)[0] == version
+    assert struct.unpack_from("<H", blob, 4)[0] == int(stem.split("-v")[1][0])
     out = decode(blob)
     assert out.dtype == dtype and out.shape == (2, 3, 20, 24)
     assert out.contiguous().view(torch.uint8).numpy().tobytes() == expected_path.read_bytes()
     if name == "lossless":
         assert torch.equal(out, golden_input(dtype))
+    if stem in CURRENT_GOLDEN:
+        assert get_codec(name).encode(golden_input(dtype)) == blob
+    if name == "cachegen":
+        assert unpack(blob).params.get("rans_states", entropy.NARROW) == (entropy.WIDE if stem.endswith("rans32") else entropy.NARROW)
 
 
 # ---------------------------------------------------------------------------------------------- corrupt blobs
@@ -251,39 +262,66 @@ def test_corrupt_coded_words_fail_the_lane_check(blob: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- kernels vs references
-def reference_rans_decode(words: np.ndarray, freq: np.ndarray, n: int) -> list[int]:
-    """The slow, obvious rANS decoder of one lane (four interleaved states)."""
+def reference_rans_decode(words: np.ndarray, freq: np.ndarray, n: int, states: int = 4) -> list[int]:
+    """The slow, obvious rANS decoder of one lane: `states` interleaved states (symbol i is state i % states's),
+    their final values first, then the words in the order the states took them."""
     cum = np.concatenate([[0], np.cumsum(freq)[:-1]])
-    states = [(int(words[2 * k]) << 16) | int(words[2 * k + 1]) for k in range(4)]
-    pos, out = 8, []
+    x = [(int(words[2 * k]) << 16) | int(words[2 * k + 1]) for k in range(states)]
+    pos, out = 2 * states, []
     for i in range(n):
-        x = states[i % 4]
-        slot = x % 4096
+        k = i % states
+        slot = x[k] % 4096
         s = int(np.searchsorted(cum, slot, side="right") - 1)
-        x = int(freq[s]) * (x >> 12) + slot - int(cum[s])
-        if x < 1 << 16:
-            x = (x << 16) | int(words[pos])
+        x[k] = int(freq[s]) * (x[k] >> 12) + slot - int(cum[s])
+        if x[k] < 1 << 16:
+            x[k] = (x[k] << 16) | int(words[pos])
             pos += 1
-        states[i % 4] = x
         out.append(s)
-    assert pos == len(words) and states == [1 << 16] * 4
+    assert pos == len(words) and x == [1 << 16] * states
     return out
 
 
-@settings(max_examples=20, deadline=None)
-@given(st.lists(st.integers(0, 255), min_size=1, max_size=300), st.integers(1, 64))
-def test_rans_kernels_match_the_reference(symbols: list[int], lane_size: int) -> None:
+@pytest.mark.parametrize("states", [entropy.NARROW, entropy.WIDE])
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 255), min_size=1, max_size=300), st.integers(1, 200))
+def test_rans_kernels_match_the_reference(states: int, symbols: list[int], lane_size: int) -> None:
+    """Both lane layouts against the obvious decoder, with lanes of any length: whole vector steps, ragged last
+    steps and lanes shorter than a step."""
     lane_size = max(lane_size, 16)
     arr = np.array(symbols, dtype=np.uint8)
-    coded = entropy.encode(arr, 1, len(arr), lane_size)
+    coded = entropy.encode(arr, 1, len(arr), lane_size, states=states)
+    assert coded.states == states
     freq = entropy.unpack_tables(memoryview(coded.tables), 1)
     assert freq.sum() == 4096
     decoded = []
     for lane in range(len(coded.offsets) - 1):
         words = coded.words[coded.offsets[lane] : coded.offsets[lane + 1]]
-        decoded += reference_rans_decode(words, freq[0], min(lane_size, len(arr) - lane * lane_size))
+        decoded += reference_rans_decode(words, freq[0], min(lane_size, len(arr) - lane * lane_size), states)
     assert decoded == symbols
-    assert entropy.decode(memoryview(coded.tables), coded.offsets, coded.words, 1, len(arr), lane_size).tolist() == symbols
+    assert entropy.decode(memoryview(coded.tables), coded.offsets, coded.words, 1, len(arr), lane_size, states).tolist() == symbols
+
+
+def test_wide_lanes_of_real_sizes_round_trip_and_refuse_corruption() -> None:
+    """The vector coder over many whole steps (cachegen-sized groups), every symbol in play, a group of one
+    symbol, and corrupt words or truncated lanes: a CodecError, never a crash or a read past the words."""
+    rng = np.random.default_rng(5)
+    groups, group_len = 3, 49152
+    sym = np.clip(np.rint(rng.normal(128, 5, groups * group_len)), 0, 255).astype(np.uint8)
+    sym[group_len : group_len + 256] = np.arange(256)  # every symbol in the second group
+    sym[2 * group_len :] = 77  # the third group has a single symbol (its frequency is the whole scale)
+    coded = entropy.encode(sym, groups, group_len, 65536, states=entropy.WIDE)
+    assert np.array_equal(entropy.decode(coded.tables, coded.offsets, coded.words, groups, group_len, 65536, entropy.WIDE), sym)
+    for at in (70, len(coded.words) // 2, len(coded.words) - 3):
+        words = coded.words.copy()
+        words[at] ^= 0x3C3C
+        with pytest.raises(CodecError, match="lane"):
+            entropy.decode(coded.tables, coded.offsets, words, groups, group_len, 65536, entropy.WIDE)
+    short = coded.offsets.astype(np.int64)
+    short[1] -= 5  # the first lane loses its last words to the second
+    with pytest.raises(CodecError, match="lane"):
+        entropy.decode(coded.tables, short.astype("<u4"), coded.words, groups, group_len, 65536, entropy.WIDE)
+    with pytest.raises(CodecError, match="unknown rANS lane layout"):
+        entropy.decode(coded.tables, coded.offsets, coded.words, groups, group_len, 65536, 8)
 
 
 def test_histogram_matches_bincount() -> None:
@@ -363,15 +401,19 @@ def decode_half(sym: np.ndarray, col_step, col_off, row_step, row_off, bfloat: b
     from lmcached.codecs import cachegen_cpu
 
     G, R, C = sym.shape
-    coded = entropy.encode(np.ascontiguousarray(sym).reshape(-1), G, R * C, lane)
+    coded = entropy.encode(np.ascontiguousarray(sym).reshape(-1), G, R * C, lane, states=entropy.WIDE)
     d = entropy.decoder(memoryview(coded.tables), coded.offsets, coded.words, G, R * C, lane)
     out = np.empty((G, R, C), np.uint16)
-    assert cachegen_cpu.decode_half(coded.words, d.offsets, lane, d.freq, d.cum, col_step, col_off, row_step, row_off, bfloat, out) == 0
+    bad = cachegen_cpu.decode_half(
+        coded.words, d.offsets, lane, entropy.WIDE, d.freq, d.cum, col_step, col_off, row_step, row_off, bfloat, out
+    )
+    assert bad == 0
     return out
 
 
+@pytest.mark.parametrize("states", [entropy.NARROW, entropy.WIDE])
 @pytest.mark.parametrize("bfloat", [False, True])
-def test_fused_half_decode_matches_lanes_then_dequantize(bfloat: bool) -> None:
+def test_fused_half_decode_matches_lanes_then_dequantize(bfloat: bool, states: int) -> None:
     """cachegen_cpu.decode_half (lanes and dequantisation a group at a time) is bit-identical to decoding every
     lane, dequantising to float32 and rounding with torch, also where a group's last lane is short, and counts
     a corrupt lane."""
@@ -384,18 +426,19 @@ def test_fused_half_decode_matches_lanes_then_dequantize(bfloat: bool) -> None:
     col_off = rng.normal(0, 1, (G, C)).astype(np.float32)
     row_step = rng.uniform(0.5, 2, (G, R)).astype(np.float32)
     row_off = rng.normal(0, 0.1, (G, R)).astype(np.float32)
-    coded = entropy.encode(sym.reshape(-1), G, R * C, lane)
-    decoded = entropy.decode(memoryview(coded.tables), coded.offsets, coded.words, G, R * C, lane).reshape(G, R, C)
+    coded = entropy.encode(sym.reshape(-1), G, R * C, lane, states=states)
+    decoded = entropy.decode(memoryview(coded.tables), coded.offsets, coded.words, G, R * C, lane, states).reshape(G, R, C)
     widened = np.empty((G, R, C), np.float32)
     quant_cpu.dequantize(decoded, col_step, col_off, row_step, row_off, widened)
     expected = half_bits(widened, torch.bfloat16 if bfloat else torch.float16)
     d = entropy.decoder(memoryview(coded.tables), coded.offsets, coded.words, G, R * C, lane)
     out = np.empty((G, R, C), np.uint16)
-    assert cachegen_cpu.decode_half(coded.words, d.offsets, lane, d.freq, d.cum, col_step, col_off, row_step, row_off, bfloat, out) == 0
+    params = (col_step, col_off, row_step, row_off, bfloat, out)
+    assert cachegen_cpu.decode_half(coded.words, d.offsets, lane, states, d.freq, d.cum, *params) == 0
     assert np.array_equal(out, expected)
     words = coded.words.copy()
-    words[d.offsets[5] + 20] ^= 0x5A5A  # inside the second group's second lane
-    assert cachegen_cpu.decode_half(words, d.offsets, lane, d.freq, d.cum, col_step, col_off, row_step, row_off, bfloat, out) >= 1
+    words[d.offsets[5] + 70] ^= 0x5A5A  # inside the second group's second lane
+    assert cachegen_cpu.decode_half(words, d.offsets, lane, states, d.freq, d.cum, *params) >= 1
 
 
 def test_half_conversion_rounds_like_torch_at_the_edges() -> None:
@@ -474,8 +517,9 @@ def test_quality_trades_size_for_error_monotonically() -> None:
         get_codec("cachegen", quality=3, key_step=0.1)
 
 
+@pytest.mark.parametrize("states", [entropy.NARROW, entropy.WIDE])
 @pytest.mark.parametrize("p", [0.6, 0.8, 0.9, 0.95, 0.99, 0.999])
-def test_rans_round_trips_skewed_distributions(p: float) -> None:
+def test_rans_round_trips_skewed_distributions(p: float, states: int) -> None:
     """A dominant symbol pushes rANS states above 2**31, where a 31-bit reciprocal alone is one off now and
     then: such blobs did not decode before the quotient was corrected (coarse cachegen steps make them)."""
     import numpy as np
@@ -484,5 +528,5 @@ def test_rans_round_trips_skewed_distributions(p: float) -> None:
     rng = np.random.default_rng(int(p * 1000))
     n = 16384 * 4
     symbols = np.where(rng.random(n) < p, 128, rng.integers(0, 256, n)).astype(np.uint8)
-    coded = entropy.encode(symbols, 2, n // 2, 16384)
-    assert np.array_equal(entropy.decode(coded.tables, coded.offsets, coded.words, 2, n // 2, 16384), symbols)
+    coded = entropy.encode(symbols, 2, n // 2, 16384, states=states)
+    assert np.array_equal(entropy.decode(coded.tables, coded.offsets, coded.words, 2, n // 2, 16384, states), symbols)
