@@ -32,12 +32,15 @@ def decode_half(words, offsets, lane_size, states, freq, cum, col_step, col_off,
         fill_decoder_table(freq[g], cum[g], tab)
         sym = np.empty((1, R, C), dtype=np.uint8)
         flat = sym.reshape(group_len)
+        tabs = tab.reshape((1, PROB_SCALE))
         x = np.empty(rans_wide.STATES, dtype=np.uint32)
         for j in range(lanes_per_group):
             lane = g * lanes_per_group + j
             n = min(lane_size, group_len - j * lane_size)
-            if states == rans_wide.STATES:
-                ok = rans_wide.decode_lane(words, offsets[lane], offsets[lane + 1], n, tab, flat, j * lane_size, x)
+            if states == rans_wide.STATES:  # (one table for the whole group: a single segment)
+                ok = rans_wide.decode_lane(
+                    words, offsets[lane], offsets[lane + 1], n, j * lane_size, group_len, tabs, flat, j * lane_size, x
+                )
             else:
                 ok = decode_lane(words, offsets[lane], offsets[lane + 1], n, tab, flat, j * lane_size)
             if not ok:

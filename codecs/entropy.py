@@ -141,13 +141,21 @@ def check_states(states: object) -> int:
 
 
 def encode(
-    symbols: np.ndarray, groups: int, group_len: int, lane_size: int, counts: np.ndarray | None = None, states: int = NARROW
+    symbols: np.ndarray,
+    groups: int,
+    group_len: int,
+    lane_size: int,
+    counts: np.ndarray | None = None,
+    states: int = NARROW,
+    segments: int = 1,
 ) -> Coded:
-    """rANS-code `symbols` (uint8, groups * group_len) with one table per group, in lanes of `states` states;
-    `counts` [groups, 256], when the caller counted the symbols as it wrote them."""
+    """rANS-code `symbols` (uint8, groups * group_len) in lanes of `states` states, lane_size symbols each
+    within a group. Each group has `segments` tables (WIDE only), each for group_len / segments consecutive
+    symbols; `counts` [groups * segments, 256], when the caller counted the symbols as it wrote them."""
     states = check_states(states)
+    tables = groups * check_segments(group_len, states, segments)
     if counts is None:
-        counts = rans_cpu.histogram(symbols, groups, group_len)
+        counts = rans_cpu.histogram(symbols, tables, group_len // segments)
     freq = normalize(counts)
     cum = cumulative(freq)
     tab = rans_cpu.encoder_tables(freq, cum)
@@ -156,7 +164,8 @@ def encode(
     lane_words = np.zeros(lanes, dtype=np.int64)
     if states == WIDE:
         rcp, packed = rans_wide.encoder_tables(tab)
-        rans_wide.encode_lanes(symbols, groups, group_len, lane_size, rcp, packed, lane_buf, lane_words)
+        by_group = (groups, segments, 256)
+        rans_wide.encode_lanes(symbols, groups, group_len, lane_size, rcp.reshape(by_group), packed.reshape(by_group), lane_buf, lane_words)
     else:
         rans_cpu.encode_lanes(symbols, groups, group_len, lane_size, tab, lane_buf, lane_words)
     offsets = np.zeros(lanes + 1, dtype=np.int64)
@@ -166,10 +175,19 @@ def encode(
     return Coded(pack_tables(freq), offsets.astype("<u4"), words, states)
 
 
-def decoder(tables: memoryview, offsets: np.ndarray, words: np.ndarray, groups: int, group_len: int, lane_size: int) -> Decoder:
-    """Check what `decode` needs: the frequency tables and the lane offsets (int64). Raises CodecError for
-    tables or offsets that cannot be right. For kernels that decode lanes themselves."""
-    freq = unpack_tables(tables, groups)
+def check_segments(group_len: int, states: int, segments: int) -> int:
+    """Tables per group: one, or (WIDE lanes only) several that split the group evenly."""
+    if segments != 1 and (states != WIDE or segments < 1 or group_len % segments):
+        raise CodecError(f"{segments} tables cannot split groups of {group_len} symbols in {states}-state lanes")
+    return segments
+
+
+def decoder(
+    tables: memoryview, offsets: np.ndarray, words: np.ndarray, groups: int, group_len: int, lane_size: int, segments: int = 1
+) -> Decoder:
+    """Check what `decode` needs: the frequency tables ([groups * segments, 256]) and the lane offsets (int64).
+    Raises CodecError for tables or offsets that cannot be right. For kernels that decode lanes themselves."""
+    freq = unpack_tables(tables, groups * segments)
     if not np.all(freq.sum(axis=1) == PROB_SCALE):
         raise CodecError("frequency table does not sum to the coder's scale")
     lanes = groups * lanes_for(group_len, lane_size)
@@ -191,14 +209,25 @@ def corrupt_lanes(bad: int) -> CodecError:
 
 
 def decode(
-    tables: memoryview, offsets: np.ndarray, words: np.ndarray, groups: int, group_len: int, lane_size: int, states: int = NARROW
+    tables: memoryview,
+    offsets: np.ndarray,
+    words: np.ndarray,
+    groups: int,
+    group_len: int,
+    lane_size: int,
+    states: int = NARROW,
+    segments: int = 1,
 ) -> np.ndarray:
     """Inverse of `encode`; raises CodecError when the coded data does not decode cleanly. The symbols are in
     this thread's scratch buffer: valid until its next decode."""
-    d = decoder(tables, offsets, words, groups, group_len, lane_size)
+    states = check_states(states)
+    d = decoder(tables, offsets, words, groups, group_len, lane_size, check_segments(group_len, states, segments))
     out = scratch("entropy.symbols", (groups * group_len,), np.uint8)  # the callers consume it at once
-    kernel = rans_wide.decode_lanes if check_states(states) == WIDE else rans_cpu.decode_lanes
-    bad = kernel(words, d.offsets, groups, group_len, lane_size, d.freq, d.cum, out)
+    if states == WIDE:
+        by_group = (groups, segments, 256)
+        bad = rans_wide.decode_lanes(words, d.offsets, groups, group_len, lane_size, d.freq.reshape(by_group), d.cum.reshape(by_group), out)
+    else:
+        bad = rans_cpu.decode_lanes(words, d.offsets, groups, group_len, lane_size, d.freq, d.cum, out)
     if bad:
         raise corrupt_lanes(bad)
     return out

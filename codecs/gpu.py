@@ -15,11 +15,9 @@ from numba import cuda
 from . import entropy, quant_cuda, rans_cpu, rans_cuda, rans_wide
 
 THREADS = 256
-#: GPU lanes are shorter than the CPU's: a 64 MB batch must give the GPU tens of thousands of threads.
-GPU_LANE_SIZE = 4096
-#: cachegen's 32-state lanes are a block of 32 threads each, so they can be longer (and each costs 128 bytes
-#: for its final states).
-GPU_WIDE_LANE_SIZE = 16384
+#: GPU lanes are shorter than the CPU's, to give the GPU more threads: each lane is a block of 32 (one per
+#: state), and each costs 128 bytes for its final states.
+GPU_LANE_SIZE = 16384
 
 
 def _blocks(n: int) -> int:
@@ -36,12 +34,15 @@ def stats(dk: Any, dv: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
     return k_mean.copy_to_host(), k_std.copy_to_host(), v_mean.copy_to_host(), v_std.copy_to_host()
 
 
-def entropy_encode(dsym: Any, groups: int, group_len: int, lane_size: int, states: int = entropy.NARROW) -> entropy.Coded:
+def entropy_encode(
+    dsym: Any, groups: int, group_len: int, lane_size: int, states: int = entropy.NARROW, segments: int = 1
+) -> entropy.Coded:
     """entropy.encode on the device (the same bytes): symbols a uint8 device array [groups * group_len]."""
     states = entropy.check_states(states)
-    counts = cuda.to_device(np.zeros((groups, 256), dtype=np.uint32))
-    segments = min(64, _blocks(group_len))
-    rans_cuda.histogram_kernel[(segments, groups), rans_cuda.HIST_THREADS](dsym, group_len, counts)
+    tables = groups * entropy.check_segments(group_len, states, segments)
+    counts = cuda.to_device(np.zeros((tables, 256), dtype=np.uint32))
+    blocks_per_table = min(64, _blocks(group_len // segments))
+    rans_cuda.histogram_kernel[(blocks_per_table, tables), rans_cuda.HIST_THREADS](dsym, group_len // segments, counts)
     freq = entropy.normalize(counts.copy_to_host())
     tab = rans_cpu.encoder_tables(freq, entropy.cumulative(freq))
     lanes = groups * entropy.lanes_for(group_len, lane_size)
@@ -49,7 +50,7 @@ def entropy_encode(dsym: Any, groups: int, group_len: int, lane_size: int, state
     lane_words = cuda.to_device(np.zeros(lanes, dtype=np.int64))
     if states == entropy.WIDE:
         rcp, packed = rans_wide.encoder_tables(tab)
-        kernel_args = (dsym, group_len, lane_size, cuda.to_device(rcp), cuda.to_device(packed), scratch, lane_words)
+        kernel_args = (dsym, group_len, lane_size, segments, cuda.to_device(rcp), cuda.to_device(packed), scratch, lane_words)
         rans_cuda.encode_wide_kernel[lanes, rans_cuda.WIDE_STATES](*kernel_args)
     else:
         rans_cuda.encode_kernel[_blocks(lanes), THREADS](dsym, groups, group_len, lane_size, cuda.to_device(tab), scratch, lane_words)
@@ -78,7 +79,7 @@ def encode_arrays(codec: Any, dx: Any, dtype: str, shape: tuple[int, ...], kv: t
     quant_cuda.quantize_kernel[_blocks(n), THREADS](
         dx[1], cuda.to_device(unit.ones_c), cuda.to_device(unit.zeros_c), cuda.to_device(f32.v_step), cuda.to_device(f32.v_off), dsym[1]
     )
-    lane = int(codec.params.get("gpu_lane_size", GPU_WIDE_LANE_SIZE))
+    lane = int(codec.params.get("gpu_lane_size", GPU_LANE_SIZE))
     coded = entropy_encode(dsym.reshape(2 * L * T * C), 2 * L, T * C, lane, entropy.WIDE)
     gpu_codec = type(codec)(**{**codec.params, "lane_size": lane})
     return gpu_codec.blob(dtype, shape, steps, coded, kv)
@@ -90,11 +91,18 @@ def cachegen_encode(codec: Any, kv: torch.Tensor, dtype: str, shape: tuple[int, 
 
 
 def entropy_decode(
-    tables: Any, offsets: np.ndarray, words: np.ndarray, groups: int, group_len: int, lane: int, states: int = entropy.NARROW
+    tables: Any,
+    offsets: np.ndarray,
+    words: np.ndarray,
+    groups: int,
+    group_len: int,
+    lane: int,
+    states: int = entropy.NARROW,
+    segments: int = 1,
 ) -> Any:
     """rANS-decode a blob's symbols on the device: a uint8 device array [groups * group_len]."""
     states = entropy.check_states(states)
-    d = entropy.decoder(tables, offsets, words, groups, group_len, lane)
+    d = entropy.decoder(tables, offsets, words, groups, group_len, lane, entropy.check_segments(group_len, states, segments))
     lanes = d.offsets.shape[0] - 1
     dtab = cuda.to_device(rans_cpu.decoder_tables(d.freq, d.cum))
     dsym = cuda.device_array(groups * group_len, dtype=np.uint8)
@@ -102,7 +110,7 @@ def entropy_decode(
     dwords = cuda.to_device(words if words.size else np.zeros(1, np.uint16))
     doffsets = cuda.to_device(d.offsets)
     if states == entropy.WIDE:
-        rans_cuda.decode_wide_kernel[lanes, rans_cuda.WIDE_STATES](dwords, doffsets, group_len, lane, dtab, dsym, bad)
+        rans_cuda.decode_wide_kernel[lanes, rans_cuda.WIDE_STATES](dwords, doffsets, group_len, lane, segments, dtab, dsym, bad)
     else:
         rans_cuda.decode_kernel[_blocks(lanes), THREADS](dwords, doffsets, groups, group_len, lane, dtab, dsym, bad)
     failed = int(bad.copy_to_host().sum())
@@ -174,18 +182,22 @@ def kvtc_encode_arrays(codec: Any, book: Any, dy: Any, kv: torch.Tensor, dtype: 
     if n:
         kvtc_cuda.quantize_kernel[_blocks(2 * L * n * C), THREADS](dy, cuda.to_device(steps.astype(np.float32)), dtoken, bands, banded)
     lane = int(codec.params.get("gpu_lane_size", GPU_LANE_SIZE))
-    coded = entropy_encode(banded.reshape(banded.size), 2 * L * bands, n * (C // bands), lane)
+    coded = entropy_encode(banded.reshape(banded.size), 2 * L, n * C, lane, entropy.WIDE, bands)
     return codec.blob(dtype, shape, book, exact, bands, lane, steps, token, coded, kv)
 
 
 def kvtc_decode_arrays(b: Any, steps: np.ndarray, token: np.ndarray, offsets: np.ndarray, words: np.ndarray) -> Any:
     """A kvtc blob's symbols decoded and dequantised on the device: y, a float32 device array [2, L, n, C]."""
     from . import kvtc_cuda
+    from .kvtc import coded_groups
 
     _, L, T, C = b.shape
     bands, exact = int(b.params["bands"]), int(b.params["exact_tokens"])
     n = T - exact
-    dsym = entropy_decode(b.sections[2], offsets, words, 2 * L * bands, n * (C // bands), int(b.params["lane_size"]))
+    states = entropy.check_states(b.params.get("rans_states", entropy.NARROW))
+    groups, group_len = coded_groups(states, L, n, C, bands)
+    segments = bands if states == entropy.WIDE else 1
+    dsym = entropy_decode(b.sections[2], offsets, words, groups, group_len, int(b.params["lane_size"]), states, segments)
     dy = cuda.device_array((2, L, n, C), np.float32)
     if n:
         sym = dsym.reshape(2, L, bands, n, C // bands)

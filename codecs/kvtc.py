@@ -11,7 +11,8 @@ vector and the principal components (PCA basis, by variance) of calibration KV. 
    as fp16 like cachegen's. Components whose spread is below the step fall to the zero symbol and cost almost
    nothing: a uniform step over decorrelated components is the reverse water-filling bit allocation.
 4. The symbols are rANS-coded (`codecs/entropy.py`, the coder cachegen uses) in bands of components of similar
-   variance, each band of each layer with its own table.
+   variance, each band of each layer with its own table. A lane is a whole layer of keys or values (32 states,
+   `rans_states`), its bands its table segments; blobs without `rans_states` have a four-state lane per band.
 
 The blob names its codebook by content hash (`Codebook.digest`); decoding needs that codebook, found in the
 codec's own codebook or in a `CodebookStore`. A missing or different codebook is a CodecError, never garbage.
@@ -45,7 +46,9 @@ DEFAULTS: dict[str, Any] = {
     "key_step": 0.17,
     "value_step": 0.7,
     "exact_tokens": 1,
-    "lane_size": 16384,
+    # Symbols per rANS lane: a whole layer of keys or values (its 32 states' final values cost 128 bytes a
+    # lane; a lane per band, as the four-state lanes had, would add 7 % to a SmolLM2 blob).
+    "lane_size": 65536,
 }
 
 
@@ -278,7 +281,7 @@ class KvtcCodec(Codec):
         banded = np.empty((2, L, bands, n, C // bands), np.uint8)
         kvtc_cpu.quantize(y_np, steps.astype(np.float32), token, bands, banded)
         lane = int(self.params["lane_size"])
-        coded = entropy.encode(banded.reshape(-1), 2 * L * bands, n * (C // bands), lane)
+        coded = entropy.encode(banded.reshape(-1), 2 * L, n * C, lane, states=entropy.WIDE, segments=bands)
         return self.blob(dtype, shape, book, exact, bands, lane, steps, token, coded, kv)
 
     @staticmethod
@@ -336,6 +339,7 @@ class KvtcCodec(Codec):
             "exact_tokens": exact,
             "bands": bands,
             "lane_size": lane,
+            "rans_states": coded.states,
         }
         sections = [steps, token[1].astype(np.float16), coded.tables, coded.offsets, coded.words, exact_rows]
         return pack(self.name, dtype, shape, params, sections)
@@ -359,6 +363,7 @@ class KvtcCodec(Codec):
             raise CodecError("kvtc blob has bad parameters")
         if not isinstance(bands, int) or bands < 1 or C % bands or not isinstance(lane, int) or lane < 16:
             raise CodecError("kvtc blob has bad parameters")
+        states = entropy.check_states(p.get("rans_states", entropy.NARROW))
         book = self.store.get(digest)
         if (L, C) != (book.layers, book.channels):
             raise CodecError(f"kvtc codebook {digest} does not match the blob's shape")
@@ -375,7 +380,9 @@ class KvtcCodec(Codec):
             from . import gpu
 
             return gpu.kvtc_decode(b, book, steps, token, offsets, words, exact_rows, target)
-        sym = entropy.decode(b.sections[2], offsets, words, 2 * L * bands, n * (C // bands), lane)
+        sym = entropy.decode(
+            b.sections[2], offsets, words, *coded_groups(states, L, n, C, bands), lane, states, bands if states == entropy.WIDE else 1
+        )
         banded = sym.reshape(2, L, bands, n, C // bands)
         # (Recycled from this thread's earlier outputs once their holders let go, as cachegen's: a fresh 5.9 MB
         # output faulted its pages in inside the last pass.)
@@ -397,6 +404,12 @@ class KvtcCodec(Codec):
                 product.view(torch.int16).numpy().view(np.uint16).reshape(2, L, n, C), book.mean, exact, b.dtype == "bfloat16", bits
             )
         return with_exact_rows(out, exact_rows, b.dtype, exact).to(target)
+
+
+def coded_groups(states: int, L: int, n: int, C: int, bands: int) -> tuple[int, int]:
+    """(groups, symbols a group) of a blob's rANS coding: a layer of keys or values a group (its bands the
+    tables' segments) in 32-state lanes; a band of one a group in the older four-state lanes."""
+    return (2 * L, n * C) if states == entropy.WIDE else (2 * L * bands, n * (C // bands))
 
 
 def _f16(a: np.ndarray) -> np.ndarray:

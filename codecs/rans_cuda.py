@@ -172,8 +172,9 @@ def _encode_wide_symbol(x, reciprocal, fields):  # pragma: no cover - device cod
 
 
 @cuda.jit
-def encode_wide_kernel(symbols, group_len, lane_size, rcp, packed, scratch, lane_words):  # pragma: no cover
-    """Block per lane (WIDE_STATES threads): encode it into the end of its scratch row, in reading order."""
+def encode_wide_kernel(symbols, group_len, lane_size, segments, rcp, packed, scratch, lane_words):  # pragma: no cover
+    """Block per lane (WIDE_STATES threads): encode it into the end of its scratch row, in reading order.
+    rcp, packed [groups * segments, 256]: a group's tables each cover group_len / segments symbols."""
     flags = cuda.shared.array(WIDE_STATES, dtype=uint32)
     lanes_per_group = (group_len + lane_size - 1) // lane_size
     lane = cuda.blockIdx.x
@@ -189,7 +190,9 @@ def encode_wide_kernel(symbols, group_len, lane_size, rcp, packed, scratch, lane
         i = step * WIDE_STATES + k
         active = i < n
         s = symbols[start + i] if active else uint8(0)
-        fields = uint64(packed[g, s])
+        # (clamped for a state past the ragged end of a lane, which codes nothing this step)
+        table = g * segments + min((j * lane_size + i) // (group_len // segments), segments - 1)
+        fields = uint64(packed[table, s])
         emit = active and (x >> uint64(20)) >= (fields & uint64(0x1FFF))
         flags[k] = 1 if emit else 0
         cuda.syncthreads()
@@ -200,7 +203,7 @@ def encode_wide_kernel(symbols, group_len, lane_size, rcp, packed, scratch, lane
             x >>= uint64(16)
         pos -= total
         if active:
-            x = _encode_wide_symbol(x, uint64(rcp[g, s]), fields)
+            x = _encode_wide_symbol(x, uint64(rcp[table, s]), fields)
     pos -= 2 * WIDE_STATES  # the final states, read first: x0 high, x0 low, x1 high, ...
     row[pos + 2 * k] = uint16(x >> uint64(16))
     row[pos + 2 * k + 1] = uint16(x & uint64(0xFFFF))
@@ -220,8 +223,9 @@ def gather_tail_kernel(scratch, lane_words, offsets, out):  # pragma: no cover -
 
 
 @cuda.jit
-def decode_wide_kernel(words, offsets, group_len, lane_size, dtab, out, bad):  # pragma: no cover - device code
-    """Block per lane (WIDE_STATES threads): decode it; bad[lane] = 1 when it is corrupt."""
+def decode_wide_kernel(words, offsets, group_len, lane_size, segments, dtab, out, bad):  # pragma: no cover - device code
+    """Block per lane (WIDE_STATES threads): decode it; bad[lane] = 1 when it is corrupt. dtab [groups *
+    segments, PROB_SCALE]: a group's tables each cover group_len / segments symbols."""
     flags = cuda.shared.array(WIDE_STATES, dtype=uint32)
     lanes_per_group = (group_len + lane_size - 1) // lane_size
     lane = cuda.blockIdx.x
@@ -242,7 +246,8 @@ def decode_wide_kernel(words, offsets, group_len, lane_size, dtab, out, bad):  #
         i = step * WIDE_STATES + k
         take = False
         if i < n:
-            e = uint64(dtab[g, x & uint64(PROB_SCALE - 1)])
+            table = g * segments + (j * lane_size + i) // (group_len // segments)
+            e = uint64(dtab[table, x & uint64(PROB_SCALE - 1)])
             x = ((e >> uint64(8)) & uint64(0xFFF)) * (x >> uint64(PROB_BITS)) + (x >> uint64(PROB_BITS)) + (e >> uint64(20))
             take = x < uint64(RANS_L)
             out[start + i] = uint8(e & uint64(0xFF))

@@ -148,39 +148,53 @@ def _encode_symbol(x, reciprocal, fields):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
-def _encode_partial(symbols, at, count, rcp, packed, row, pos, x):  # pragma: no cover - compiled
-    """A last step of fewer than 32 symbols (states 0 .. count - 1), one state at a time but in the vector
-    steps' layout: first every renormalising state's word, in state order, then the symbols."""
+def _encode_one_by_one(symbols, start, i, count, offset, segment_len, rcp, packed, row, pos, x):  # pragma: no cover
+    """States 0 .. count - 1 of the step at lane position i, one at a time but in the vector steps' layout:
+    first every renormalising state's word, in state order, then the symbols. For a ragged last step and for
+    a step across two segments' tables."""
     emitting = 0
     for k in range(count):
-        emitting += np.int64((np.uint64(x[k]) >> np.uint64(20)) >= (np.uint64(packed[symbols[at + k]]) & np.uint64((1 << FREQ_BITS) - 1)))
+        fields = np.uint64(packed[(offset + i + k) // segment_len, symbols[start + i + k]])
+        emitting += np.int64((np.uint64(x[k]) >> np.uint64(20)) >= (fields & np.uint64((1 << FREQ_BITS) - 1)))
     pos -= emitting
     slot = pos
     for k in range(count):
-        s = symbols[at + k]
-        fields = np.uint64(packed[s])
+        segment = (offset + i + k) // segment_len
+        s = symbols[start + i + k]
+        fields = np.uint64(packed[segment, s])
         xk = np.uint64(x[k])
         if (xk >> np.uint64(20)) >= (fields & np.uint64((1 << FREQ_BITS) - 1)):
             row[slot] = np.uint16(xk & np.uint64(0xFFFF))
             slot += 1
             xk >>= np.uint64(16)
-        x[k] = np.uint32(_encode_symbol(xk, np.uint64(rcp[s]), fields))
+        x[k] = np.uint32(_encode_symbol(xk, np.uint64(rcp[segment, s]), fields))
     return pos
 
 
 @njit(inline="always")
-def encode_lane(symbols, start, n, rcp, packed, row, x):  # pragma: no cover - compiled
+def encode_lane(symbols, start, n, offset, segment_len, rcp, packed, row, x):  # pragma: no cover - compiled
     """Encode symbols[start:start + n] into the end of `row` (in reading order); returns how many words it
-    took. x is scratch for the 32 states."""
+    took. The lane starts `offset` symbols into its group, whose tables rcp, packed [segments, 256] each cover
+    `segment_len` symbols. x is scratch for the 32 states."""
     for k in range(STATES):
         x[k] = RANS_L
     pos = row.shape[0]
     full = n // STATES * STATES
     if full < n:  # rANS encodes backwards: the ragged last step first
-        pos = _encode_partial(symbols, start + full, n - full, rcp, packed, row, pos, x)
+        pos = _encode_one_by_one(symbols, start, full, n - full, offset, segment_len, rcp, packed, row, pos, x)
+    # The segment holding the current step's last symbol, and where it starts (a division only where a step
+    # leaves it: one per step would cost as much as coding a symbol).
+    segment = (offset + max(full - 1, 0)) // segment_len
+    segment_start = segment * segment_len
     for i in range(full - STATES, -1, -STATES):
-        pos = encode_step16(rcp, packed, symbols, start + i + WIDTH, x, WIDTH, row, pos)
-        pos = encode_step16(rcp, packed, symbols, start + i, x, 0, row, pos)
+        if offset + i + STATES - 1 < segment_start:
+            segment = (offset + i + STATES - 1) // segment_len
+            segment_start = segment * segment_len
+        if offset + i >= segment_start:  # the whole step in one segment: its table, 16 states at a time
+            pos = encode_step16(rcp[segment], packed[segment], symbols, start + i + WIDTH, x, WIDTH, row, pos)
+            pos = encode_step16(rcp[segment], packed[segment], symbols, start + i, x, 0, row, pos)
+        else:
+            pos = _encode_one_by_one(symbols, start, i, STATES, offset, segment_len, rcp, packed, row, pos, x)
     for k in range(STATES - 1, -1, -1):  # written last, read first: x0 high, x0 low, x1 high, ...
         row[pos - 1] = np.uint16(x[k] & np.uint32(0xFFFF))
         row[pos - 2] = np.uint16(x[k] >> np.uint32(16))
@@ -191,19 +205,43 @@ def encode_lane(symbols, start, n, rcp, packed, row, x):  # pragma: no cover - c
 @njit(nogil=True, cache=True, parallel=True)
 def encode_lanes(symbols, groups, group_len, lane_size, rcp, packed, scratch, lane_words):  # pragma: no cover
     """Encode every lane into its row of `scratch` (in reading order, right-aligned; a row holds lane_size +
-    STATE_WORDS words); count its words."""
+    STATE_WORDS words); count its words. rcp, packed [groups, segments, 256]: each group's tables, each table
+    for group_len / segments consecutive symbols."""
     lanes_per_group = (group_len + lane_size - 1) // lane_size
+    segment_len = group_len // rcp.shape[1]
     for lane in prange(groups * lanes_per_group):
         g = lane // lanes_per_group
         j = lane - g * lanes_per_group
         n = min(lane_size, group_len - j * lane_size)
         x = np.empty(STATES, dtype=np.uint32)
-        lane_words[lane] = encode_lane(symbols, g * group_len + j * lane_size, n, rcp[g], packed[g], scratch[lane], x)
+        start = g * group_len + j * lane_size
+        lane_words[lane] = encode_lane(symbols, start, n, j * lane_size, segment_len, rcp[g], packed[g], scratch[lane], x)
 
 
 @njit(inline="always")
-def decode_lane(words, pos, end, n, tab, out, start, x):  # pragma: no cover - compiled
-    """Decode the lane in words[pos:end] (n symbols, table tab) into out[start:start + n]; False when it is
+def _decode_one_by_one(words, pos, end, i, count, offset, segment_len, tabs, out, start, x):  # pragma: no cover
+    """States 0 .. count - 1 of the step at lane position i, one at a time, every read checked; the new pos,
+    or -1 where the lane ran out of words (it is corrupt)."""
+    for k in range(count):
+        tab = tabs[(offset + i + k) // segment_len]
+        xk = np.uint64(x[k])
+        e = np.uint64(tab[xk & np.uint64(PROB_SCALE - 1)])
+        high = xk >> np.uint64(12)
+        xk = ((e >> np.uint64(8)) & np.uint64(0xFFF)) * high + high + (e >> np.uint64(20))
+        if xk < np.uint64(RANS_L):
+            if pos >= end:
+                return -1
+            xk = (xk << np.uint64(16)) | np.uint64(words[pos])
+            pos += 1
+        x[k] = np.uint32(xk)
+        out[start + i + k] = np.uint8(e & np.uint64(0xFF))
+    return pos
+
+
+@njit(inline="always")
+def decode_lane(words, pos, end, n, offset, segment_len, tabs, out, start, x):  # pragma: no cover - compiled
+    """Decode the lane in words[pos:end] (n symbols, `offset` symbols into its group, whose decoding tables
+    tabs [segments, PROB_SCALE] each cover `segment_len` symbols) into out[start:start + n]; False when it is
     corrupt: a whole lane ends with every word consumed and every state back at its start value. x is scratch
     for the 32 states."""
     if end - pos < STATE_WORDS:
@@ -212,25 +250,24 @@ def decode_lane(words, pos, end, n, tab, out, start, x):  # pragma: no cover - c
         x[k] = (np.uint32(words[pos + 2 * k]) << np.uint32(16)) | np.uint32(words[pos + 2 * k + 1])
     pos += STATE_WORDS
     full = n // STATES * STATES
+    segment = offset // segment_len
+    segment_end = (segment + 1) * segment_len
     i = 0
     # A step reads at most one word per state, so while 32 words remain it cannot read past the lane.
     while i < full and pos <= end - STATES:
-        pos = decode_step16(tab, words, pos, x, 0, out, start + i)
-        pos = decode_step16(tab, words, pos, x, WIDTH, out, start + i + WIDTH)
+        if offset + i >= segment_end:  # (a division only where a step enters another segment)
+            segment = (offset + i) // segment_len
+            segment_end = (segment + 1) * segment_len
+        if offset + i + STATES <= segment_end:  # the whole step in one segment: its table, 16 states at a time
+            pos = decode_step16(tabs[segment], words, pos, x, 0, out, start + i)
+            pos = decode_step16(tabs[segment], words, pos, x, WIDTH, out, start + i + WIDTH)
+        else:
+            pos = _decode_one_by_one(words, pos, end, i, STATES, offset, segment_len, tabs, out, start, x)
+            if pos < 0:
+                return False
         i += STATES
-    while i < n:  # the last steps, whole or ragged, one state at a time with every read checked
-        for k in range(min(STATES, n - i)):
-            xk = np.uint64(x[k])
-            e = np.uint64(tab[xk & np.uint64(PROB_SCALE - 1)])
-            high = xk >> np.uint64(12)
-            xk = ((e >> np.uint64(8)) & np.uint64(0xFFF)) * high + high + (e >> np.uint64(20))
-            if xk < np.uint64(RANS_L):
-                if pos >= end:
-                    return False
-                xk = (xk << np.uint64(16)) | np.uint64(words[pos])
-                pos += 1
-            x[k] = np.uint32(xk)
-            out[start + i + k] = np.uint8(e & np.uint64(0xFF))
+    while i < n and pos >= 0:  # the last steps, whole or ragged, near the end of the words
+        pos = _decode_one_by_one(words, pos, end, i, min(STATES, n - i), offset, segment_len, tabs, out, start, x)
         i += STATES
     if pos != end:
         return False
@@ -240,19 +277,30 @@ def decode_lane(words, pos, end, n, tab, out, start, x):  # pragma: no cover - c
     return True
 
 
+@njit(inline="always")
+def fill_group_tables(freq, cum, tabs):  # pragma: no cover - compiled
+    """tabs [segments, PROB_SCALE]: the decoding tables of one group's segments (freq, cum [segments, 256])."""
+    for segment in range(tabs.shape[0]):
+        fill_decoder_table(freq[segment], cum[segment], tabs[segment])
+
+
 @njit(nogil=True, cache=True, parallel=True)
 def decode_lanes(words, offsets, groups, group_len, lane_size, freq, cum, out):  # pragma: no cover
-    """Decode every lane into `out` (uint8, groups * group_len), a group at a time with its table built where
-    its lanes are decoded (as rans_cpu.decode_lanes). Returns the number of corrupt lanes."""
+    """Decode every lane into `out` (uint8, groups * group_len), a group at a time with its tables built where
+    its lanes are decoded (as rans_cpu.decode_lanes). freq, cum [groups, segments, 256]. Returns the number of
+    corrupt lanes."""
     lanes_per_group = (group_len + lane_size - 1) // lane_size
+    segments = freq.shape[1]
+    segment_len = group_len // segments
     bad = np.zeros(groups, dtype=np.int64)
     for g in prange(groups):
-        tab = np.empty(PROB_SCALE, dtype=np.uint32)
-        fill_decoder_table(freq[g], cum[g], tab)
+        tabs = np.empty((segments, PROB_SCALE), dtype=np.uint32)
+        fill_group_tables(freq[g], cum[g], tabs)
         x = np.empty(STATES, dtype=np.uint32)
         for j in range(lanes_per_group):
             lane = g * lanes_per_group + j
             n = min(lane_size, group_len - j * lane_size)
-            if not decode_lane(words, offsets[lane], offsets[lane + 1], n, tab, out, g * group_len + j * lane_size, x):
+            start = g * group_len + j * lane_size
+            if not decode_lane(words, offsets[lane], offsets[lane + 1], n, j * lane_size, segment_len, tabs, out, start, x):
                 bad[g] += 1
     return bad.sum()

@@ -72,24 +72,28 @@ def test_rans_kernels_match_the_cpu_on_a_skewed_distribution() -> None:
     assert (entropy.decode(memoryview(cpu.tables), cpu.offsets, cpu.words, 3, 400, 64) == sym).all()
 
 
-@pytest.mark.parametrize("skewed", [False, True])
-def test_wide_rans_kernels_write_the_cpu_vector_coders_bytes(skewed: bool) -> None:
+@pytest.mark.parametrize(("skewed", "segments"), [(False, 1), (True, 1), (False, 4)])
+def test_wide_rans_kernels_write_the_cpu_vector_coders_bytes(skewed: bool, segments: int) -> None:
     """The 32-thread-per-lane twins of rans_wide: the same words as the CPU's vector steps, over lanes with
-    whole and ragged steps (100 symbols a group, lanes of 40), and they decode them."""
+    whole and ragged steps (100 symbols a group, lanes of 40), with tables for segments of 25 symbols that
+    lanes cross (as kvtc's bands), and they decode them."""
     rng = np.random.default_rng(4)
     if skewed:  # states above 2**31, where the quotient needs its correction
         sym = np.where(rng.random(3 * 100) < 0.9, 128, rng.integers(0, 256, 3 * 100)).astype(np.uint8)
     else:
         sym = np.clip(rng.normal(128, 4, 3 * 100).round(), 0, 255).astype(np.uint8)
-    coded = gpu.entropy_encode(cuda.to_device(sym), 3, 100, 40, entropy.WIDE)
-    cpu = entropy.encode(sym, 3, 100, 40, states=entropy.WIDE)
+    if segments > 1:  # each segment its own distribution, so a wrong table shows
+        sym = (sym.reshape(3, segments, -1) + (np.arange(segments, dtype=np.uint8) * 7)[None, :, None]).reshape(-1)
+    coded = gpu.entropy_encode(cuda.to_device(sym), 3, 100, 40, entropy.WIDE, segments)
+    cpu = entropy.encode(sym, 3, 100, 40, states=entropy.WIDE, segments=segments)
     assert coded.states == cpu.states == entropy.WIDE and coded.tables == cpu.tables
     assert (coded.offsets == cpu.offsets).all() and (coded.words == cpu.words).all()  # the same bytes
-    assert (gpu.entropy_decode(memoryview(cpu.tables), cpu.offsets, cpu.words, 3, 100, 40, entropy.WIDE).copy_to_host() == sym).all()
+    layout = (3, 100, 40, entropy.WIDE, segments)
+    assert (gpu.entropy_decode(memoryview(cpu.tables), cpu.offsets, cpu.words, *layout).copy_to_host() == sym).all()
     words = cpu.words.copy()
     words[cpu.offsets[4] + 66] ^= 0x0FF0  # the fifth lane's first word after its states
     with pytest.raises(CodecError, match="lane"):
-        gpu.entropy_decode(memoryview(cpu.tables), cpu.offsets, words, 3, 100, 40, entropy.WIDE)
+        gpu.entropy_decode(memoryview(cpu.tables), cpu.offsets, words, *layout)
 
 
 def test_blob_encoded_on_the_device_decodes_on_the_cpu_and_back() -> None:
@@ -235,9 +239,9 @@ def test_kvtc_blobs_coded_on_the_device_decode_like_the_cpus(monkeypatch: pytest
     dy = gpu.kvtc_decode_arrays(parsed, steps, token, np.frombuffer(parsed.sections[3], "<u4"), np.frombuffer(parsed.sections[4], "<u2"))
     from lmcached.codecs import entropy, kvtc_cpu
 
-    sym = entropy.decode(
-        parsed.sections[2], np.frombuffer(parsed.sections[3], "<u4"), np.frombuffer(parsed.sections[4], "<u2"), 2 * L * 8, n * 2, 16384
-    )
+    assert parsed.params["rans_states"] == entropy.WIDE  # a lane per layer of keys or values, its 8 bands the segments
+    offsets, words = np.frombuffer(parsed.sections[3], "<u4"), np.frombuffer(parsed.sections[4], "<u2")
+    sym = entropy.decode(parsed.sections[2], offsets, words, 2 * L, n * C, parsed.params["lane_size"], entropy.WIDE, 8)
     cpu_y = np.empty((2, L, n, C), np.float32)
     kvtc_cpu.dequantize(sym.reshape(2, L, 8, n, 2), steps, token, cpu_y)
     assert (dy.copy_to_host() == cpu_y).all()

@@ -324,6 +324,24 @@ def test_wide_lanes_of_real_sizes_round_trip_and_refuse_corruption() -> None:
         entropy.decode(coded.tables, coded.offsets, coded.words, groups, group_len, 65536, 8)
 
 
+@pytest.mark.parametrize(
+    ("group_len", "lane_size", "segments"), [(6120 * 8, 65536, 8), (1000, 300, 4), (60, 16, 5), (512, 512, 8), (8, 16, 8)]
+)
+def test_wide_lanes_with_a_table_per_segment_round_trip(group_len: int, lane_size: int, segments: int) -> None:
+    """kvtc's layout: a group's symbols split evenly among several tables (its bands), lanes that cross from
+    one to the next mid-step and lanes that start mid-segment. A wrong table would show: each segment has
+    its own distribution."""
+    rng = np.random.default_rng(group_len)
+    sym = np.clip(np.rint(rng.normal(100, 3, (2, segments, group_len // segments))), 0, 200).astype(np.uint8)
+    sym += (np.arange(segments, dtype=np.uint8) * 6)[None, :, None]
+    layout = (2, group_len, lane_size)
+    coded = entropy.encode(sym.reshape(-1), *layout, states=entropy.WIDE, segments=segments)
+    assert len(entropy.unpack_tables(memoryview(coded.tables), 2 * segments)) == 2 * segments
+    assert np.array_equal(entropy.decode(coded.tables, coded.offsets, coded.words, *layout, entropy.WIDE, segments), sym.reshape(-1))
+    with pytest.raises(CodecError, match="cannot split"):
+        entropy.encode(sym.reshape(-1), *layout, states=entropy.NARROW, segments=segments)
+
+
 def test_histogram_matches_bincount() -> None:
     sym = np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8)
     counts = rans_cpu.histogram(sym, 3, 1000)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lmcached.codecs import get_codec
-from lmcached.codecs.format import FORMAT_VERSION
+from lmcached.codecs import entropy, get_codec
+from lmcached.codecs.format import FORMAT_VERSION, unpack
 from lmcached.codecs.kvtc import Codebook, CodebookStore, KvtcCodec
 
 from lmcached.errors import CodecError
@@ -202,17 +202,21 @@ def test_a_store_asks_its_fetch_for_a_missing_codebook_and_keeps_it(tmp_path: Pa
         KvtcCodec(store=liar).decode(blob)
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_golden_kvtc_blob_still_decodes(version: int) -> None:
-    """Blobs of every container format version, with the format 1 codebook, still decode to what they decoded
-    to when committed. (LMCACHED_WRITE_GOLDEN=1 rewrites only the current version's blob.)"""
+@pytest.mark.parametrize("stem", ["kvtc-float16-v1", "kvtc-float16-v2", "kvtc-float16-v2-rans32"])
+def test_golden_kvtc_blob_still_decodes(stem: str) -> None:
+    """Blobs of every container format version and lane layout (v1 and v2: a four-state lane per band;
+    v2-rans32: a 32-state lane per layer of keys or values), with the format 1 codebook, still decode to what
+    they decoded to when committed. (LMCACHED_WRITE_GOLDEN=1 rewrites only what this build writes.)"""
     book_path = GOLDEN / "kvtc-codebook-v1.bin"
-    blob_path, expected_path = (GOLDEN / f"kvtc-float16-v{version}{suffix}.bin" for suffix in ("", ".expected"))
-    if os.environ.get("LMCACHED_WRITE_GOLDEN") and version == FORMAT_VERSION:
+    blob_path, expected_path = (GOLDEN / f"{stem}{suffix}.bin" for suffix in ("", ".expected"))
+    current = stem == f"kvtc-float16-v{FORMAT_VERSION}-rans32"
+    if os.environ.get("LMCACHED_WRITE_GOLDEN") and current:
         book = Codebook.from_bytes(book_path.read_bytes())
         blob = KvtcCodec(book).encode(correlated_kv(3, 20, 24, seed=1234))
         blob_path.write_bytes(blob)
         expected_path.write_bytes(KvtcCodec(book).decode(blob).contiguous().view(torch.uint8).numpy().tobytes())
+    states = unpack(blob_path.read_bytes()).params.get("rans_states", entropy.NARROW)
+    assert states == (entropy.WIDE if current else entropy.NARROW)
     book = Codebook.from_bytes(book_path.read_bytes())
     out = KvtcCodec(book).decode(blob_path.read_bytes())
     assert out.dtype == torch.float16 and out.shape == (2, 3, 20, 24)
