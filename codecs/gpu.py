@@ -189,14 +189,13 @@ def kvtc_encode_arrays(codec: Any, book: Any, dy: Any, kv: torch.Tensor, dtype: 
 def kvtc_decode_arrays(b: Any, steps: np.ndarray, token: np.ndarray, offsets: np.ndarray, words: np.ndarray) -> Any:
     """A kvtc blob's symbols decoded and dequantised on the device: y, a float32 device array [2, L, n, C]."""
     from . import kvtc_cuda
-    from .kvtc import coded_groups
+    from .kvtc import coded_layout
 
     _, L, T, C = b.shape
     bands, exact = int(b.params["bands"]), int(b.params["exact_tokens"])
     n = T - exact
     states = entropy.check_states(b.params.get("rans_states", entropy.NARROW))
-    groups, group_len = coded_groups(states, L, n, C, bands)
-    segments = bands if states == entropy.WIDE else 1
+    groups, group_len, segments = coded_layout(states, L, n, C, bands)
     dsym = entropy_decode(b.sections[2], offsets, words, groups, group_len, int(b.params["lane_size"]), states, segments)
     dy = cuda.device_array((2, L, n, C), np.float32)
     if n:

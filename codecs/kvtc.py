@@ -35,7 +35,7 @@ import torch
 from lmcached.errors import CodecError, MissingCodebook
 
 from . import entropy, kvtc_cpu
-from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, gpu_available, step_params, with_exact_rows
+from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, gpu_available, kernel_input, step_params, with_exact_rows
 from .format import pack, unpack
 from .scratch import output
 
@@ -279,25 +279,30 @@ class KvtcCodec(Codec):
         kvtc_cpu.reach(y_np, token, need)
         steps = self.component_steps(book, need)
         banded = np.empty((2, L, bands, n, C // bands), np.uint8)
-        kvtc_cpu.quantize(y_np, steps.astype(np.float32), token, bands, banded)
+        counts = np.empty((2 * L * bands, 256), np.int64)
+        kvtc_cpu.quantize(y_np, steps.astype(np.float32), token, bands, banded, counts)
         lane = int(self.params["lane_size"])
-        coded = entropy.encode(banded.reshape(-1), 2 * L, n * C, lane, states=entropy.WIDE, segments=bands)
+        coded = entropy.encode(banded.reshape(-1), 2 * L, n * C, lane, counts, entropy.WIDE, bands)
         return self.blob(dtype, shape, book, exact, bands, lane, steps, token, coded, kv)
 
     @staticmethod
     def project(book: Codebook, kv: torch.Tensor, exact: int) -> np.ndarray:
-        """y [2, L, n, C] (float32): the tokens after the exact ones, centred and in the codebook's basis."""
+        """y [2, L, n, C]: the tokens after the exact ones, centred and in the codebook's basis. float32, or with
+        bfloat16 products (MATMUL_DTYPE) their bfloat16 bits (uint16), which kvtc_cpu's kernels read as they are:
+        widening them to float32 was a 12 MB pass of its own."""
         _, L, T, C = kv.shape
         n = T - exact
-        x = kv.detach().to("cpu", torch.float32)[:, :, exact:].reshape(2 * L, n, C)
         if MATMUL_DTYPE == torch.float32:
             # y = (x - mean) · basis, as x · basis - mean · basis: one fused matrix product per (side, layer).
+            x = kv.detach().to("cpu", torch.float32)[:, :, exact:].reshape(2 * L, n, C)
             basis = torch.from_numpy(book.basis).reshape(2 * L, C, C)
             y = torch.baddbmm(torch.from_numpy(book.projected_mean()).reshape(2 * L, 1, C), x, basis, beta=-1.0)
-        else:  # centred first (in float32: the mean may be far larger than the spread), then the product
-            centred = (x - torch.from_numpy(book.mean).reshape(2 * L, 1, C)).to(MATMUL_DTYPE)
-            y = torch.bmm(centred, book.basis_as(MATMUL_DTYPE)).float()
-        return y.numpy().reshape(2, L, n, C)
+            return y.numpy().reshape(2, L, n, C)
+        # Centred first (in float32: the mean may be far larger than the spread), then the product.
+        centred = np.empty((2, L, n, C), np.uint16)
+        kvtc_cpu.centre_bf16(kernel_input(kv)[:, :, exact:], book.mean, kv.dtype == torch.bfloat16, centred)
+        y = torch.bmm(torch.from_numpy(centred).view(torch.bfloat16).reshape(2 * L, n, C), book.basis_as(MATMUL_DTYPE))
+        return y.view(torch.int16).numpy().view(np.uint16).reshape(2, L, n, C)
 
     @staticmethod
     def token_scale(rms: np.ndarray) -> np.ndarray:
@@ -380,10 +385,7 @@ class KvtcCodec(Codec):
             from . import gpu
 
             return gpu.kvtc_decode(b, book, steps, token, offsets, words, exact_rows, target)
-        sym = entropy.decode(
-            b.sections[2], offsets, words, *coded_groups(states, L, n, C, bands), lane, states, bands if states == entropy.WIDE else 1
-        )
-        banded = sym.reshape(2, L, bands, n, C // bands)
+        banded = decoded_symbols(b, offsets, words, states)
         # (Recycled from this thread's earlier outputs once their holders let go, as cachegen's: a fresh 5.9 MB
         # output faulted its pages in inside the last pass.)
         raw = output("kvtc.out", (2, L, T, C * TORCH_ITEMSIZE[b.dtype]), np.uint8)
@@ -406,10 +408,19 @@ class KvtcCodec(Codec):
         return with_exact_rows(out, exact_rows, b.dtype, exact).to(target)
 
 
-def coded_groups(states: int, L: int, n: int, C: int, bands: int) -> tuple[int, int]:
-    """(groups, symbols a group) of a blob's rANS coding: a layer of keys or values a group (its bands the
-    tables' segments) in 32-state lanes; a band of one a group in the older four-state lanes."""
-    return (2 * L, n * C) if states == entropy.WIDE else (2 * L * bands, n * (C // bands))
+def coded_layout(states: int, L: int, n: int, C: int, bands: int) -> tuple[int, int, int]:
+    """(groups, symbols a group, tables a group) of a blob's rANS coding: in 32-state lanes a layer of keys or
+    values is a group, its bands the tables' segments; in the older four-state lanes each band is a group."""
+    return (2 * L, n * C, bands) if states == entropy.WIDE else (2 * L * bands, n * (C // bands), 1)
+
+
+def decoded_symbols(b: Any, offsets: np.ndarray, words: np.ndarray, states: int) -> np.ndarray:
+    """A kvtc blob's symbols [2, L, bands, n, C / bands], in either lane layout (this thread's scratch buffer)."""
+    _, L, T, C = b.shape
+    bands, n = int(b.params["bands"]), T - int(b.params["exact_tokens"])
+    groups, group_len, segments = coded_layout(states, L, n, C, bands)
+    sym = entropy.decode(b.sections[2], offsets, words, groups, group_len, int(b.params["lane_size"]), states, segments)
+    return sym.reshape(2, L, bands, n, C // bands)
 
 
 def _f16(a: np.ndarray) -> np.ndarray:

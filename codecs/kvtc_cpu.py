@@ -1,8 +1,9 @@
 """kvtc's element-wise passes on the CPU (Numba): each one pass over the chunk in the component basis, where
 torch needed four or five (abs, divide, round, clamp, convert: measured 3× the codec's matrix products).
 
-y is [S, L, n, C] float32 (S = 2: keys, values), by component; `token` [S, L, n] the per-token scale
-(1 for keys). The symbols are written band by band ([S, L, band, n, C / bands]) for the entropy coder.
+y is [S, L, n, C] (S = 2: keys, values), by component: float32, or the bfloat16 bits (uint16) of a bfloat16
+matrix product, which the kernels widen as they read (`half.widen`). `token` [S, L, n] is the per-token
+scale (1 for keys). The symbols are written band by band ([S, L, band, n, C / bands]) for the entropy coder.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .half import f32_from_bits, f32_to_bf16_bits, narrow
+from .half import f32_from_bits, f32_to_bf16_bits, narrow, widen
+from .rans_cpu import count_into, sum_parts
 
 ZERO = 128
 QMAX = 127
@@ -25,7 +27,7 @@ def token_rms(y, out):  # pragma: no cover - compiled
         t = lt - layer * n
         acc = 0.0
         for c in range(C):
-            v = np.float64(y[layer, t, c])
+            v = np.float64(widen(y[layer, t, c], True))
             acc += v * v
         out[layer, t] = np.sqrt(acc / C)
 
@@ -43,14 +45,16 @@ def reach(y, token, out):  # pragma: no cover - compiled
         for t in range(n):
             inv = np.float32(1.0) / token[s, layer, t]
             for c in range(C):
-                v = abs(y[s, layer, t, c]) * inv
+                v = abs(widen(y[s, layer, t, c], True)) * inv
                 if not v <= out[s, layer, c]:  # (a NaN is kept too)
                     out[s, layer, c] = v
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def quantize(y, steps, token, bands, out):  # pragma: no cover - compiled
-    """Symbols round(y / (step[c] * token[t])) + ZERO, clipped, into out [S, L, bands, n, C / bands]."""
+def quantize(y, steps, token, bands, out, counts):  # pragma: no cover - compiled
+    """Symbols round(y / (step[c] * token[t])) + ZERO, clipped, into out [S, L, bands, n, C / bands], and each
+    band's histogram of them into counts [S * L * bands, 256] (the entropy coder's tables), counted while
+    the symbols are in L1 rather than in a pass of their own."""
     S, L, n, C = y.shape
     width = C // bands
     for sl in prange(S * L):
@@ -59,14 +63,32 @@ def quantize(y, steps, token, bands, out):  # pragma: no cover - compiled
         inv = np.empty(C, dtype=np.float32)
         for c in range(C):
             inv[c] = np.float32(1.0) / steps[s, layer, c]
+        part = np.zeros((bands, 4, 256), dtype=np.int32)
         for t in range(n):
             k = np.float32(1.0) / token[s, layer, t]
             for b in range(bands):
                 for w in range(width):
                     c = b * width + w
-                    q = np.rint(y[s, layer, t, c] * (inv[c] * k))
+                    q = np.rint(widen(y[s, layer, t, c], True) * (inv[c] * k))
                     q = min(max(q, -QMAX), QMAX)
                     out[s, layer, b, t, w] = np.uint8(q + ZERO)
+                count_into(out[s, layer, b, t], part[b])
+        for b in range(bands):
+            sum_parts(part[b], counts[sl * bands + b])
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def centre_bf16(x, mean, bfloat, out):  # pragma: no cover - compiled
+    """out [S, L, n, C] (bfloat16 bits) = x - mean[s, l] in float32, rounded once to bfloat16: the chunk as it
+    arrives (x: float32, or float16/bfloat16 bits) centred for a bfloat16 product in one pass, where torch
+    widened it to float32, subtracted and narrowed in three."""
+    S, L, n, C = x.shape
+    for sl in prange(S * L):
+        s = sl // L
+        layer = sl - s * L
+        for t in range(n):
+            for c in range(C):
+                out[s, layer, t, c] = f32_to_bf16_bits(widen(x[s, layer, t, c], bfloat) - mean[s, layer, c])
 
 
 @njit(nogil=True, cache=True, parallel=True)

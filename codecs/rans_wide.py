@@ -12,8 +12,12 @@ follow (F. Giesen's interleaved rANS):
 A decoder gives each renormalising state the next unread word (an expand-load) and an encoder writes them
 below the previous step's (a compress-store); each takes 16 states per vector operation
 (`codecs/vector_ir.py`). Measured on SmolLM2 chunks: decode 2.5 -> 1.1 ms, encode 3.6 -> 0.9 ms a chunk. A blob
-says which layout it holds (cachegen's `rans_states`), so blobs in the four-state layout still decode.
-The GPU twin is `rans_cuda.encode_wide_kernel` / `decode_wide_kernel`.
+says which layout it holds (`rans_states` in cachegen's and kvtc's parameters), so blobs in the four-state
+layout still decode. The GPU twin is `rans_cuda.encode_wide_kernel` / `decode_wide_kernel`.
+
+A group (lanes never cross one) may have several tables, each for an equal segment of its symbols: kvtc's
+bands. A step inside one segment is coded with vectors; one that crosses into the next, or a ragged last
+step, one state at a time in the same layout.
 
 Kernels are plain loops with no validation; `codecs/entropy.py` validates and calls them.
 """

@@ -208,7 +208,7 @@ def test_kvtc_kernels_match_their_cpu_twins() -> None:
     assert (need.copy_to_host() == cpu_need).all()
     sym, cpu_sym = cuda.device_array((S, L, bands, n, C // bands), np.uint8), np.empty((S, L, bands, n, C // bands), np.uint8)
     kvtc_cuda.quantize_kernel[4, 128](dy, cuda.to_device(steps), dtoken, bands, sym)
-    kvtc_cpu.quantize(y, steps, token, bands, cpu_sym)
+    kvtc_cpu.quantize(y, steps, token, bands, cpu_sym, np.empty((2 * L * bands, 256), np.int64))
     assert (sym.copy_to_host() == cpu_sym).all()
     out, cpu_out = cuda.device_array((S, L, n, C), np.float32), np.empty((S, L, n, C), np.float32)
     kvtc_cuda.dequantize_kernel[4, 128](sym, cuda.to_device(steps), dtoken, out)

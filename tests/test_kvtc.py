@@ -171,6 +171,44 @@ def test_corrupted_blobs_are_caught(book: Codebook) -> None:
         KvtcCodec(book).decode(get_codec("cachegen").encode(correlated_kv(3, 8, 32, seed=19)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_corrupt_coded_words_behind_a_valid_checksum_fail_the_lane_check(book: Codebook, dtype: torch.dtype) -> None:
+    """Both decode paths (float16: bfloat16 products; float32: float32 ones) name the corrupt lane instead of
+    returning garbage."""
+    from lmcached.codecs.format import TRAILERS
+
+    blob = KvtcCodec(book).encode(correlated_kv(3, 64, 32, seed=18).to(dtype))
+    parsed = unpack(blob)
+    words_start = len(blob) - 8 - parsed.sections[5].nbytes - parsed.sections[4].nbytes
+    bad = bytearray(blob)
+    for i in range(words_start + 200, words_start + 240):
+        bad[i] ^= 0xA5
+    trailer, checksum = TRAILERS[FORMAT_VERSION]
+    bad[-trailer.size :] = trailer.pack(checksum(bytes(bad[: -trailer.size])))
+    with pytest.raises(CodecError, match="lane"):
+        KvtcCodec(book).decode(bytes(bad))
+
+
+def test_the_encoders_one_pass_kernels_match_torch_and_the_histogram(book: Codebook) -> None:
+    """Centring into bfloat16 in one pass rounds as torch does, and the quantiser's counts are the symbols'
+    histograms (what the rANS tables are built from)."""
+    from lmcached.codecs import kvtc_cpu, rans_cpu
+    from lmcached.codecs.base import kernel_input
+
+    L, n, C, bands = 3, 63, 32, 8
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        kv = correlated_kv(L, n + 1, C, seed=21).to(dtype)
+        centred = np.empty((2, L, n, C), np.uint16)
+        kvtc_cpu.centre_bf16(kernel_input(kv)[:, :, 1:], book.mean, dtype == torch.bfloat16, centred)
+        torch_centred = (kv[:, :, 1:].float() - torch.from_numpy(book.mean)[:, :, None, :]).to(torch.bfloat16)
+        assert np.array_equal(centred, torch_centred.view(torch.int16).numpy().view(np.uint16))
+    y = KvtcCodec.project(book, kv, 1)
+    steps, token = np.full((2, L, C), 0.05, np.float32), np.ones((2, L, n), np.float32)
+    sym, counts = np.empty((2, L, bands, n, C // bands), np.uint8), np.empty((2 * L * bands, 256), np.int64)
+    kvtc_cpu.quantize(y, steps, token, bands, sym, counts)
+    assert np.array_equal(counts, rans_cpu.histogram(sym.reshape(-1), 2 * L * bands, n * C // bands))
+
+
 def test_kvtc_is_in_the_registry_and_names_what_it_lacks() -> None:
     from lmcached.codecs import available_codecs, decode
 
