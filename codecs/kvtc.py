@@ -37,7 +37,7 @@ from lmcached.errors import CodecError, MissingCodebook
 from . import entropy, kvtc_cpu
 from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, gpu_available, kernel_input, step_params, with_exact_rows
 from .format import pack, unpack
-from .scratch import output
+from .scratch import output, scratch
 
 DEFAULTS: dict[str, Any] = {
     # Steps as fractions of the layer's typical component spread (root of the mean component variance),
@@ -278,7 +278,7 @@ class KvtcCodec(Codec):
         need = np.empty((2, L, C), np.float32)
         kvtc_cpu.reach(y_np, token, need)
         steps = self.component_steps(book, need)
-        banded = np.empty((2, L, bands, n, C // bands), np.uint8)
+        banded = scratch("kvtc.symbols", (2, L, bands, n, C // bands), np.uint8)
         counts = np.empty((2 * L * bands, 256), np.int64)
         kvtc_cpu.quantize(y_np, steps.astype(np.float32), token, bands, banded, counts)
         lane = int(self.params["lane_size"])
@@ -289,7 +289,8 @@ class KvtcCodec(Codec):
     def project(book: Codebook, kv: torch.Tensor, exact: int) -> np.ndarray:
         """y [2, L, n, C]: the tokens after the exact ones, centred and in the codebook's basis. float32, or with
         bfloat16 products (MATMUL_DTYPE) their bfloat16 bits (uint16), which kvtc_cpu's kernels read as they are:
-        widening them to float32 was a 12 MB pass of its own."""
+        widening them to float32 was a 12 MB pass of its own. This thread's scratch buffer: valid until it projects
+        again."""
         _, L, T, C = kv.shape
         n = T - exact
         if MATMUL_DTYPE == torch.float32:
@@ -299,10 +300,11 @@ class KvtcCodec(Codec):
             y = torch.baddbmm(torch.from_numpy(book.projected_mean()).reshape(2 * L, 1, C), x, basis, beta=-1.0)
             return y.numpy().reshape(2, L, n, C)
         # Centred first (in float32: the mean may be far larger than the spread), then the product.
-        centred = np.empty((2, L, n, C), np.uint16)
+        centred = scratch("kvtc.centred", (2, L, n, C), np.uint16)
         kvtc_cpu.centre_bf16(kernel_input(kv)[:, :, exact:], book.mean, kv.dtype == torch.bfloat16, centred)
-        y = torch.bmm(torch.from_numpy(centred).view(torch.bfloat16).reshape(2 * L, n, C), book.basis_as(MATMUL_DTYPE))
-        return y.view(torch.int16).numpy().view(np.uint16).reshape(2, L, n, C)
+        y = scratch("kvtc.product", (2, L, n, C), np.uint16)
+        torch.bmm(bf16_tensor(centred, (2 * L, n, C)), book.basis_as(MATMUL_DTYPE), out=bf16_tensor(y, (2 * L, n, C)))
+        return y
 
     @staticmethod
     def token_scale(rms: np.ndarray) -> np.ndarray:
@@ -392,19 +394,20 @@ class KvtcCodec(Codec):
         out = torch.from_numpy(raw).view(TORCH_DTYPES[b.dtype])
         if MATMUL_DTYPE == torch.float32 or b.dtype == "float32":
             # x = y · basisᵀ + mean, the mean added inside the matrix product
-            y = np.empty((2 * L, n, C), np.float32)
+            y = scratch("kvtc.y", (2 * L, n, C), np.float32)
             kvtc_cpu.dequantize(banded, steps, token, y.reshape(2, L, n, C))
             basis_t = torch.from_numpy(book.basis).reshape(2 * L, C, C).transpose(1, 2)
             mean = torch.from_numpy(book.mean).reshape(2 * L, 1, C)
             out[:, :, exact:] = torch.baddbmm(mean, torch.from_numpy(y), basis_t).reshape(2, L, n, C)
         else:  # the product in bfloat16, the mean added in float32 on the way to the half-precision output
-            y16 = np.empty((2 * L, n, C), np.uint16)
-            kvtc_cpu.dequantize_bf16(banded, steps, token, y16.reshape(2, L, n, C))
-            product = torch.bmm(torch.from_numpy(y16).view(torch.bfloat16), book.basis_as(MATMUL_DTYPE, transposed=True))
-            bits = out.view(torch.int16).numpy().view(np.uint16)
-            kvtc_cpu.add_mean_half(
-                product.view(torch.int16).numpy().view(np.uint16).reshape(2, L, n, C), book.mean, exact, b.dtype == "bfloat16", bits
+            y16 = scratch("kvtc.y16", (2, L, n, C), np.uint16)
+            kvtc_cpu.dequantize_bf16(banded, steps, token, y16)
+            product = scratch("kvtc.product", (2, L, n, C), np.uint16)
+            torch.bmm(
+                bf16_tensor(y16, (2 * L, n, C)), book.basis_as(MATMUL_DTYPE, transposed=True), out=bf16_tensor(product, (2 * L, n, C))
             )
+            bits = out.view(torch.int16).numpy().view(np.uint16)
+            kvtc_cpu.add_mean_half(product, book.mean, exact, b.dtype == "bfloat16", bits)
         return with_exact_rows(out, exact_rows, b.dtype, exact).to(target)
 
 
@@ -421,6 +424,13 @@ def decoded_symbols(b: Any, offsets: np.ndarray, words: np.ndarray, states: int)
     groups, group_len, segments = coded_layout(states, L, n, C, bands)
     sym = entropy.decode(b.sections[2], offsets, words, groups, group_len, int(b.params["lane_size"]), states, segments)
     return sym.reshape(2, L, bands, n, C // bands)
+
+
+def bf16_tensor(bits: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+    """A bfloat16 tensor on the memory of `bits` (uint16), for torch's products to read or write in place:
+    into a fresh 5.9 MB result, numpy's and torch's allocators fault pages in (or wait for huge pages) on
+    every chunk (see codecs/scratch.py)."""
+    return torch.from_numpy(bits).view(torch.bfloat16).reshape(shape)
 
 
 def _f16(a: np.ndarray) -> np.ndarray:
