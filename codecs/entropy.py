@@ -236,7 +236,8 @@ def decode(
     out = scratch("entropy.symbols", (groups * group_len,), np.uint8)  # the callers consume it at once
     if states == WIDE:
         by_group = (groups, segments, 256)
-        bad = rans_wide.decode_lanes(words, d.offsets, groups, group_len, lane_size, d.freq.reshape(by_group), d.cum.reshape(by_group), out)
+        freq, cum = d.freq.reshape(by_group), d.cum.reshape(by_group)
+        bad = rans_wide.decode_lanes(words, d.offsets, groups, group_len, lane_size, freq, cum, rans_wide.table_scratch(segments), out)
     else:
         bad = rans_cpu.decode_lanes(words, d.offsets, groups, group_len, lane_size, d.freq, d.cum, out)
     if bad:

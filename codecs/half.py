@@ -59,11 +59,13 @@ def f32_bits(typingctx, value):  # type: ignore[no-untyped-def]
 
 @njit(inline="always")
 def f32_to_bf16_bits(value):  # pragma: no cover - compiled
-    """bfloat16 bits of a float32, rounded to nearest even; a NaN stays a NaN."""
+    """bfloat16 bits of a float32, rounded to nearest even; a NaN stays a NaN. Both computed and one selected,
+    no branch, so a loop of them vectorises (kvtc's dequantisation: 0.78 -> 0.71 ms a chunk). (The hardware's
+    vcvtneps2bf16 flushes subnormals to zero, unlike torch.)"""
     f = f32_bits(value)
-    if (f & np.uint32(0x7F800000)) == np.uint32(0x7F800000) and (f & np.uint32(0x7FFFFF)) != 0:
-        return np.uint16((f >> np.uint32(16)) | np.uint32(0x40))
-    return np.uint16((f + np.uint32(0x7FFF) + ((f >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    rounded = np.uint16((f + np.uint32(0x7FFF) + ((f >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    quiet_nan = np.uint16((f >> np.uint32(16)) | np.uint32(0x40))
+    return quiet_nan if (f & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded
 
 
 @njit(inline="always")

@@ -25,10 +25,11 @@ Kernels are plain loops with no validation; `codecs/entropy.py` validates and ca
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
+from numba import get_num_threads, get_thread_id, njit, prange, types
 from numba.extending import intrinsic
 
 from .rans_cpu import PROB_SCALE, RANS_L, fill_decoder_table
+from .scratch import scratch
 from .vector_ir import (
     I8,
     I16,
@@ -55,6 +56,11 @@ STATE_WORDS = 2 * STATES
 #: PROB_SCALE), bias (13 bits; up to 2 * PROB_SCALE - 2) and shift (4 bits; up to 11).
 FREQ_BITS = 13
 SHIFT_AT = 26
+
+
+def table_scratch(segments: int) -> np.ndarray:
+    """decode_lanes' per-thread table scratch for groups of `segments` tables (this thread's, reused)."""
+    return scratch("rans_wide.tables", (get_num_threads(), segments, PROB_SCALE), np.uint32)
 
 
 def encoder_tables(tab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -289,16 +295,17 @@ def fill_group_tables(freq, cum, tabs):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def decode_lanes(words, offsets, groups, group_len, lane_size, freq, cum, out):  # pragma: no cover
+def decode_lanes(words, offsets, groups, group_len, lane_size, freq, cum, tables, out):  # pragma: no cover
     """Decode every lane into `out` (uint8, groups * group_len), a group at a time with its tables built where
-    its lanes are decoded (as rans_cpu.decode_lanes). freq, cum [groups, segments, 256]. Returns the number of
-    corrupt lanes."""
+    its lanes are decoded (as rans_cpu.decode_lanes). freq, cum [groups, segments, 256]; tables [threads,
+    segments, PROB_SCALE] is scratch for each thread's current group (kvtc's 8 tables a group are 128 KB,
+    which a fresh array per group faulted in). Returns the number of corrupt lanes."""
     lanes_per_group = (group_len + lane_size - 1) // lane_size
     segments = freq.shape[1]
     segment_len = group_len // segments
     bad = np.zeros(groups, dtype=np.int64)
     for g in prange(groups):
-        tabs = np.empty((segments, PROB_SCALE), dtype=np.uint32)
+        tabs = tables[get_thread_id()]
         fill_group_tables(freq[g], cum[g], tabs)
         x = np.empty(STATES, dtype=np.uint32)
         for j in range(lanes_per_group):
