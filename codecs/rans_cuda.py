@@ -162,6 +162,16 @@ def _count_flags(flags, k):  # pragma: no cover - device code
 
 
 @cuda.jit(device=True, inline=True)
+def _block_lane(group_len, lane_size):  # pragma: no cover - device code
+    """This block's lane: (lane, its group, its index in the group, its first symbol, its symbols)."""
+    lanes_per_group = (group_len + lane_size - 1) // lane_size
+    lane = cuda.blockIdx.x
+    g = lane // lanes_per_group
+    j = lane - g * lanes_per_group
+    return lane, g, j, g * group_len + j * lane_size, min(lane_size, group_len - j * lane_size)
+
+
+@cuda.jit(device=True, inline=True)
 def _encode_wide_symbol(x, reciprocal, fields):  # pragma: no cover - device code
     """rans_wide._encode_symbol on the device."""
     freq = fields & uint64(0x1FFF)
@@ -176,13 +186,8 @@ def encode_wide_kernel(symbols, group_len, lane_size, segments, rcp, packed, scr
     """Block per lane (WIDE_STATES threads): encode it into the end of its scratch row, in reading order.
     rcp, packed [groups * segments, 256]: a group's tables each cover group_len / segments symbols."""
     flags = cuda.shared.array(WIDE_STATES, dtype=uint32)
-    lanes_per_group = (group_len + lane_size - 1) // lane_size
-    lane = cuda.blockIdx.x
+    lane, g, j, start, n = _block_lane(group_len, lane_size)
     k = cuda.threadIdx.x
-    g = lane // lanes_per_group
-    j = lane - g * lanes_per_group
-    start = g * group_len + j * lane_size
-    n = min(lane_size, group_len - j * lane_size)
     row = scratch[lane]
     pos = row.shape[0]
     x = uint64(RANS_L)
@@ -227,13 +232,8 @@ def decode_wide_kernel(words, offsets, group_len, lane_size, segments, dtab, out
     """Block per lane (WIDE_STATES threads): decode it; bad[lane] = 1 when it is corrupt. dtab [groups *
     segments, PROB_SCALE]: a group's tables each cover group_len / segments symbols."""
     flags = cuda.shared.array(WIDE_STATES, dtype=uint32)
-    lanes_per_group = (group_len + lane_size - 1) // lane_size
-    lane = cuda.blockIdx.x
+    lane, g, j, start, n = _block_lane(group_len, lane_size)
     k = cuda.threadIdx.x
-    g = lane // lanes_per_group
-    j = lane - g * lanes_per_group
-    start = g * group_len + j * lane_size
-    n = min(lane_size, group_len - j * lane_size)
     pos = offsets[lane]
     end = offsets[lane + 1]
     if end - pos < 2 * WIDE_STATES:  # the same for every thread of the block: they all leave
