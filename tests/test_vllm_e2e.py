@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="the vllm extra is not installed")
 
-from lmcached.integrations.vllm_server import VllmServer, converted_model, free_port, start_vllm  # noqa: E402
+from lmcached.integrations.vllm_server import VllmServer, converted_model, free_port, start_vllm, startup_failure  # noqa: E402
 
 from .conftest import ServeProcess, start_process, start_serve, stop_serve  # noqa: E402
 from .test_e2e import post, wait_for  # noqa: E402
@@ -46,6 +46,15 @@ def cli(controller: ServeProcess, *args: str) -> dict[str, Any]:
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
+
+
+def test_a_vllm_that_dies_starting_shows_its_root_cause() -> None:
+    """The engine core's own traceback, not only its parent's "see root cause above" at the end of the log."""
+    log = [f"INFO {i}\n" for i in range(200)] + ["(EngineCore) ERROR boom\n", "OSError: [Errno 98] Address in use\n"]
+    log += [f"INFO after {i}\n" for i in range(100)] + ["RuntimeError: Engine core initialization failed. See root cause above.\n"]
+    shown = startup_failure(log)
+    assert "Address in use" in shown and shown.rstrip().endswith("See root cause above.") and len(shown.splitlines()) <= 92
+    assert startup_failure(["quiet\n"] * 100) == "quiet\n" * 40
 
 
 def test_the_seed_workflow_with_vllm_hosting_the_instance(model: str, controller: ServeProcess) -> None:

@@ -98,6 +98,17 @@ class VllmServer:
             self.proc.stdout.close()
 
 
+def startup_failure(log: list[str]) -> str:
+    """What to show of a vLLM that died while starting: the first traceback or error (the engine core's own,
+    which its parent only calls "see root cause above"), then the last lines."""
+    first = next((i for i, line in enumerate(log) if "Traceback" in line or " ERROR " in line), None)
+    if first is None:
+        return "".join(log[-40:])
+    head = log[first : first + 60]
+    tail = log[max(first + 60, len(log) - 30) :]
+    return "".join(head) + ("...\n" if len(log) > first + 60 + len(tail) else "") + "".join(tail)
+
+
 def start_vllm(
     model: str,
     *,
@@ -130,7 +141,8 @@ def start_vllm(
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError("vLLM exited while starting:\n" + "".join(server.log[-40:]))
+            server.reader.join(timeout=5)  # the rest of its output
+            raise RuntimeError("vLLM exited while starting:\n" + startup_failure(server.log))
         try:
             with urllib.request.urlopen(server.url + "/v1/models", timeout=2):
                 return server
