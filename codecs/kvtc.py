@@ -301,7 +301,7 @@ class KvtcCodec(Codec):
             return y.numpy().reshape(2, L, n, C)
         # Centred first (in float32: the mean may be far larger than the spread), then the product.
         centred = scratch("kvtc.centred", (2, L, n, C), np.uint16)
-        kvtc_cpu.centre_bf16(kernel_input(kv)[:, :, exact:], book.mean, kv.dtype == torch.bfloat16, centred)
+        kvtc_cpu.add_offset_half(kernel_input(kv)[:, :, exact:], kv.dtype == torch.bfloat16, -book.mean, 0, True, centred)
         y = scratch("kvtc.product", (2, L, n, C), np.uint16)
         torch.bmm(bf16_tensor(centred, (2 * L, n, C)), book.basis_as(MATMUL_DTYPE), out=bf16_tensor(y, (2 * L, n, C)))
         return y
@@ -407,7 +407,7 @@ class KvtcCodec(Codec):
                 bf16_tensor(y16, (2 * L, n, C)), book.basis_as(MATMUL_DTYPE, transposed=True), out=bf16_tensor(product, (2 * L, n, C))
             )
             bits = out.view(torch.int16).numpy().view(np.uint16)
-            kvtc_cpu.add_mean_half(product, book.mean, exact, b.dtype == "bfloat16", bits)
+            kvtc_cpu.add_offset_half(product, True, book.mean, exact, b.dtype == "bfloat16", bits)
         return with_exact_rows(out, exact_rows, b.dtype, exact).to(target)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .half import f32_from_bits, f32_to_bf16_bits, narrow, widen
+from .half import f32_to_bf16_bits, narrow, widen
 from .rans_cpu import count_into, sum_parts
 
 ZERO = 128
@@ -78,20 +78,6 @@ def quantize(y, steps, token, bands, out, counts):  # pragma: no cover - compile
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def centre_bf16(x, mean, bfloat, out):  # pragma: no cover - compiled
-    """out [S, L, n, C] (bfloat16 bits) = x - mean[s, l] in float32, rounded once to bfloat16: the chunk as it
-    arrives (x: float32, or float16/bfloat16 bits) centred for a bfloat16 product in one pass, where torch
-    widened it to float32, subtracted and narrowed in three."""
-    S, L, n, C = x.shape
-    for sl in prange(S * L):
-        s = sl // L
-        layer = sl - s * L
-        for t in range(n):
-            for c in range(C):
-                out[s, layer, t, c] = f32_to_bf16_bits(widen(x[s, layer, t, c], bfloat) - mean[s, layer, c])
-
-
-@njit(nogil=True, cache=True, parallel=True)
 def dequantize(sym, steps, token, out):  # pragma: no cover - compiled
     """The inverse of `quantize`'s layout: y [S, L, n, C] = (symbol - ZERO) * step[c] * token[t]."""
     S, L, bands, n, width = sym.shape
@@ -123,14 +109,15 @@ def dequantize_bf16(sym, steps, token, out):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def add_mean_half(product, mean, first, bfloat, out):  # pragma: no cover - compiled
-    """out[s, l, first + t] (float16, or bfloat16, bits) = product[s, l, t] (bfloat16 bits) + mean[s, l]
-    (float32), the sum rounded once: one pass instead of torch's widen, add and narrow."""
-    S, L, n, C = product.shape
+def add_offset_half(x, x_bfloat, offset, first, bfloat, out):  # pragma: no cover - compiled
+    """out[s, l, first + t] (float16, or bfloat16, bits) = x[s, l, t] + offset[s, l] in float32, the sum rounded
+    once: one pass where torch widened, added and narrowed in three. x is float32, or float16 (bfloat16 when
+    x_bfloat) bits. The encoder centres the chunk with it (offset = -mean: x + (-m) is exactly x - m) and the
+    decoder adds the mean back to the bfloat16 product."""
+    S, L, n, C = x.shape
     for sl in prange(S * L):
         s = sl // L
         layer = sl - s * L
         for t in range(n):
             for c in range(C):
-                v = f32_from_bits(np.uint32(product[s, layer, t, c]) << np.uint32(16)) + mean[s, layer, c]
-                out[s, layer, first + t, c] = narrow(v, bfloat)
+                out[s, layer, first + t, c] = narrow(widen(x[s, layer, t, c], x_bfloat) + offset[s, layer, c], bfloat)

@@ -199,7 +199,7 @@ def test_the_encoders_one_pass_kernels_match_torch_and_the_histogram(book: Codeb
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         kv = correlated_kv(L, n + 1, C, seed=21).to(dtype)
         centred = np.empty((2, L, n, C), np.uint16)
-        kvtc_cpu.centre_bf16(kernel_input(kv)[:, :, 1:], book.mean, dtype == torch.bfloat16, centred)
+        kvtc_cpu.add_offset_half(kernel_input(kv)[:, :, 1:], dtype == torch.bfloat16, -book.mean, 0, True, centred)
         torch_centred = (kv[:, :, 1:].float() - torch.from_numpy(book.mean)[:, :, None, :]).to(torch.bfloat16)
         assert np.array_equal(centred, torch_centred.view(torch.int16).numpy().view(np.uint16))
     y = KvtcCodec.project(book, kv, 1)
