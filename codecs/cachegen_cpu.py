@@ -39,7 +39,7 @@ def decode_half(words, offsets, lane_size, states, freq, cum, col_step, col_off,
             n = min(lane_size, group_len - j * lane_size)
             if states == rans_wide.STATES:  # (one table for the whole group: a single segment)
                 ok = rans_wide.decode_lane(
-                    words, offsets[lane], offsets[lane + 1], n, j * lane_size, group_len, tabs, flat, j * lane_size, x
+                    words, offsets[lane], offsets[lane + 1], n, j * lane_size, group_len, group_len, tabs, flat, j * lane_size, x, None
                 )
             else:
                 ok = decode_lane(words, offsets[lane], offsets[lane + 1], n, tab, flat, j * lane_size)

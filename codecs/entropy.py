@@ -159,14 +159,19 @@ def encode(
     counts: np.ndarray | None = None,
     states: int = NARROW,
     segments: int = 1,
+    segment_len: int | None = None,
 ) -> Coded:
     """rANS-code `symbols` (uint8, groups * group_len) in lanes of `states` states, lane_size symbols each
-    within a group. Each group has `segments` tables (WIDE only), each for group_len / segments consecutive
-    symbols; `counts` [groups * segments, 256], when the caller counted the symbols as it wrote them."""
+    within a group. Each group has `segments` tables (WIDE only) that take turns, segment_len symbols each
+    (default group_len / segments: one run of consecutive symbols per table; see `check_segments`);
+    `counts` [groups * segments, 256], when the caller counted the symbols as it wrote them."""
     states = check_states(states)
-    tables = groups * check_segments(group_len, states, segments)
+    segments, segment_len = check_segments(group_len, states, segments, segment_len)
+    tables = groups * segments
     if counts is None:
-        counts = rans_cpu.histogram(symbols, tables, group_len // segments)
+        cycles = group_len // (segments * segment_len)
+        by_table = symbols.reshape(groups, cycles, segments, segment_len).transpose(0, 2, 1, 3)
+        counts = rans_cpu.histogram(np.ascontiguousarray(by_table).reshape(-1), tables, group_len // segments)
     freq = normalize(counts)
     cum = cumulative(freq)
     tab = rans_cpu.encoder_tables(freq, cum)
@@ -176,7 +181,9 @@ def encode(
     if states == WIDE:
         rcp, packed = rans_wide.encoder_tables(tab)
         by_group = (groups, segments, 256)
-        rans_wide.encode_lanes(symbols, groups, group_len, lane_size, rcp.reshape(by_group), packed.reshape(by_group), lane_buf, lane_words)
+        rans_wide.encode_lanes(
+            symbols, groups, group_len, lane_size, segment_len, rcp.reshape(by_group), packed.reshape(by_group), lane_buf, lane_words
+        )
     else:
         rans_cpu.encode_lanes(symbols, groups, group_len, lane_size, tab, lane_buf, lane_words)
     offsets = np.zeros(lanes + 1, dtype=np.int64)
@@ -186,11 +193,15 @@ def encode(
     return Coded(pack_tables(freq), offsets.astype("<u4"), words, states)
 
 
-def check_segments(group_len: int, states: int, segments: int) -> int:
-    """Tables per group: one, or (WIDE lanes only) several that split the group evenly."""
-    if segments != 1 and (states != WIDE or segments < 1 or group_len % segments):
-        raise CodecError(f"{segments} tables cannot split groups of {group_len} symbols in {states}-state lanes")
-    return segments
+def check_segments(group_len: int, states: int, segments: int, segment_len: int | None = None) -> tuple[int, int]:
+    """(tables per group, symbols per turn): one table, or (WIDE lanes only) several that take turns,
+    segment_len symbols each, a whole number of rounds per group. By default each table takes one turn."""
+    if segment_len is None:
+        segment_len = group_len // segments if segments >= 1 else 0
+    if segments != 1 and (states != WIDE or segments < 1) or segment_len < 1 or group_len % (segments * segment_len):
+        turns = f"{segments} tables of {segment_len} symbols a turn"
+        raise CodecError(f"{turns} cannot split groups of {group_len} symbols in {states}-state lanes")
+    return segments, segment_len
 
 
 def decoder(
@@ -228,16 +239,19 @@ def decode(
     lane_size: int,
     states: int = NARROW,
     segments: int = 1,
+    segment_len: int | None = None,
 ) -> np.ndarray:
     """Inverse of `encode`; raises CodecError when the coded data does not decode cleanly. The symbols are in
     this thread's scratch buffer: valid until its next decode."""
     states = check_states(states)
-    d = decoder(tables, offsets, words, groups, group_len, lane_size, check_segments(group_len, states, segments))
+    segments, segment_len = check_segments(group_len, states, segments, segment_len)
+    d = decoder(tables, offsets, words, groups, group_len, lane_size, segments)
     out = scratch("entropy.symbols", (groups * group_len,), np.uint8)  # the callers consume it at once
     if states == WIDE:
         by_group = (groups, segments, 256)
         freq, cum = d.freq.reshape(by_group), d.cum.reshape(by_group)
-        bad = rans_wide.decode_lanes(words, d.offsets, groups, group_len, lane_size, freq, cum, rans_wide.table_scratch(segments), out)
+        tabs = rans_wide.table_scratch(segments)
+        bad = rans_wide.decode_lanes(words, d.offsets, groups, group_len, lane_size, segment_len, group_len, freq, cum, tabs, out, None)
     else:
         bad = rans_cpu.decode_lanes(words, d.offsets, groups, group_len, lane_size, d.freq, d.cum, out)
     if bad:
@@ -245,4 +259,36 @@ def decode(
     return out
 
 
-__all__ = ["PROB_BITS", "Coded", "encode", "decode", "normalize"]
+def decode_scaled(
+    tables: memoryview,
+    offsets: np.ndarray,
+    words: np.ndarray,
+    lane_size: int,
+    segments: int,
+    segment_len: int,
+    zero: int,
+    scale: np.ndarray,
+    row_scale: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """`decode` of WIDE lanes straight to values: group g's symbols are rows (row_scale [groups, rows], float32)
+    of columns (scale [groups, columns], float32), and the symbol s at row r, column c becomes
+    (s - zero) * (scale[g, c] * row_scale[g, r]) in out (float32, or bfloat16 bits as uint16;
+    [groups, rows, columns]). Raises CodecError as `decode` does."""
+    groups, columns = scale.shape
+    group_len = row_scale.shape[1] * columns
+    if out.shape != (groups, row_scale.shape[1], columns) or row_scale.shape[0] != groups or not out.flags.c_contiguous:
+        raise ValueError("decode_scaled: out, scale and row_scale do not agree")
+    segments, segment_len = check_segments(group_len, WIDE, segments, segment_len)
+    d = decoder(tables, offsets, words, groups, group_len, lane_size, segments)
+    by_group = (groups, segments, 256)
+    freq, cum = d.freq.reshape(by_group), d.cum.reshape(by_group)
+    tabs = rans_wide.table_scratch(segments)
+    scaling = (np.int32(zero), np.ascontiguousarray(scale, np.float32), np.ascontiguousarray(row_scale, np.float32))
+    layout = (groups, group_len, lane_size, segment_len, columns)
+    bad = rans_wide.decode_lanes(words, d.offsets, *layout, freq, cum, tabs, out.reshape(-1), scaling)
+    if bad:
+        raise corrupt_lanes(bad)
+
+
+__all__ = ["PROB_BITS", "Coded", "encode", "decode", "decode_scaled", "normalize"]

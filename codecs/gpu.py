@@ -35,14 +35,15 @@ def stats(dk: Any, dv: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
 
 
 def entropy_encode(
-    dsym: Any, groups: int, group_len: int, lane_size: int, states: int = entropy.NARROW, segments: int = 1
+    dsym: Any, groups: int, group_len: int, lane_size: int, states: int = entropy.NARROW, segments: int = 1, segment_len: int | None = None
 ) -> entropy.Coded:
     """entropy.encode on the device (the same bytes): symbols a uint8 device array [groups * group_len]."""
     states = entropy.check_states(states)
-    tables = groups * entropy.check_segments(group_len, states, segments)
+    segments, segment_len = entropy.check_segments(group_len, states, segments, segment_len)
+    tables = groups * segments
     counts = cuda.to_device(np.zeros((tables, 256), dtype=np.uint32))
     blocks_per_table = min(64, _blocks(group_len // segments))
-    rans_cuda.histogram_kernel[(blocks_per_table, tables), rans_cuda.HIST_THREADS](dsym, group_len // segments, counts)
+    rans_cuda.histogram_kernel[(blocks_per_table, tables), rans_cuda.HIST_THREADS](dsym, group_len, segments, segment_len, counts)
     freq = entropy.normalize(counts.copy_to_host())
     tab = rans_cpu.encoder_tables(freq, entropy.cumulative(freq))
     lanes = groups * entropy.lanes_for(group_len, lane_size)
@@ -50,7 +51,7 @@ def entropy_encode(
     lane_words = cuda.to_device(np.zeros(lanes, dtype=np.int64))
     if states == entropy.WIDE:
         rcp, packed = rans_wide.encoder_tables(tab)
-        kernel_args = (dsym, group_len, lane_size, segments, cuda.to_device(rcp), cuda.to_device(packed), scratch, lane_words)
+        kernel_args = (dsym, group_len, lane_size, segments, segment_len, cuda.to_device(rcp), cuda.to_device(packed), scratch, lane_words)
         rans_cuda.encode_wide_kernel[lanes, rans_cuda.WIDE_STATES](*kernel_args)
     else:
         rans_cuda.encode_kernel[_blocks(lanes), THREADS](dsym, groups, group_len, lane_size, cuda.to_device(tab), scratch, lane_words)
@@ -99,10 +100,12 @@ def entropy_decode(
     lane: int,
     states: int = entropy.NARROW,
     segments: int = 1,
+    segment_len: int | None = None,
 ) -> Any:
     """rANS-decode a blob's symbols on the device: a uint8 device array [groups * group_len]."""
     states = entropy.check_states(states)
-    d = entropy.decoder(tables, offsets, words, groups, group_len, lane, entropy.check_segments(group_len, states, segments))
+    segments, segment_len = entropy.check_segments(group_len, states, segments, segment_len)
+    d = entropy.decoder(tables, offsets, words, groups, group_len, lane, segments)
     lanes = d.offsets.shape[0] - 1
     dtab = cuda.to_device(rans_cpu.decoder_tables(d.freq, d.cum))
     dsym = cuda.device_array(groups * group_len, dtype=np.uint8)
@@ -110,7 +113,8 @@ def entropy_decode(
     dwords = cuda.to_device(words if words.size else np.zeros(1, np.uint16))
     doffsets = cuda.to_device(d.offsets)
     if states == entropy.WIDE:
-        rans_cuda.decode_wide_kernel[lanes, rans_cuda.WIDE_STATES](dwords, doffsets, group_len, lane, segments, dtab, dsym, bad)
+        layout = (group_len, lane, segments, segment_len)
+        rans_cuda.decode_wide_kernel[lanes, rans_cuda.WIDE_STATES](dwords, doffsets, *layout, dtab, dsym, bad)
     else:
         rans_cuda.decode_kernel[_blocks(lanes), THREADS](dwords, doffsets, groups, group_len, lane, dtab, dsym, bad)
     failed = int(bad.copy_to_host().sum())
@@ -165,11 +169,11 @@ def kvtc_encode_arrays(codec: Any, book: Any, dy: Any, kv: torch.Tensor, dtype: 
     """Encode the projected chunk (a float32 device array y [2, L, n, C]): the twin of the CPU encode after its
     projection; `kv` supplies the exact rows."""
     from . import kvtc_cuda
-    from .kvtc import BANDS
+    from .kvtc import band_width
 
     _, L, T, C = shape
     n = T - exact
-    bands = BANDS if C % BANDS == 0 else 1
+    width = band_width(C)
     rms = cuda.device_array((L, max(n, 1)), np.float64)
     if n:
         kvtc_cuda.token_rms_kernel[_blocks(L * n), THREADS](dy[1], rms)
@@ -178,12 +182,12 @@ def kvtc_encode_arrays(codec: Any, book: Any, dy: Any, kv: torch.Tensor, dtype: 
     need = cuda.device_array((2, L, C), np.float32)
     kvtc_cuda.reach_kernel[_blocks(2 * L * C), THREADS](dy, dtoken, need)
     steps = codec.component_steps(book, need.copy_to_host())
-    banded = cuda.device_array((2, L, bands, n, C // bands), np.uint8)
+    symbols = cuda.device_array((2, L, n, C), np.uint8)
     if n:
-        kvtc_cuda.quantize_kernel[_blocks(2 * L * n * C), THREADS](dy, cuda.to_device(steps.astype(np.float32)), dtoken, bands, banded)
+        kvtc_cuda.quantize_kernel[_blocks(2 * L * n * C), THREADS](dy, cuda.to_device(steps.astype(np.float32)), dtoken, symbols)
     lane = int(codec.params.get("gpu_lane_size", GPU_LANE_SIZE))
-    coded = entropy_encode(banded.reshape(banded.size), 2 * L, n * C, lane, entropy.WIDE, bands)
-    return codec.blob(dtype, shape, book, exact, bands, lane, steps, token, coded, kv)
+    coded = entropy_encode(symbols.reshape(symbols.size), 2 * L, n * C, lane, entropy.WIDE, C // width, width)
+    return codec.blob(dtype, shape, book, exact, width, lane, steps, token, coded, kv)
 
 
 def kvtc_decode_arrays(b: Any, steps: np.ndarray, token: np.ndarray, offsets: np.ndarray, words: np.ndarray) -> Any:
@@ -195,10 +199,12 @@ def kvtc_decode_arrays(b: Any, steps: np.ndarray, token: np.ndarray, offsets: np
     bands, exact = int(b.params["bands"]), int(b.params["exact_tokens"])
     n = T - exact
     states = entropy.check_states(b.params.get("rans_states", entropy.NARROW))
-    groups, group_len, segments = coded_layout(states, L, n, C, bands)
-    dsym = entropy_decode(b.sections[2], offsets, words, groups, group_len, int(b.params["lane_size"]), states, segments)
+    groups, group_len, segments, segment_len = coded_layout(b, states)
+    dsym = entropy_decode(b.sections[2], offsets, words, groups, group_len, int(b.params["lane_size"]), states, segments, segment_len)
     dy = cuda.device_array((2, L, n, C), np.float32)
     if n:
+        if "band_width" in b.params:  # token by token: one band of all C components, as the dequantiser reads it
+            bands = 1
         sym = dsym.reshape(2, L, bands, n, C // bands)
         kvtc_cuda.dequantize_kernel[_blocks(2 * L * n * C), THREADS](sym, cuda.to_device(steps), cuda.to_device(token), dy)
     return dy

@@ -87,3 +87,18 @@ def _widen(element, bfloat):  # type: ignore[no-untyped-def]
     if element == types.uint16:
         return lambda element, bfloat: f32_from_bits(np.uint32(element) << np.uint32(16)) if bfloat else f16_bits_to_f32(element)
     return None
+
+
+def as_stored(value, array):  # type: ignore[no-untyped-def]
+    """A float32 value as an element of `array`: itself in a float32 array, its bfloat16 bits (rounded to
+    nearest even) in a uint16 one. Compiled for the array's type."""
+    raise NotImplementedError("as_stored runs only inside compiled kernels")
+
+
+@overload(as_stored)
+def _as_stored(value, array):  # type: ignore[no-untyped-def]
+    if array.dtype == types.float32:
+        return lambda value, array: np.float32(value)
+    if array.dtype == types.uint16:
+        return lambda value, array: f32_to_bf16_bits(value)
+    return None

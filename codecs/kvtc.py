@@ -12,7 +12,10 @@ vector and the principal components (PCA basis, by variance) of calibration KV. 
    nothing: a uniform step over decorrelated components is the reverse water-filling bit allocation.
 4. The symbols are rANS-coded (`codecs/entropy.py`, the coder cachegen uses) in bands of components of similar
    variance, each band of each layer with its own table. A lane is a whole layer of keys or values (32 states,
-   `rans_states`), its bands its table segments; blobs without `rans_states` have a four-state lane per band.
+   `rans_states`), token by token, its bands of 32 components taking turns at their tables (`band_width`), so
+   each 32-state step is one band of one token and the decoder dequantises the symbols as it decodes them.
+   Older blobs: without `band_width` a band's symbols are consecutive (one table segment each); without
+   `rans_states` each band has its own four-state lane.
 
 The blob names its codebook by content hash (`Codebook.digest`); decoding needs that codebook, found in the
 codec's own codebook or in a `CodebookStore`. A missing or different codebook is a CodecError, never garbage.
@@ -34,7 +37,7 @@ import torch
 
 from lmcached.errors import CodecError, MissingCodebook
 
-from . import entropy, kvtc_cpu
+from . import entropy, kvtc_cpu, rans_wide
 from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, gpu_available, kernel_input, step_params, with_exact_rows
 from .format import pack, unpack
 from .scratch import output, scratch
@@ -67,7 +70,7 @@ def _matmul_dtype() -> torch.dtype:
 
 
 MATMUL_DTYPE = _matmul_dtype()
-#: Components per layer are coded in this many bands of similar variance (when the channels divide evenly).
+#: Components per layer are coded in at most this many bands of similar variance, a rANS table each.
 BANDS = 8
 SECTIONS = 6
 ZERO, QMAX = 128, 127
@@ -270,7 +273,6 @@ class KvtcCodec(Codec):
             return gpu.kvtc_encode(self, book, kv, dtype, shape, exact)
         y_np = self.project(book, kv, exact)
         n = T - exact
-        bands = BANDS if C % BANDS == 0 else 1
         rms = np.empty((L, n), np.float64)
         if n:
             kvtc_cpu.token_rms(y_np[1], rms)
@@ -278,12 +280,13 @@ class KvtcCodec(Codec):
         need = np.empty((2, L, C), np.float32)
         kvtc_cpu.reach(y_np, token, need)
         steps = self.component_steps(book, need)
-        banded = scratch("kvtc.symbols", (2, L, bands, n, C // bands), np.uint8)
-        counts = np.empty((2 * L * bands, 256), np.int64)
-        kvtc_cpu.quantize(y_np, steps.astype(np.float32), token, bands, banded, counts)
+        width = band_width(C)
+        symbols = scratch("kvtc.symbols", (2, L, n, C), np.uint8)
+        counts = np.empty((2 * L * (C // width), 256), np.int64)
+        kvtc_cpu.quantize(y_np, steps.astype(np.float32), token, C // width, symbols, counts)
         lane = int(self.params["lane_size"])
-        coded = entropy.encode(banded.reshape(-1), 2 * L, n * C, lane, counts, entropy.WIDE, bands)
-        return self.blob(dtype, shape, book, exact, bands, lane, steps, token, coded, kv)
+        coded = entropy.encode(symbols.reshape(-1), 2 * L, n * C, lane, counts, entropy.WIDE, C // width, width)
+        return self.blob(dtype, shape, book, exact, width, lane, steps, token, coded, kv)
 
     @staticmethod
     def project(book: Codebook, kv: torch.Tensor, exact: int) -> np.ndarray:
@@ -330,21 +333,23 @@ class KvtcCodec(Codec):
         shape: tuple[int, ...],
         book: Codebook,
         exact: int,
-        bands: int,
+        width: int,
         lane: int,
         steps: np.ndarray,
         token: np.ndarray,
         coded: entropy.Coded,
         kv: torch.Tensor,
     ) -> bytes:
-        """The blob (CPU and GPU share it): steps, value token scales, the coded symbols, the exact rows."""
+        """The blob (CPU and GPU share it): steps, value token scales, the coded symbols (token by token, bands of
+        `width` components taking turns at their tables), the exact rows."""
         exact_rows = kv[:, :, :exact, :].detach().to("cpu").contiguous().view(torch.uint8).numpy()
         params = {
             "codebook": book.digest,
             "key_step": self.params["key_step"],
             "value_step": self.params["value_step"],
             "exact_tokens": exact,
-            "bands": bands,
+            "bands": shape[3] // width,
+            "band_width": width,
             "lane_size": lane,
             "rans_states": coded.states,
         }
@@ -371,6 +376,9 @@ class KvtcCodec(Codec):
         if not isinstance(bands, int) or bands < 1 or C % bands or not isinstance(lane, int) or lane < 16:
             raise CodecError("kvtc blob has bad parameters")
         states = entropy.check_states(p.get("rans_states", entropy.NARROW))
+        width = p.get("band_width")
+        if width is not None and (not isinstance(width, int) or width != C // bands or states != entropy.WIDE):
+            raise CodecError("kvtc blob has bad parameters")
         book = self.store.get(digest)
         if (L, C) != (book.layers, book.channels):
             raise CodecError(f"kvtc codebook {digest} does not match the blob's shape")
@@ -387,7 +395,6 @@ class KvtcCodec(Codec):
             from . import gpu
 
             return gpu.kvtc_decode(b, book, steps, token, offsets, words, exact_rows, target)
-        banded = decoded_symbols(b, offsets, words, states)
         # (Recycled from this thread's earlier outputs once their holders let go, as cachegen's: a fresh 5.9 MB
         # output faulted its pages in inside the last pass.)
         raw = output("kvtc.out", (2, L, T, C * TORCH_ITEMSIZE[b.dtype]), np.uint8)
@@ -395,13 +402,13 @@ class KvtcCodec(Codec):
         if MATMUL_DTYPE == torch.float32 or b.dtype == "float32":
             # x = y · basisᵀ + mean, the mean added inside the matrix product
             y = scratch("kvtc.y", (2 * L, n, C), np.float32)
-            kvtc_cpu.dequantize(banded, steps, token, y.reshape(2, L, n, C))
+            dequantized(b, offsets, words, steps, token, y)
             basis_t = torch.from_numpy(book.basis).reshape(2 * L, C, C).transpose(1, 2)
             mean = torch.from_numpy(book.mean).reshape(2 * L, 1, C)
             out[:, :, exact:] = torch.baddbmm(mean, torch.from_numpy(y), basis_t).reshape(2, L, n, C)
         else:  # the product in bfloat16, the mean added in float32 on the way to the half-precision output
-            y16 = scratch("kvtc.y16", (2, L, n, C), np.uint16)
-            kvtc_cpu.dequantize_bf16(banded, steps, token, y16)
+            y16 = scratch("kvtc.y16", (2 * L, n, C), np.uint16)
+            dequantized(b, offsets, words, steps, token, y16)
             product = scratch("kvtc.product", (2, L, n, C), np.uint16)
             torch.bmm(
                 bf16_tensor(y16, (2 * L, n, C)), book.basis_as(MATMUL_DTYPE, transposed=True), out=bf16_tensor(product, (2 * L, n, C))
@@ -411,19 +418,48 @@ class KvtcCodec(Codec):
         return with_exact_rows(out, exact_rows, b.dtype, exact).to(target)
 
 
-def coded_layout(states: int, L: int, n: int, C: int, bands: int) -> tuple[int, int, int]:
-    """(groups, symbols a group, tables a group) of a blob's rANS coding: in 32-state lanes a layer of keys or
-    values is a group, its bands the tables' segments; in the older four-state lanes each band is a group."""
-    return (2 * L, n * C, bands) if states == entropy.WIDE else (2 * L * bands, n * (C // bands), 1)
+def band_width(C: int) -> int:
+    """Components per band for C components: the smallest multiple of rans_wide.STATES (32) that splits them
+    into at most BANDS bands (SmolLM2's 192: six bands of 32), so each step of a lane is one band of one token;
+    all C (one band) where none does."""
+    for width in range(rans_wide.STATES, C + 1, rans_wide.STATES):
+        if C % width == 0 and C // width <= BANDS:
+            return width
+    return C
 
 
-def decoded_symbols(b: Any, offsets: np.ndarray, words: np.ndarray, states: int) -> np.ndarray:
-    """A kvtc blob's symbols [2, L, bands, n, C / bands], in either lane layout (this thread's scratch buffer)."""
+def coded_layout(b: Any, states: int) -> tuple[int, int, int, int]:
+    """(groups, symbols a group, tables a group, symbols a table's turn) of a blob's rANS coding. In 32-state
+    lanes a layer of keys or values is a group with a table per band: token by token, the bands taking turns
+    (`band_width` in the blob), or in older blobs each band's symbols consecutive. In the oldest, four-state
+    lanes each band is a group."""
     _, L, T, C = b.shape
     bands, n = int(b.params["bands"]), T - int(b.params["exact_tokens"])
-    groups, group_len, segments = coded_layout(states, L, n, C, bands)
-    sym = entropy.decode(b.sections[2], offsets, words, groups, group_len, int(b.params["lane_size"]), states, segments)
-    return sym.reshape(2, L, bands, n, C // bands)
+    if states != entropy.WIDE:
+        return 2 * L * bands, n * (C // bands), 1, n * (C // bands)
+    width = b.params.get("band_width")
+    return 2 * L, n * C, bands, width if width is not None else n * (C // bands)
+
+
+def dequantized(b: Any, offsets: np.ndarray, words: np.ndarray, steps: np.ndarray, token: np.ndarray, y: np.ndarray) -> None:
+    """Decode a kvtc blob's symbols into y [2 * L, n, C] as values (float32, or bfloat16 bits: uint16). Blobs
+    in token order are dequantised inside the rANS decoder; older layouts decode to symbols, then dequantise."""
+    _, L, T, C = b.shape
+    states = entropy.check_states(b.params.get("rans_states", entropy.NARROW))
+    groups, group_len, segments, segment_len = coded_layout(b, states)
+    lane = int(b.params["lane_size"])
+    n = T - int(b.params["exact_tokens"])
+    if "band_width" in b.params:
+        scales = (steps.reshape(2 * L, C), token.reshape(2 * L, n))
+        entropy.decode_scaled(b.sections[2], offsets, words, lane, segments, segment_len, ZERO, *scales, y)
+        return
+    bands = int(b.params["bands"])
+    sym = entropy.decode(b.sections[2], offsets, words, groups, group_len, lane, states, segments, segment_len)
+    banded = sym.reshape(2, L, bands, n, C // bands)
+    if y.dtype == np.uint16:
+        kvtc_cpu.dequantize_bf16(banded, steps, token, y.reshape(2, L, n, C))
+    else:
+        kvtc_cpu.dequantize(banded, steps, token, y.reshape(2, L, n, C))
 
 
 def bf16_tensor(bits: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:

@@ -3,7 +3,9 @@ torch needed four or five (abs, divide, round, clamp, convert: measured 3× the 
 
 y is [S, L, n, C] (S = 2: keys, values), by component: float32, or the bfloat16 bits (uint16) of a bfloat16
 matrix product, which the kernels widen as they read (`half.widen`). `token` [S, L, n] is the per-token
-scale (1 for keys). The symbols are written band by band ([S, L, band, n, C / bands]) for the entropy coder.
+scale (1 for keys). The encoder's symbols are [S, L, n, C]; the decoder dequantises inside the rANS decoder
+(`rans_wide.decode_lanes` with scaling), so `dequantize*` here serve older blobs, whose symbols are band by
+band ([S, L, band, n, C / bands]).
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ def reach(y, token, out):  # pragma: no cover - compiled
 
 @njit(nogil=True, cache=True, parallel=True)
 def quantize(y, steps, token, bands, out, counts):  # pragma: no cover - compiled
-    """Symbols round(y / (step[c] * token[t])) + ZERO, clipped, into out [S, L, bands, n, C / bands], and each
-    band's histogram of them into counts [S * L * bands, 256] (the entropy coder's tables), counted while
+    """Symbols round(y / (step[c] * token[t])) + ZERO, clipped, into out [S, L, n, C], and the histogram of each
+    band of C / bands components into counts [S * L * bands, 256] (the entropy coder's tables), counted while
     the symbols are in L1 rather than in a pass of their own."""
     S, L, n, C = y.shape
     width = C // bands
@@ -66,13 +68,13 @@ def quantize(y, steps, token, bands, out, counts):  # pragma: no cover - compile
         part = np.zeros((bands, 4, 256), dtype=np.int32)
         for t in range(n):
             k = np.float32(1.0) / token[s, layer, t]
+            row = out[s, layer, t]
+            for c in range(C):
+                q = np.rint(widen(y[s, layer, t, c], True) * (inv[c] * k))
+                q = min(max(q, -QMAX), QMAX)
+                row[c] = np.uint8(q + ZERO)
             for b in range(bands):
-                for w in range(width):
-                    c = b * width + w
-                    q = np.rint(widen(y[s, layer, t, c], True) * (inv[c] * k))
-                    q = min(max(q, -QMAX), QMAX)
-                    out[s, layer, b, t, w] = np.uint8(q + ZERO)
-                count_into(out[s, layer, b, t], part[b])
+                count_into(row[b * width : (b + 1) * width], part[b])
         for b in range(bands):
             sum_parts(part[b], counts[sl * bands + b])
 

@@ -1,5 +1,5 @@
 """kvtc's element-wise passes on the GPU (Numba-CUDA): the twins of `kvtc_cpu`, one thread per statistic or
-element, same layouts (y [S, L, n, C] float32 by component, `token` [S, L, n], symbols band by band).
+element, same layouts (y [S, L, n, C] float32 by component, `token` [S, L, n], symbols [S, L, n, C]).
 
 The basis products run in torch on the device (`codecs/gpu.py`); these kernels do what torch would need four
 or five passes for. Quantisation matches the CPU's arithmetic (the same float32 reciprocals and products), so
@@ -62,22 +62,22 @@ def reach_kernel(y, token, out):  # pragma: no cover - device code
 
 
 @cuda.jit
-def quantize_kernel(y, steps, token, bands, out):  # pragma: no cover - device code
-    """Symbols round(y / (step[c] * token[t])) + ZERO, clipped, into out [S, L, bands, n, C / bands]."""
+def quantize_kernel(y, steps, token, out):  # pragma: no cover - device code
+    """Symbols round(y / (step[c] * token[t])) + ZERO, clipped, into out [S, L, n, C]."""
     S, L, n, C = y.shape
     i = cuda.grid(1)
     if i >= S * L * n * C:
         return
     s, layer, t, c = _element(i, L, n, C)
-    width = C // bands
     q = round(y[s, layer, t, c] * ((float32(1.0) / steps[s, layer, c]) * (float32(1.0) / token[s, layer, t])))
     q = min(max(q, -QMAX), QMAX)
-    out[s, layer, c // width, t, c % width] = uint8(q + ZERO)
+    out[s, layer, t, c] = uint8(q + ZERO)
 
 
 @cuda.jit
 def dequantize_kernel(sym, steps, token, out):  # pragma: no cover - device code
-    """The inverse of `quantize_kernel`'s layout: y [S, L, n, C] = (symbol - ZERO) * step[c] * token[t]."""
+    """y [S, L, n, C] = (symbol - ZERO) * step[c] * token[t], the symbols band by band (sym [S, L, bands, n,
+    C / bands]; with one band, `quantize_kernel`'s layout)."""
     S, L, bands, n, width = sym.shape
     C = bands * width
     i = cuda.grid(1)

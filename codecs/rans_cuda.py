@@ -9,29 +9,37 @@ from __future__ import annotations
 from numba import cuda, uint8, uint16, uint32, uint64
 
 from .rans_cpu import PROB_BITS, PROB_SCALE, RANS_L, STATE_WORDS
+from .rans_wide import FREQ_BITS, SHIFT_AT
+
+FREQ_MASK = (1 << FREQ_BITS) - 1
 
 HIST_THREADS = 256
 
 
 @cuda.jit
-def histogram_kernel(symbols, group_len, counts):  # pragma: no cover - device code
-    """Block (x: segment, y: group) counts its symbols in shared memory, then adds to the group's counts."""
+def histogram_kernel(symbols, group_len, segments, segment_len, counts):  # pragma: no cover - device code
+    """Block (x: part, y: table) counts its table's symbols in shared memory, then adds them to the table's
+    counts [groups * segments, 256]. A group's tables take turns, segment_len symbols each
+    (`rans_wide.segment_at`)."""
     hist = cuda.shared.array(256, dtype=uint32)
     tid = cuda.threadIdx.x
     for i in range(tid, 256, cuda.blockDim.x):
         hist[i] = 0
     cuda.syncthreads()
-    g = cuda.blockIdx.y
-    base = g * group_len
+    table = cuda.blockIdx.y
+    g = table // segments
+    first = g * group_len + (table - g * segments) * segment_len  # the table's first turn
+    round_len = segments * segment_len
     stride = cuda.blockDim.x * cuda.gridDim.x
-    i = cuda.blockIdx.x * cuda.blockDim.x + tid
-    while i < group_len:
-        cuda.atomic.add(hist, symbols[base + i], 1)
+    i = cuda.blockIdx.x * cuda.blockDim.x + tid  # the i-th symbol of the table's
+    while i < group_len // segments:
+        turn = i // segment_len
+        cuda.atomic.add(hist, symbols[first + turn * round_len + i - turn * segment_len], 1)
         i += stride
     cuda.syncthreads()
     for s in range(tid, 256, cuda.blockDim.x):
         if hist[s]:
-            cuda.atomic.add(counts, (g, s), hist[s])
+            cuda.atomic.add(counts, (table, s), hist[s])
 
 
 @cuda.jit(device=True, inline=True)
@@ -174,17 +182,17 @@ def _block_lane(group_len, lane_size):  # pragma: no cover - device code
 @cuda.jit(device=True, inline=True)
 def _encode_wide_symbol(x, reciprocal, fields):  # pragma: no cover - device code
     """rans_wide._encode_symbol on the device."""
-    freq = fields & uint64(0x1FFF)
-    q = ((x * reciprocal) >> uint64(32)) >> (fields >> uint64(26))
+    freq = fields & uint64(FREQ_MASK)
+    q = ((x * reciprocal) >> uint64(32)) >> (fields >> uint64(SHIFT_AT))
     if q * freq > x:
         q -= uint64(1)
-    return x + ((fields >> uint64(13)) & uint64(0x1FFF)) + q * (uint64(PROB_SCALE) - freq)
+    return x + ((fields >> uint64(FREQ_BITS)) & uint64(FREQ_MASK)) + q * (uint64(PROB_SCALE) - freq)
 
 
 @cuda.jit
-def encode_wide_kernel(symbols, group_len, lane_size, segments, rcp, packed, scratch, lane_words):  # pragma: no cover
+def encode_wide_kernel(symbols, group_len, lane_size, segments, segment_len, rcp, packed, scratch, lane_words):  # pragma: no cover
     """Block per lane (WIDE_STATES threads): encode it into the end of its scratch row, in reading order.
-    rcp, packed [groups * segments, 256]: a group's tables each cover group_len / segments symbols."""
+    rcp, packed [groups * segments, 256]: a group's tables, taking turns segment_len symbols each."""
     flags = cuda.shared.array(WIDE_STATES, dtype=uint32)
     lane, g, j, start, n = _block_lane(group_len, lane_size)
     k = cuda.threadIdx.x
@@ -195,10 +203,9 @@ def encode_wide_kernel(symbols, group_len, lane_size, segments, rcp, packed, scr
         i = step * WIDE_STATES + k
         active = i < n
         s = symbols[start + i] if active else uint8(0)
-        # (clamped for a state past the ragged end of a lane, which codes nothing this step)
-        table = g * segments + min((j * lane_size + i) // (group_len // segments), segments - 1)
+        table = g * segments + ((j * lane_size + i) // segment_len) % segments
         fields = uint64(packed[table, s])
-        emit = active and (x >> uint64(20)) >= (fields & uint64(0x1FFF))
+        emit = active and (x >> uint64(20)) >= (fields & uint64(FREQ_MASK))
         flags[k] = 1 if emit else 0
         cuda.syncthreads()
         before, total = _count_flags(flags, k)
@@ -228,9 +235,9 @@ def gather_tail_kernel(scratch, lane_words, offsets, out):  # pragma: no cover -
 
 
 @cuda.jit
-def decode_wide_kernel(words, offsets, group_len, lane_size, segments, dtab, out, bad):  # pragma: no cover - device code
+def decode_wide_kernel(words, offsets, group_len, lane_size, segments, segment_len, dtab, out, bad):  # pragma: no cover
     """Block per lane (WIDE_STATES threads): decode it; bad[lane] = 1 when it is corrupt. dtab [groups *
-    segments, PROB_SCALE]: a group's tables each cover group_len / segments symbols."""
+    segments, PROB_SCALE]: a group's tables, taking turns segment_len symbols each."""
     flags = cuda.shared.array(WIDE_STATES, dtype=uint32)
     lane, g, j, start, n = _block_lane(group_len, lane_size)
     k = cuda.threadIdx.x
@@ -246,7 +253,7 @@ def decode_wide_kernel(words, offsets, group_len, lane_size, segments, dtab, out
         i = step * WIDE_STATES + k
         take = False
         if i < n:
-            table = g * segments + (j * lane_size + i) // (group_len // segments)
+            table = g * segments + ((j * lane_size + i) // segment_len) % segments
             e = uint64(dtab[table, x & uint64(PROB_SCALE - 1)])
             x = ((e >> uint64(8)) & uint64(0xFFF)) * (x >> uint64(PROB_BITS)) + (x >> uint64(PROB_BITS)) + (e >> uint64(20))
             take = x < uint64(RANS_L)

@@ -51,6 +51,12 @@ def vector_pointer(builder: ir.IRBuilder, base: ir.Value, index: ir.Value, eleme
     return builder.bitcast(element_pointer(builder, base, index, element), pointer(vec(element)))
 
 
+def splat(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
+    """A vector with the scalar `value` in every element."""
+    one = builder.insert_element(ir.Constant(ir.VectorType(value.type, WIDTH), ir.Undefined), value, ir.Constant(I32, 0))
+    return builder.shuffle_vector(one, one, ir.Constant(vec(I32), [0] * WIDTH))
+
+
 def gather(builder: ir.IRBuilder, base: ir.Value, index: ir.Value, element: ir.IntType) -> ir.Value:
     """base[index[i]] for every i (index <WIDTH x i32>, each in bounds): one getelementptr with 32-bit indices,
     so x86 gathers with one vpgatherdd, not two vpgatherqd (measured 10-15 % faster)."""

@@ -19,8 +19,13 @@ from .codec_helpers import kv_like_real, relative_error
 def test_histogram_kernel_matches_cpu() -> None:
     sym = np.random.default_rng(0).integers(120, 136, 2 * 300, dtype=np.uint8)
     counts = cuda.to_device(np.zeros((2, 256), np.uint32))
-    rans_cuda.histogram_kernel[(2, 2), 64](cuda.to_device(sym), 300, counts)
+    rans_cuda.histogram_kernel[(2, 2), 64](cuda.to_device(sym), 300, 1, 300, counts)
     assert (counts.copy_to_host() == rans_cpu.histogram(sym, 2, 300)).all()
+    # three tables a group taking turns, 20 symbols each: each table's symbols gathered, then counted
+    counts = cuda.to_device(np.zeros((6, 256), np.uint32))
+    rans_cuda.histogram_kernel[(2, 6), 64](cuda.to_device(sym), 300, 3, 20, counts)
+    by_table = np.ascontiguousarray(sym.reshape(2, 5, 3, 20).transpose(0, 2, 1, 3)).reshape(-1)
+    assert (counts.copy_to_host() == rans_cpu.histogram(by_table, 6, 100)).all()
 
 
 def test_stats_and_quantize_kernels_match_cpu() -> None:
@@ -72,23 +77,26 @@ def test_rans_kernels_match_the_cpu_on_a_skewed_distribution() -> None:
     assert (entropy.decode(memoryview(cpu.tables), cpu.offsets, cpu.words, 3, 400, 64) == sym).all()
 
 
-@pytest.mark.parametrize(("skewed", "segments"), [(False, 1), (True, 1), (False, 4)])
-def test_wide_rans_kernels_write_the_cpu_vector_coders_bytes(skewed: bool, segments: int) -> None:
+@pytest.mark.parametrize(("skewed", "segments", "segment_len"), [(False, 1, None), (True, 1, None), (False, 4, None), (False, 2, 10)])
+def test_wide_rans_kernels_write_the_cpu_vector_coders_bytes(skewed: bool, segments: int, segment_len: int | None) -> None:
     """The 32-thread-per-lane twins of rans_wide: the same words as the CPU's vector steps, over lanes with
     whole and ragged steps (100 symbols a group, lanes of 40), with tables for segments of 25 symbols that
-    lanes cross (as kvtc's bands), and they decode them."""
+    lanes cross (older kvtc blobs' bands), or two tables taking turns every 10 symbols (kvtc's bands along a
+    token), and they decode them."""
     rng = np.random.default_rng(4)
     if skewed:  # states above 2**31, where the quotient needs its correction
         sym = np.where(rng.random(3 * 100) < 0.9, 128, rng.integers(0, 256, 3 * 100)).astype(np.uint8)
     else:
         sym = np.clip(rng.normal(128, 4, 3 * 100).round(), 0, 255).astype(np.uint8)
-    if segments > 1:  # each segment its own distribution, so a wrong table shows
-        sym = (sym.reshape(3, segments, -1) + (np.arange(segments, dtype=np.uint8) * 7)[None, :, None]).reshape(-1)
-    coded = gpu.entropy_encode(cuda.to_device(sym), 3, 100, 40, entropy.WIDE, segments)
-    cpu = entropy.encode(sym, 3, 100, 40, states=entropy.WIDE, segments=segments)
+    if segments > 1:  # each table its own distribution, so a wrong table shows
+        turn = segment_len or 100 // segments
+        table = np.arange(100) // turn % segments
+        sym = (sym.reshape(3, 100) + (table * 7).astype(np.uint8)[None, :]).reshape(-1)
+    coded = gpu.entropy_encode(cuda.to_device(sym), 3, 100, 40, entropy.WIDE, segments, segment_len)
+    cpu = entropy.encode(sym, 3, 100, 40, states=entropy.WIDE, segments=segments, segment_len=segment_len)
     assert coded.states == cpu.states == entropy.WIDE and coded.tables == cpu.tables
     assert (coded.offsets == cpu.offsets).all() and (coded.words == cpu.words).all()  # the same bytes
-    layout = (3, 100, 40, entropy.WIDE, segments)
+    layout = (3, 100, 40, entropy.WIDE, segments, segment_len)
     assert (gpu.entropy_decode(memoryview(cpu.tables), cpu.offsets, cpu.words, *layout).copy_to_host() == sym).all()
     words = cpu.words.copy()
     words[cpu.offsets[4] + 66] ^= 0x0FF0  # the fifth lane's first word after its states
@@ -206,25 +214,25 @@ def test_kvtc_kernels_match_their_cpu_twins() -> None:
     kvtc_cuda.reach_kernel[1, 64](dy, dtoken, need)
     kvtc_cpu.reach(y, token, cpu_need)
     assert (need.copy_to_host() == cpu_need).all()
-    sym, cpu_sym = cuda.device_array((S, L, bands, n, C // bands), np.uint8), np.empty((S, L, bands, n, C // bands), np.uint8)
-    kvtc_cuda.quantize_kernel[4, 128](dy, cuda.to_device(steps), dtoken, bands, sym)
+    sym, cpu_sym = cuda.device_array((S, L, n, C), np.uint8), np.empty((S, L, n, C), np.uint8)
+    kvtc_cuda.quantize_kernel[4, 128](dy, cuda.to_device(steps), dtoken, sym)
     kvtc_cpu.quantize(y, steps, token, bands, cpu_sym, np.empty((2 * L * bands, 256), np.int64))
     assert (sym.copy_to_host() == cpu_sym).all()
     out, cpu_out = cuda.device_array((S, L, n, C), np.float32), np.empty((S, L, n, C), np.float32)
-    kvtc_cuda.dequantize_kernel[4, 128](sym, cuda.to_device(steps), dtoken, out)
-    kvtc_cpu.dequantize(cpu_sym, steps, token, cpu_out)
+    kvtc_cuda.dequantize_kernel[4, 128](sym.reshape(S, L, 1, n, C), cuda.to_device(steps), dtoken, out)  # one band: token order
+    kvtc_cpu.dequantize(cpu_sym.reshape(S, L, 1, n, C), steps, token, cpu_out)
     assert (out.copy_to_host() == cpu_out).all()
 
 
 def test_kvtc_blobs_coded_on_the_device_decode_like_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     """From the same projected chunk the device path writes the symbols, steps and scales the CPU path writes
-    (its lanes are shorter), and decodes a blob to the CPU's y."""
+    (its lanes are shorter), and decodes a blob to the CPU's y. 64 components: two bands of 32 taking turns."""
     from lmcached.codecs import kvtc
     from lmcached.codecs.kvtc import Codebook, KvtcCodec
 
     monkeypatch.setattr(kvtc, "MATMUL_DTYPE", torch.float32)  # the device's products are float32
-    book = Codebook.fit([kv_like_real(2, 40, 16, torch.float16, seed) for seed in range(2)])
-    kv = kv_like_real(2, 24, 16, torch.float16, seed=9)
+    book = Codebook.fit([kv_like_real(2, 40, 64, torch.float16, seed) for seed in range(2)])
+    kv = kv_like_real(2, 24, 64, torch.float16, seed=9)
     codec = KvtcCodec(book)
     cpu_blob = codec.encode(kv)
     y = codec.project(book, kv, 1)
@@ -232,18 +240,19 @@ def test_kvtc_blobs_coded_on_the_device_decode_like_the_cpus(monkeypatch: pytest
     assert unpack(gpu_blob).params["lane_size"] == gpu.GPU_LANE_SIZE != unpack(cpu_blob).params["lane_size"]
     assert torch.equal(codec.decode(gpu_blob), codec.decode(cpu_blob))
     parsed = unpack(cpu_blob)
-    L, n, C = 2, 23, 16
+    L, n, C = 2, 23, 64
     steps = np.frombuffer(parsed.sections[0], np.float16).reshape(2, L, C).astype(np.float32)
     token = np.ones((2, L, n), np.float32)
     token[1] = np.frombuffer(parsed.sections[1], np.float16).reshape(L, n)
     dy = gpu.kvtc_decode_arrays(parsed, steps, token, np.frombuffer(parsed.sections[3], "<u4"), np.frombuffer(parsed.sections[4], "<u2"))
     from lmcached.codecs import entropy, kvtc_cpu
 
-    assert parsed.params["rans_states"] == entropy.WIDE  # a lane per layer of keys or values, its 8 bands the segments
+    # a lane per layer of keys or values, token by token, its 2 bands of 32 taking turns at their tables
+    assert (parsed.params["rans_states"], parsed.params["bands"], parsed.params["band_width"]) == (entropy.WIDE, 2, 32)
     offsets, words = np.frombuffer(parsed.sections[3], "<u4"), np.frombuffer(parsed.sections[4], "<u2")
-    sym = entropy.decode(parsed.sections[2], offsets, words, 2 * L, n * C, parsed.params["lane_size"], entropy.WIDE, 8)
+    sym = entropy.decode(parsed.sections[2], offsets, words, 2 * L, n * C, parsed.params["lane_size"], entropy.WIDE, 2, 32)
     cpu_y = np.empty((2, L, n, C), np.float32)
-    kvtc_cpu.dequantize(sym.reshape(2, L, 8, n, 2), steps, token, cpu_y)
+    kvtc_cpu.dequantize(sym.reshape(2, L, 1, n, C), steps, token, cpu_y)
     assert (dy.copy_to_host() == cpu_y).all()
 
 

@@ -342,6 +342,47 @@ def test_wide_lanes_with_a_table_per_segment_round_trip(group_len: int, lane_siz
         entropy.encode(sym.reshape(-1), *layout, states=entropy.NARROW, segments=segments)
 
 
+@pytest.mark.parametrize(
+    ("rows", "columns", "segment_len", "lane_size"),
+    [(255, 192, 32, 65536), (40, 64, 32, 1000), (9, 64, 64, 96), (20, 24, 12, 50), (5, 96, 16, 16), (3, 64, 32, 48)],
+)
+def test_tables_taking_turns_round_trip_and_decode_straight_to_values(rows: int, columns: int, segment_len: int, lane_size: int) -> None:
+    """kvtc's token-order layout: a group is rows of `columns` symbols whose tables take turns every
+    segment_len symbols (its bands). Whole steps inside one band and one row go by vector, the rest one state at
+    a time (bands narrower than a step, lanes that start mid-row or mid-band, ragged ends); a wrong table
+    would show, as each band has its own distribution. `decode_scaled` writes (s - zero) * scale[c] * row[r],
+    float32 or bfloat16 rounded to nearest even (torch's rounding), exactly what decoding then scaling gives."""
+    rng = np.random.default_rng(rows * columns + segment_len)
+    groups, segments = 3, columns // segment_len
+    band = np.arange(columns) // segment_len
+    sym = np.clip(np.rint(rng.normal(100, 3, (groups, rows, columns))) + band * 6, 0, 255).astype(np.uint8)
+    layout = (groups, rows * columns, lane_size)
+    coded = entropy.encode(sym.reshape(-1), *layout, states=entropy.WIDE, segments=segments, segment_len=segment_len)
+    one_run = entropy.encode(sym.reshape(-1), *layout, states=entropy.WIDE, segments=segments)  # the older layout's tables
+    if segments > 1:
+        assert coded.tables != one_run.tables
+    decoded = entropy.decode(coded.tables, coded.offsets, coded.words, *layout, entropy.WIDE, segments, segment_len)
+    assert np.array_equal(decoded, sym.reshape(-1))
+    scale = rng.uniform(0.01, 2, (groups, columns)).astype(np.float32)
+    row_scale = rng.uniform(0.5, 3, (groups, rows)).astype(np.float32)
+    want = (sym.astype(np.int32) - 128).astype(np.float32) * (scale[:, None, :] * row_scale[:, :, None])
+    args = (coded.tables, coded.offsets, coded.words, lane_size, segments, segment_len, 128, scale, row_scale)
+    values = np.empty((groups, rows, columns), np.float32)
+    entropy.decode_scaled(*args, values)
+    assert np.array_equal(values, want)
+    bits = np.empty((groups, rows, columns), np.uint16)
+    entropy.decode_scaled(*args, bits)
+    assert np.array_equal(bits, torch.from_numpy(want).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+    words = coded.words.copy()
+    words[len(words) // 2] ^= 0x3C3C
+    with pytest.raises(CodecError, match="lane"):
+        entropy.decode_scaled(coded.tables, coded.offsets, words, *args[3:], values)
+    with pytest.raises(ValueError, match="do not agree"):
+        entropy.decode_scaled(*args, values[:, 1:])
+    with pytest.raises(CodecError, match="cannot split"):  # turns that do not fit a group a whole number of times
+        entropy.encode(sym.reshape(-1), *layout, states=entropy.WIDE, segments=segments, segment_len=segment_len + 1)
+
+
 def test_histogram_matches_bincount() -> None:
     sym = np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8)
     counts = rans_cpu.histogram(sym, 3, 1000)
