@@ -122,7 +122,7 @@ def encode_step16(typingctx, rcp, packed, symbols, at, x, first, row, pos):  # t
 
 def _decode_vector(context, builder, t, args):  # type: ignore[no-untyped-def]
     """The body both decoding steps share (args: tab, words, pos, x, first): decode the 16 states, take their
-    words. Returns (the table entries, each symbol | ..., the new pos)."""
+    words. Returns (the 16 table entries, symbol | (freq - 1) << 8 | (slot - cum) << 20, and the new pos)."""
     tab_data, words_data = array_data(context, builder, t[0], args[0]), array_data(context, builder, t[1], args[1])
     pos = _int64(context, builder, args[2], t[2])
     states = vector_pointer(builder, array_data(context, builder, t[3], args[3]), _int64(context, builder, args[4], t[4]), I32)
