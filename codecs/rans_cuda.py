@@ -9,9 +9,7 @@ from __future__ import annotations
 from numba import cuda, uint8, uint16, uint32, uint64
 
 from .rans_cpu import PROB_BITS, PROB_SCALE, RANS_L, STATE_WORDS
-from .rans_wide import FREQ_BITS, SHIFT_AT
-
-FREQ_MASK = (1 << FREQ_BITS) - 1
+from .rans_wide import FREQ_BITS, FREQ_MASK, SHIFT_AT, STATES
 
 HIST_THREADS = 256
 
@@ -154,7 +152,7 @@ def decode_kernel(words, offsets, groups, group_len, lane_size, dtab, out, bad):
 # states, then per step the words of the renormalising states in state order). A block of WIDE_STATES threads
 # codes one lane, thread k holding state k; where a CPU vector takes an expand-load or compress-store, the
 # threads count the flags of the states before them in shared memory.
-WIDE_STATES = 32
+WIDE_STATES = STATES
 
 
 @cuda.jit(device=True, inline=True)

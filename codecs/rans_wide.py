@@ -60,6 +60,7 @@ STATE_WORDS = 2 * STATES
 #: Encoder table fields packed in one 32-bit word per symbol, beside its reciprocal: freq (13 bits; up to
 #: PROB_SCALE), bias (13 bits; up to 2 * PROB_SCALE - 2) and shift (4 bits; up to 11).
 FREQ_BITS = 13
+FREQ_MASK = (1 << FREQ_BITS) - 1
 SHIFT_AT = 26
 
 
@@ -98,8 +99,8 @@ def encode_step16(typingctx, rcp, packed, symbols, at, x, first, row, pos):  # t
         row_data, pos = array_data(context, builder, t[6], args[6]), _int64(context, builder, args[7], t[7])
         symbol = builder.zext(builder.load(symbols_at, align=1), vec(I32))
         reciprocal, fields = gather(builder, rcp_data, symbol, I32), gather(builder, packed_data, symbol, I32)
-        freq = builder.and_(fields, constant(I32, (1 << FREQ_BITS) - 1))
-        bias = builder.and_(builder.lshr(fields, constant(I32, FREQ_BITS)), constant(I32, (1 << FREQ_BITS) - 1))
+        freq = builder.and_(fields, constant(I32, FREQ_MASK))
+        bias = builder.and_(builder.lshr(fields, constant(I32, FREQ_BITS)), constant(I32, FREQ_MASK))
         shift = builder.lshr(fields, constant(I32, SHIFT_AT))
         x_v = builder.load(states, align=4)
         # Renormalise: a state at or over freq << 20 (compared as x >> 20 >= freq: freq << 20 overflows 32
@@ -196,8 +197,8 @@ assert STATES == 2 * WIDTH  # the kernels below take a step as two vector operat
 def _encode_symbol(x, reciprocal, fields):  # pragma: no cover - compiled
     """One renormalised state x (uint64) with one symbol's reciprocal and packed fields: encode_step16 on one
     state."""
-    freq = fields & np.uint64((1 << FREQ_BITS) - 1)
-    bias = (fields >> np.uint64(FREQ_BITS)) & np.uint64((1 << FREQ_BITS) - 1)
+    freq = fields & np.uint64(FREQ_MASK)
+    bias = (fields >> np.uint64(FREQ_BITS)) & np.uint64(FREQ_MASK)
     q = ((x * reciprocal) >> np.uint64(32)) >> (fields >> np.uint64(SHIFT_AT))
     q -= np.uint64(q * freq > x)
     return x + bias + q * (np.uint64(PROB_SCALE) - freq)
@@ -221,7 +222,7 @@ def _encode_one_by_one(symbols, start, i, count, offset, segment_len, rcp, packe
     emitting = 0
     for k in range(count):
         fields = np.uint64(packed[segment_at(offset + i + k, segment_len, segments)[0], symbols[start + i + k]])
-        emitting += np.int64((np.uint64(x[k]) >> np.uint64(20)) >= (fields & np.uint64((1 << FREQ_BITS) - 1)))
+        emitting += np.int64((np.uint64(x[k]) >> np.uint64(20)) >= (fields & np.uint64(FREQ_MASK)))
     pos -= emitting
     slot = pos
     for k in range(count):
@@ -229,7 +230,7 @@ def _encode_one_by_one(symbols, start, i, count, offset, segment_len, rcp, packe
         s = symbols[start + i + k]
         fields = np.uint64(packed[table, s])
         xk = np.uint64(x[k])
-        if (xk >> np.uint64(20)) >= (fields & np.uint64((1 << FREQ_BITS) - 1)):
+        if (xk >> np.uint64(20)) >= (fields & np.uint64(FREQ_MASK)):
             row[slot] = np.uint16(xk & np.uint64(0xFFFF))
             slot += 1
             xk >>= np.uint64(16)
