@@ -245,15 +245,12 @@ def decode(
     this thread's scratch buffer: valid until its next decode."""
     states = check_states(states)
     segments, segment_len = check_segments(group_len, states, segments, segment_len)
-    d = decoder(tables, offsets, words, groups, group_len, lane_size, segments)
     out = scratch("entropy.symbols", (groups * group_len,), np.uint8)  # the callers consume it at once
     if states == WIDE:
-        by_group = (groups, segments, 256)
-        freq, cum = d.freq.reshape(by_group), d.cum.reshape(by_group)
-        tabs = rans_wide.table_scratch(segments)
-        bad = rans_wide.decode_lanes(words, d.offsets, groups, group_len, lane_size, segment_len, group_len, freq, cum, tabs, out, None)
-    else:
-        bad = rans_cpu.decode_lanes(words, d.offsets, groups, group_len, lane_size, d.freq, d.cum, out)
+        _decode_wide(tables, offsets, words, groups, group_len, lane_size, segments, segment_len, group_len, out, None)
+        return out
+    d = decoder(tables, offsets, words, groups, group_len, lane_size, segments)
+    bad = rans_cpu.decode_lanes(words, d.offsets, groups, group_len, lane_size, d.freq, d.cum, out)
     if bad:
         raise corrupt_lanes(bad)
     return out
@@ -280,13 +277,30 @@ def decode_scaled(
     if out.shape != (groups, row_scale.shape[1], columns) or row_scale.shape[0] != groups or not out.flags.c_contiguous:
         raise ValueError("decode_scaled: out, scale and row_scale do not agree")
     segments, segment_len = check_segments(group_len, WIDE, segments, segment_len)
+    scaling = (np.int32(zero), np.ascontiguousarray(scale, np.float32), np.ascontiguousarray(row_scale, np.float32))
+    _decode_wide(tables, offsets, words, groups, group_len, lane_size, segments, segment_len, columns, out.reshape(-1), scaling)
+
+
+def _decode_wide(
+    tables: memoryview,
+    offsets: np.ndarray,
+    words: np.ndarray,
+    groups: int,
+    group_len: int,
+    lane_size: int,
+    segments: int,
+    segment_len: int,
+    row_len: int,
+    out: np.ndarray,
+    scaling: tuple[np.int32, np.ndarray, np.ndarray] | None,
+) -> None:
+    """`decode` and `decode_scaled`'s 32-state lanes: `decoder`'s checks, then `rans_wide.decode_lanes` (see it
+    for row_len and scaling); CodecError for corrupt lanes."""
     d = decoder(tables, offsets, words, groups, group_len, lane_size, segments)
     by_group = (groups, segments, 256)
     freq, cum = d.freq.reshape(by_group), d.cum.reshape(by_group)
-    tabs = rans_wide.table_scratch(segments)
-    scaling = (np.int32(zero), np.ascontiguousarray(scale, np.float32), np.ascontiguousarray(row_scale, np.float32))
-    layout = (groups, group_len, lane_size, segment_len, columns)
-    bad = rans_wide.decode_lanes(words, d.offsets, *layout, freq, cum, tabs, out.reshape(-1), scaling)
+    layout = (groups, group_len, lane_size, segment_len, row_len)
+    bad = rans_wide.decode_lanes(words, d.offsets, *layout, freq, cum, rans_wide.table_scratch(segments), out, scaling)
     if bad:
         raise corrupt_lanes(bad)
 

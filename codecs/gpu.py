@@ -203,9 +203,9 @@ def kvtc_decode_arrays(b: Any, steps: np.ndarray, token: np.ndarray, offsets: np
     dsym = entropy_decode(b.sections[2], offsets, words, groups, group_len, int(b.params["lane_size"]), states, segments, segment_len)
     dy = cuda.device_array((2, L, n, C), np.float32)
     if n:
-        if "band_width" in b.params:  # token by token: one band of all C components, as the dequantiser reads it
-            bands = 1
-        sym = dsym.reshape(2, L, bands, n, C // bands)
+        # Token by token, the symbols are one band of all C components as the dequantiser reads them.
+        layout_bands = 1 if "band_width" in b.params else bands
+        sym = dsym.reshape(2, L, layout_bands, n, C // layout_bands)
         kvtc_cuda.dequantize_kernel[_blocks(2 * L * n * C), THREADS](sym, cuda.to_device(steps), cuda.to_device(token), dy)
     return dy
 

@@ -402,13 +402,13 @@ class KvtcCodec(Codec):
         if MATMUL_DTYPE == torch.float32 or b.dtype == "float32":
             # x = y · basisᵀ + mean, the mean added inside the matrix product
             y = scratch("kvtc.y", (2 * L, n, C), np.float32)
-            dequantized(b, offsets, words, steps, token, y)
+            dequantized(b, states, offsets, words, steps, token, y)
             basis_t = torch.from_numpy(book.basis).reshape(2 * L, C, C).transpose(1, 2)
             mean = torch.from_numpy(book.mean).reshape(2 * L, 1, C)
             out[:, :, exact:] = torch.baddbmm(mean, torch.from_numpy(y), basis_t).reshape(2, L, n, C)
         else:  # the product in bfloat16, the mean added in float32 on the way to the half-precision output
             y16 = scratch("kvtc.y16", (2 * L, n, C), np.uint16)
-            dequantized(b, offsets, words, steps, token, y16)
+            dequantized(b, states, offsets, words, steps, token, y16)
             product = scratch("kvtc.product", (2, L, n, C), np.uint16)
             torch.bmm(
                 bf16_tensor(y16, (2 * L, n, C)), book.basis_as(MATMUL_DTYPE, transposed=True), out=bf16_tensor(product, (2 * L, n, C))
@@ -441,11 +441,11 @@ def coded_layout(b: Any, states: int) -> tuple[int, int, int, int]:
     return 2 * L, n * C, bands, width if width is not None else n * (C // bands)
 
 
-def dequantized(b: Any, offsets: np.ndarray, words: np.ndarray, steps: np.ndarray, token: np.ndarray, y: np.ndarray) -> None:
-    """Decode a kvtc blob's symbols into y [2 * L, n, C] as values (float32, or bfloat16 bits: uint16). Blobs
-    in token order are dequantised inside the rANS decoder; older layouts decode to symbols, then dequantise."""
+def dequantized(b: Any, states: int, offsets: np.ndarray, words: np.ndarray, steps: np.ndarray, token: np.ndarray, y: np.ndarray) -> None:
+    """Decode a kvtc blob's symbols (lanes of `states` states, as checked) into y [2 * L, n, C] as values
+    (float32, or bfloat16 bits: uint16). Blobs in token order are dequantised inside the rANS decoder; older
+    layouts decode to symbols, then dequantise."""
     _, L, T, C = b.shape
-    states = entropy.check_states(b.params.get("rans_states", entropy.NARROW))
     groups, group_len, segments, segment_len = coded_layout(b, states)
     lane = int(b.params["lane_size"])
     n = T - int(b.params["exact_tokens"])
