@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -96,3 +98,35 @@ def gpu_available() -> bool:
         return bool(cuda.is_available())
     except Exception:  # numba-cuda missing or its driver probe failed: no GPU path
         return False
+
+
+#: Set by `simulate_gpu()`: CPU tensors take the CUDA kernels' path too, in Numba's simulator.
+_SIMULATING = False
+
+
+def simulator_on() -> bool:
+    """True when Numba runs CUDA kernels in its simulator (NUMBA_ENABLE_CUDASIM=1) rather than on a device."""
+    import os
+
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
+def runs_on_gpu(device: torch.device) -> bool:
+    """Whether codec work on data on (or decoding to) `device` runs the CUDA kernels: CUDA data with a device
+    Numba can reach, or any data inside `simulate_gpu()`."""
+    return gpu_available() and (device.type == "cuda" or _SIMULATING)
+
+
+@contextlib.contextmanager
+def simulate_gpu() -> Iterator[None]:
+    """Run the codecs' GPU path on CPU tensors in Numba's CUDA simulator, which torch cannot see: how
+    `scripts/gpu_check.sh` checks the GPU path's dispatch and kernels on a machine without a GPU. Process-wide
+    (the codec runs in executor threads), and only with the simulator on: a real device needs CUDA tensors."""
+    global _SIMULATING
+    if not simulator_on():
+        raise CodecError("simulate_gpu() needs Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
+    _SIMULATING = True
+    try:
+        yield
+    finally:
+        _SIMULATING = False

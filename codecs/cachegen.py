@@ -21,7 +21,7 @@ import torch
 from lmcached.errors import CodecError
 
 from . import cachegen_cpu, entropy, quant_cpu
-from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, gpu_available, kernel_input, step_params, with_exact_rows
+from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, kernel_input, runs_on_gpu, step_params, with_exact_rows
 from .format import pack, unpack
 from .scratch import output, scratch
 
@@ -117,7 +117,7 @@ class CacheGenCodec(Codec):
 
     def encode(self, kv: torch.Tensor) -> bytes:
         dtype, shape = self.check(kv)
-        if kv.is_cuda and gpu_available():
+        if runs_on_gpu(kv.device):
             from . import gpu
 
             return gpu.cachegen_encode(self, kv, dtype, shape)
@@ -153,7 +153,7 @@ class CacheGenCodec(Codec):
         words = self._array(b.sections[6], None, np.dtype("<u2"))
         exact_rows = self._array(b.sections[7], 2 * L * exact * C * TORCH_ITEMSIZE[b.dtype], np.uint8)
         target = torch.device(device) if device is not None else torch.device("cpu")
-        if target.type == "cuda" and gpu_available():
+        if runs_on_gpu(target):
             from . import gpu
 
             return gpu.cachegen_decode(b, steps, offsets, words, exact_rows, target)

@@ -24,6 +24,17 @@ def _blocks(n: int) -> int:
     return max(1, -(-n // THREADS))
 
 
+def _device_array(x: torch.Tensor) -> Any:
+    """A tensor as a Numba device array: a view of a CUDA tensor; a CPU tensor is copied in (under the
+    simulator, `base.simulate_gpu()`)."""
+    return cuda.as_cuda_array(x) if x.is_cuda else cuda.to_device(x.numpy())
+
+
+def _tensor(array: Any, target: torch.device) -> torch.Tensor:
+    """A Numba device array as a tensor on `target`: a view on a CUDA device, else copied out to the host."""
+    return torch.as_tensor(array, device=target) if target.type == "cuda" else torch.from_numpy(array.copy_to_host())
+
+
 def stats(dk: Any, dv: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Key statistics per (layer, channel), value statistics per (layer, token), computed on the device."""
     L, T, C = dk.shape
@@ -88,7 +99,7 @@ def encode_arrays(codec: Any, dx: Any, dtype: str, shape: tuple[int, ...], kv: t
 
 def cachegen_encode(codec: Any, kv: torch.Tensor, dtype: str, shape: tuple[int, ...]) -> bytes:
     x = kv.detach().to(torch.float32).contiguous()
-    return encode_arrays(codec, cuda.as_cuda_array(x), dtype, shape, kv)
+    return encode_arrays(codec, _device_array(x), dtype, shape, kv)
 
 
 def entropy_decode(
@@ -149,7 +160,7 @@ def cachegen_decode(
 ) -> torch.Tensor:
     from .base import TORCH_DTYPES, with_exact_rows
 
-    out = torch.as_tensor(decode_arrays(b, steps, offsets, words), device=target)
+    out = _tensor(decode_arrays(b, steps, offsets, words), target)
     return with_exact_rows(out.to(TORCH_DTYPES[b.dtype]), exact_rows, b.dtype, int(b.params["exact_tokens"]))
 
 
@@ -162,7 +173,7 @@ def kvtc_encode(codec: Any, book: Any, kv: torch.Tensor, dtype: str, shape: tupl
     mean = torch.as_tensor(book.mean, device=kv.device).reshape(2 * L, 1, C)
     basis = torch.as_tensor(book.basis, device=kv.device).reshape(2 * L, C, C)
     y = torch.bmm(x - mean, basis).reshape(2, L, n, C).contiguous()
-    return kvtc_encode_arrays(codec, book, cuda.as_cuda_array(y), kv, dtype, shape, exact)
+    return kvtc_encode_arrays(codec, book, _device_array(y), kv, dtype, shape, exact)
 
 
 def kvtc_encode_arrays(codec: Any, book: Any, dy: Any, kv: torch.Tensor, dtype: str, shape: tuple[int, ...], exact: int) -> bytes:
@@ -226,7 +237,7 @@ def kvtc_decode(
     _, L, T, C = b.shape
     exact = int(b.params["exact_tokens"])
     n = T - exact
-    y = torch.as_tensor(kvtc_decode_arrays(b, steps, token, offsets, words), device=target).reshape(2 * L, n, C)
+    y = _tensor(kvtc_decode_arrays(b, steps, token, offsets, words), target).reshape(2 * L, n, C)
     mean = torch.as_tensor(book.mean, device=target).reshape(2 * L, 1, C)
     basis_t = torch.as_tensor(book.basis, device=target).reshape(2 * L, C, C).transpose(1, 2)
     out = torch.empty((2, L, T, C), dtype=TORCH_DTYPES[b.dtype], device=target)

@@ -38,7 +38,7 @@ import torch
 from lmcached.errors import CodecError, MissingCodebook
 
 from . import entropy, kvtc_cpu, rans_wide
-from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, gpu_available, kernel_input, step_params, with_exact_rows
+from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, kernel_input, runs_on_gpu, step_params, with_exact_rows
 from .format import pack, unpack
 from .scratch import output, scratch
 
@@ -267,7 +267,7 @@ class KvtcCodec(Codec):
         if (L, C) != (book.layers, book.channels):
             raise CodecError(f"kvtc codebook {book.digest} is for {book.layers} layers × {book.channels} channels, not {L} × {C}")
         exact = min(int(self.params["exact_tokens"]), T)
-        if kv.is_cuda and gpu_available():
+        if runs_on_gpu(kv.device):
             from . import gpu
 
             return gpu.kvtc_encode(self, book, kv, dtype, shape, exact)
@@ -391,7 +391,7 @@ class KvtcCodec(Codec):
         token = np.ones((2, L, n), np.float32)
         token[1] = scale
         target = torch.device(device) if device is not None else torch.device("cpu")
-        if target.type == "cuda" and gpu_available():
+        if runs_on_gpu(target):
             from . import gpu
 
             return gpu.kvtc_decode(b, book, steps, token, offsets, words, exact_rows, target)

@@ -23,6 +23,8 @@ AUTH_TOKEN_ENV = "LMCACHED_AUTH_TOKEN"
 GB = 1024**3
 #: remote_serde values: "naive" keeps chunks as stored (LMCache's default), the others are codec names.
 REMOTE_SERDES = ("naive", "cachegen", "lossless")
+#: Where a worker runs its codecs: "auto" picks a CUDA device when torch sees one.
+CODEC_DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Config:
     remote_keep_local: bool = True  # a chunk read from the remote tier is also kept in RAM
     remote_timeout_s: float = 1.0  # an engine's lookup or retrieve waits this long for the remote tier, then misses
     remote_write_queue_size: float = 1.0  # GB of write-through queued while the remote tier is slow or down
+    codec_device: str = "auto"  # where compress/decompress run: auto (a CUDA device when torch sees one), cpu or cuda
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -87,6 +90,8 @@ class Config:
             raise ConfigError(
                 f"remote_namespace must be a plain word (no spaces, ':' or braces), got {self.remote_namespace!r}", "remote_namespace"
             )
+        if self.codec_device not in CODEC_DEVICES:
+            raise ConfigError(f"codec_device must be one of {', '.join(CODEC_DEVICES)}, got {self.codec_device!r}", "codec_device")
         _ = self.remote  # a malformed remote_url fails here, at start-up
 
     @property

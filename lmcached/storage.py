@@ -18,7 +18,7 @@ from lmcached.arena import Arena
 from lmcached.backends import CPU, DISK, REMOTE, Backend, Chunk, ChunkInfo, LocalCPUBackend, LocalDiskBackend, StoreFull, check_location
 from lmcached.codebooks import LEARN_MAX_TOKENS, LEARN_MIN_TOKENS, Codebooks
 from lmcached.config import Config
-from lmcached.errors import InvalidRequest, LmcachedError, MissingCodebook, NotFound, ProtocolError
+from lmcached.errors import ConfigError, InvalidRequest, LmcachedError, MissingCodebook, NotFound, ProtocolError
 from lmcached.remote import RemoteBackend, RemoteError
 from lmcached.write_behind import WriteBehind
 
@@ -38,13 +38,29 @@ REMOTE_MIN_BYTES_PER_S = 100e6
 REMOTE_FLUSH_TIMEOUT_S = 10.0
 
 
-def encode_chunk(chunk: Chunk, method: str, quality: int | None = None, codebooks: Codebooks | None = None) -> Chunk:
+def codec_device(setting: str) -> str:
+    """The device a worker's codecs run on for the `codec_device` setting: "cuda" or "cpu"."""
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("codec_device is cuda, but torch sees no CUDA device (use auto or cpu)", "codec_device")
+    return setting
+
+
+def encode_chunk(
+    chunk: Chunk, method: str, quality: int | None = None, codebooks: Codebooks | None = None, device: str = "cpu"
+) -> Chunk:
     """Compress a raw chunk with a codec (runs in the executor); `quality` tunes cachegen (1 … 9); kvtc writes
-    with the current codebook of the chunk's shape in `codebooks`."""
+    with the current codebook of the chunk's shape in `codebooks`. On `device` "cuda" the chunk is copied to the
+    GPU and coded there (the same blob format)."""
     from lmcached.codecs import get_codec
     from lmcached.tensors import from_bytes
 
     kv = from_bytes(chunk.data, chunk.shape, chunk.dtype)
+    if device != "cpu":
+        kv = kv.to(device)
     if method == "kvtc":
         book = codebooks.current(chunk.shape[1], chunk.shape[3]) if codebooks is not None else None
         if book is None or codebooks is None:
@@ -55,15 +71,15 @@ def encode_chunk(chunk: Chunk, method: str, quality: int | None = None, codebook
     return replace(chunk, data=codec.encode(kv), method=method)
 
 
-def decode_chunk(chunk: Chunk, codebooks: Codebooks | None = None) -> Chunk:
+def decode_chunk(chunk: Chunk, codebooks: Codebooks | None = None, device: str = "cpu") -> Chunk:
     """Turn a compressed chunk back into raw bytes (runs in the executor); kvtc blobs find their codebook in
-    `codebooks`."""
+    `codebooks`. On `device` "cuda" the blob is decoded on the GPU and the values copied back."""
     from lmcached.codecs import get_codec
     from lmcached.tensors import byte_view, dtype_name
 
     assert chunk.method is not None
     codec = get_codec("kvtc", store=codebooks.store) if chunk.method == "kvtc" and codebooks is not None else get_codec(chunk.method)
-    kv = codec.decode(chunk.data)
+    kv = codec.decode(chunk.data, device=None if device == "cpu" else device).cpu()
     if tuple(kv.shape) != chunk.shape or dtype_name(kv.dtype) != chunk.dtype:
         raise LmcachedError(f"chunk {chunk.key:016x} decoded to {list(kv.shape)} {kv.dtype}, expected {chunk.shape}")
     return replace(chunk, data=bytes(byte_view(kv)), method=None)
@@ -104,12 +120,15 @@ class Storage:
         disk = config.local_disk_path
         self.codebooks = Codebooks(disk / "codebooks" if disk is not None else None)
         self._learning = asyncio.Lock()  # one codebook learned at a time (two compresses of a new shape: one fit)
+        #: Where compress and decompress run ("cuda" or "cpu"), settled when the storage opens.
+        self.codec_device = "cpu"
 
     # ---------------------------------------------------------------- lifecycle
     async def open(self) -> None:
         """Open the disk backend and the remote tier (when configured) and start writing behind RAM.
         RemoteError when the remote tier is configured but unusable (unreachable, wrong password, not Redis)."""
         config = self.config
+        self.codec_device = codec_device(config.codec_device)
         if self.arena is not None:  # like LMCache's pinned allocator: the RAM tier is there before we say ready
             await self.run(self.arena.prefault, int(config.local_cpu_prefault * 1024**3))
         disk = config.local_disk_path
@@ -232,7 +251,8 @@ class Storage:
         assert isinstance(remote, RemoteBackend)
         serde = self.config.remote_serde
         if serde != "naive":
-            chunks = list(await asyncio.gather(*(self.run(encode_chunk, c, serde) if c.method is None else _done(c) for c in chunks)))
+            device = self.codec_device
+            chunks = list(await asyncio.gather(*(self.run(encode_chunk, c, serde, None, None, device) if c.method is None else _done(c) for c in chunks)))
         await self._codebooks_to_remote(remote, chunks)
         await self.run_remote(remote.put_many, chunks)
         for chunk in chunks:
@@ -403,7 +423,7 @@ class Storage:
         codebook is nowhere to be found (evicted from Redis, say) ends the prefix there: a miss, not an error."""
         chunks = await self.prefix(keys)
         decoded = await asyncio.gather(
-            *(self.run(decode_chunk, c, self.codebooks) if c.method else _done(c) for c in chunks), return_exceptions=True
+            *(self.run(decode_chunk, c, self.codebooks, self.codec_device) if c.method else _done(c) for c in chunks), return_exceptions=True
         )
         out: list[Chunk] = []
         for chunk, result in zip(chunks, decoded, strict=True):
@@ -476,19 +496,19 @@ class Storage:
 
     async def _op_compress(self, args: dict[str, Any]) -> dict[str, Any]:
         method, quality = args["method"], args.get("quality")
-        books = self.codebooks
+        books, device = self.codebooks, self.codec_device
         if method == "kvtc":
             await self._ensure_codebooks(args["location"], args["keys"])
         return await self._transform(
             args,
             # (to change a chunk's quality, decompress it first: the original KV is what gets re-encoded)
             lambda c: f"already compressed with {method}" if c.method == method else None,
-            lambda c: encode_chunk(decode_chunk(c, books) if c.method else c, method, quality, books),
+            lambda c: encode_chunk(decode_chunk(c, books, device) if c.method else c, method, quality, books, device),
         )
 
     async def _op_decompress(self, args: dict[str, Any]) -> dict[str, Any]:
-        books = self.codebooks
-        return await self._transform(args, lambda c: "not compressed" if c.method is None else None, lambda c: decode_chunk(c, books))
+        books, device = self.codebooks, self.codec_device
+        return await self._transform(args, lambda c: "not compressed" if c.method is None else None, lambda c: decode_chunk(c, books, device))
 
     async def _ensure_codebooks(self, location: str, keys: list[int]) -> None:
         """A current kvtc codebook for the shape of the chunks at `keys` (one model: the first chunk found tells),
@@ -532,7 +552,7 @@ class Storage:
                 chunk = await self._get(location, key)
                 if chunk is None or (chunk.shape[1], chunk.shape[3]) != (layers, channels) or chunk.method == "kvtc":
                     continue
-                raw = await self.run(decode_chunk, chunk, self.codebooks) if chunk.method else chunk
+                raw = await self.run(decode_chunk, chunk, self.codebooks, self.codec_device) if chunk.method else chunk
                 samples.append(from_bytes(raw.data, raw.shape, raw.dtype))
                 tokens += chunk.num_tokens
                 if tokens >= LEARN_MAX_TOKENS:
