@@ -69,6 +69,8 @@ def test_layouts_that_cannot_be_read_are_refused() -> None:
         PagedLayout.build((torch.zeros(2, 1, 4, 7),), 4, "interleaved")
     with pytest.raises(LayoutError, match="multiple"):
         PagedLayout.build((torch.zeros(2, 1, 4, 8),), 6, "halves")
+    with pytest.raises(LayoutError, match="last dimension"):  # no vLLM layout splits a head's content
+        PagedLayout.build((torch.zeros(2, 1, 8, 4).transpose(2, 3),), 4, "interleaved")
     with pytest.raises(LayoutError, match="writer"):
         PagedLayout.build((torch.zeros(2, 1, 4, 8),), 4, "probed")
     with pytest.raises(LayoutError, match="once"):  # a writer that drops values cannot be read back
@@ -90,3 +92,44 @@ def test_a_thread_pool_moves_inference_tensors_too() -> None:
         slots = layout.slots([3, 1], 0, 6)
         layout.scatter(slots, kv, pool)
         assert torch.equal(layout.gather(slots, pool), kv)
+
+
+@pytest.mark.parametrize("name", ["LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC"])
+def test_every_vllm_cache_layout_reads_and_writes_like_the_backend(name: str) -> None:
+    """vLLM's own allocator code (create_kv_cache_views, as its GPU model runner calls it) lays the cache out
+    under each KVCacheLayout; the GPU backends read it as `kv_cache.transpose(1, 2).split(head_size, dim=-1)`.
+    Most layouts hand over strided views, and block-outer ones interleave the layers' pages."""
+    kv_interface = pytest.importorskip("vllm.v1.kv_cache_interface")
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    from lmcached.bench.synthetic import VLLM_KV_LAYOUTS, paged_cache_like_vllm
+
+    layout = KVCacheLayout[name]
+    assert VLLM_KV_LAYOUTS[name] == layout.stride_order  # the GPU check's hand-built caches follow vLLM's
+    spec = kv_interface.FullAttentionSpec(block_size=4, num_kv_heads=3, head_size=8, dtype=torch.float16)
+    blocks, names = 6, ["layer.0", "layer.1"]
+    layer_stride, block_stride, *_ = kv_interface.compute_layout_strides(spec, blocks, len(names), layout)
+    placement = kv_interface.KVCacheTensor(
+        size=spec.page_size_bytes * blocks * len(names), layers=names, layer_stride=layer_stride, block_stride=block_stride
+    )
+    raw = torch.zeros(placement.size, dtype=torch.int8)
+    views = kv_interface.create_kv_cache_views(raw, spec, blocks, layout, placement)
+    ours = paged_cache_like_vllm(2, blocks, 3, 4, 16, name)
+    assert [v.stride() for v in views] == [v.stride() for v in ours]
+    raw.view(torch.float16).copy_(torch.randn(raw.numel() // 2))
+
+    paged = PagedLayout.build(views, 4, "interleaved")
+    slots = paged.slots([4, 1, 3], 2, 11)
+    kv = paged.gather(slots)
+    for number, view in enumerate(views):
+        keys, values = view.transpose(1, 2).split(8, dim=-1)  # [blocks, tokens, heads, head_size]
+        for t, slot in enumerate(slots.tolist()):
+            assert torch.equal(kv[0, number, t].view(3, 8), keys[slot // 4, slot % 4])
+            assert torch.equal(kv[1, number, t].view(3, 8), values[slot // 4, slot % 4])
+
+    before = raw.clone()
+    fresh = torch.randn_like(kv, dtype=torch.float32)
+    paged.scatter(slots, fresh)
+    assert torch.equal(paged.gather(slots), fresh.half())
+    changed = (raw != before).view(-1, 2).any(dim=1).sum()  # float16 elements that changed
+    assert changed <= kv.numel() and changed > kv.numel() * 0.99  # only the slots' own elements

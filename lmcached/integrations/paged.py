@@ -1,9 +1,14 @@
 """Between an engine's paged KV cache and lmcached's [2, L, T, C] chunks, with plain torch indexing, so the
 same code runs on CPU tensors and CUDA tensors (only the final copy to or from the host crosses devices).
 
-vLLM keeps each attention layer as a tensor [blocks, kv_heads, block_size, 2 * head_size]: one tile per block.
-Where a token's key and value sit inside a tile depends on the attention backend, so a layout is described by
-two index tables — for each (head, token in block, dim), the element's offset in the flattened tile:
+vLLM hands each attention layer over as a view [blocks, kv_heads, block_size, 2 * head_size]: one tile per
+block. That view need not be contiguous: vLLM's KV cache layout (`VLLM_KV_CACHE_LAYOUT`, resolved from what the
+attention backends accept) orders the memory underneath — LBNHC, FlashAttention's default, puts a block's
+tokens before its heads; BLHNC and the other block-outer layouts interleave all layers' pages block by block,
+so one layer's view steps over the others'. Offsets here are in the view's own logical order, which
+torch.take / put_ follow through any strides, so every layout reads the same way. Where a token's key and
+value sit inside a tile depends on the attention backend, so a layout is described by two index tables — for
+each (head, token in block, dim), the element's offset in the flattened tile:
 
 - `interleaved` (FlashAttention and Triton on GPUs): per token and head, the key's head_size values, then the
   value's (`kv_cache.transpose(1, 2).split(head_size, dim=-1)` in vLLM);
@@ -47,8 +52,9 @@ class PagedLayout:
         for layer in self.layers:
             if layer.ndim != 4 or layer.shape != first.shape or layer.dtype != first.dtype:
                 raise LayoutError(f"layers must all be [blocks, kv_heads, block_size, 2*head_size]; got {list(layer.shape)}")
-            if not layer.is_contiguous():
-                raise LayoutError("each layer's cache must be one contiguous tensor")
+            if layer.stride(-1) != 1:
+                # Every vLLM layout keeps a head's content contiguous; a cache that does not is not vLLM's.
+                raise LayoutError(f"a layer's last dimension must be contiguous; its strides are {layer.stride()}")
         if self.block_size % first.shape[2]:
             raise LayoutError(f"block size {self.block_size} is not a multiple of the kernel block size {first.shape[2]}")
         expected = (first.shape[1], first.shape[2], first.shape[3] // 2)
