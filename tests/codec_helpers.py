@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import torch
+from lmcached.bench.synthetic import kv_like_real
 from lmcached.codecs import Codec
+
+__all__ = ["assert_round_trip", "kv_like_real", "relative_error"]
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -21,13 +24,3 @@ def assert_round_trip(codec: Codec, kv: torch.Tensor, max_relative_error: float 
     else:
         assert relative_error(out, kv) <= max_relative_error
     return blob
-
-
-def kv_like_real(layers: int, tokens: int, channels: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    """Keys with outlier channels and a per-channel bias, values per-token scaled: the shapes of real KV."""
-    gen = torch.Generator().manual_seed(seed)
-    k = torch.randn(layers, tokens, channels, generator=gen) * torch.linspace(0.1, 4.0, channels) + torch.randn(
-        1, 1, channels, generator=gen
-    )
-    v = torch.randn(layers, tokens, channels, generator=gen) * torch.rand(layers, tokens, 1, generator=gen).add(0.2)
-    return torch.stack([k, v]).to(dtype)
