@@ -57,6 +57,31 @@ def main() -> None:
     app()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"lmcached {version()}")
+        raise typer.Exit()
+
+
+def version() -> str:
+    """The installed distribution's version (what pip installed), else the source tree's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("lmcached")
+    except metadata.PackageNotFoundError:
+        from lmcached import __version__
+
+        return __version__
+
+
+@app.callback()
+def _options(
+    show_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """A KV-cache daemon for LLM serving: see where a prompt's KV cache lives; compress, pin, move and clear it."""
+
+
 # ---------------------------------------------------------------------------------------------- daemons
 def _load_config(config_file: Path | None, overrides: dict[str, Any]) -> Any:
     from lmcached.config import load_config
