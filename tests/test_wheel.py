@@ -61,7 +61,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(ROOT / name, source / name)
-    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(source)]
+    # This environment's setuptools builds it when it is new enough (vLLM brings one); else pip fetches one.
+    offline = ["--no-build-isolation"] if _version("setuptools") >= (68,) else []
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *offline, "-w", str(tmp / "dist"), str(source)]
     subprocess.run(build, check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp / "dist").glob("lmcached-*.whl")
 
@@ -76,6 +78,15 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "--python", str(env_python), "install", "-q", "--no-deps", str(wheel)],
                    check=True, capture_output=True, timeout=300)
     return env / "bin"
+
+
+def _version(dist: str) -> tuple[int, ...]:
+    from importlib import metadata
+
+    try:
+        return tuple(int(part) for part in metadata.version(dist).split(".")[:2] if part.isdigit())
+    except metadata.PackageNotFoundError:
+        return ()
 
 
 def run_installed(bin_dir: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
