@@ -17,6 +17,7 @@ from lmcached.chunks import chunk_spans
 from lmcached.config import Config
 from lmcached.errors import InvalidRequest, LmcachedError, NotFound, WorkerUnavailable
 from lmcached.events import Event, EventLog
+from lmcached.http_logging import quiet_malformed_requests
 from lmcached.hub import Hub
 from lmcached.index import ChunkIndex, WorkerKey
 from lmcached.metrics import Metrics
@@ -81,6 +82,7 @@ class Controller:
 
     # ------------------------------------------------------------------ app
     def app(self) -> web.Application:
+        quiet_malformed_requests()
         app = web.Application(client_max_size=self.config.max_request_bytes, middlewares=[self._errors, self._auth])
         routes = {
             "/lookup": self.lookup,
@@ -164,17 +166,19 @@ class Controller:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _schedule(self, op: str, instance_id: str, num_tokens: int, calls: list[Call]) -> Event:
+    def _schedule(self, op: str, instance_id: str, location: str, num_tokens: int, calls: list[Call], whole: bool = False) -> Event:
         event = self.events.create(op, instance_id, num_tokens)
         if calls:
             self._launch(event, calls)
-        else:  # nothing cached: nothing to do, and the event says so at once
-            self.events.finish(event, {"num_tokens": 0})
+        else:  # nothing cached: nothing to do, and the event says so at once, in words
+            what = "no chunk" if whole else "no chunk of these tokens"
+            message = f"nothing matched: {what} is at {location} of {instance_id}, so nothing was done"
+            self.events.finish(event, {"num_tokens": 0, "chunks": 0, "matched": False, "message": message})
             self.metrics.operations.labels(op, "finished").inc()
         return event
 
-    def _scheduled(self, op: str, instance_id: str, num_tokens: int, calls: list[Call]) -> web.Response:
-        event = self._schedule(op, instance_id, num_tokens, calls)
+    def _scheduled(self, op: str, instance_id: str, location: str, num_tokens: int, calls: list[Call], whole: bool = False) -> web.Response:
+        event = self._schedule(op, instance_id, location, num_tokens, calls, whole)
         return json_response({"event_id": event.event_id, "num_tokens": num_tokens})
 
     def _timeout(self, keys: list[int]) -> float:
@@ -189,7 +193,7 @@ class Controller:
         self.index.check_location(instance_id, location)  # 404 for an unknown instance or tier, before anything happens
         num_tokens, by_worker = self.index.prefix(instance_id, location, spans)
         calls = [(key, op, {"location": location, "keys": keys, **args_extra}, self._timeout(keys)) for key, keys in by_worker.items()]
-        return self._scheduled(op, instance_id, num_tokens, calls)
+        return self._scheduled(op, instance_id, location, num_tokens, calls)
 
     # ------------------------------------------------------------------ endpoints
     async def root(self, request: web.Request) -> web.Response:
@@ -236,7 +240,7 @@ class Controller:
             spans = self._spans(body)
             num_tokens, by_worker = self.index.prefix(instance_id, location, spans)
             calls = [(key, "clear", {"location": location, "keys": keys}, self.config.command_timeout) for key, keys in by_worker.items()]
-        return self._scheduled("clear", instance_id, num_tokens, calls)
+        return self._scheduled("clear", instance_id, location, num_tokens, calls, whole=body.get("tokens") is None)
 
     async def move(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -256,7 +260,7 @@ class Controller:
             address = None if key == target.key else target.data_address
             args = {"location": src_location, "keys": keys, "target_location": dst_location, "target_address": address, "copy": copy}
             calls.append((key, "move", args, self._timeout(keys)))
-        return self._scheduled("move", src_instance, num_tokens, calls)
+        return self._scheduled("move", src_instance, src_location, num_tokens, calls)
 
     async def health(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -382,7 +386,7 @@ class Controller:
             if mine:
                 num_tokens += sum(held[k].num_tokens for k in mine)
                 calls.append((record.key, op, {"location": location, "keys": mine, **extra}, self._timeout(mine)))
-        event = self._schedule(op, instance_id, num_tokens, calls)
+        event = self._schedule(op, instance_id, location, num_tokens, calls)
         return {"event_id": event.event_id, "num_tokens": num_tokens}
 
     async def drain(self, timeout: float) -> None:

@@ -22,6 +22,7 @@ import torch
 from aiohttp import web
 
 from lmcached.errors import InvalidRequest, LmcachedError, NotFound
+from lmcached.http_logging import quiet_malformed_requests
 from lmcached.model import LoadedModel, cache_from_kv, forward, kv_from_cache
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class Engine:
 
     # ------------------------------------------------------------------ plumbing
     def app(self) -> web.Application:
+        quiet_malformed_requests()
         app = web.Application(client_max_size=8 * 1024 * 1024, middlewares=[self._errors])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)

@@ -58,6 +58,8 @@ def tokens(body: dict[str, Any], name: str = "tokens") -> np.ndarray:
     value = required(body, name)
     if not isinstance(value, list):
         raise InvalidRequest(f"field {name!r} must be a list of token ids", name, 422)
+    if not value:
+        raise InvalidRequest(f"field {name!r} is empty: give at least one token id", name, 422)
     if len(value) > MAX_TOKENS:
         raise InvalidRequest(f"field {name!r} has {len(value)} tokens; the limit is {MAX_TOKENS}", name, 413)
     return tokens_array(value)

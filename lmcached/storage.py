@@ -6,10 +6,11 @@ in its own process) drive it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -36,6 +37,31 @@ REMOTE_THREADS = 4
 REMOTE_MIN_BYTES_PER_S = 100e6
 #: How long a command on the remote tier waits for queued write-through to land first (the tier may be down).
 REMOTE_FLUSH_TIMEOUT_S = 10.0
+
+
+class KeyedLocks:
+    """An asyncio lock per key, made on first use and dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Any, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: Any) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (None, 0))
+        lock = lock or asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 def codec_device(setting: str) -> str:
@@ -120,6 +146,7 @@ class Storage:
         disk = config.local_disk_path
         self.codebooks = Codebooks(disk / "codebooks" if disk is not None else None)
         self._learning = asyncio.Lock()  # one codebook learned at a time (two compresses of a new shape: one fit)
+        self._transforming = KeyedLocks()  # (location, key) of chunks being compressed or decompressed
         #: Where compress and decompress run ("cuda" or "cpu"), settled when the storage opens.
         self.codec_device = "cpu"
 
@@ -468,23 +495,30 @@ class Storage:
         before = after = tokens = count = 0
         skipped: dict[str, int] = {}
 
+        def skip(reason: str) -> None:
+            skipped[reason] = skipped.get(reason, 0) + 1
+
         async def one(key: int) -> None:
             nonlocal before, after, tokens, count
-            chunk = await self._get(location, key)
-            if chunk is None:
-                return
-            reason = skip_reason(chunk)
-            if reason is not None:
-                skipped[reason] = skipped.get(reason, 0) + 1
-                return
-            new = await self.run(fn, chunk)
-            if chunk.method is not None and new.method is not None and new.nbytes >= chunk.nbytes:
-                reason = f"kept {chunk.method}, smaller than {new.method}"
-                skipped[reason] = skipped.get(reason, 0) + 1
-                return
-            # Swap only if nobody changed the chunk meanwhile; the old bytes stay until the new ones are whole.
-            swapped = await self._call(backend, backend.replace_if_same, chunk, new)
-            if swapped:
+            # One re-encoding of a chunk at a time: a second compress of the same chunks waits for the first
+            # and then finds them compressed (and says so) instead of losing the race without a word.
+            async with self._transforming.hold((location, key)):
+                chunk = await self._get(location, key)
+                if chunk is None:
+                    skip(f"gone from {location} before it was reached")
+                    return
+                reason = skip_reason(chunk)
+                if reason is not None:
+                    skip(reason)
+                    return
+                new = await self.run(fn, chunk)
+                if chunk.method is not None and new.method is not None and new.nbytes >= chunk.nbytes:
+                    skip(f"kept {chunk.method}, smaller than {new.method}")
+                    return
+                # Swap only if nobody changed the chunk meanwhile; the old bytes stay until the new ones are whole.
+                if not await self._call(backend, backend.replace_if_same, chunk, new):
+                    skip("changed by a store or clear meanwhile (left as it is now)")
+                    return
                 self._note(location, key)
                 before += chunk.nbytes
                 after += new.nbytes

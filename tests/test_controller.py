@@ -287,3 +287,32 @@ async def test_compress_takes_an_optional_quality(running: Running) -> None:
     got, body = await running.post("/compress", {**base, "quality": 9})
     large = (await running.wait_event(body["event_id"]))["result"]["bytes_after"]
     assert small < large
+
+
+@pytest.mark.parametrize("path", ["/lookup", "/compress", "/decompress", "/pin", "/unpin", "/clear"])
+async def test_an_empty_token_list_is_refused_not_a_silent_no_op(running: Running, path: str) -> None:
+    status, answer = await running.post(path, body(tokens=[], method="cachegen"))
+    assert status == 422 and answer["field"] == "tokens" and "empty" in answer["detail"]
+
+
+async def test_an_operation_that_matched_nothing_says_so(running: Running) -> None:
+    status, answer = await running.post("/compress", body(tokens=[7, 7, 7], method="cachegen"))
+    assert status == 200 and answer["num_tokens"] == 0
+    result = (await running.wait_event(answer["event_id"]))["result"]
+    assert result["matched"] is False and result["num_tokens"] == 0
+    assert result["message"] == f"nothing matched: no chunk of these tokens is at {CPU} of {INSTANCE}, so nothing was done"
+
+
+async def test_two_compresses_of_the_same_chunks_at_once_account_for_every_chunk(running: Running) -> None:
+    await running.store(TOKENS, make_kv(len(TOKENS)))
+    await running.post("/clear", body(location=DISK))  # RAM only, so the counts below are one tier's
+    twice = body(method="cachegen")
+    first, second = await asyncio.gather(running.post("/compress", twice), running.post("/compress", twice))
+    results = [(await running.wait_event(answer["event_id"]))["result"] for _, answer in (first, second)]
+    # Each chunk compressed once; the other request says why it did not, never an unexplained zero.
+    assert sum(r["num_tokens"] for r in results) == len(TOKENS)
+    assert sum(r["chunks"] for r in results) == 4
+    for result in results:
+        if result["chunks"] < 4:
+            assert result["skipped"] == {"already compressed with cachegen": 4 - result["chunks"]}
+            assert "already compressed with cachegen" in result["message"]
