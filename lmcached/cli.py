@@ -33,12 +33,19 @@ app = typer.Typer(
 DEFAULT_CONTROLLER = "http://127.0.0.1:9000"
 CPU_LOCATION = "LocalCPUBackend"
 
-ControllerOpt = typer.Option(DEFAULT_CONTROLLER, "--controller", envvar="LMCACHED_CONTROLLER", help="Controller URL.")
+ControllerOpt = typer.Option(
+    DEFAULT_CONTROLLER, "--controller", envvar="LMCACHED_CONTROLLER", help="The controller's HTTP API: http://HOST:PORT or HOST:PORT (port 9000 by default)."
+)
 TokenOpt = typer.Option(None, "--auth-token", envvar="LMCACHED_AUTH_TOKEN", help="Bearer token, when the daemon has one.")
 TokensOpt = typer.Option(None, "--tokens", help="Token ids, comma-separated: 1,2,3.")
 TokensFileOpt = typer.Option(None, "--tokens-file", help="A file of token ids: a JSON list, or ids separated by commas/spaces.")
 InstanceOpt = typer.Option(DEFAULT_INSTANCE_ID, "--instance-id", help="The instance to act on.")
-LocationOpt = typer.Option(CPU_LOCATION, "--location", help="LocalCPUBackend or LocalDiskBackend.")
+LocationOpt = typer.Option(CPU_LOCATION, "--location", help="LocalCPUBackend, LocalDiskBackend or RemoteBackend.")
+RequireMatchOpt = typer.Option(
+    False, "--require-match", help="Exit 3 when no chunk of these tokens is at the location (nothing matched, nothing done)."
+)
+#: The exit code of --require-match when nothing matched (1 is a failure, 2 a usage error).
+NOTHING_MATCHED_EXIT = 3
 MethodOpt = typer.Option(
     "cachegen", "--method", help="Codec: cachegen (lossy, default), kvtc (lossy, smaller: needs a codebook, see calibrate) or lossless."
 )
@@ -384,6 +391,8 @@ def _tokens(tokens: str | None, tokens_file: Path | None) -> list[int]:
         fail(f"token ids must be integers: {exc}", 2)
     if not isinstance(values, list) or not all(type(v) is int for v in values):
         fail("token ids must be a list of integers", 2)
+    if not values:
+        fail("the token list is empty: give at least one token id", 2)
     return values
 
 
@@ -394,9 +403,18 @@ def _read(path: Path) -> str:
         fail(f"cannot read {path}: {exc.strerror}", 2)
 
 
+def controller_url(value: str) -> str:
+    """The controller's base URL from what a user typed: http(s)://HOST:PORT, or HOST:PORT (http assumed)."""
+    value = value.strip().rstrip("/")
+    return value if "://" in value else f"http://{value}"
+
+
 def call(controller: str, path: str, body: dict[str, Any] | None, token: str | None) -> dict[str, Any]:
     """POST (or GET when body is None) to the controller; print nothing, raise nothing: fail() on errors."""
-    url = controller.rstrip("/") + path
+    import http.client
+
+    controller = controller_url(controller)
+    url = controller + path
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST")
     request.add_header("Content-Type", "application/json")
@@ -411,6 +429,12 @@ def call(controller: str, path: str, body: dict[str, Any] | None, token: str | N
         except (ValueError, AttributeError):
             detail = exc.reason
         fail(f"{exc.code}: {detail}")
+    except (http.client.HTTPException, ValueError) as exc:  # something answered, but not in HTTP (or not JSON)
+        spoke = "lmcached's worker protocol" if "LMKV" in str(exc) else "something other than the controller's HTTP API"
+        fail(
+            f"{controller} answered in {spoke}: is that a worker port (9001) or a data port (8001)? "
+            "--controller takes the controller's HTTP API, http://HOST:9000 by default"
+        )
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         fail(f"cannot reach the controller at {controller}: {reason}")
@@ -431,12 +455,17 @@ def lookup(
     _print(call(controller, "/lookup", {"tokens": _tokens(tokens, tokens_file)}, auth_token))
 
 
-def run_operation(path: str, body: dict[str, Any], controller: str, auth_token: str | None, wait: bool, timeout: float) -> None:
+def run_operation(
+    path: str, body: dict[str, Any], controller: str, auth_token: str | None, wait: bool, timeout: float, require_match: bool = False
+) -> None:
     """Start an operation; with `wait`, follow its event until it ends: print the final event, exit 1 with
-    the event's error when it failed, or when it is still running after `timeout` seconds."""
+    the event's error when it failed, or when it is still running after `timeout` seconds. When no chunk
+    matched, a note says so, and `require_match` makes that exit NOTHING_MATCHED_EXIT."""
     started = call(controller, path, body, auth_token)
     if not wait:
         _print(started)
+        if started.get("num_tokens") == 0:
+            _nothing_matched("nothing matched: no chunk of these tokens is at that location, so nothing will be done", require_match)
         return
     event = wait_for_event(controller, started["event_id"], auth_token, timeout)
     if event["status"] == "failed":
@@ -444,9 +473,17 @@ def run_operation(path: str, body: dict[str, Any], controller: str, auth_token: 
     if event["status"] != "finished":
         fail(f"{event['op']} still {event['status']} after {timeout:.0f}s; follow it with: lmcached status {event['event_id']}")
     _print(event)
-    message = (event.get("result") or {}).get("message")
-    if message:
-        typer.echo(f"note: {message}", err=True)
+    result = event.get("result") or {}
+    if result.get("matched") is False:
+        _nothing_matched(result["message"], require_match)
+    elif result.get("message"):
+        typer.echo(f"note: {result['message']}", err=True)
+
+
+def _nothing_matched(message: str, require_match: bool) -> None:
+    typer.echo(f"note: {message}", err=True)
+    if require_match:
+        raise typer.Exit(NOTHING_MATCHED_EXIT)
 
 
 def wait_for_event(controller: str, event_id: str, auth_token: str | None, timeout: float) -> dict[str, Any]:
@@ -483,13 +520,14 @@ def _on_prefix(
     timeout: float,
     method: str | None = None,
     quality: int | None = None,
+    require_match: bool = False,
 ) -> None:
     body: dict[str, Any] = {"instance_id": instance_id, "location": location, "tokens": _tokens(tokens, tokens_file)}
     if method is not None:
         body["method"] = method
     if quality is not None:
         body["quality"] = quality
-    run_operation(f"/{op}", body, controller, auth_token, wait, timeout)
+    run_operation(f"/{op}", body, controller, auth_token, wait, timeout, require_match)
 
 
 @app.command()
@@ -506,9 +544,10 @@ def compress(
     auth_token: str | None = TokenOpt,
     wait: bool = WaitOpt,
     timeout: float = TimeoutOpt,
+    require_match: bool = RequireMatchOpt,
 ) -> None:
     """Compress the cached prefix of these tokens (keeps the raw bytes until the compressed ones are whole)."""
-    _on_prefix("compress", tokens, tokens_file, instance_id, location, controller, auth_token, wait, timeout, method, quality)
+    _on_prefix("compress", tokens, tokens_file, instance_id, location, controller, auth_token, wait, timeout, method, quality, require_match)
 
 
 @app.command()
@@ -522,9 +561,11 @@ def decompress(
     auth_token: str | None = TokenOpt,
     wait: bool = WaitOpt,
     timeout: float = TimeoutOpt,
+    require_match: bool = RequireMatchOpt,
 ) -> None:
-    """Decompress the cached prefix of these tokens back to raw KV."""
-    _on_prefix("decompress", tokens, tokens_file, instance_id, location, controller, auth_token, wait, timeout, method)
+    """Decompress the cached prefix of these tokens back to raw KV: the raw KV of the compressed values, not the
+    original (a lossy codec's loss stays; decompress is not an undo)."""
+    _on_prefix("decompress", tokens, tokens_file, instance_id, location, controller, auth_token, wait, timeout, method, None, require_match)
 
 
 @app.command()
@@ -537,9 +578,10 @@ def pin(
     auth_token: str | None = TokenOpt,
     wait: bool = WaitOpt,
     timeout: float = TimeoutOpt,
+    require_match: bool = RequireMatchOpt,
 ) -> None:
     """Pin the cached prefix of these tokens: never evicted until unpinned."""
-    _on_prefix("pin", tokens, tokens_file, instance_id, location, controller, auth_token, wait, timeout)
+    _on_prefix("pin", tokens, tokens_file, instance_id, location, controller, auth_token, wait, timeout, require_match=require_match)
 
 
 @app.command()
@@ -552,9 +594,10 @@ def unpin(
     auth_token: str | None = TokenOpt,
     wait: bool = WaitOpt,
     timeout: float = TimeoutOpt,
+    require_match: bool = RequireMatchOpt,
 ) -> None:
     """Unpin the cached prefix of these tokens."""
-    _on_prefix("unpin", tokens, tokens_file, instance_id, location, controller, auth_token, wait, timeout)
+    _on_prefix("unpin", tokens, tokens_file, instance_id, location, controller, auth_token, wait, timeout, require_match=require_match)
 
 
 @app.command()
@@ -567,12 +610,13 @@ def clear(
     auth_token: str | None = TokenOpt,
     wait: bool = WaitOpt,
     timeout: float = TimeoutOpt,
+    require_match: bool = RequireMatchOpt,
 ) -> None:
     """Clear a prompt's chunks (or, without tokens, everything) at a location."""
     body: dict[str, Any] = {"instance_id": instance_id, "location": location}
     if tokens is not None or tokens_file is not None:
         body["tokens"] = _tokens(tokens, tokens_file)
-    run_operation("/clear", body, controller, auth_token, wait, timeout)
+    run_operation("/clear", body, controller, auth_token, wait, timeout, require_match)
 
 
 @app.command()
@@ -588,6 +632,7 @@ def move(
     auth_token: str | None = TokenOpt,
     wait: bool = WaitOpt,
     timeout: float = TimeoutOpt,
+    require_match: bool = RequireMatchOpt,
 ) -> None:
     """Move (or copy) a prompt's chunks to another location or instance."""
     body = {
@@ -596,7 +641,7 @@ def move(
         "tokens": _tokens(tokens, tokens_file),
         "copy": copy,
     }
-    run_operation("/move", body, controller, auth_token, wait, timeout)
+    run_operation("/move", body, controller, auth_token, wait, timeout, require_match)
 
 
 @app.command()

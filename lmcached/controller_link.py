@@ -46,6 +46,7 @@ class ControllerLink:
         self._lock = asyncio.Lock()  # one frame at a time on the link
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._problem: str | None = None  # the link's trouble last logged: logged again only when it changes
         storage.after_store = self.flush_reports
 
     def start(self) -> None:
@@ -68,13 +69,13 @@ class ControllerLink:
             try:
                 reader, writer = await asyncio.open_connection(host, port)
             except OSError as exc:
-                log.info("controller %s:%d unreachable (%s); retrying in %.1fs", host, port, exc.strerror, delay)
+                self._trouble(f"controller {host}:{port} unreachable ({exc.strerror})")
             else:
                 try:
                     await self._session(reader, writer)
                     delay = 0.1
                 except (ProtocolError, Unauthorized, ConnectionError) as exc:
-                    log.warning("controller link lost: %s", exc)
+                    self._trouble(f"controller link to {host}:{port} lost: {exc}")
                 finally:
                     self.connected.clear()
                     writer.close()
@@ -82,6 +83,14 @@ class ControllerLink:
                         await writer.wait_closed()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    def _trouble(self, problem: str) -> None:
+        """One WARNING per new problem, not one line per retry (it retries with backoff, up to every 5 s)."""
+        if problem != self._problem:
+            log.warning("%s; retrying until it answers", problem)
+            self._problem = problem
+        else:
+            log.debug("%s; retrying", problem)
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         hello = {
@@ -107,7 +116,8 @@ class ControllerLink:
         try:
             await self._resync()
             self.connected.set()
-            log.info("worker %s registered with the controller", self.worker_id)
+            log.info("worker %s registered with the controller%s", self.worker_id, " again" if self._problem else "")
+            self._problem = None
             await self._serve(reader)
         finally:
             self._writer = None

@@ -98,6 +98,8 @@ def frame_parts(kind: Kind, header: dict[str, Any], payloads: list[Any]) -> list
 def decode_prefix(prefix: bytes, max_payload: int) -> tuple[Kind, int, int]:
     """Check a fixed header and return (kind, header length, payload length)."""
     magic, version, kind, header_len, payload_len = PREFIX.unpack(prefix)
+    if magic == b"HTTP":  # a worker or client pointed at an HTTP port (the controller's API, an engine)
+        raise ProtocolError("the peer answered in HTTP: that is an HTTP port (the controller's API is 9000 by default), not lmcached's worker (9001) or data port (8001)")
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {magic!r} (expected {MAGIC!r}): not an lmcached peer")
     if version != VERSION:

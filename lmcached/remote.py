@@ -326,6 +326,7 @@ class RemoteBackend(Backend):
         self.capacity_bytes = self._maxmemory()
         self._listener_stop = threading.Event()
         self._listener: threading.Thread | None = None
+        self._notify_problem: str | None = None  # why notifications were last unavailable (logged once per cause)
 
     # ---------------------------------------------------------------- identity and set-up
     def _tier_identity(self) -> str:
@@ -652,8 +653,13 @@ class RemoteBackend(Backend):
                 if set(wanted) != set(current):
                     node.config_set("notify-keyspace-events", wanted)
             except Exception as exc:
-                log.info("remote tier %s: keyspace notifications unavailable (%s); relying on scans", self.url.display, exc)
+                # Once per cause: the listener retries every few seconds while Redis is down.
+                if str(exc) != self._notify_problem:
+                    log.info("remote tier %s: keyspace notifications unavailable (%s); relying on scans", self.url.display, exc)
+                    self._notify_problem = str(exc)
                 ok = False
+        if ok:
+            self._notify_problem = None
         return ok
 
     def start_listener(self) -> None:

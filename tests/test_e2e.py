@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -106,6 +107,40 @@ def test_cli_subcommands_print_json_and_exit_codes(serve_process: ServeProcess, 
     assert done.returncode == 2 and "integers" in done.stderr
 
 
+def test_cli_says_when_nothing_matched_and_refuses_an_empty_token_list(serve_process: ServeProcess) -> None:
+    server = serve_process
+    done = cli(server, "compress", "--tokens", "")
+    assert done.returncode == 2 and done.stderr == "error: the token list is empty: give at least one token id\n"
+    done = cli(server, "compress", "--tokens", "5,6,7")
+    assert done.returncode == 0 and json.loads(done.stdout)["result"]["matched"] is False
+    assert done.stderr.startswith("note: nothing matched: no chunk of these tokens is at LocalCPUBackend")
+    # For scripts: --require-match makes "nothing matched" an exit code of its own, with or without waiting.
+    for wait in ("--wait", "--no-wait"):
+        done = cli(server, "pin", "--tokens", "5,6,7", "--require-match", wait)
+        assert done.returncode == 3 and "note: nothing matched" in done.stderr, (wait, done.stderr)
+    with KVClient(server.data) as client:
+        client.store(SEED_TOKENS, make_kv(12))
+    tokens = ",".join(map(str, SEED_TOKENS))
+    wait_for(lambda: json.loads(cli(server, "lookup", "--tokens", tokens).stdout)["layout_info"])
+    done = cli(server, "pin", "--tokens", tokens, "--require-match")
+    assert done.returncode == 0 and json.loads(done.stdout)["result"]["num_tokens"] == 12 and not done.stderr
+
+
+def test_cli_takes_host_port_and_names_the_port_it_was_given_by_mistake(serve_process: ServeProcess) -> None:
+    server = serve_process
+
+    def lookup(controller: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "lmcached", "lookup", "--tokens", "1,2", "--controller", controller]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+    done = lookup(f"127.0.0.1:{server.ports['http']}")  # no scheme: http is assumed
+    assert done.returncode == 0 and json.loads(done.stdout)["layout_info"] == {}
+    for wrong in (f"http://127.0.0.1:{server.ports['monitor']}", server.data):  # the worker port, a data port
+        done = lookup(wrong)
+        assert done.returncode == 1 and "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+        assert "answered in lmcached's worker protocol" in done.stderr and "http://HOST:9000" in done.stderr
+
+
 def test_cli_reports_an_unreachable_controller() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "lmcached", "lookup", "--tokens", "1", "--controller", "http://127.0.0.1:9"],
@@ -204,3 +239,23 @@ def test_a_deliberate_shutdown_is_quiet_news_not_a_warning() -> None:
     assert "WARNING" not in log, log
     assert "Ctrl-C" not in log and "shutting down" in log
     assert any(" INFO " in line and "leaving lost: shut down" in line for line in server.output), server.output
+
+
+def test_logs_say_each_problem_once_without_tracebacks(serve_process: ServeProcess) -> None:
+    server = serve_process
+    # A malformed request: the client gets a 400; the daemon logs one warning line, not an aiohttp traceback.
+    with socket.create_connection(("127.0.0.1", server.ports["http"])) as sock:
+        sock.sendall(b"POST /lookup HTTP/1.1\r\nHost: x\r\nBad Header Line\r\nContent-Length: 2\r\n\r\n{}")
+        assert sock.recv(100).startswith(b"HTTP/1.0 400")
+    wait_for(lambda: any("malformed HTTP request" in line for line in server.output))
+    [line] = [line for line in server.output if "aiohttp.server" in line]
+    assert " WARNING " in line and "refused with 400" in line and not any("Traceback" in line for line in server.output)
+
+    # A worker pointed at the HTTP port (a mix-up), retrying for a few seconds: one warning that names it.
+    cmd = [sys.executable, "-m", "lmcached", "worker", "--instance-id", "w", "--port", "0", "--controller", server.http]
+    worker = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(6)
+    worker.send_signal(signal.SIGTERM)
+    output, _ = worker.communicate(timeout=30)
+    link = [line for line in output.splitlines() if "controller_link" in line]
+    assert len(link) == 1 and " WARNING " in link[0] and "answered in HTTP" in link[0], output

@@ -43,6 +43,12 @@ async def test_read_frame_rejects_bad_magic() -> None:
         await read_frame(reader_of(b"GET / HTTP/1.1\r\n\r\n"))
 
 
+async def test_an_http_answer_names_the_port_mix_up() -> None:
+    # A worker pointed at the controller's HTTP port gets aiohttp's 400 back: say which port is which.
+    with pytest.raises(ProtocolError, match=r"answered in HTTP: that is an HTTP port .* not lmcached's worker \(9001\)"):
+        await read_frame(reader_of(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"))
+
+
 async def test_read_frame_rejects_other_version() -> None:
     with pytest.raises(ProtocolError, match="version 9"):
         await read_frame(reader_of(PREFIX.pack(MAGIC, 9, 1, 2, 0) + b"{}"))
