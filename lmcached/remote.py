@@ -317,8 +317,10 @@ class RemoteBackend(Backend):
         self._probe_lock = threading.Lock()
         self.hits = self.misses = 0
         self.dropped_corrupt: list[int] = []
-        self._gone: set[int] = set()  # keys Redis reported evicted/expired/deleted, for the storage to note
-        self._gone_lock = threading.Lock()
+        # Keys whose state this worker learned other than by its own writes, for the storage to report: gone
+        # (evicted, expired, deleted by someone) or found (another worker's chunk, met on a read or a lookup).
+        self._changed: set[int] = set()
+        self._changed_lock = threading.Lock()
         self._swap = self.client.register_script(_SWAP_IF_SAME)
         self._delete_if_same = self.client.register_script(_DELETE_IF_SAME)
         self._prefix = f"{namespace}:kv:"
@@ -521,8 +523,9 @@ class RemoteBackend(Backend):
                 pass
             return None
         self.hits += 1
-        if key not in self:
+        if key not in self:  # another worker's chunk, read through: the controller must hear of it too
             self._remember(key, _entry(unpacked), pinned=False)
+            self._mark_found(key)
         return unpacked
 
     def get(self, key: int) -> Chunk | None:
@@ -560,7 +563,10 @@ class RemoteBackend(Backend):
                     self._mark_gone(key)
                 infos.append(None)
                 continue
+            found = key not in self  # another worker's chunk: the controller must hear of it too
             self._remember(key, entry, pinned=ttl == -1)
+            if found:
+                self._mark_found(key)
             infos.append(self.info(key))
         return infos
 
@@ -603,14 +609,19 @@ class RemoteBackend(Backend):
 
     # ---------------------------------------------------------------- what Redis did on its own
     def _mark_gone(self, key: int) -> None:
-        with self._gone_lock:
-            self._gone.add(key)
+        with self._changed_lock:
+            self._changed.add(key)
 
-    def take_gone(self) -> set[int]:
-        """Keys that left the tier (evicted, expired, deleted by someone) since the last call."""
-        with self._gone_lock:
-            gone, self._gone = self._gone, set()
-        return gone
+    def _mark_found(self, key: int) -> None:
+        with self._changed_lock:
+            self._changed.add(key)
+
+    def take_changed(self) -> set[int]:
+        """Keys that left the tier (evicted, expired, deleted by someone) or that this worker found there (written
+        by another worker, met on a read-through or a lookup) since the last call."""
+        with self._changed_lock:
+            changed, self._changed = self._changed, set()
+        return changed
 
     def reconcile(self) -> tuple[set[int], set[int]]:
         """Scan the tier and bring the mirror in line: (keys added or changed, keys gone). Finds other workers'

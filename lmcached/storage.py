@@ -231,13 +231,13 @@ class Storage:
 
     async def _follow_remote(self, remote: RemoteBackend) -> None:
         """Tell the controller what the remote tier did on its own: keys Redis evicted or expired (from its
-        notifications, at once) and, every remote_scan_interval, what a full scan finds (other workers' writes,
-        pins, anything a notification missed)."""
+        notifications, at once), other workers' chunks this worker met on a read-through or a lookup (at once)
+        and, every remote_scan_interval, what a full scan finds (other workers' writes, pins, anything missed)."""
         loop = asyncio.get_running_loop()
         next_scan = loop.time() + self.config.remote_scan_interval
         while True:
             await asyncio.sleep(REMOTE_EVENTS_S)
-            changed = remote.take_gone()
+            changed = remote.take_changed()
             if loop.time() >= next_scan:
                 next_scan = loop.time() + self.config.remote_scan_interval
                 try:

@@ -22,7 +22,7 @@ from lmcached.remote import RemoteBackend, pack_value, parse_remote_url, unpack_
 from lmcached.worker import Worker
 
 from .codec_helpers import kv_like_real
-from .conftest import CPU, make_kv, serving, test_config
+from .conftest import CPU, INSTANCE, make_kv, serving, test_config
 
 try:
     redis_server_binary()
@@ -345,6 +345,36 @@ async def test_the_index_holds_a_shared_tier_once_and_moves_go_through_it(redis:
             await wait_until(lambda: len(index.tiers[worker.storage.remote_tier]) == 0)
         finally:
             await other.stop()
+
+
+async def test_a_host_controller_learns_the_redis_chunks_its_own_engine_meets(redis: RedisServer) -> None:
+    """Two hosts, each with its own controller, one Redis (the README's fleet): what host C's worker meets in
+    Redis on a lookup or a read-through reaches C's controller at once, not only after a restart. The scans are
+    an hour apart here, so only that path can tell it."""
+    config = test_config(remote_url=redis.url, remote_scan_interval=3600.0)
+    async with serving(config) as host_b, serving(config) as host_c:
+        tokens = list(range(16 * 5))
+        kv = make_kv(len(tokens))
+        await host_b.store(tokens, kv)
+        await host_b.daemon.worker.storage.flush_behind()
+        index_c = host_c.daemon.controller.index
+        tier = host_c.daemon.worker.storage.remote_tier
+        assert len(index_c.tiers.get(tier, ())) == 0
+
+        async with AsyncKVClient(host_c.data) as client:
+            assert await client.lookup(tokens[:48]) == 48  # a lookup's peek finds 3 chunks written by B
+        await wait_until(lambda: len(index_c.tiers.get(tier, ())) == 3, timeout=5)
+        async with AsyncKVClient(host_c.data) as client:
+            got, n = await fetch(client, tokens)  # a read-through of all 5
+        assert n == len(tokens) and torch.equal(got, kv)
+        await wait_until(lambda: len(index_c.tiers.get(tier, ())) == 5, timeout=5)
+
+        status, body = await host_c.post("/lookup", {"tokens": tokens})
+        assert body["layout_info"][INSTANCE] == [CPU, len(tokens)]  # read-through kept RAM copies on C
+        status, body = await host_c.post("/compress", {"instance_id": INSTANCE, "location": REMOTE, "method": "cachegen", "tokens": tokens})
+        assert status == 200 and body["num_tokens"] == len(tokens)
+        result = (await host_c.wait_event(body["event_id"]))["result"]
+        assert result["num_tokens"] == len(tokens) and result["chunks"] == 5
 
 
 # ---------------------------------------------------------------------------------------------- Redis Cluster
