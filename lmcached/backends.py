@@ -329,7 +329,11 @@ class LocalDiskBackend(Backend):
     def __init__(self, directory: Path, capacity_bytes: int) -> None:
         super().__init__(capacity_bytes)
         self.directory = directory
-        self.directory.mkdir(parents=True, exist_ok=True)
+        # KV reveals the prompts it was computed from: a directory made here is the owner's alone (0700), and so
+        # is every chunk file (0600). A directory that already exists keeps the mode its operator gave it.
+        if not directory.exists():
+            directory.mkdir(parents=True)
+            directory.chmod(0o700)
         self.dropped_corrupt: list[int] = []
         self._scan()
 
@@ -374,7 +378,7 @@ class LocalDiskBackend(Backend):
         checksum.update(chunk.data)
         path = self._path(chunk.key)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with tmp.open("wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
             f.write(_DISK_HEAD.pack(_DISK_MAGIC, len(meta)))
             f.write(meta)
             f.write(chunk.data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import types
 import typing
@@ -13,6 +14,8 @@ from typing import Any
 
 from lmcached import DEFAULT_INSTANCE_ID
 from lmcached.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 if typing.TYPE_CHECKING:
     from lmcached.remote import RemoteURL
@@ -53,7 +56,9 @@ class Config:
     heartbeat_timeout: float = 5.0  # a worker silent this long is dropped from the index (LMCache issue 4808)
     command_timeout: float = 30.0  # a controller command a worker has not answered by then fails
     max_request_bytes: int = 16 * 1024 * 1024  # HTTP bodies above this get a 413
-    local_cpu_prefault: float = 1.0  # GB of the RAM tier's arena faulted in at start-up (before ready)
+    # GB of the RAM tier's arena faulted in at start-up (before ready), so the first stores do not pay for page
+    # faults; unset: a tenth of max_local_cpu_size, at most 1 GB and 5 % of the memory available at start.
+    local_cpu_prefault: float | None = None
     shared_memory: bool = True  # same-host clients (same user) may move KV through the RAM tier's shared memory
     remote_ttl_s: float = 86400.0  # unpinned chunks in the remote tier expire after this (0: never)
     remote_namespace: str = "lmcached"  # prefix of every Redis key; fleets of different models use different ones
@@ -80,7 +85,7 @@ class Config:
         if self.remote_serde not in REMOTE_SERDES:
             raise ConfigError(f"remote_serde must be one of {', '.join(REMOTE_SERDES)}, got {self.remote_serde!r}", "remote_serde")
         for key in ("remote_ttl_s", "remote_write_queue_size", "local_cpu_prefault"):
-            if getattr(self, key) < 0:
+            if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}", key)
         if self.remote_timeout_s <= 0:
             raise ConfigError(f"remote_timeout_s must be positive, got {self.remote_timeout_s}", "remote_timeout_s")
@@ -188,8 +193,25 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return {str(k): coerce(str(k), v) for k, v in data.items()}
 
 
+def unknown_env(environ: Mapping[str, str]) -> list[str]:
+    """A line for each LMCACHE_ variable that names no key (a typo is otherwise silently ignored), with the
+    nearest key's variable when one is close."""
+    import difflib
+
+    known = {ENV_PREFIX + key.upper() for key in _FIELDS} | {CONFIG_FILE_ENV}
+    lines = []
+    for name in sorted(n for n in environ if n.startswith(ENV_PREFIX) and n not in known):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        lines.append(f"{name} is not a configuration key lmcached knows{hint}; ignored")
+    return lines
+
+
 def load_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    """Read LMCACHE_<KEY> variables for known keys (others are left to the engines that also read them)."""
+    """Read LMCACHE_<KEY> variables for known keys; warn about the others (they may be another engine's, so
+    they are not an error)."""
+    for line in unknown_env(environ):
+        log.warning("%s", line)
     values: dict[str, Any] = {}
     for key in _FIELDS:
         name = ENV_PREFIX + key.upper()

@@ -1,10 +1,13 @@
-"""Process-wide allocator settings for the long-running commands (serve, worker, engine, bench)."""
+"""Process-wide allocator settings for the long-running commands (serve, worker, engine, bench), and the
+machine's memory as the RAM tier's sizing sees it."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import logging
+import os
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -33,3 +36,45 @@ def tune_allocator() -> bool:
     ok = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
     log.debug("allocator tuned: %s", ok)
     return ok
+
+
+GB = 1024**3
+#: Unset local_cpu_prefault: this share of the RAM tier, at most PREFAULT_MAX_GB and this share of free memory.
+PREFAULT_SHARE = 0.1
+PREFAULT_MAX_GB = 1.0
+PREFAULT_SHARE_OF_AVAILABLE = 0.05
+
+
+def machine_memory() -> tuple[int, int] | None:
+    """(total, available) bytes of this machine's memory, from /proc/meminfo; None where it cannot be read."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        return int(fields["MemTotal"].split()[0]) * 1024, int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        try:
+            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            return total, total
+        except (OSError, ValueError):
+            return None
+
+
+def prefault_bytes(capacity_bytes: int, setting_gb: float | None, memory: tuple[int, int] | None) -> int:
+    """How much of the RAM tier to fault in at start-up: the setting when given, else a share proportionate
+    to the tier and to the memory free now (an idle daemon should not hold a GB on a small machine)."""
+    if setting_gb is not None:
+        return min(capacity_bytes, int(setting_gb * GB))
+    share = min(PREFAULT_SHARE * capacity_bytes, PREFAULT_MAX_GB * GB)
+    if memory is not None:
+        share = min(share, PREFAULT_SHARE_OF_AVAILABLE * memory[1])
+    return int(share)
+
+
+def capacity_warning(capacity_bytes: int, memory: tuple[int, int] | None) -> str | None:
+    """A warning when the RAM tier may grow past the machine's memory (it would swap, or be killed, first)."""
+    if memory is None or capacity_bytes <= memory[0]:
+        return None
+    return (
+        f"max_local_cpu_size is {capacity_bytes / GB:.1f} GB but this machine has {memory[0] / GB:.1f} GB of memory "
+        f"({memory[1] / GB:.1f} GB available): the RAM tier would swap or be killed before it fills; set it below that"
+    )

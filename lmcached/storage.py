@@ -20,6 +20,7 @@ from lmcached.backends import CPU, DISK, REMOTE, Backend, Chunk, ChunkInfo, Loca
 from lmcached.codebooks import LEARN_MAX_TOKENS, LEARN_MIN_TOKENS, Codebooks
 from lmcached.config import Config
 from lmcached.errors import ConfigError, InvalidRequest, LmcachedError, MissingCodebook, NotFound, ProtocolError
+from lmcached.memory import capacity_warning, machine_memory, prefault_bytes
 from lmcached.remote import RemoteBackend, RemoteError
 from lmcached.write_behind import WriteBehind
 
@@ -156,8 +157,11 @@ class Storage:
         RemoteError when the remote tier is configured but unusable (unreachable, wrong password, not Redis)."""
         config = self.config
         self.codec_device = codec_device(config.codec_device)
+        memory = machine_memory()
+        if CPU in self.backends and (warning := capacity_warning(config.max_local_cpu_bytes, memory)):
+            log.warning("%s", warning)
         if self.arena is not None:  # like LMCache's pinned allocator: the RAM tier is there before we say ready
-            await self.run(self.arena.prefault, int(config.local_cpu_prefault * 1024**3))
+            await self.run(self.arena.prefault, prefault_bytes(config.max_local_cpu_bytes, config.local_cpu_prefault, memory))
         disk = config.local_disk_path
         if disk is not None:
             self.backends[DISK] = await self.run(LocalDiskBackend, disk, config.max_local_disk_bytes)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,21 @@ def test_disk_eviction_removes_files(tmp_path: Path) -> None:
     backend.put(chunk(2))
     assert backend.put(chunk(3)) == [1]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{2:016x}.kv", f"{3:016x}.kv"]
+
+
+def test_the_disk_tier_is_the_owners_alone_unless_its_directory_says_otherwise(tmp_path: Path) -> None:
+    # KV reveals the prompts: a directory the backend makes is 0700 and its chunk files 0600, whatever the umask.
+    old_umask = os.umask(0o022)
+    try:
+        made = LocalDiskBackend(tmp_path / "made" / "disk", 10_000)
+        made.put(chunk(1))
+        shared = tmp_path / "shared"
+        shared.mkdir(mode=0o750)
+        shared.chmod(0o750)
+        LocalDiskBackend(shared, 10_000).put(chunk(2))
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE((tmp_path / "made" / "disk").stat().st_mode) == 0o700
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "made" / "disk").iterdir()] == [0o600]
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o750  # the operator's choice stands
+    assert [stat.S_IMODE(p.stat().st_mode) for p in shared.iterdir()] == [0o600]

@@ -74,3 +74,43 @@ def test_cli_unknown_key_exits_2_with_one_line(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "lmcached", "serve", "--config", str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: unknown configuration key 'bogus_key'"]
+
+
+def test_a_mistyped_lmcache_variable_is_named_with_the_key_it_was_meant_for() -> None:
+    from lmcached.config import unknown_env
+
+    environ = {"LMCACHE_CHUNK_SIZ": "5", "LMCACHE_CHUNK_SIZE": "16", "LMCACHE_CONFIG_FILE": "x.yaml", "LMCACHE_SOMETHING_ELSE": "1"}
+    assert unknown_env(environ) == [
+        "LMCACHE_CHUNK_SIZ is not a configuration key lmcached knows (did you mean LMCACHE_CHUNK_SIZE?); ignored",
+        "LMCACHE_SOMETHING_ELSE is not a configuration key lmcached knows; ignored",
+    ]
+
+
+def test_the_ram_tier_prefaults_in_proportion_and_warns_beyond_the_machine() -> None:
+    from lmcached.memory import GB, capacity_warning, prefault_bytes
+
+    machine = (24 * GB, 20 * GB)  # total, available
+    assert prefault_bytes(5 * GB, None, machine) == int(0.5 * GB)  # a tenth of the tier
+    assert prefault_bytes(100 * GB, None, machine) == 1 * GB  # at most 1 GB
+    assert prefault_bytes(100 * GB, None, (4 * GB, 2 * GB)) == int(0.1 * GB)  # 5 % of what is free
+    assert prefault_bytes(5 * GB, 2.0, machine) == 2 * GB and prefault_bytes(1 * GB, 2.0, machine) == 1 * GB  # as set
+    assert capacity_warning(20 * GB, machine) is None
+    warning = capacity_warning(500 * GB, machine)
+    assert warning is not None and warning.startswith("max_local_cpu_size is 500.0 GB but this machine has 24.0 GB")
+
+
+def test_serve_warns_at_start_about_a_typo_and_a_tier_larger_than_the_machine() -> None:
+    from lmcached.memory import machine_memory
+
+    from .conftest import start_serve, stop_serve
+
+    memory = machine_memory()
+    assert memory is not None
+    too_big = str(int(memory[0] / 1024**3) * 4 + 64)
+    server = start_serve(env={"LMCACHE_CHUNK_SIZ": "5", "LMCACHE_MAX_LOCAL_CPU_SIZE": too_big})
+    try:
+        output = "".join(server.output)
+        assert "LMCACHE_CHUNK_SIZ is not a configuration key lmcached knows (did you mean LMCACHE_CHUNK_SIZE?)" in output
+        assert f"max_local_cpu_size is {float(too_big):.1f} GB but this machine has" in output
+    finally:
+        stop_serve(server)
