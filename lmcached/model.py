@@ -75,13 +75,28 @@ def untied_state(model: Any) -> dict[str, torch.Tensor]:
     return state
 
 
+def conversion_tag(gguf: Path) -> str:
+    """The converted directory's tag: the GGUF's content (not its path or mtime, so another checkout or a
+    reinstall of the same model reuses the conversion) and CONVERSION_FORMAT (an older conversion is never
+    reused). Hashing the ~90 MB file takes ~0.1 s, a small part of a model load."""
+    digest = hashlib.blake2b(f"format {CONVERSION_FORMAT}:".encode(), digest_size=6)
+    with gguf.open("rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _remove_replaced(target: Path, stem: str) -> None:
+    """Delete earlier conversions of a model of the same name (an older file or format): each is ~640 MB."""
+    for old in target.parent.glob(f"{stem}-*"):
+        if old != target and old.is_dir() and ".tmp" not in old.name:
+            log.info("removing %s, replaced by %s", old, target.name)
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def converted_dir(gguf: Path) -> Path:
     """Convert a GGUF file to a transformers directory once; later loads read safetensors (0.3 s, not 10 s)."""
-    stat = gguf.stat()
-    # CONVERSION_FORMAT is part of the tag, so a directory written by an older conversion is never reused.
-    source = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION_FORMAT}"
-    tag = hashlib.blake2b(source.encode(), digest_size=6).hexdigest()
-    target = cache_dir() / "models" / f"{gguf.stem}-{tag}"
+    target = cache_dir() / "models" / f"{gguf.stem}-{conversion_tag(gguf)}"
     if (target / "model.safetensors").exists():
         return target
     import time
@@ -117,6 +132,7 @@ def converted_dir(gguf: Path) -> Path:
         if not (target / "model.safetensors").exists():
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # another process converted it first: use theirs
+    _remove_replaced(target, gguf.stem)
     return target
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from lmcached.model import cache_from_kv, forward, kv_from_cache, load_model
@@ -33,3 +35,32 @@ def test_the_converted_directory_names_tied_embeddings_twice() -> None:
         names = set(weights.keys())
         assert {"model.embed_tokens.weight", "lm_head.weight"} <= names
         assert torch.equal(weights.get_tensor("model.embed_tokens.weight"), weights.get_tensor("lm_head.weight"))
+
+
+def test_the_conversion_is_keyed_by_content_and_replaces_older_ones(tmp_path: Path) -> None:
+    """Another checkout or a reinstall (another path, a new mtime) reuses the conversion; a conversion of an
+    older file of the same name is removed once the new one is written (each is ~640 MB)."""
+    import os
+    import shutil
+
+    from lmcached.model import _remove_replaced, conversion_tag, converted_dir, default_gguf
+
+    gguf = default_gguf()
+    directory = converted_dir(gguf)
+    copy = tmp_path / "elsewhere" / gguf.name
+    copy.parent.mkdir()
+    shutil.copyfile(gguf, copy)
+    os.utime(copy, (1_000_000_000, 1_000_000_000))
+    assert conversion_tag(copy) == conversion_tag(gguf) and converted_dir(copy) == directory  # no second conversion
+
+    edited = tmp_path / gguf.name
+    edited.write_bytes(gguf.read_bytes()[:-1] + b"x")
+    assert conversion_tag(edited) != conversion_tag(gguf)
+
+    models = tmp_path / "models"
+    older, other, converting = models / f"{gguf.stem}-0123456789ab", models / "another-model-0123456789ab", models / f"{gguf.stem}-1.tmp42"
+    current = models / f"{gguf.stem}-{conversion_tag(gguf)}"
+    for folder in (older, other, converting, current):
+        folder.mkdir(parents=True)
+    _remove_replaced(current, gguf.stem)
+    assert sorted(p.name for p in models.iterdir()) == sorted([other.name, converting.name, current.name])
