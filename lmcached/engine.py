@@ -63,6 +63,34 @@ class Prefill:
     kv: torch.Tensor | None  # the whole prompt's KV in lmcached's layout, for offloading
 
 
+#: OpenAI request fields this engine does not implement, with the values that mean "not used": any other value
+#: is refused with a 400 naming the field, never silently ignored.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+}
+#: Chat message roles the model's chat template knows.
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    for name, unused in UNSUPPORTED.items():
+        value = body.get(name)
+        # Compared with the type too: True == 1, but `"n": true` is not a request for one choice.
+        if value is not None and not any(value == u and type(value) is type(u) for u in unused):
+            raise InvalidRequest(f"{name} is not supported by this engine (got {value!r})", name)
+
+
 def _number(body: dict[str, Any], name: str, default: float, low: float, high: float, integer: bool = False) -> Any:
     value = body.get(name, default)
     if value is None:
@@ -93,6 +121,7 @@ class Engine:
         quiet_malformed_requests()
         app = web.Application(client_max_size=8 * 1024 * 1024, middlewares=[self._errors])
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_get("/health", self.health)
@@ -167,9 +196,36 @@ class Engine:
             raise InvalidRequest("missing field 'prompt'", "prompt")
         raise InvalidRequest("prompt must be a non-empty string or a list of token ids", "prompt")
 
-    async def _parse(self, body: dict[str, Any]) -> Request:
+    async def _chat_tokens(self, body: dict[str, Any]) -> list[int]:
+        """The conversation as the model's chat template lays it out, ending where the assistant answers."""
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequest("messages must be a non-empty list of {role, content}", "messages")
+        plain = []
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+                raise InvalidRequest(f"messages[{i}] must have a role of {', '.join(CHAT_ROLES)}", "messages")
+            content = message.get("content")
+            if isinstance(content, list):  # the parts form: text parts only (the model reads no images)
+                if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
+                    raise InvalidRequest(f"messages[{i}].content: only text parts are supported", "messages")
+                content = "".join(part["text"] for part in content)
+            if not isinstance(content, str):
+                raise InvalidRequest(f"messages[{i}].content must be a string", "messages")
+            plain.append({"role": message["role"], "content": content})
+
+        def render() -> list[int]:
+            ids = self.loaded.tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+        return await self._run(render)
+
+    async def _parse(self, body: dict[str, Any], chat: bool = False) -> Request:
         self._check_model(body)
-        prompt = await self._prompt_tokens(body)
+        _refuse_unsupported(body)
+        prompt = await (self._chat_tokens(body) if chat else self._prompt_tokens(body))
+        if chat and body.get("max_completion_tokens") is not None:  # the newer name of max_tokens
+            body = {**body, "max_tokens": body["max_completion_tokens"]}
         stop = body.get("stop") or []
         if isinstance(stop, str):
             stop = [stop]
@@ -324,6 +380,59 @@ class Engine:
                 "usage": self._usage(req, last.completion_tokens, last.cached_tokens),
             }
         )
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's chat completions: the messages through the model's chat template, then the same generation
+        (and the same cache reuse: a conversation's earlier turns are a cached prefix of the next)."""
+        body = await self._body(request)
+        req = await self._parse(body, chat=True)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        if req.stream:
+            options = body.get("stream_options") or {}
+            include_usage = isinstance(options, dict) and options.get("include_usage") is True
+            return await self._stream_chat(request, req, completion_id, created, include_usage)
+        pieces = [piece async for piece in self._generate(req)]
+        last = pieces[-1]
+        message = {"role": "assistant", "content": "".join(p.text for p in pieces)}
+        return web.json_response(
+            {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": self.loaded.name,
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": last.finish}],
+                "usage": self._usage(req, last.completion_tokens, last.cached_tokens),
+            }
+        )
+
+    async def _stream_chat(
+        self, request: web.Request, req: Request, completion_id: str, created: int, include_usage: bool
+    ) -> web.StreamResponse:
+        """chat.completion.chunk events: the role first, then the text as it comes, the finish reason with the
+        usage; with stream_options.include_usage, OpenAI's extra last chunk (no choices, the usage)."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+
+        async def send(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> None:
+            chunk: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": self.loaded.name}
+            chunk["choices"] = choices
+            if usage is not None:
+                chunk["usage"] = usage
+            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+
+        await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+        usage = None
+        async for piece in self._generate(req):
+            delta = {"content": piece.text} if piece.text else {}
+            if piece.finish is not None:
+                usage = self._usage(req, piece.completion_tokens, piece.cached_tokens)
+            await send([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": piece.finish}], usage)
+        if include_usage and usage is not None:
+            await send([], usage)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
     def _usage(self, req: Request, completion_tokens: int, cached: int) -> dict[str, Any]:
         return {

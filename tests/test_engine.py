@@ -162,6 +162,60 @@ def test_bad_requests_are_4xx(stack: Stack, body: Any, status: int, needle: str)
     assert got == status and needle in answer["detail"]
 
 
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        ("/v1/completions", "n", 2),
+        ("/v1/completions", "echo", True),
+        ("/v1/completions", "logprobs", 3),
+        ("/v1/chat/completions", "logprobs", True),
+        ("/v1/chat/completions", "n", True),
+        ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ],
+)
+def test_what_the_engine_does_not_implement_is_refused_by_name(stack: Stack, path: str, field: str, value: Any) -> None:
+    body = {"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    got, answer = post(stack.engine + path, {**body, field: value})
+    assert got == 400 and answer["detail"].startswith(f"{field} is not supported by this engine"), answer
+    got, _ = post(stack.engine + path, {**body, "n": 1, "echo": False, "logprobs": None, "max_tokens": 1})  # the defaults pass
+    assert got == 200
+
+
+def test_chat_completions_through_the_openai_sdk_with_the_chat_template_and_cache_reuse(stack: Stack) -> None:
+    """The official OpenAI client: a conversation is laid out by the model's chat template, streamed or not, and
+    its earlier turns come back from lmcached as cached tokens on the next request."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=stack.engine + "/v1", api_key="unused")
+    question = [{"role": "user", "content": "What does a KV cache store in a transformer? Answer in one sentence, " * 20}]
+    first = client.chat.completions.create(model=MODEL, messages=question, max_tokens=12, temperature=0)
+    answer = first.choices[0].message
+    assert answer.role == "assistant" and answer.content and first.choices[0].finish_reason in ("length", "stop")
+    assert first.object == "chat.completion" and first.usage.prompt_tokens > 256
+
+    # SmolLM2's chat template: its default system turn, the user turn, then the assistant's cue.
+    laid_out = (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        f"<|im_start|>user\n{question[0]['content']}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    _, tokenized = post(stack.engine + "/tokenize", {"prompt": laid_out})
+    assert first.usage.prompt_tokens == tokenized["count"]
+
+    stream = client.chat.completions.create(
+        model=MODEL, messages=question, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == answer.content  # greedy: the same answer, now from the cached prefix
+    usage = chunks[-1].usage
+    assert not chunks[-1].choices and usage.completion_tokens == first.usage.completion_tokens
+    assert usage.prompt_tokens_details.cached_tokens >= 256  # the first request's chunks, reused
+
+    follow_up = [*question, {"role": "assistant", "content": answer.content}, {"role": "user", "content": "And why?"}]
+    second = client.chat.completions.create(model=MODEL, messages=follow_up, max_completion_tokens=5, temperature=0)
+    assert second.usage.completion_tokens <= 5 and second.usage.prompt_tokens_details.cached_tokens >= 256
+
+
 def test_concurrent_requests_are_queued_not_crashed(stack: Stack) -> None:
     results: list[dict[str, Any]] = []
     threads = [
