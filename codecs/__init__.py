@@ -17,6 +17,8 @@ from .base import Codec
 from .threads import available_cpus, configure, threads
 
 _REGISTRY: dict[str, str] = {"cachegen": "CacheGenCodec", "kvtc": "KvtcCodec", "lossless": "LosslessCodec"}
+#: Codecs whose decode is not bit-exact (each codec class says so too, as `lossy`; a test keeps the two in step).
+LOSSY = frozenset({"cachegen", "kvtc"})
 
 
 def available_codecs() -> list[str]:
@@ -48,4 +50,4 @@ def decode(blob: bytes) -> Any:
     return get_codec(codec_of(blob)).decode(blob)
 
 
-__all__ = ["Codec", "CodecError", "available_codecs", "get_codec", "decode", "configure", "threads", "available_cpus"]
+__all__ = ["LOSSY", "Codec", "CodecError", "available_codecs", "get_codec", "decode", "configure", "threads", "available_cpus"]

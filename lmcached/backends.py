@@ -37,6 +37,10 @@ class StoreFull(LmcachedError):
     http_status = 507
 
 
+#: What a backend keeps of a chunk in its index: (num_tokens, nbytes, method, raw_nbytes, lossy).
+MetaEntry = tuple[int, int, "str | None", int, "str | None"]
+
+
 @dataclass(frozen=True, slots=True)
 class Chunk:
     """One chunk's KV, raw or compressed. Immutable: a compress swaps in a new Chunk, readers keep theirs."""
@@ -48,10 +52,19 @@ class Chunk:
     # Raw tensor bytes (C order) or a codec blob; in RAM, a numpy uint8 view of the arena. Never mutated once stored.
     data: bytes | bytearray | memoryview | np.ndarray
     method: str | None = None  # None: raw; else the codec name that made `data`
+    # The lossy codecs these values have been through, oldest first ("cachegen", "cachegen+kvtc"); None for the
+    # engine's own values. Kept when a chunk is decompressed: decompressing gives raw KV of the compressed values,
+    # not the original, so a decompressed lossy chunk still says what it lost.
+    lossy: str | None = None
 
     @property
     def nbytes(self) -> int:
         return len(self.data)
+
+    @property
+    def entry(self) -> MetaEntry:
+        """What a backend keeps of the chunk in its index (no data)."""
+        return (self.num_tokens, self.nbytes, self.method, self.raw_nbytes, self.lossy)
 
     @property
     def raw_nbytes(self) -> int:
@@ -59,7 +72,7 @@ class Chunk:
         return math.prod(self.shape) * ITEMSIZE.get(self.dtype, 2)
 
     def meta(self) -> dict[str, Any]:
-        return {
+        meta = {
             "key": self.key,
             "num_tokens": self.num_tokens,
             "shape": list(self.shape),
@@ -67,6 +80,9 @@ class Chunk:
             "method": self.method,
             "nbytes": self.nbytes,
         }
+        if self.lossy is not None:  # only then: a chunk of original values reads as before on any version
+            meta["lossy"] = self.lossy
+        return meta
 
     @staticmethod
     def from_meta(meta: dict[str, Any], data: bytes) -> Chunk:
@@ -77,6 +93,7 @@ class Chunk:
             dtype=str(meta["dtype"]),
             data=data,
             method=meta.get("method"),
+            lossy=meta.get("lossy"),
         )
 
 
@@ -90,9 +107,10 @@ class ChunkInfo:
     method: str | None
     pinned: bool
     raw_nbytes: int
+    lossy: str | None = None  # the lossy codecs its values have been through (Chunk.lossy)
 
     def as_wire(self) -> list[Any]:
-        return [self.key, self.num_tokens, self.nbytes, self.method, self.pinned, self.raw_nbytes]
+        return [self.key, self.num_tokens, self.nbytes, self.method, self.pinned, self.raw_nbytes, self.lossy]
 
 
 class Backend:
@@ -104,8 +122,8 @@ class Backend:
 
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = capacity_bytes
-        # key -> (num_tokens, nbytes, method, raw_nbytes); the order is least recently used first.
-        self._meta: OrderedDict[int, tuple[int, int, str | None, int]] = OrderedDict()
+        # key -> Chunk.entry; the order is least recently used first.
+        self._meta: OrderedDict[int, MetaEntry] = OrderedDict()
         self._pinned: set[int] = set()
         self.used_bytes = 0
         self._lock = threading.RLock()
@@ -125,7 +143,7 @@ class Backend:
             entry = self._meta.get(key)
             if entry is None:
                 return None
-            return ChunkInfo(key, entry[0], entry[1], entry[2], key in self._pinned, entry[3])
+            return ChunkInfo(key, entry[0], entry[1], entry[2], key in self._pinned, entry[3], entry[4])
 
     def infos(self) -> Iterator[ChunkInfo]:
         for key in self.keys():
@@ -156,6 +174,7 @@ class Backend:
                 "bytes": self.used_bytes,
                 "capacity_bytes": self.capacity_bytes,
                 "compressed_chunks": len(compressed),
+                "lossy_chunks": sum(1 for m in self._meta.values() if m[4] is not None),
                 "pinned_chunks": len(self._pinned),
             }
 
@@ -177,7 +196,7 @@ class Backend:
                 raise StoreFull(f"{self.name} is full of pinned chunks ({self.used_bytes} of {self.capacity_bytes} bytes)")
             self._drop(victim)
             evicted.append(victim)
-        self._meta[chunk.key] = (chunk.num_tokens, chunk.nbytes, chunk.method, chunk.raw_nbytes)
+        self._meta[chunk.key] = chunk.entry
         self.used_bytes += chunk.nbytes
         return evicted
 
@@ -282,7 +301,7 @@ class LocalCPUBackend(Backend):
                 self.put(new)
             except StoreFull:
                 self._data[old.key] = old  # put the old version back as it was (its block untouched)
-                self._meta[old.key] = (old.num_tokens, old.nbytes, old.method, old.raw_nbytes)
+                self._meta[old.key] = old.entry
                 self.used_bytes += old.nbytes
                 if pinned:
                     self._pinned.add(old.key)
@@ -350,7 +369,7 @@ class LocalDiskBackend(Backend):
                 chunk = Chunk.from_meta(meta, b"")
                 if chunk.key != int(path.stem, 16):
                     raise CorruptChunkFile(f"{path.name}: key in file does not match its name")
-                self._meta[chunk.key] = (chunk.num_tokens, int(meta["nbytes"]), chunk.method, chunk.raw_nbytes)
+                self._meta[chunk.key] = (chunk.num_tokens, int(meta["nbytes"]), chunk.method, chunk.raw_nbytes, chunk.lossy)
                 self.used_bytes += int(meta["nbytes"])
                 if meta.get("pinned"):
                     self._pinned.add(chunk.key)
@@ -463,7 +482,7 @@ class LocalDiskBackend(Backend):
             try:
                 self.put(new)
             except (StoreFull, OSError):
-                self._meta[old.key] = (old.num_tokens, old.nbytes, old.method, old.raw_nbytes)
+                self._meta[old.key] = old.entry
                 self.used_bytes += old.nbytes
                 raise
             return True

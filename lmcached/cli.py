@@ -521,12 +521,15 @@ def _on_prefix(
     method: str | None = None,
     quality: int | None = None,
     require_match: bool = False,
+    force: bool = False,
 ) -> None:
     body: dict[str, Any] = {"instance_id": instance_id, "location": location, "tokens": _tokens(tokens, tokens_file)}
     if method is not None:
         body["method"] = method
     if quality is not None:
         body["quality"] = quality
+    if force:
+        body["allow_lossy_again"] = True
     run_operation(f"/{op}", body, controller, auth_token, wait, timeout, require_match)
 
 
@@ -545,9 +548,13 @@ def compress(
     wait: bool = WaitOpt,
     timeout: float = TimeoutOpt,
     require_match: bool = RequireMatchOpt,
+    force: bool = typer.Option(
+        False, "--force", help="Also compress values a lossy codec already rounded (decompressed chunks): the losses stack."
+    ),
 ) -> None:
-    """Compress the cached prefix of these tokens (keeps the raw bytes until the compressed ones are whole)."""
-    _on_prefix("compress", tokens, tokens_file, instance_id, location, controller, auth_token, wait, timeout, method, quality, require_match)
+    """Compress the cached prefix of these tokens (keeps the raw bytes until the compressed ones are whole).
+    Chunks whose values already went through a lossy codec are skipped with a note unless --force."""
+    _on_prefix("compress", tokens, tokens_file, instance_id, location, controller, auth_token, wait, timeout, method, quality, require_match, force)
 
 
 @app.command()

@@ -217,7 +217,10 @@ class Controller:
     def _compress_args(self, body: dict[str, Any]) -> dict[str, Any]:
         method = fields.method(body, self.methods)
         quality = fields.quality(body, method)
-        return {"method": method} if quality is None else {"method": method, "quality": quality}
+        args: dict[str, Any] = {"method": method} if quality is None else {"method": method, "quality": quality}
+        if fields.boolean(body, "allow_lossy_again", False):  # stack a lossy codec on values already lossy
+            args["allow_lossy_again"] = True
+        return args
 
     async def decompress(self, request: web.Request) -> web.Response:
         return await self._on_prefix(request, "decompress", lambda body: {"method": fields.method(body, self.methods)})

@@ -17,7 +17,7 @@ from lmcached.chunks import ChunkSpan
 from lmcached.errors import NotFound
 
 WorkerKey = tuple[str, str]  # (instance_id, worker_id)
-SUMMED = ("chunks", "tokens", "bytes", "raw_bytes", "compressed_chunks", "pinned_chunks")
+SUMMED = ("chunks", "tokens", "bytes", "raw_bytes", "compressed_chunks", "lossy_chunks", "pinned_chunks")
 Holder = tuple[str, str, str]  # (instance_id, worker_id, location)
 
 
@@ -55,6 +55,8 @@ class WorkerRecord:
                 "tokens": sum(i.num_tokens for i in infos),
                 "bytes": sum(i.nbytes for i in infos),
                 "compressed_chunks": sum(1 for i in infos if i.method is not None),
+                # chunks whose values went through a lossy codec: compressed with one, or decompressed from one
+                "lossy_chunks": sum(1 for i in infos if i.lossy is not None),
                 "raw_bytes": sum(i.raw_nbytes for i in infos),
                 "pinned_chunks": sum(1 for i in infos if i.pinned),
                 "capacity_bytes": self.heartbeat_stats.get(location, {}).get("capacity_bytes"),
@@ -188,13 +190,14 @@ class ChunkIndex:
                     self._unhold(chunk_key, holder)
                 chunks.clear()
         n_admitted = n_updated = n_evicted = 0
-        for location, key, num_tokens, nbytes, method, pinned, raw_nbytes in admitted:
+        for location, key, num_tokens, nbytes, method, pinned, raw_nbytes, *lineage in admitted:
             held = record.locations[location]
             if key in held:
                 n_updated += 1
             else:
                 n_admitted += 1
-            held[key] = ChunkInfo(key, num_tokens, nbytes, method, bool(pinned), raw_nbytes)
+            # (a worker before lineage sends no `lossy`: its chunks count as the engine's own values)
+            held[key] = ChunkInfo(key, num_tokens, nbytes, method, bool(pinned), raw_nbytes, lineage[0] if lineage else None)
             self._holders.setdefault(key, set()).add(self._holder(record, location))
         for location, key in evicted:
             if record.locations.get(location, {}).pop(key, None) is not None:

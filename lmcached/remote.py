@@ -38,7 +38,7 @@ from urllib.parse import unquote, urlsplit
 
 import orjson
 
-from lmcached.backends import REMOTE, Backend, Chunk, ChunkInfo
+from lmcached.backends import REMOTE, Backend, Chunk, ChunkInfo, MetaEntry
 from lmcached.errors import ConfigError, LmcachedError
 
 log = logging.getLogger(__name__)
@@ -212,16 +212,16 @@ def _unpack_or_error(value: bytes | None, key: int) -> Chunk | CorruptRemoteValu
         return exc
 
 
-def _entry_from_head(head: bytes) -> tuple[int, int, str | None, int] | None:
-    """A chunk's (num_tokens, nbytes, method, raw_nbytes) from the first bytes of its value (no payload, no
-    checksum check: a reader checks that); None for something that is not a whole lmcached header."""
+def _entry_from_head(head: bytes) -> MetaEntry | None:
+    """A chunk's index entry (Chunk.entry) from the first bytes of its value (no payload, no checksum check: a
+    reader checks that); None for something that is not a whole lmcached header."""
     try:
         meta_end, header_end = _header_len(head)
         if len(head) < header_end:
             return None
         meta = orjson.loads(head[_HEAD.size : meta_end])
         chunk = Chunk.from_meta(meta, b"")
-        return (chunk.num_tokens, int(meta["nbytes"]), chunk.method, chunk.raw_nbytes)
+        return (chunk.num_tokens, int(meta["nbytes"]), chunk.method, chunk.raw_nbytes, chunk.lossy)
     except (CorruptRemoteValue, orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         return None
 
@@ -285,10 +285,6 @@ def connect(url: RemoteURL) -> Any:
     except (redis.RedisError, OSError, ValueError, IndexError) as exc:
         # What a port that speaks another protocol (HTTP, SSH, nothing) makes redis-py raise.
         raise RemoteError(f"remote tier {where} did not answer like a Redis server ({type(exc).__name__}: {exc})") from None
-
-
-def _entry(chunk: Chunk) -> tuple[int, int, str | None, int]:
-    return (chunk.num_tokens, chunk.nbytes, chunk.method, chunk.raw_nbytes)
 
 
 def _is_down(exc: BaseException) -> bool:
@@ -436,7 +432,7 @@ class RemoteBackend(Backend):
         return bytes(value) if value is not None else None
 
     # ---------------------------------------------------------------- the Backend interface
-    def _remember(self, key: int, entry: tuple[int, int, str | None, int], pinned: bool) -> None:
+    def _remember(self, key: int, entry: MetaEntry, pinned: bool) -> None:
         """Record in the mirror that the tier holds `key`: (num_tokens, nbytes, method, raw_nbytes)."""
         with self._lock:
             old = self._meta.pop(key, None)
@@ -465,7 +461,7 @@ class RemoteBackend(Backend):
             commands = [_set_command(self._rkey(c.key), h, p, t) for c, (h, p), t in zip(chunks, parts, ttls, strict=True)]
             self._call(self._send_all, self.client, commands)
         for chunk, pin in zip(chunks, pinned, strict=True):
-            self._remember(chunk.key, _entry(chunk), pin)
+            self._remember(chunk.key, chunk.entry, pin)
 
     def _send_all(self, client: Any, commands: list[list[Any]]) -> None:
         """Write framed commands (`_set_command`) on one of `client`'s pooled connections, then read every reply.
@@ -524,7 +520,7 @@ class RemoteBackend(Backend):
             return None
         self.hits += 1
         if key not in self:  # another worker's chunk, read through: the controller must hear of it too
-            self._remember(key, _entry(unpacked), pinned=False)
+            self._remember(key, unpacked.entry, pinned=False)
             self._mark_found(key)
         return unpacked
 
@@ -573,7 +569,7 @@ class RemoteBackend(Backend):
     def replace_if_same(self, old: Chunk, new: Chunk) -> bool:
         swapped = self._call(self._swap, keys=[self._rkey(old.key)], args=[value_parts(old)[0], pack_value(new)])
         if swapped:
-            self._remember(new.key, _entry(new), self.is_pinned(old.key))
+            self._remember(new.key, new.entry, self.is_pinned(old.key))
         return bool(swapped)
 
     def set_pinned(self, key: int, pinned: bool) -> bool:

@@ -95,7 +95,16 @@ def encode_chunk(
         codec = get_codec("kvtc", codebook=book, store=codebooks.store)
     else:
         codec = get_codec(method) if quality is None else get_codec(method, quality=quality)
-    return replace(chunk, data=codec.encode(kv), method=method)
+    return replace(chunk, data=codec.encode(kv), method=method, lossy=lineage(chunk.lossy, method))
+
+
+def lineage(lossy: str | None, method: str) -> str | None:
+    """The lossy codecs a chunk's values have been through once `method` has encoded them."""
+    from lmcached.codecs import LOSSY
+
+    if method not in LOSSY:
+        return lossy
+    return method if lossy is None else f"{lossy}+{method}"
 
 
 def decode_chunk(chunk: Chunk, codebooks: Codebooks | None = None, device: str = "cpu") -> Chunk:
@@ -533,15 +542,25 @@ class Storage:
         return {"num_tokens": tokens, "chunks": count, "bytes_before": before, "bytes_after": after, "skipped": skipped}
 
     async def _op_compress(self, args: dict[str, Any]) -> dict[str, Any]:
+        from lmcached.codecs import LOSSY
+
         method, quality = args["method"], args.get("quality")
+        again = bool(args.get("allow_lossy_again", False))
         books, device = self.codebooks, self.codec_device
         if method == "kvtc":
             await self._ensure_codebooks(args["location"], args["keys"])
+
+        def skip_reason(chunk: Chunk) -> str | None:
+            if chunk.method == method:
+                return f"already compressed with {method}"
+            # Values a lossy codec already rounded (compressed, or decompressed from it) lose more through a
+            # second one: cachegen -> decompress -> kvtc garbled a greedy answer. Only when asked.
+            if method in LOSSY and chunk.lossy is not None and not again:
+                return f"values already lossy ({chunk.lossy}): a second lossy codec stacks the losses (allow_lossy_again to do it anyway)"
+            return None
+
         return await self._transform(
-            args,
-            # (to change a chunk's quality, decompress it first: the original KV is what gets re-encoded)
-            lambda c: f"already compressed with {method}" if c.method == method else None,
-            lambda c: encode_chunk(decode_chunk(c, books, device) if c.method else c, method, quality, books, device),
+            args, skip_reason, lambda c: encode_chunk(decode_chunk(c, books, device) if c.method else c, method, quality, books, device)
         )
 
     async def _op_decompress(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,13 @@ def test_the_disk_tier_is_the_owners_alone_unless_its_directory_says_otherwise(t
     assert [stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "made" / "disk").iterdir()] == [0o600]
     assert stat.S_IMODE(shared.stat().st_mode) == 0o750  # the operator's choice stands
     assert [stat.S_IMODE(p.stat().st_mode) for p in shared.iterdir()] == [0o600]
+
+
+def test_a_chunks_lineage_survives_the_disk_and_reaches_its_index_entry(tmp_path: Path) -> None:
+    backend = LocalDiskBackend(tmp_path, 10_000)
+    backend.put(replace(chunk(3), lossy="cachegen"))
+    backend.put(chunk(4))
+    again = LocalDiskBackend(tmp_path, 10_000)
+    assert again.get(3).lossy == "cachegen" and again.info(3).lossy == "cachegen"
+    assert again.get(4).lossy is None and again.stats()["lossy_chunks"] == 1
+    assert "lossy" not in chunk(4).meta()  # the engine's own values: the same metadata as before lineage existed

@@ -589,3 +589,14 @@ def test_rans_round_trips_skewed_distributions(p: float, states: int) -> None:
     symbols = np.where(rng.random(n) < p, 128, rng.integers(0, 256, n)).astype(np.uint8)
     coded = entropy.encode(symbols, 2, n // 2, 16384, states=states)
     assert np.array_equal(entropy.decode(coded.tables, coded.offsets, coded.words, 2, n // 2, 16384, states), symbols)
+
+
+def test_the_lossy_set_names_exactly_the_lossy_codecs() -> None:
+    from lmcached.codecs import LOSSY, available_codecs
+    from lmcached.codecs.cachegen import CacheGenCodec
+    from lmcached.codecs.kvtc import KvtcCodec
+    from lmcached.codecs.lossless import LosslessCodec
+
+    classes = {"cachegen": CacheGenCodec, "kvtc": KvtcCodec, "lossless": LosslessCodec}
+    assert set(classes) == set(available_codecs())
+    assert LOSSY == {name for name, cls in classes.items() if cls.lossy}

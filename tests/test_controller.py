@@ -284,7 +284,8 @@ async def test_compress_takes_an_optional_quality(running: Running) -> None:
     small = (await running.wait_event(body["event_id"]))["result"]["bytes_after"]
     got, body = await running.post("/decompress", {**base})
     await running.wait_event(body["event_id"])
-    got, body = await running.post("/compress", {**base, "quality": 9})
+    # (the values are quality 1's now: re-encoding them is stacking a lossy codec, so it must be asked for)
+    got, body = await running.post("/compress", {**base, "quality": 9, "allow_lossy_again": True})
     large = (await running.wait_event(body["event_id"]))["result"]["bytes_after"]
     assert small < large
 
@@ -316,3 +317,38 @@ async def test_two_compresses_of_the_same_chunks_at_once_account_for_every_chunk
         if result["chunks"] < 4:
             assert result["skipped"] == {"already compressed with cachegen": 4 - result["chunks"]}
             assert "already compressed with cachegen" in result["message"]
+
+
+async def test_decompress_is_not_an_undo_the_chunk_says_what_it_lost(running: Running) -> None:
+    """cachegen -> decompress leaves raw KV of the compressed values: the chunks say so (lineage), and a second
+    lossy compression of them is refused chunk by chunk unless asked for; a lossless one keeps the lineage."""
+    await running.store(TOKENS, make_kv(len(TOKENS)))
+    await running.post("/clear", body(location=DISK))
+
+    async def run(path: str, **extra: object) -> dict[str, object]:
+        status, answer = await running.post(path, body(**extra))
+        assert status == 200, answer
+        return (await running.wait_event(answer["event_id"]))["result"]
+
+    def cpu_stats(instances: dict[str, object]) -> dict[str, object]:
+        return instances[INSTANCE]["locations"][CPU]  # type: ignore[index]
+
+    assert (await run("/compress", method="cachegen"))["chunks"] == 4
+    assert (await run("/decompress", method="cachegen"))["chunks"] == 4
+    _, instances = await running.get("/instances")
+    assert cpu_stats(instances)["compressed_chunks"] == 0 and cpu_stats(instances)["lossy_chunks"] == 4
+    worker = running.daemon.worker
+    assert {worker.backends[CPU].info(k).lossy for k in worker.backends[CPU].keys()} == {"cachegen"}
+
+    again = await run("/compress", method="cachegen")
+    assert again["chunks"] == 0 and again["num_tokens"] == 0
+    [reason] = again["skipped"]
+    assert again["skipped"][reason] == 4 and reason.startswith("values already lossy (cachegen)")
+
+    assert (await run("/compress", method="lossless"))["chunks"] == 4  # bit-exact: the lineage is unchanged
+    assert {worker.backends[CPU].info(k).lossy for k in worker.backends[CPU].keys()} == {"cachegen"}
+    assert (await run("/decompress", method="lossless"))["chunks"] == 4
+
+    forced = await run("/compress", method="cachegen", allow_lossy_again=True)
+    assert forced["chunks"] == 4 and "skipped" not in forced
+    assert {worker.backends[CPU].info(k).lossy for k in worker.backends[CPU].keys()} == {"cachegen+cachegen"}

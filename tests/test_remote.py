@@ -119,6 +119,11 @@ def test_a_value_carries_its_chunk_and_any_damage_is_detected() -> None:
             unpack_value(damaged, 0xABC)
     with pytest.raises(CorruptRemoteValue, match="holds chunk"):
         unpack_value(value, 0xABD)
+    decompressed = Chunk(0xABC, 16, (2, 4, 16, 64), "float16", chunk.data, lossy="cachegen")  # its lineage travels too
+    assert unpack_value(pack_value(decompressed), 0xABC).lossy == "cachegen"
+    from lmcached.remote import _entry_from_head
+
+    assert _entry_from_head(pack_value(decompressed)[:4096]) == decompressed.entry
 
 
 # ---------------------------------------------------------------------------------------------- one Redis

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from lmcached.tui.app import Confirm, MonitorApp, SnapshotReceived
-from lmcached.tui.state import MonitorState
+from lmcached.tui.state import LOST_KEEP_S, ChunkRow, MonitorState, memory_chart
 from textual.widgets import DataTable, Static
 
 from lmcached.client import AsyncKVClient
@@ -270,6 +270,35 @@ async def test_actions_need_a_chosen_chunk_and_confirm_with_enter() -> None:
         assert "question_mark" not in help_text and help_text.count("Space") == 1 and "?" in help_text
 
 
+def test_lost_workers_age_out_one_row_per_instance() -> None:
+    state = MonitorState()
+
+    def snapshot(at: float, *worker_ids: str) -> None:
+        workers = [{"worker_id": w, "data_address": "h:1", "locations": {}} for w in worker_ids]
+        state.apply_snapshot({"instances": {"i": {"workers": workers}} if workers else {}, "events": [], "time": at})
+
+    for restart, worker_id in enumerate(["w1", "w2", "w3"]):  # a daemon restarted three times: a new worker id each
+        snapshot(1000.0 + restart, worker_id)
+    snapshot(1010.0)
+    assert [r[1] for r in state.instance_rows()] == ["w3"]  # the newest only, not a pile
+    snapshot(1010.0 + LOST_KEEP_S + 1)
+    assert state.instance_rows() == []  # aged out
+
+
+def test_memory_chart_is_scaled_to_capacity_and_events_carry_their_note() -> None:
+    assert memory_chart([7.0, 0.0, 500.0, 1000.0], capacity=1000.0, width=6) == "  ▁ ▄█"  # 0.7 % is a low bar, not a block
+    assert memory_chart([1.0] * 50, capacity=10.0, width=4) == "▁▁▁▁" and memory_chart([1.0], 0.0, 4) == ""
+    state = MonitorState()
+    note = "already compressed with cachegen: 4 chunks skipped"
+    row = state.apply_event(
+        {"type": "operation", "op": "compress", "status": "finished", "instance_id": "i", "num_tokens": 0, "created_at": 1.0,
+         "result": {"num_tokens": 0, "chunks": 0, "skipped": {"already compressed with cachegen": 4}, "message": note}}
+    )
+    assert row is not None and row.outcome == f"finished; {note}"
+    chunk = ChunkRow("i", "w", "LocalCPUBackend", 1, 16, 100, None, False, 100, "cachegen")
+    assert chunk.form == "raw (from cachegen)" and ChunkRow("i", "w", "L", 1, 16, 100, "kvtc", False, 100, "kvtc").form == "kvtc"
+
+
 def test_state_tells_updates_from_admits_and_greys_out_while_disconnected() -> None:
     state = MonitorState()
     row = state.apply_event({"type": "chunks_reported", "instance_id": "i", "admitted": 0, "updated": 1, "evicted": 0})
@@ -308,3 +337,16 @@ def test_the_shared_remote_tier_shows_whether_it_is_up_and_its_hit_rate() -> Non
     worker["locations"]["RemoteBackend"] |= {"up": False, "write_queue_bytes": 2048}
     state.apply_snapshot({"instances": {"i": {"workers": [worker], "locations": {}}}, "events": [], "time": 2.0})
     assert {r[4]: r for r in state.instance_rows()}["RemoteBackend"][3] == "Redis DOWN, 2.0 KB queued"
+
+
+async def test_the_help_screen_names_every_key_a_user_needs() -> None:
+    app = MonitorApp(address=None)
+    async with app.run_test(size=(150, 36)) as pilot:
+        await pilot.press("question_mark")
+        await pilot.pause(0.2)
+        drawn = svg_text(app.export_screenshot())
+        for needed in ("Compress", "Enter  on a tier row: go to its chunks", "y/Enter  in a confirmation: yes", "n/Esc  in a confirmation: no", "/  Filter the events", "Space  Mark"):
+            assert needed in drawn, needed
+        await pilot.press("escape", "slash")  # / goes to the event filter
+        await pilot.pause(0.1)
+        assert app.focused is not None and app.focused.id == "filter"

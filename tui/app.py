@@ -13,7 +13,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
-from lmcached.tui.state import ChunkRow, MonitorState, clock, human_bytes
+from lmcached.tui.state import ChunkRow, MonitorState, clock, human_bytes, memory_chart
 from rich.text import Text
 from textual import events, on, work
 from textual.app import App, ComposeResult
@@ -23,7 +23,7 @@ from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widget import Widget
-from textual.widgets import DataTable, Footer, Header, Input, Label, Sparkline, Static
+from textual.widgets import DataTable, Footer, Header, Input, Label, Static
 
 from lmcached.errors import LmcachedError
 
@@ -120,7 +120,7 @@ class Confirm(ModalScreen[bool]):
 
 
 #: Keys as a person names them, for the help screen and the footer.
-KEY_NAMES = {"question_mark": "?", "space": "Space", "tab": "Tab", "escape": "Esc", "enter": "Enter"}
+KEY_NAMES = {"question_mark": "?", "space": "Space", "tab": "Tab", "escape": "Esc", "enter": "Enter", "slash": "/"}
 
 
 class Help(ModalScreen[None]):
@@ -128,8 +128,13 @@ class Help(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         rows = [(KEY_NAMES.get(b.key, b.key), b.description) for b in MonitorApp.BINDINGS if isinstance(b, Binding) and b.description]
-        rows.append(("Tab", "next table"))
-        lines = [f"[b]{key:>5}[/b]  {description}" for key, description in rows]
+        rows += [
+            ("Tab", "next table (and the event filter)"),
+            ("Enter", "on a tier row: go to its chunks"),
+            ("y/Enter", "in a confirmation: yes"),
+            ("n/Esc", "in a confirmation: no"),
+        ]
+        lines = [f"[b]{key:>7}[/b]  {description}" for key, description in rows]
         with Vertical(id="dialog"):
             yield Label("[b]lmcached tui[/b] — keys")
             yield Static("\n".join(lines))
@@ -149,7 +154,7 @@ class MonitorApp(App[None]):
     #right { width: 1fr; }
     #chunks { height: 1fr; }
     #events { height: 1fr; }
-    #memory { height: 3; }
+    #memory { height: 2; }
     .title { background: $boost; padding: 0 1; text-style: bold; }
     #dialog { width: 70; max-width: 90%; height: auto; border: thick $accent; background: $surface; padding: 1 2; }
     #dialog Static { width: 100%; }
@@ -168,6 +173,7 @@ class MonitorApp(App[None]):
         Binding("x", "act('clear')", "Clear"),
         Binding("space", "mark", "Mark / unmark the chunk under the cursor", show=False),
         Binding("r", "refresh", "Refresh"),
+        Binding("slash", "filter", "Filter the events", show=False),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("q", "quit", "Quit"),
     ]
@@ -197,7 +203,7 @@ class MonitorApp(App[None]):
                 yield DataTable(id="chunks", cursor_type="row", zebra_stripes=True)
             with Vertical(id="right"):
                 yield Static("Memory used", classes="title", id="memory-title")
-                yield Sparkline([], id="memory")
+                yield Static("", id="memory")
                 yield Static("Events (newest first)", classes="title")
                 yield Input(placeholder="filter events…", id="filter")
                 yield DataTable(id="events", cursor_type="row", zebra_stripes=True)
@@ -312,9 +318,14 @@ class MonitorApp(App[None]):
         self.render_instances()
         self.render_chunks()
         self.render_events()
-        memory = self.part("#memory", Sparkline)
-        memory.data = list(self.state.memory)
-        self.part("#memory-title", Static).update(f"Memory used: {human_bytes(self.state.total_bytes())}")
+        used, capacity = self.state.total_bytes(), self.state.capacity_bytes()
+        share = f" of {human_bytes(capacity)} ({100 * used / capacity:.1f} %)" if capacity else ""
+        self.part("#memory-title", Static).update(f"Memory used: {human_bytes(used)}{share}")
+        memory = self.part("#memory", Static)
+        width = max(memory.size.width, 10)
+        chart = memory_chart(list(self.state.memory), capacity, width)
+        scale = f"0 … {human_bytes(capacity)} (capacity), newest on the right" if capacity else "no capacity reported yet"
+        memory.update(Text(chart + "\n") + Text(scale, style="dim"))
 
     def render_instances(self) -> None:
         table = self.part("#instances", DataTable)
@@ -343,7 +354,7 @@ class MonitorApp(App[None]):
                 f"{chunk.key:016x}"[:12],
                 str(chunk.num_tokens),
                 human_bytes(chunk.nbytes),
-                chunk.method or "raw",
+                chunk.form,
                 "yes" if chunk.pinned else "",
             ]
             table.add_row(*(cells if self.compact else [*cells, chunk.worker_id]))
@@ -423,6 +434,12 @@ class MonitorApp(App[None]):
 
     def action_refresh(self) -> None:
         self.request_snapshot()
+
+    def action_filter(self) -> None:
+        if self.compact:  # the filter is hidden on a narrow terminal
+            self.notify("the event filter needs a terminal of 120 columns or more", severity="warning")
+            return
+        self.part("#filter", Input).focus()
 
     def action_help(self) -> None:
         self.push_screen(Help())

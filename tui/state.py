@@ -12,6 +12,22 @@ REMOTE = "RemoteBackend"
 #: How many events and chart points the monitor keeps.
 MAX_EVENTS = 500
 MAX_POINTS = 120
+#: A worker that left shows as "lost" this long, as one row per instance (the newest): restarts would pile them up.
+LOST_KEEP_S = 300.0
+#: Eighths of a character cell, for the memory chart.
+BARS = " ▁▂▃▄▅▆▇█"
+
+
+def memory_chart(points: list[float], capacity: float, width: int) -> str:
+    """The newest `width` points as one row of bars scaled to `capacity` (not to the points' own range, which
+    drew full blocks for a tier 0.7 % full); a point above 0 shows at least the lowest bar."""
+    if capacity <= 0 or width <= 0:
+        return ""
+    cells = []
+    for value in points[-width:]:
+        eighths = round(min(value / capacity, 1.0) * 8)
+        cells.append(BARS[max(eighths, 1 if value > 0 else 0)])
+    return "".join(cells).rjust(width)
 
 
 def human_bytes(n: float | None) -> str:
@@ -48,6 +64,14 @@ class ChunkRow:
     method: str | None
     pinned: bool
     raw_nbytes: int
+    lossy: str | None = None  # the lossy codecs its values have been through
+
+    @property
+    def form(self) -> str:
+        """How the chunk is held, and what its values lost: "cachegen", "raw", "raw (from cachegen)"."""
+        if self.method is not None:
+            return self.method
+        return f"raw (from {self.lossy})" if self.lossy else "raw"
 
 
 @dataclass
@@ -78,13 +102,14 @@ class MonitorState:
     def apply_snapshot(self, snapshot: dict[str, Any]) -> None:
         before = self._workers()
         self.instances = dict(snapshot.get("instances") or {})
+        self.snapshot_time = snapshot.get("time") or time.time()
         now = self._workers()
         for key, worker in before.items():
             if key not in now and key not in self.lost:
-                self.lost[key] = (worker, time.time())
+                self.lost[key] = (worker, self.snapshot_time)
         for key in now:
             self.lost.pop(key, None)  # it came back
-        self.snapshot_time = snapshot.get("time") or time.time()
+        self._prune_lost()
         if not self.events:  # the first snapshot brings the recent history
             for event in snapshot.get("events") or []:
                 self.events.appendleft(self._operation_row(event))
@@ -102,6 +127,7 @@ class MonitorState:
             key = (event.get("instance_id", ""), event.get("worker_id", ""))
             if key in self._workers() and key not in self.lost:
                 self.lost[key] = (self._workers()[key], ts)
+                self._prune_lost()
             row = EventRow(ts, "lost", event.get("instance_id", ""), None, f"{event.get('worker_id')}: {event.get('reason')}")
         elif kind == "chunks_reported":
             row = EventRow(ts, *self._report_outcome(event))
@@ -131,10 +157,31 @@ class MonitorState:
         result = event.get("result") or {}
         if status == "finished" and "bytes_before" in result and result.get("bytes_after"):
             outcome += f" ({human_bytes(result['bytes_before'])} -> {human_bytes(result['bytes_after'])})"
+        if status == "finished" and result.get("message"):  # what was skipped, or that nothing matched: never a bare "finished"
+            outcome += f"; {result['message']}"
         ts = event.get("finished_at") or event.get("created_at") or time.time()
         return EventRow(float(ts), str(event.get("op", "?")), event.get("instance_id") or "-", event.get("num_tokens"), outcome)
 
+    def _prune_lost(self) -> None:
+        """Keep lost workers for LOST_KEEP_S (by the daemon's clock, as the events are), and only the newest of
+        each instance."""
+        now = self.snapshot_time or time.time()
+        newest: dict[str, tuple[tuple[str, str], tuple[dict[str, Any], float]]] = {}
+        for key, (worker, since) in self.lost.items():
+            if now - since <= LOST_KEEP_S and (key[0] not in newest or since > newest[key[0]][1][1]):
+                newest[key[0]] = (key, (worker, since))
+        self.lost = dict(newest.values())
+
     # -- derived rows
+    def capacity_bytes(self) -> int:
+        """The capacity of the tiers the workers hold themselves (RAM and disk), as total_bytes counts them."""
+        return sum(
+            stats.get("capacity_bytes") or 0
+            for worker in self._workers().values()
+            for location, stats in worker.get("locations", {}).items()
+            if location != REMOTE
+        )
+
     def total_bytes(self) -> int:
         """Bytes this fleet's workers hold themselves (the shared remote tier is Redis's memory, not theirs)."""
         return sum(
@@ -186,10 +233,10 @@ class MonitorState:
                 for loc, chunks in sorted((worker.get("chunks") or {}).items()):
                     if location is not None and loc != location:
                         continue
-                    for key, num_tokens, nbytes, method, pinned, raw_nbytes in chunks:
-                        rows.append(
-                            ChunkRow(inst_id, worker.get("worker_id", ""), loc, key, num_tokens, nbytes, method, bool(pinned), raw_nbytes)
-                        )
+                    for key, num_tokens, nbytes, method, pinned, raw_nbytes, *lineage in chunks:
+                        worker_id = worker.get("worker_id", "")
+                        lossy = lineage[0] if lineage else None
+                        rows.append(ChunkRow(inst_id, worker_id, loc, key, num_tokens, nbytes, method, bool(pinned), raw_nbytes, lossy))
         return rows
 
     def event_rows(self, text: str = "") -> list[EventRow]:
