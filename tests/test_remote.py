@@ -5,6 +5,7 @@ pins Redis respects, evictions the index hears of, corruption, outages, and star
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import time
@@ -285,10 +286,11 @@ async def test_a_corrupted_value_is_a_clean_miss_and_is_deleted(redis: RedisServ
     assert raw.exists(name) == 0
 
 
-async def test_an_outage_queues_writes_serves_ram_then_catches_up(redis: RedisServer) -> None:
+async def test_an_outage_queues_writes_serves_ram_then_catches_up(redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
     worker = await remote_worker(redis.url)
     try:
         remote = worker.backends[REMOTE]
+        caplog.set_level(logging.INFO, logger="lmcached.remote")
         redis.stop()
         tokens = list(range(16 * 6))
         kv = make_kv(len(tokens))
@@ -299,6 +301,9 @@ async def test_an_outage_queues_writes_serves_ram_then_catches_up(redis: RedisSe
             assert await client.lookup(list(range(50_000, 50_064))) == 0  # a miss is a clean miss while down
         await wait_until(lambda: not remote.up)
         assert worker.storage.stats()[REMOTE]["write_queue_bytes"] > 0
+        await asyncio.sleep(5)  # the event listener retries twice or more meanwhile: one log line per cause, not per retry
+        remote_lines = [r for r in caplog.records if r.name == "lmcached.remote" and "notifications unavailable" in r.getMessage()]
+        assert len(remote_lines) <= 1, [r.getMessage() for r in remote_lines]
         back = RedisServer(redis.port).start()
         try:
             assert await worker.storage.flush_behind(15)

@@ -199,8 +199,8 @@ def run(report: Report, quick: bool = False, curve: bool = False) -> None:
     held_out = {kind: samples(loaded, per_kind, split(kind, TOPICS)[1]) for kind in KINDS}
     heldout_quality(report, loaded, held_out)
     chunks = [s.kv[:, :, i : i + CHUNK].contiguous() for s in data for i in range(0, PREFIX, CHUNK)]
-    book = codec_kvtc.calibrate(loaded, 1 if quick else 6)  # more calibration text than held-out samples: it is cheap
-    kvtc = codec_kvtc.run(report, loaded, book, held_out)
+    book = codec_kvtc.calibrate(loaded, 1 if quick else 6, weigh_layers=not quick)  # more tuning text than held-out: it is cheap
+    kvtc = codec_kvtc.run(report, loaded, book, held_out, weighed=not quick)
     if curve:
         from lmcached.bench import codec_curve
 
