@@ -58,7 +58,11 @@ class ControllerLink:
         with contextlib.suppress(OSError, LmcachedError, asyncio.TimeoutError):
             await asyncio.wait_for(self._send(Kind.GOODBYE, {}, flush_first=True), GOODBYE_TIMEOUT_S)
         if self._task is not None:
-            self._task.cancel()
+            # Cancelled until it ends: a cancellation swallowed on its way (asyncio.wait_for before Python 3.12
+            # can) must not leave the link reading, and the worker's stop waiting, forever.
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=1.0)
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 

@@ -79,3 +79,18 @@ async def test_read_frame_rejects_unknown_kind() -> None:
 def test_prefix_layout_is_fixed() -> None:
     assert PREFIX.size == 18
     assert encode_frame(Kind.HELLO, {})[:6] == MAGIC + struct.pack("<BB", VERSION, Kind.HELLO)
+
+
+async def test_a_read_with_a_deadline_never_swallows_a_cancellation() -> None:
+    """A cancellation that arrives as the read completes must still cancel: asyncio.wait_for (before Python
+    3.12) returned the read's result instead, and a worker stopped right as it registered kept reading its
+    controller link forever (SIGTERM from systemd just after start hung the unit)."""
+    from lmcached.frames import _within
+
+    read: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(_within(read, 5.0))
+    await asyncio.sleep(0)  # the task now waits on the read
+    read.set_result(b"frame")  # the read completes…
+    task.cancel()  # …and the cancellation arrives in the same turn of the loop
+    with pytest.raises(asyncio.CancelledError):
+        await task
