@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from lmcached import fields
+from lmcached import __version__, fields
 from lmcached.chunks import chunk_spans
 from lmcached.config import Config
 from lmcached.errors import InvalidRequest, LmcachedError, NotFound, WorkerUnavailable
@@ -197,8 +197,6 @@ class Controller:
 
     # ------------------------------------------------------------------ endpoints
     async def root(self, request: web.Request) -> web.Response:
-        from lmcached import __version__
-
         return json_response(
             {"service": "lmcached", "version": __version__, "methods": self.methods, "instances": self.index.instance_ids()}
         )
@@ -284,9 +282,11 @@ class Controller:
         # Keyed by the worker's rank, as LMCache keys it; `workers` names each rank's lmcached id.
         error_codes = {str(r.rank): code for r, code in zip(workers, codes, strict=True)}
         names = {str(r.rank): r.worker_id for r in workers}
+        versions = {str(r.rank): r.version for r in workers}
         event = self.events.create("health", instance_id, 0)
         self.events.finish(event, {"error_codes": error_codes})
-        return json_response({"event_id": event.event_id, "error_codes": error_codes, "workers": names})
+        answer = {"event_id": event.event_id, "error_codes": error_codes, "workers": names, "version": __version__, "worker_versions": versions}
+        return json_response(answer)
 
     async def check_finish(self, request: web.Request) -> web.Response:
         body = await self._body(request)

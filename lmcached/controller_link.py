@@ -10,6 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from lmcached import __version__
 from lmcached.config import Config
 from lmcached.errors import LmcachedError, ProtocolError, Unauthorized
 from lmcached.frames import Kind, read_frame, write_frame
@@ -107,6 +108,7 @@ class ControllerLink:
             "locations": list(self.storage.backends),
             # The shared tier's identity: every worker reaching the same Redis names the same one.
             "remote_tier": self.storage.remote_tier,
+            "version": __version__,  # so a mixed-version fleet is visible on the controller
         }
         await write_frame(writer, Kind.HELLO, hello)
         welcome = await read_frame(reader)

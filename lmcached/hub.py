@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from lmcached import __version__
 from lmcached.config import Config
 from lmcached.errors import LmcachedError, ProtocolError, Unauthorized, WorkerUnavailable
 from lmcached.frames import HELLO_TIMEOUT_S, Kind, read_frame, write_frame
@@ -186,7 +187,12 @@ class Hub:
         tier = hello.get("remote_tier")
         if tier is not None and not isinstance(tier, str):
             raise ProtocolError("a worker hello's remote_tier must be a string")
-        record = WorkerRecord(instance_id, worker_id, address, tuple(backends) if backends is not None else None, remote_tier=tier)
+        version = hello.get("version") if isinstance(hello.get("version"), str) else None
+        if version != __version__:  # a mixed-version fleet works, but whoever runs it should know
+            log.warning("worker %s of %s runs lmcached %s; this controller runs %s", worker_id, instance_id, version or "(unknown)", __version__)
+        record = WorkerRecord(
+            instance_id, worker_id, address, tuple(backends) if backends is not None else None, remote_tier=tier, version=version
+        )
         old = self.sessions.pop(record.key, None)
         if old is not None:  # the same worker reconnected before we noticed it left
             old.fail_all("worker reconnected")

@@ -34,6 +34,8 @@ class WorkerRecord:
     rank: int = 0
     #: The identity of the shared remote tier the worker reaches (None: no remote tier).
     remote_tier: str | None = None
+    #: The lmcached version the worker runs (from its hello; None for a worker too old to say).
+    version: str | None = None
     connected_at: float = field(default_factory=time.time)
     last_heartbeat: float = field(default_factory=time.monotonic)
     last_heartbeat_wall: float = field(default_factory=time.time)
@@ -71,6 +73,7 @@ class WorkerRecord:
             "instance_id": self.instance_id,
             "worker_id": self.worker_id,
             "data_address": self.data_address,
+            "version": self.version,
             "connected_at": self.connected_at,
             "last_heartbeat": self.last_heartbeat_wall,
             "seconds_since_heartbeat": round(time.monotonic() - self.last_heartbeat, 3),

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from lmcached import __version__
 from lmcached.backends import REMOTE
 from lmcached.index import ChunkIndex
 
@@ -31,6 +32,12 @@ class IndexCollector(Collector):
             )
         }
         workers = GaugeMetricFamily("lmcached_workers", "Connected workers", labels=["instance_id"])
+        # Versions as labels of a constant 1 (Prometheus' build_info idiom): a mixed-version fleet shows at a glance.
+        build = GaugeMetricFamily("lmcached_build_info", "The controller's lmcached version", labels=["version"])
+        build.add_metric([__version__], 1)
+        worker_build = GaugeMetricFamily(
+            "lmcached_worker_build_info", "The lmcached version each worker runs", labels=["instance_id", "worker_id", "version"]
+        )
         # The shared remote tier is counted once per tier (its workers all see the same Redis), and how each
         # worker reaches it per worker.
         tier_families = {
@@ -55,6 +62,7 @@ class IndexCollector(Collector):
         per_instance: dict[str, int] = {}
         for record in list(self.index.workers.values()):
             per_instance[record.instance_id] = per_instance.get(record.instance_id, 0) + 1
+            worker_build.add_metric([record.instance_id, record.worker_id, record.version or "unknown"], 1)
             for location, stats in record.location_stats().items():
                 if location == REMOTE:
                     for name, family in reach.items():
@@ -74,6 +82,8 @@ class IndexCollector(Collector):
         yield from tier_families.values()
         yield from reach.values()
         yield workers
+        yield build
+        yield worker_build
 
 
 class Metrics:

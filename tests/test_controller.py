@@ -352,3 +352,32 @@ async def test_decompress_is_not_an_undo_the_chunk_says_what_it_lost(running: Ru
     forced = await run("/compress", method="cachegen", allow_lossy_again=True)
     assert forced["chunks"] == 4 and "skipped" not in forced
     assert {worker.backends[CPU].info(k).lossy for k in worker.backends[CPU].keys()} == {"cachegen+cachegen"}
+
+
+async def test_every_part_says_its_version_so_a_mixed_fleet_shows(running: Running, caplog: pytest.LogCaptureFixture) -> None:
+    """The controller's and each worker's version: in /health, /instances and /metrics (build_info, read with
+    Prometheus' own parser); a worker of another version is logged when it registers."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from lmcached import __version__
+    from lmcached.frames import Kind, read_frame, write_frame
+
+    status, answer = await running.post("/health", {"instance_id": INSTANCE})
+    assert answer["version"] == __version__ and answer["worker_versions"] == {"0": __version__}
+    # An older worker joins (a real TCP hello, as lmcached 0.0.9 would send it).
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.daemon.ports.monitor)
+    hello = {"role": "worker", "instance_id": "old", "worker_id": "w-old", "data_address": "127.0.0.1:1", "chunk_size": 16, "version": "0.0.9"}
+    await write_frame(writer, Kind.HELLO, hello)
+    assert (await read_frame(reader)).kind == Kind.WELCOME
+    try:
+        _, instances = await running.get("/instances")
+        assert instances["old"]["workers"][0]["version"] == "0.0.9"
+        assert instances[INSTANCE]["workers"][0]["version"] == __version__
+        _, text = await running.get("/metrics")
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert [s.labels for s in families["lmcached_build_info"].samples] == [{"version": __version__}]
+        versions = {s.labels["instance_id"]: s.labels["version"] for s in families["lmcached_worker_build_info"].samples}
+        assert versions == {INSTANCE: __version__, "old": "0.0.9"}
+        assert any("runs lmcached 0.0.9; this controller runs" in r.getMessage() for r in caplog.records)
+    finally:
+        writer.close()

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+import lmcached
+
 from .conftest import ServeProcess, start_process, stop_serve
 
 ROOT = Path(__file__).parent.parent
@@ -96,7 +98,7 @@ def run_installed(bin_dir: Path, *args: str, cwd: Path) -> subprocess.CompletedP
 @pytest.mark.slow
 def test_the_installed_wheel_imports_every_entry_point(installed: Path, tmp_path: Path) -> None:
     done = run_installed(installed, "lmcached", "--version", cwd=tmp_path)
-    assert done.returncode == 0 and done.stdout.strip() == f"lmcached {PYPROJECT['project']['version']}", done.stdout + done.stderr
+    assert done.returncode == 0 and done.stdout.strip() == f"lmcached {lmcached.__version__}", done.stdout + done.stderr
 
     done = run_installed(installed, "lmcached", "bench", "--help", cwd=tmp_path)
     assert done.returncode == 0 and "Usage" in done.stdout, done.stderr
