@@ -49,6 +49,7 @@ NOTHING_MATCHED_EXIT = 3
 MethodOpt = typer.Option(
     "cachegen", "--method", help="Codec: cachegen (lossy, default), kvtc (lossy, smaller: needs a codebook, see calibrate) or lossless."
 )
+LogFormatOpt = typer.Option("text", "--log-format", help="Log lines as text, or json (one object per line, to stderr).")
 WaitOpt = typer.Option(True, "--wait/--no-wait", help="Wait for the operation to finish and exit non-zero if it fails.")
 TimeoutOpt = typer.Option(300.0, "--timeout", help="Seconds to wait for the operation (with --wait).")
 #: How often a waiting command asks /check_finish.
@@ -105,18 +106,24 @@ def run_daemon(main: Callable[[Any], Awaitable[None]]) -> None:
     event. Failing to start (a port in use, bad storage) is one error line and exit code 1; a remote tier that
     is unreachable, refuses the password or is not Redis is one line and exit code 2."""
     import asyncio
+    import logging
     import signal
+
+    from lmcached.service import notify
 
     async def runner() -> None:
         stop = asyncio.Event()
 
         def on_signal(sig: signal.Signals) -> None:
+            # Logged, not printed: with --log-format json these are JSON lines like every other.
+            log = logging.getLogger("lmcached")
             if stop.is_set():
-                print("forced exit", file=sys.stderr)
+                log.warning("forced exit")
                 os._exit(130)
             # The Ctrl-C hint is for a person at a terminal; a service manager's SIGTERM gets a plain line.
             interactive = sig == signal.SIGINT and sys.stdin is not None and sys.stdin.isatty()
-            print("shutting down (press Ctrl-C again to force)" if interactive else "shutting down", file=sys.stderr)
+            log.info("shutting down (press Ctrl-C again to force)" if interactive else "shutting down (%s)", *([] if interactive else [sig.name]))
+            notify("STOPPING=1")
             stop.set()
 
         loop = asyncio.get_running_loop()
@@ -136,15 +143,15 @@ def run_daemon(main: Callable[[Any], Awaitable[None]]) -> None:
         fail(str(exc))
 
 
-def _prepare_process(verbose: bool) -> None:
+def _prepare_process(verbose: bool, log_format: str = "text") -> None:
     """Logging and allocator settings for the long-running commands."""
-    import logging
-
+    from lmcached.logs import LOG_FORMATS, configure
     from lmcached.memory import tune_allocator
 
+    if log_format not in LOG_FORMATS:
+        fail(f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}", 2)
     tune_allocator()
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    configure(verbose, log_format)
 
 
 @app.command()
@@ -163,6 +170,7 @@ def serve(
         True, "--instance/--no-instance", help="Run the embedded default instance (--no-instance: instances register from elsewhere)."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    log_format: str = LogFormatOpt,
 ) -> None:
     """Run the controller, the worker/monitor port and the embedded default instance (with --engine, the engine too)."""
 
@@ -182,7 +190,7 @@ def serve(
             "local_disk": local_disk,
         },
     )
-    _prepare_process(verbose)
+    _prepare_process(verbose, log_format)
     engine_options = {"port": engine_port, "model": model} if engine else None
     run_daemon(lambda stop: run(cfg, stop, engine_options, embedded=instance))
 
@@ -195,13 +203,14 @@ def controller(
     config: Path | None = typer.Option(None, "--config", help="YAML config (LMCache's keys); also LMCACHE_CONFIG_FILE."),
     auth_token: str | None = typer.Option(None, "--auth-token", help="Require this token (also LMCACHED_AUTH_TOKEN)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    log_format: str = LogFormatOpt,
 ) -> None:
     """Run only the controller (HTTP and the worker/monitor port), as LMCache's `lmcache_controller` does:
     the instances register from elsewhere (vLLM's LmcachedConnector, `lmcached worker`). Same as `serve --no-instance`."""
     from lmcached.serve import run
 
     cfg = _load_config(config, {"host": host, "port": port, "monitor_port": monitor_port, "auth_token": auth_token})
-    _prepare_process(verbose)
+    _prepare_process(verbose, log_format)
     run_daemon(lambda stop: run(cfg, stop, None, embedded=False))
 
 
@@ -216,13 +225,14 @@ def engine_command(
     auth_token: str | None = typer.Option(None, "--auth-token", envvar="LMCACHED_AUTH_TOKEN"),
     kv_dtype: str = typer.Option("float16", "--kv-dtype", help="dtype the KV is offloaded in: float16, bfloat16 or float32."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    log_format: str = LogFormatOpt,
 ) -> None:
     """Serve an OpenAI-compatible engine whose prompt KV is offloaded to (and reused from) lmcached."""
     import asyncio
 
     if kv_dtype not in ("float16", "bfloat16", "float32"):
         fail(f"--kv-dtype must be float16, bfloat16 or float32, not {kv_dtype!r}", 2)
-    _prepare_process(verbose)
+    _prepare_process(verbose, log_format)
 
     async def run(stop: Any) -> None:
 
@@ -344,9 +354,11 @@ def worker(
     config: Path | None = typer.Option(None, "--config"),
     auth_token: str | None = typer.Option(None, "--auth-token"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    log_format: str = LogFormatOpt,
 ) -> None:
     """Run a worker alone that dials a controller (reconnecting with backoff)."""
 
+    from lmcached.service import notify
     from lmcached.worker import Worker
 
     cfg = _load_config(
@@ -360,7 +372,7 @@ def worker(
             "auth_token": auth_token,
         },
     )
-    _prepare_process(verbose)
+    _prepare_process(verbose, log_format)
 
     async def run(stop: Any) -> None:
         w = Worker(cfg)
@@ -368,6 +380,7 @@ def worker(
         print(
             "lmcached worker ready " + json.dumps({"instance_id": w.instance_id, "worker_id": w.worker_id, "data": w.data_port}), flush=True
         )
+        notify("READY=1", f"STATUS=worker {w.worker_id} of {w.instance_id}, data plane on {w.data_port}")
         try:
             await stop.wait()
         finally:

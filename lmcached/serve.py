@@ -17,6 +17,7 @@ from aiohttp import web
 from lmcached.config import Config
 from lmcached.controller import Controller
 from lmcached.handshake import dialable_host
+from lmcached.service import notify
 from lmcached.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ async def run(config: Config, stop: asyncio.Event, engine: dict[str, Any] | None
         "instance_id": config.lmcache_instance_id if embedded else None,
     }
     print("lmcached ready " + json.dumps(ready), flush=True)
+    notify("READY=1", f"STATUS=controller on {config.host}:{ports.http}" + (f", worker data plane on {ports.data}" if embedded else ""))
     try:
         await stop.wait()
     finally:

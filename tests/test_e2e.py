@@ -259,3 +259,17 @@ def test_logs_say_each_problem_once_without_tracebacks(serve_process: ServeProce
     output, _ = worker.communicate(timeout=30)
     link = [line for line in output.splitlines() if "controller_link" in line]
     assert len(link) == 1 and " WARNING " in link[0] and "answered in HTTP" in link[0], output
+
+
+def test_json_logs_are_one_object_per_line() -> None:
+    server = start_serve("--log-format", "json")
+    try:
+        wait_for(lambda: any("registered with the controller" in line for line in server.output))
+    finally:
+        stop_serve(server)
+    logged = [line for line in server.output if not line.startswith("lmcached ready ")]
+    entries = [json.loads(line) for line in logged]  # every line, or this fails
+    assert entries and all(set(e) >= {"time", "level", "logger", "message"} and e["time"].endswith("Z") for e in entries)
+    assert any(e["logger"] == "lmcached.controller_link" and e["level"] == "INFO" for e in entries)
+    done = subprocess.run([sys.executable, "-m", "lmcached", "serve", "--log-format", "xml"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--log-format must be one of text, json" in done.stderr
