@@ -35,23 +35,23 @@ class Config:
     """Every setting of a controller or worker, with LMCache's names where LMCache has one."""
 
     # LMCache's keys.
-    chunk_size: int = 256
-    local_cpu: bool = True
-    max_local_cpu_size: float = 5.0  # GB
-    local_disk: str | None = None  # a directory; LMCache's "file:///path/" spelling is accepted
-    max_local_disk_size: float = 5.0  # GB
-    save_unfull_chunk: bool = True
-    enable_controller: bool = True
-    lmcache_instance_id: str = DEFAULT_INSTANCE_ID
-    controller_url: str = "localhost:9001"
-    lmcache_worker_port: int = 8001
-    remote_url: str | None = None  # redis://host:port[/db], rediss://…, redis-cluster://h1:p1,h2:p2
+    chunk_size: int = 256  # tokens per chunk: the unit of storage, keys and every operation
+    local_cpu: bool = True  # keep chunks in the RAM tier (LocalCPUBackend)
+    max_local_cpu_size: float = 5.0  # GB of the RAM tier
+    local_disk: str | None = None  # the disk tier's directory (LocalDiskBackend); LMCache's "file:///path/" works too
+    max_local_disk_size: float = 5.0  # GB of the disk tier
+    save_unfull_chunk: bool = True  # store a prompt's last, partial chunk too
+    enable_controller: bool = True  # a worker registers with the controller at controller_url
+    lmcache_instance_id: str = DEFAULT_INSTANCE_ID  # the instance a worker serves (the controller's name for it)
+    controller_url: str = "localhost:9001"  # where a worker dials the controller: its worker/monitor port
+    lmcache_worker_port: int = 8001  # a worker's data plane (engines store and retrieve there; 0: any free port)
+    remote_url: str | None = None  # the shared Redis tier: redis://host:port[/db], rediss://…, redis-cluster://h1:p1,h2:p2
     remote_serde: str = "naive"  # how chunks rest in the remote tier: naive (as stored), cachegen or lossless
     # lmcached's own keys.
-    host: str = "127.0.0.1"
-    port: int = 9000
-    monitor_port: int = 9001
-    auth_token: str | None = None
+    host: str = "127.0.0.1"  # the address every port binds (0.0.0.0: all; then set auth_token)
+    port: int = 9000  # the controller's HTTP API
+    monitor_port: int = 9001  # the controller's worker/monitor TCP port
+    auth_token: str | None = None  # a bearer token every client and worker must present (unset: none)
     heartbeat_interval: float = 1.0  # seconds between a worker's heartbeats
     heartbeat_timeout: float = 5.0  # a worker silent this long is dropped from the index (LMCache issue 4808)
     command_timeout: float = 30.0  # a controller command a worker has not answered by then fails

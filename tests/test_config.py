@@ -114,3 +114,27 @@ def test_serve_warns_at_start_about_a_typo_and_a_tier_larger_than_the_machine() 
         assert f"max_local_cpu_size is {float(too_big):.1f} GB but this machine has" in output
     finally:
         stop_serve(server)
+
+
+def test_the_configuration_reference_is_the_code() -> None:
+    """docs/configuration.md is generated from Config and the CLI: it must be current, name every key with what
+    it does, and name only flags the commands really have."""
+    import dataclasses
+    import re
+
+    import typer
+
+    from lmcached.cli import app
+    from lmcached.config_reference import fields_in_order, flags_by_key, render
+
+    document = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    assert document == render(), "stale: run python -m lmcached.config_reference > docs/configuration.md"
+    described = fields_in_order()
+    assert [key for _, key, _, _ in described] == [f.name for f in dataclasses.fields(Config)]
+    assert all(description for *_, description in described), [key for _, key, _, d in described if not d]
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    for key, mentions in flags_by_key().items():
+        for mention in mentions:
+            command, flag = re.fullmatch(r"`lmcached (\S+) (--\S+)`", mention).groups()  # type: ignore[union-attr]
+            assert any(flag in param.opts for param in commands[command].params), (key, mention)
+    assert "`lmcached serve --local-disk`" in document and "`lmcached worker --controller`" in document
