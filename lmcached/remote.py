@@ -325,6 +325,11 @@ class RemoteBackend(Backend):
         self._listener_stop = threading.Event()
         self._listener: threading.Thread | None = None
         self._notify_problem: str | None = None  # why notifications were last unavailable (logged once per cause)
+        # What this worker changed in the mirror, and when (a counter): a scan that began before a change saw
+        # the tier as it was then, so it must not undo the change (an unpin re-pinned by a stale scan, a chunk
+        # written during the scan forgotten as gone).
+        self._epoch = 0
+        self._touched: dict[int, int] = {}
 
     # ---------------------------------------------------------------- identity and set-up
     def _tier_identity(self) -> str:
@@ -432,9 +437,14 @@ class RemoteBackend(Backend):
         return bytes(value) if value is not None else None
 
     # ---------------------------------------------------------------- the Backend interface
+    def _touch_locked(self, key: int) -> None:
+        self._epoch += 1
+        self._touched[key] = self._epoch
+
     def _remember(self, key: int, entry: MetaEntry, pinned: bool) -> None:
-        """Record in the mirror that the tier holds `key`: (num_tokens, nbytes, method, raw_nbytes)."""
+        """Record in the mirror that the tier holds `key` (its Chunk.entry)."""
         with self._lock:
+            self._touch_locked(key)
             old = self._meta.pop(key, None)
             if old is not None:
                 self.used_bytes -= old[1]
@@ -585,6 +595,7 @@ class RemoteBackend(Backend):
         with self._lock:
             if key not in self._meta:
                 return False  # there, but not yet in the mirror: the next scan brings it with its pin state
+            self._touch_locked(key)
             (self._pinned.add if pinned else self._pinned.discard)(key)
         return True
 
@@ -624,6 +635,8 @@ class RemoteBackend(Backend):
         writes and anything the notifications missed. Raises RemoteError when the tier is down."""
         present: dict[int, int] = {}  # key -> TTL (-1: pinned)
         names: list[bytes] = []
+        with self._lock:
+            started = self._epoch  # changes this worker makes from now on are newer than what the scan sees
         for node in self._primaries():
             for rkey in self._call(lambda n=node: list(n.scan_iter(match=f"{self._prefix}*", count=1000))):
                 if self._key_of(rkey) is not None:
@@ -640,14 +653,16 @@ class RemoteBackend(Backend):
         new = [k for k in present if k not in known]
         added = {key for key, info in zip(new, self.peek_many(new), strict=True) if info is not None}
         with self._lock:
-            for key in known & set(present):
+            since = {k for k, at in self._touched.items() if at > started}  # changed here during the scan
+            for key in (known & set(present)) - since:
                 pinned = present[key] == -1
                 if pinned != (key in self._pinned):
                     (self._pinned.add if pinned else self._pinned.discard)(key)
                     added.add(key)
-            gone = {k for k in known if k not in present}
+            gone = {k for k in known if k not in present and k not in since and k in self._meta}
             for key in gone:
                 self._forget_meta(key)
+            self._touched = {k: at for k, at in self._touched.items() if at > started}
         return added, gone
 
     def enable_notifications(self) -> bool:

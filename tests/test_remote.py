@@ -52,7 +52,7 @@ def cmdstat(server: RedisServer, command: str) -> int:
 
 
 async def remote_worker(url: str, **config: object) -> Worker:
-    worker = Worker(test_config(remote_url=url, enable_controller=False, remote_scan_interval=0.2, **config))
+    worker = Worker(test_config(**{"remote_url": url, "enable_controller": False, "remote_scan_interval": 0.2, **config}))
     await worker.start(connect=False)
     return worker
 
@@ -482,3 +482,36 @@ def test_remote_backend_reports_its_url_without_the_password(redis: RedisServer)
 def test_remote_settings_are_checked(key: str, value: object, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         test_config(**{key: value})
+
+
+async def test_a_scan_never_undoes_a_newer_pin_or_unpin(redis: RedisServer) -> None:
+    """The reconciliation scan reads pin states (TTLs), then applies them; a pin or unpin made in between is
+    newer than what it read and must stand (on a slow CI machine a stale scan re-pinned an unpinned chunk), and
+    a chunk written in between is not "gone"."""
+    worker = await remote_worker(redis.url, remote_scan_interval=3600.0)  # no scan but the ones below
+    try:
+        tokens = list(range(16 * 2))
+        async with AsyncKVClient(f"127.0.0.1:{worker.data_port}") as client:
+            await client.store(tokens, make_kv(len(tokens)))
+            first, second = [s.key for s in client.spans(tokens)]
+        await worker.storage.flush_behind()
+        remote = worker.backends[REMOTE]
+        assert remote.set_pinned(first, True)
+        late = Chunk(0xFEED, 16, (2, 4, 16, 64), "float16", bytes(make_kv(16).numpy().tobytes()))
+        scan_read = remote.peek_many  # reconcile calls it between reading the tier and applying what it read
+
+        def meanwhile(keys: list[int]) -> list[object]:
+            remote.set_pinned(first, False)  # an unpin lands while the scan is half done…
+            remote.set_pinned(second, True)  # …and a pin
+            remote.put_many([late])  # …and a new chunk
+            return scan_read(keys)
+
+        remote.peek_many = meanwhile  # type: ignore[method-assign]
+        remote.reconcile()
+        assert not remote.info(first).pinned and remote.info(second).pinned and 0xFEED in remote
+        assert int(redis.cli("TTL", remote._rkey(first))) > 0 and int(redis.cli("TTL", remote._rkey(second))) == -1
+        remote.peek_many = scan_read  # type: ignore[method-assign]
+        remote.reconcile()  # a later scan agrees with Redis
+        assert not remote.info(first).pinned and remote.info(second).pinned and 0xFEED in remote
+    finally:
+        await worker.stop()
