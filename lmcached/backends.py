@@ -85,6 +85,12 @@ class Chunk:
         return meta
 
     @staticmethod
+    def entry_from_meta(meta: dict[str, Any]) -> MetaEntry:
+        """The index entry of a chunk known by its metadata alone (a file's or a Redis value's header)."""
+        chunk = Chunk.from_meta(meta, b"")
+        return (chunk.num_tokens, int(meta["nbytes"]), chunk.method, chunk.raw_nbytes, chunk.lossy)
+
+    @staticmethod
     def from_meta(meta: dict[str, Any], data: bytes) -> Chunk:
         return Chunk(
             key=int(meta["key"]),
@@ -366,13 +372,13 @@ class LocalDiskBackend(Backend):
         for path in files:
             try:
                 meta = self._read_meta(path)
-                chunk = Chunk.from_meta(meta, b"")
-                if chunk.key != int(path.stem, 16):
+                key, entry = int(meta["key"]), Chunk.entry_from_meta(meta)
+                if key != int(path.stem, 16):
                     raise CorruptChunkFile(f"{path.name}: key in file does not match its name")
-                self._meta[chunk.key] = (chunk.num_tokens, int(meta["nbytes"]), chunk.method, chunk.raw_nbytes, chunk.lossy)
-                self.used_bytes += int(meta["nbytes"])
+                self._meta[key] = entry
+                self.used_bytes += entry[1]
                 if meta.get("pinned"):
-                    self._pinned.add(chunk.key)
+                    self._pinned.add(key)
             except (CorruptChunkFile, OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("dropping unreadable chunk file %s: %s", path, exc)
                 path.unlink(missing_ok=True)

@@ -67,20 +67,10 @@ def main() -> None:
 
 def _print_version(value: bool) -> None:
     if value:
-        typer.echo(f"lmcached {version()}")
+        from lmcached import __version__  # (the wheel's version is this one: pyproject reads it from there)
+
+        typer.echo(f"lmcached {__version__}")
         raise typer.Exit()
-
-
-def version() -> str:
-    """The installed distribution's version (what pip installed), else the source tree's."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("lmcached")
-    except metadata.PackageNotFoundError:
-        from lmcached import __version__
-
-        return __version__
 
 
 @app.callback()

@@ -411,28 +411,26 @@ class Engine:
     ) -> web.StreamResponse:
         """chat.completion.chunk events: the role first, then the text as it comes, the finish reason with the
         usage; with stream_options.include_usage, OpenAI's extra last chunk (no choices, the usage)."""
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await response.prepare(request)
 
-        async def send(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> None:
-            chunk: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": self.loaded.name}
-            chunk["choices"] = choices
+        def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
+            event: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": self.loaded.name}
+            event["choices"] = choices
             if usage is not None:
-                chunk["usage"] = usage
-            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+                event["usage"] = usage
+            return event
 
-        await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-        usage = None
-        async for piece in self._generate(req):
-            delta = {"content": piece.text} if piece.text else {}
-            if piece.finish is not None:
-                usage = self._usage(req, piece.completion_tokens, piece.cached_tokens)
-            await send([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": piece.finish}], usage)
-        if include_usage and usage is not None:
-            await send([], usage)
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            usage = None
+            async for piece in self._generate(req):
+                delta = {"content": piece.text} if piece.text else {}
+                if piece.finish is not None:
+                    usage = self._usage(req, piece.completion_tokens, piece.cached_tokens)
+                yield chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": piece.finish}], usage)
+            if include_usage and usage is not None:
+                yield chunk([], usage)
+
+        return await self._server_sent(request, events())
 
     def _usage(self, req: Request, completion_tokens: int, cached: int) -> dict[str, Any]:
         return {
@@ -443,24 +441,33 @@ class Engine:
         }
 
     async def _stream(self, request: web.Request, req: Request, completion_id: str, created: int) -> web.StreamResponse:
-        """Server-sent events, one per piece, then usage with the last one, then [DONE] (OpenAI's shape)."""
+        """text_completion events, one per piece, the usage with the last one (OpenAI's shape)."""
+
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            async for piece in self._generate(req):
+                event: dict[str, Any] = {
+                    "id": completion_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": self.loaded.name,
+                    "choices": [{"index": 0, "text": piece.text, "logprobs": None, "finish_reason": piece.finish}],
+                }
+                if piece.finish is not None:
+                    event["usage"] = self._usage(req, piece.completion_tokens, piece.cached_tokens)
+                yield event
+
+        return await self._server_sent(request, events())
+
+    @staticmethod
+    async def _server_sent(request: web.Request, events: AsyncIterator[dict[str, Any]]) -> web.StreamResponse:
+        """Server-sent events: each event as a `data:` line as it comes, then `data: [DONE]` (both endpoints)."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        async for piece in self._generate(req):
-            chunk: dict[str, Any] = {
-                "id": completion_id,
-                "object": "text_completion",
-                "created": created,
-                "model": self.loaded.name,
-                "choices": [{"index": 0, "text": piece.text, "logprobs": None, "finish_reason": piece.finish}],
-            }
-            if piece.finish is not None:
-                chunk["usage"] = self._usage(req, piece.completion_tokens, piece.cached_tokens)
-            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        async for event in events:
+            await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
-
 
 async def run_engine(
     loaded: LoadedModel, host: str, port: int, worker: str | None, auth_token: str | None, stop: asyncio.Event, kv_dtype: str = "float16"

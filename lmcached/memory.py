@@ -9,6 +9,8 @@ import logging
 import os
 from pathlib import Path
 
+from lmcached.config import GB
+
 log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1
@@ -38,7 +40,6 @@ def tune_allocator() -> bool:
     return ok
 
 
-GB = 1024**3
 #: Unset local_cpu_prefault: this share of the RAM tier, at most PREFAULT_MAX_GB and this share of free memory.
 PREFAULT_SHARE = 0.1
 PREFAULT_MAX_GB = 1.0

@@ -219,9 +219,7 @@ def _entry_from_head(head: bytes) -> MetaEntry | None:
         meta_end, header_end = _header_len(head)
         if len(head) < header_end:
             return None
-        meta = orjson.loads(head[_HEAD.size : meta_end])
-        chunk = Chunk.from_meta(meta, b"")
-        return (chunk.num_tokens, int(meta["nbytes"]), chunk.method, chunk.raw_nbytes, chunk.lossy)
+        return Chunk.entry_from_meta(orjson.loads(head[_HEAD.size : meta_end]))
     except (CorruptRemoteValue, orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         return None
 
@@ -516,13 +514,13 @@ class RemoteBackend(Backend):
         if value is None or unpacked is None:
             self.misses += 1
             if self._forget_meta_locked(key):
-                self._mark_gone(key)
+                self._mark_changed(key)
             return None
         if isinstance(unpacked, CorruptRemoteValue):
             log.error("chunk %016x in the remote tier is unreadable, deleting it: %s", key, unpacked)
             self.dropped_corrupt.append(key)
             self._forget_meta_locked(key)
-            self._mark_gone(key)
+            self._mark_changed(key)
             try:
                 self._call(self._delete_if_same, keys=[self._rkey(key)], args=[value])
             except RemoteError:
@@ -531,7 +529,7 @@ class RemoteBackend(Backend):
         self.hits += 1
         if key not in self:  # another worker's chunk, read through: the controller must hear of it too
             self._remember(key, unpacked.entry, pinned=False)
-            self._mark_found(key)
+            self._mark_changed(key)
         return unpacked
 
     def get(self, key: int) -> Chunk | None:
@@ -566,13 +564,13 @@ class RemoteBackend(Backend):
             entry = _entry_from_head(head) if head else None
             if entry is None:
                 if self._forget_meta_locked(key):
-                    self._mark_gone(key)
+                    self._mark_changed(key)
                 infos.append(None)
                 continue
             found = key not in self  # another worker's chunk: the controller must hear of it too
             self._remember(key, entry, pinned=ttl == -1)
             if found:
-                self._mark_found(key)
+                self._mark_changed(key)
             infos.append(self.info(key))
         return infos
 
@@ -590,7 +588,7 @@ class RemoteBackend(Backend):
             done = self._call(self.client.expire, rkey, max(1, int(self.ttl_s)))
         if not done:
             if self._forget_meta_locked(key):
-                self._mark_gone(key)
+                self._mark_changed(key)
             return False
         with self._lock:
             if key not in self._meta:
@@ -615,11 +613,8 @@ class RemoteBackend(Backend):
         return super().stats() | {"up": self.up, "hits": self.hits, "misses": self.misses, "url": self.url.display}
 
     # ---------------------------------------------------------------- what Redis did on its own
-    def _mark_gone(self, key: int) -> None:
-        with self._changed_lock:
-            self._changed.add(key)
-
-    def _mark_found(self, key: int) -> None:
+    def _mark_changed(self, key: int) -> None:
+        """For the storage to report: `key` left the tier, or this worker found it there (see take_changed)."""
         with self._changed_lock:
             self._changed.add(key)
 
@@ -714,7 +709,7 @@ class RemoteBackend(Backend):
                         if message and message.get("type") == "message":
                             key = self._key_of(message["data"])
                             if key is not None and self._forget_meta_locked(key):
-                                self._mark_gone(key)
+                                self._mark_changed(key)
             except Exception as exc:
                 log.debug("remote tier event listener: %s", exc)
                 self._listener_stop.wait(_NOTIFY_RETRY_S)

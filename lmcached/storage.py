@@ -61,9 +61,6 @@ class KeyedLocks:
             else:
                 self._locks[key] = (lock, users - 1)
 
-    def __len__(self) -> int:
-        return len(self._locks)
-
 
 def codec_device(setting: str) -> str:
     """The device a worker's codecs run on for the `codec_device` setting: "cuda" or "cpu"."""
