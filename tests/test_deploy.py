@@ -84,10 +84,12 @@ def run_unit(unit: str, tmp_path: Path, notify: socket.socket, ready: str, **ove
 
 
 def stop_and_check(server: ServeProcess, notify: socket.socket) -> None:
-    server.proc.send_signal(signal.SIGTERM)
-    assert notify.recv(4096) == b"STOPPING=1"
-    assert server.proc.wait(60) == 0  # one SIGTERM is a clean stop (a second would force it)
-    stop_serve(server)  # (collects its output)
+    try:
+        server.proc.send_signal(signal.SIGTERM)
+        assert notify.recv(4096) == b"STOPPING=1"
+        assert server.proc.wait(60) == 0  # one SIGTERM is a clean stop (a second would force it)
+    finally:
+        stop_serve(server)  # collects its output, and kills it if the checks above failed: no daemon left behind
     logged = [line for line in server.output if not line.startswith("lmcached ") or " ready " not in line]
     assert logged and all(json.loads(line)["level"] for line in logged)  # --log-format json: every line
 
