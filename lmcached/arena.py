@@ -213,15 +213,22 @@ class Arena:
             self._ahead_thread.start()
 
     def _extend(self, end: int, background: bool = False) -> None:
-        end = min(end, self.size)
-        step = 16 * 1024 * 1024  # numpy lets go of the GIL while it faults pages in; small steps keep it fair
-        for start in range(self.prefaulted or HEADER, end, step):
+        # Whole pages only, and never a write: blocks past the frontier may hold chunks already (stores can
+        # outrun this thread, which runs only when the CPUs idle). Writing a zero per page "because they are
+        # zero already" corrupted them — one byte pair per page, at whatever offset the frontier stood.
+        end = _round_up(min(end, self.size))
+        step = 4 * 1024 * 1024  # the kernel faults a step in at a time; small steps keep the GIL fair
+        for start in range(_round_up(self.prefaulted or HEADER), end, step):
             while background and self._writers and not self._closed:
                 time.sleep(0.005)  # a store is writing: its copy gets the cores and the memory bandwidth
             if self._closed:
                 return
-            self.array[start : min(start + step, end) : PAGE] = 0  # one write per page (they are zero already)
-            self.prefaulted = min(start + step, end)
+            stop = min(start + step, end)
+            if not populate(self._mm, start, stop - start):
+                # A kernel without MADV_POPULATE_WRITE (< 5.14): a read per page faults a shared page in too,
+                # and leaves its bytes as they are.
+                int(self.array[start:stop:PAGE].sum())
+            self.prefaulted = stop
 
     def _keep_ahead(self) -> None:
         _yield_to_foreground()

@@ -280,3 +280,27 @@ def test_background_prefault_waits_while_a_store_writes() -> None:
         assert arena.prefaulted > start  # and done once it has finished
     finally:
         arena.close()
+
+
+@pytest.mark.parametrize("kernel_populates", [True, False])
+def test_prefaulting_never_touches_a_byte_of_a_stored_block(monkeypatch: pytest.MonkeyPatch, kernel_populates: bool) -> None:
+    """Stores can run past the prefault frontier (the background thread runs only when the CPUs idle): faulting
+    those pages in later must leave the chunks in them as they are — at a frontier that is not page-aligned
+    (a proportional prefault of 2,000 bytes) and with or without the kernel's MADV_POPULATE_WRITE."""
+    import lmcached.arena as arena_module
+
+    if not kernel_populates:
+        monkeypatch.setattr(arena_module, "populate", lambda mm, start, length: False)
+    arena = arena_module.Arena(64 * arena_module.PAGE)
+    try:
+        arena._extend(arena_module.HEADER + 2000)  # what prefault(2000) does first, without the thread
+        blocks = [arena.alloc(2048) for _ in range(20)]  # one page each, past the frontier
+        for i, block in enumerate(blocks):
+            assert block is not None
+            block[:] = i + 1
+        arena._extend(arena.high_water + 2000, background=True)  # the background thread catching up
+        assert arena.prefaulted > arena.high_water and arena.prefaulted % arena_module.PAGE == 0
+        for i, block in enumerate(blocks):
+            assert block is not None and bool((block == i + 1).all()), f"block {i} changed"
+    finally:
+        arena.close()
