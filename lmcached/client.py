@@ -278,7 +278,7 @@ class KVClient:
 
     def _held(self, spans: list[ChunkSpan]) -> int:
         """How many tokens of these chunks' prefix the worker holds (in any tier)."""
-        self._send(frame_parts(Kind.LOOKUP, {"req_id": next(self._req_ids), "keys": [s.key for s in spans]}, []))
+        self._send(frame_parts(Kind.LOOKUP, {"req_id": next(self._req_ids), "keys": [s.key for s in spans], "dedupe": True}, []))
         return int(self._reply()["num_tokens"])
 
     def lookup(self, tokens: Sequence[int], salt: str | None = None) -> int:
@@ -461,7 +461,7 @@ class AsyncKVClient:
         async with self._lock:
             held = 0
             if dedupe and any(s.end > skip_tokens for s in spans):
-                frame = frame_parts(Kind.LOOKUP, {"req_id": next(self._req_ids), "keys": [s.key for s in spans]}, [])
+                frame = frame_parts(Kind.LOOKUP, {"req_id": next(self._req_ids), "keys": [s.key for s in spans], "dedupe": True}, [])
                 held = int((await self._request(frame))["num_tokens"])
             found = sum(s.num_tokens for s in spans if s.end <= held)
             spans = [s for s in spans if s.end > max(skip_tokens, held)]

@@ -166,7 +166,7 @@ class ControllerLink:
 
     async def _heartbeats(self) -> None:
         while True:
-            await self._send(Kind.HEARTBEAT, {"locations": self.storage.stats()})
+            await self._send(Kind.HEARTBEAT, {"locations": self.storage.stats(), "usage": self.storage.usage.snapshot()})
             await asyncio.sleep(self.config.heartbeat_interval)
 
     async def _reports(self) -> None:

@@ -125,7 +125,9 @@ class DataPlaneServer:
         if kind in (Kind.SHM_STORE, Kind.SHM_COMMIT, Kind.SHM_RETRIEVE, Kind.SHM_RELEASE):
             await self._answer_shm(stream, kind, header, shm)
         elif kind == Kind.LOOKUP:
-            await self._reply(stream, {"req_id": req_id, "num_tokens": await self.storage.lookup(check_keys(header))})
+            # A client's store asks first what is held already ("dedupe"): not a lookup an engine made.
+            held = await self.storage.lookup(check_keys(header), engine=not header.get("dedupe"))
+            await self._reply(stream, {"req_id": req_id, "num_tokens": held})
         elif kind == Kind.RETRIEVE:
             try:
                 chunks = await self.storage.retrieve(check_keys(header))

@@ -215,6 +215,9 @@ class Hub:
                     locations = frame.header.get("locations")
                     if isinstance(locations, dict):
                         record.heartbeat_stats = locations
+                    usage = frame.header.get("usage")
+                    if isinstance(usage, dict):
+                        record.usage = usage
                 elif frame.kind == Kind.REPORT:
                     self._apply_report(record, frame.header)
                 elif frame.kind == Kind.REPLY:

@@ -43,6 +43,8 @@ class WorkerRecord:
     locations: dict[str, dict[int, ChunkInfo]] = field(default_factory=lambda: defaultdict(dict))
     #: location -> the worker's own statistics from its last heartbeat (capacity, bytes)
     heartbeat_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: What engines asked of the worker and what it did, cumulative (`usage.Usage.snapshot`, last heartbeat).
+    usage: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> WorkerKey:

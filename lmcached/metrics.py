@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from lmcached import __version__
 from lmcached.backends import REMOTE
-from lmcached.index import ChunkIndex
+from lmcached.index import ChunkIndex, WorkerRecord
+from lmcached.usage import COUNTS, LATENCY_BUCKETS, OPERATIONS, TIER_COUNTS
 
 
 class IndexCollector(Collector):
@@ -84,6 +85,61 @@ class IndexCollector(Collector):
         yield workers
         yield build
         yield worker_build
+        yield from usage_metrics(list(self.index.workers.values()))
+
+
+def usage_metrics(records: list[WorkerRecord]) -> Iterator[Metric]:
+    """"Is the cache helping?": what engines asked of each worker and what it did for them, from the counts
+    its heartbeats carry (`usage.Usage`). Hit rate = found / asked; a worker too old to count shows nothing."""
+    worker = ["instance_id", "worker_id"]
+    counts = {name: CounterMetricFamily(f"lmcached_{name}", doc, labels=worker) for name, doc in COUNTS.items()}
+    by_tier = {name: CounterMetricFamily(f"lmcached_{name}", doc, labels=[*worker, "tier"]) for name, doc in TIER_COUNTS.items()}
+    codec_seconds = CounterMetricFamily(
+        "lmcached_codec_seconds", "Seconds spent coding chunks, by codec and direction", labels=[*worker, "method", "direction"]
+    )
+    codec_bytes = CounterMetricFamily(
+        "lmcached_codec_bytes", "Raw KV bytes coded, by codec and direction (bytes / seconds = codec speed)", labels=[*worker, "method", "direction"]
+    )
+    latency = {
+        op: HistogramMetricFamily(f"lmcached_{op}_seconds", f"How long a {op} took on the worker", labels=worker) for op in OPERATIONS
+    }
+    queue_bytes = GaugeMetricFamily("lmcached_save_queue_bytes", "Bytes waiting to be written behind RAM, by tier", labels=[*worker, "tier"])
+    dropped = CounterMetricFamily(
+        "lmcached_saves_dropped", "Chunks not written behind RAM because the tier's queue was full, by tier", labels=[*worker, "tier"]
+    )
+    for record in records:
+        ids = [record.instance_id, record.worker_id]
+        for tier, stats in record.heartbeat_stats.items():
+            if "write_queue_bytes" in stats:
+                queue_bytes.add_metric([*ids, tier], float(stats["write_queue_bytes"] or 0))
+                dropped.add_metric([*ids, tier], float(stats.get("write_queue_dropped") or 0))
+        usage = record.usage
+        if not usage:
+            continue
+        for name, value in usage.get("counts", {}).items():
+            if name in counts:
+                counts[name].add_metric(ids, float(value))
+        for name, per_tier in usage.get("by_tier", {}).items():
+            if name in by_tier:
+                for tier, value in per_tier.items():
+                    by_tier[name].add_metric([*ids, tier], float(value))
+        for method, direction, seconds, raw_bytes in usage.get("codec", []):
+            codec_seconds.add_metric([*ids, method, direction], float(seconds))
+            codec_bytes.add_metric([*ids, method, direction], float(raw_bytes))
+        for op, histogram in usage.get("latency", {}).items():
+            if op in latency and len(histogram.get("counts", [])) == len(LATENCY_BUCKETS) + 1:
+                cumulative, buckets = 0, []
+                for bound, count in zip([*map(str, LATENCY_BUCKETS), "+Inf"], histogram["counts"], strict=True):
+                    cumulative += count
+                    buckets.append((bound, float(cumulative)))
+                latency[op].add_metric(ids, buckets, float(histogram["sum"]))
+    yield from counts.values()
+    yield from by_tier.values()
+    yield codec_seconds
+    yield codec_bytes
+    yield from latency.values()
+    yield queue_bytes
+    yield dropped
 
 
 class Metrics:

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import replace
@@ -22,6 +23,7 @@ from lmcached.config import Config
 from lmcached.errors import ConfigError, InvalidRequest, LmcachedError, MissingCodebook, NotFound, ProtocolError
 from lmcached.memory import capacity_warning, machine_memory, prefault_bytes
 from lmcached.remote import RemoteBackend, RemoteError
+from lmcached.usage import Usage
 from lmcached.write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
@@ -156,6 +158,8 @@ class Storage:
         self._transforming = KeyedLocks()  # (location, key) of chunks being compressed or decompressed
         #: Where compress and decompress run ("cuda" or "cpu"), settled when the storage opens.
         self.codec_device = "cpu"
+        #: What engines asked of this instance and what it did for them (sent with every heartbeat).
+        self.usage = Usage()
 
     # ---------------------------------------------------------------- lifecycle
     async def open(self) -> None:
@@ -288,8 +292,7 @@ class Storage:
         assert isinstance(remote, RemoteBackend)
         serde = self.config.remote_serde
         if serde != "naive":
-            device = self.codec_device
-            chunks = list(await asyncio.gather(*(self.run(encode_chunk, c, serde, None, None, device) if c.method is None else _done(c) for c in chunks)))
+            chunks = list(await asyncio.gather(*(self.run(self.encode, c, serde) if c.method is None else _done(c) for c in chunks)))
         await self._codebooks_to_remote(remote, chunks)
         await self.run_remote(remote.put_many, chunks)
         for chunk in chunks:
@@ -314,13 +317,27 @@ class Storage:
             return
         backend = self.backends[location]
         evicted = await self._call(backend, backend.put, chunk)
-        for key in evicted:
-            self._note(location, key)
+        self._evicted(location, evicted)
         self._note(location, chunk.key)
+
+    def _evicted(self, location: str, keys: list[int]) -> None:
+        for key in keys:
+            self._note(location, key)
+        if keys:
+            self.usage.add("evictions", len(keys), tier=location)
 
     async def store(self, chunks: list[Chunk], location: str | None = None) -> int:
         """Admit chunks; with no location, to RAM, then (written behind RAM, in order) disk and the remote tier,
         as LMCache does. Returns tokens stored."""
+        with self.usage.timed("store"):
+            stored = await self._store(chunks, location)
+        self.usage.add("stores")
+        self.usage.add("store_chunks", len(chunks))
+        self.usage.add("store_tokens", stored)
+        self.usage.add("store_bytes", sum(len(c.data) for c in chunks))
+        return stored
+
+    async def _store(self, chunks: list[Chunk], location: str | None) -> int:
         locations = [location] if location else list(self.backends)
         for loc in locations:
             self.backend(loc)
@@ -351,8 +368,7 @@ class Storage:
         if not isinstance(cpu, LocalCPUBackend) or cpu.arena is None:
             return None
         block, evicted = cpu.reserve(nbytes)
-        for key in evicted:
-            self._note(CPU, key)
+        self._evicted(CPU, evicted)
         return block
 
     def release_unkept(self, chunks: list[Chunk]) -> None:
@@ -396,11 +412,12 @@ class Storage:
             return {}
         return {c.key: c for c in chunks if c is not None}
 
-    async def prefix(self, keys: list[int]) -> list[Chunk]:
-        """The stored chunks of the longest cached prefix of `keys`: RAM first, then disk, then the remote tier
-        (the keys no local tier holds, fetched together; with remote_keep_local, kept in RAM too)."""
+    async def prefix(self, keys: list[int]) -> list[tuple[str, Chunk]]:
+        """The stored chunks of the longest cached prefix of `keys`, each with the tier it came from: RAM first,
+        then disk, then the remote tier (the keys no local tier holds, fetched together; with remote_keep_local,
+        kept in RAM too)."""
         local = [(loc, b) for loc, b in self.backends.items() if loc != REMOTE]
-        found: list[Chunk] = []
+        found: list[tuple[str, Chunk]] = []
         from_remote: dict[int, Chunk] | None = None
         for i, key in enumerate(keys):
             chunk = None
@@ -412,12 +429,12 @@ class Storage:
             if chunk is None and REMOTE in self.backends:
                 if from_remote is None:
                     from_remote = await self._remote_fetch(keys[i:])
-                chunk = from_remote.get(key)
+                chunk, location = from_remote.get(key), REMOTE
                 if chunk is not None and CPU in self.backends and self.config.remote_keep_local:
                     await self._keep_in_ram(chunk)
             if chunk is None:
                 break
-            found.append(chunk)
+            found.append((location, chunk))
         return found
 
     async def _keep_in_ram(self, chunk: Chunk) -> None:
@@ -429,48 +446,79 @@ class Storage:
         except StoreFull:
             pass  # RAM is full of pinned chunks: serve it without keeping a copy
 
-    async def lookup(self, keys: list[int]) -> int:
+    async def lookup(self, keys: list[int], engine: bool = True) -> int:
         """Tokens of the longest prefix of `keys` held here: local tiers first, then one batched existence
-        check in the remote tier for the rest."""
-        tokens = 0
+        check in the remote tier for the rest. `engine` False for a store's own check of what is held already,
+        which is not counted as a lookup."""
+        with self.usage.timed("lookup") if engine else contextlib.nullcontext():
+            infos = await self._held(keys)
+        if engine:
+            self.usage.add("lookups")
+            self.usage.add("lookup_chunks_asked", len(keys))
+            self.usage.add("lookup_chunks_found", len(infos))
+            self.usage.add("lookup_tokens_found", sum(i.num_tokens for i in infos))
+        return sum(i.num_tokens for i in infos)
+
+    async def _held(self, keys: list[int]) -> list[ChunkInfo]:
+        """What is known of the chunks of the longest prefix of `keys` held here."""
+        held: list[ChunkInfo] = []
         for i, key in enumerate(keys):
             info = next((b.info(key) for loc, b in self.backends.items() if loc != REMOTE and key in b), None)
             if info is None:
-                return tokens + await self._remote_lookup(keys[i:])
-            tokens += info.num_tokens
-        return tokens
+                return held + await self._remote_held(keys[i:])
+            held.append(info)
+        return held
 
-    async def _remote_lookup(self, keys: list[int]) -> int:
+    async def _remote_held(self, keys: list[int]) -> list[ChunkInfo]:
         remote = self.backends.get(REMOTE)
         if not isinstance(remote, RemoteBackend) or not keys:
-            return 0
+            return []
         try:
             infos = await self.run_remote(remote.peek_many, keys, deadline=self.config.remote_timeout_s)
         except RemoteError:
-            return 0
-        tokens = 0
+            return []
+        held: list[ChunkInfo] = []
         for info in infos:
             if info is None:
                 break
-            tokens += info.num_tokens
-        return tokens
+            held.append(info)
+        return held
 
     async def retrieve(self, keys: list[int]) -> list[Chunk]:
         """The cached prefix as raw chunks, decoding compressed ones off the event loop. A kvtc chunk whose
         codebook is nowhere to be found (evicted from Redis, say) ends the prefix there: a miss, not an error."""
-        chunks = await self.prefix(keys)
-        decoded = await asyncio.gather(
-            *(self.run(decode_chunk, c, self.codebooks, self.codec_device) if c.method else _done(c) for c in chunks), return_exceptions=True
-        )
+        with self.usage.timed("retrieve"):
+            located = await self.prefix(keys)
+            decoded = await asyncio.gather(*(self.run(self.decode, c) if c.method else _done(c) for _, c in located), return_exceptions=True)
         out: list[Chunk] = []
-        for chunk, result in zip(chunks, decoded, strict=True):
+        for (location, chunk), result in zip(located, decoded, strict=True):
             if isinstance(result, MissingCodebook):
                 log.warning("chunk %016x cannot be decoded (%s): served as a miss from there", chunk.key, result)
                 break
             if isinstance(result, BaseException):
                 raise result
             out.append(result)
+            self.usage.add("retrieve_chunks_found", tier=location)
+        self.usage.add("retrieves")
+        self.usage.add("retrieve_chunks_asked", len(keys))
+        self.usage.add("retrieve_tokens_found", sum(c.num_tokens for c in out))
+        self.usage.add("retrieve_bytes", sum(len(c.data) for c in out))
         return out
+
+    def encode(self, chunk: Chunk, method: str, quality: int | None = None) -> Chunk:
+        """`encode_chunk` with this worker's codebooks and device, its time counted (runs in the executor)."""
+        started = time.perf_counter()
+        encoded = encode_chunk(chunk, method, quality, self.codebooks, self.codec_device)
+        self.usage.codec(method, "encode", time.perf_counter() - started, len(chunk.data))
+        return encoded
+
+    def decode(self, chunk: Chunk) -> Chunk:
+        """`decode_chunk` with this worker's codebooks and device, its time counted (runs in the executor)."""
+        assert chunk.method is not None
+        started = time.perf_counter()
+        decoded = decode_chunk(chunk, self.codebooks, self.codec_device)
+        self.usage.codec(chunk.method, "decode", time.perf_counter() - started, len(decoded.data))
+        return decoded
 
     def stats(self) -> dict[str, dict[str, Any]]:
         out = {name: b.stats() for name, b in self.backends.items()}
@@ -543,7 +591,6 @@ class Storage:
 
         method, quality = args["method"], args.get("quality")
         again = bool(args.get("allow_lossy_again", False))
-        books, device = self.codebooks, self.codec_device
         if method == "kvtc":
             await self._ensure_codebooks(args["location"], args["keys"])
 
@@ -556,13 +603,10 @@ class Storage:
                 return f"values already lossy ({chunk.lossy}): a second lossy codec stacks the losses (allow_lossy_again to do it anyway)"
             return None
 
-        return await self._transform(
-            args, skip_reason, lambda c: encode_chunk(decode_chunk(c, books, device) if c.method else c, method, quality, books, device)
-        )
+        return await self._transform(args, skip_reason, lambda c: self.encode(self.decode(c) if c.method else c, method, quality))
 
     async def _op_decompress(self, args: dict[str, Any]) -> dict[str, Any]:
-        books, device = self.codebooks, self.codec_device
-        return await self._transform(args, lambda c: "not compressed" if c.method is None else None, lambda c: decode_chunk(c, books, device))
+        return await self._transform(args, lambda c: "not compressed" if c.method is None else None, self.decode)
 
     async def _ensure_codebooks(self, location: str, keys: list[int]) -> None:
         """A current kvtc codebook for the shape of the chunks at `keys` (one model: the first chunk found tells),
@@ -606,7 +650,7 @@ class Storage:
                 chunk = await self._get(location, key)
                 if chunk is None or (chunk.shape[1], chunk.shape[3]) != (layers, channels) or chunk.method == "kvtc":
                     continue
-                raw = await self.run(decode_chunk, chunk, self.codebooks, self.codec_device) if chunk.method else chunk
+                raw = await self.run(self.decode, chunk) if chunk.method else chunk
                 samples.append(from_bytes(raw.data, raw.shape, raw.dtype))
                 tokens += chunk.num_tokens
                 if tokens >= LEARN_MAX_TOKENS:

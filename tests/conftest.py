@@ -215,3 +215,22 @@ def serve_process() -> Iterator[ServeProcess]:
     server = start_serve()
     yield server
     stop_serve(server)
+
+
+def prometheus_samples(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """A /metrics page read with Prometheus' own parser: {sample name: {sorted label pairs: value}}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def scrape(url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """`prometheus_samples` of a live server's /metrics (blocking)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+        return prometheus_samples(response.read().decode())

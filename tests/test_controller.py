@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from lmcached.client import AsyncKVClient
 from lmcached.config import Config
 from lmcached.worker import Worker
 
-from .conftest import CPU, DISK, INSTANCE, SEED_TOKENS, Running, make_kv, serving, test_config
+from .conftest import CPU, DISK, INSTANCE, SEED_TOKENS, Running, make_kv, prometheus_samples, serving, test_config
 
 TOKENS = list(range(500, 560))  # 3 full chunks of 16 and a partial one of 12
 
@@ -381,3 +383,57 @@ async def test_every_part_says_its_version_so_a_mixed_fleet_shows(running: Runni
         assert any("runs lmcached 0.0.9; this controller runs" in r.getMessage() for r in caplog.records)
     finally:
         writer.close()
+
+
+async def _scrape(run: Running, until: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> dict[str, Any]:
+    """/metrics read with Prometheus' own parser (`prometheus_samples`); scraped again until `until` holds
+    (usage arrives with the next heartbeat)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        _, text = await run.get("/metrics")
+        samples = prometheus_samples(text)
+        if until(samples) or asyncio.get_running_loop().time() > deadline:
+            return samples
+        await asyncio.sleep(0.1)
+
+
+def _total(samples: dict[str, Any], name: str, **labels: str) -> float:
+    return sum(v for key, v in samples.get(name, {}).items() if all((k, labels[k]) in key for k in labels))
+
+
+async def test_metrics_say_whether_the_cache_helps(tmp_path: Path) -> None:
+    """Lookups and retrieves (chunks asked vs found, per tier), stores, bytes, latency histograms, codec time and
+    evictions, per worker, counted from what engines really did: a store's own dedupe check is not a lookup."""
+    kv = make_kv(60, layers=2, channels=16)  # 4 chunks of 2 KB (the last 1.5 KB)
+    async with serving(test_config(max_local_cpu_size=20000 / 1024**3)) as run:
+        async with AsyncKVClient(run.data) as client:
+            assert await client.store(TOKENS, kv) == 60
+            assert await client.store(TOKENS, kv) == 60  # held already: a dedupe check, no chunk sent
+            assert await client.lookup(TOKENS) == 60
+            assert await client.lookup(list(range(9000, 9040))) == 0  # 3 chunks asked, none found
+            assert torch.equal(await client.retrieve(TOKENS), kv)
+        _, answer = await run.post("/compress", {**body(), "method": "cachegen"})
+        await run.wait_event(answer["event_id"])
+        async with AsyncKVClient(run.data) as client:
+            assert (await client.retrieve(TOKENS)).shape == kv.shape  # decoded on the way out
+            for i in range(8):  # 8 more prompts of 2 KB chunks into a 20 KB RAM tier: something must go
+                await client.store(list(range(1000 * (i + 1), 1000 * (i + 1) + 32)), make_kv(32, layers=2, channels=16, seed=i))
+        samples = await _scrape(run, lambda s: _total(s, "lmcached_stores_total") == 9)
+        assert _total(samples, "lmcached_lookups_total") == 2
+        assert _total(samples, "lmcached_lookup_chunks_asked_total") == 4 + 3
+        assert _total(samples, "lmcached_lookup_chunks_found_total") == 4
+        assert _total(samples, "lmcached_lookup_tokens_found_total") == 60
+        assert _total(samples, "lmcached_lookup_seconds_count") == 2
+        assert _total(samples, "lmcached_retrieves_total") == 2
+        assert _total(samples, "lmcached_retrieve_chunks_asked_total") == 8
+        assert _total(samples, "lmcached_retrieve_chunks_found_total", tier=CPU) == 8
+        assert _total(samples, "lmcached_retrieve_tokens_found_total") == 120
+        assert _total(samples, "lmcached_retrieve_bytes_total") == 2 * kv.numel() * 2
+        assert _total(samples, "lmcached_retrieve_seconds_count") == 2
+        assert _total(samples, "lmcached_retrieve_seconds_bucket", le="+Inf") == 2
+        assert _total(samples, "lmcached_store_chunks_total") == 4 + 8 * 2  # the second store of TOKENS sent nothing
+        assert _total(samples, "lmcached_store_bytes_total") == kv.numel() * 2 + 8 * 32 * 2 * 2 * 16 * 2
+        assert _total(samples, "lmcached_evictions_total", tier=CPU) > 0
+        assert _total(samples, "lmcached_codec_seconds_total", method="cachegen", direction="encode") > 0
+        assert _total(samples, "lmcached_codec_bytes_total", method="cachegen", direction="encode") == kv.numel() * 2
+        assert _total(samples, "lmcached_codec_bytes_total", method="cachegen", direction="decode") == kv.numel() * 2

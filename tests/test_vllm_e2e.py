@@ -17,7 +17,8 @@ pytest.importorskip("vllm", reason="the vllm extra is not installed")
 
 from lmcached.integrations.vllm_server import VllmServer, converted_model, free_port, start_vllm, startup_failure  # noqa: E402
 
-from .conftest import ServeProcess, start_process, start_serve, stop_serve  # noqa: E402
+from .conftest import ServeProcess, scrape, start_process, start_serve, stop_serve  # noqa: E402
+from .test_dashboard import check_queries  # noqa: E402
 from .test_e2e import post, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -38,6 +39,11 @@ def controller() -> Iterator[ServeProcess]:
     server = start_process(cmd, "lmcached ready ")
     yield server
     stop_serve(server)
+
+
+def controller_metric(controller: ServeProcess, name: str) -> float:
+    """A sample of the controller's /metrics, summed over its labels."""
+    return sum(scrape(controller.http).get(name, {}).values())
 
 
 def cli(controller: ServeProcess, *args: str) -> dict[str, Any]:
@@ -94,6 +100,15 @@ def test_the_seed_workflow_with_vllm_hosting_the_instance(model: str, controller
         compressed_hit = vllm.complete(SEED_PROMPT)
         assert compressed_hit["cached_tokens"] == len(tokens) - 1 and compressed_hit["text"].strip()
         assert vllm.metric("vllm:external_prefix_cache_hits_total") >= hits_before + 2 * (len(tokens) - 1)
+        # The connector's own figures on vLLM's /metrics: both hits loaded whole, the first prompt saved.
+        assert wait_for(lambda: vllm.metric("vllm:lmcached_load_tokens_total") >= 2 * (len(tokens) - 1), 30)
+        assert vllm.metric("vllm:lmcached_loads_total") >= 2 and vllm.metric("vllm:lmcached_load_seconds_count") >= 2
+        assert vllm.metric("vllm:lmcached_load_failed_tokens_total") == 0
+        assert vllm.metric("vllm:lmcached_saves_total") >= 1 and vllm.metric("vllm:lmcached_lookups_total") >= 3
+        # ... and the instance's on the controller's: what the instance inside vLLM served.
+        retrieved = wait_for(lambda: controller_metric(controller, "lmcached_retrieve_tokens_found_total") >= 2 * len(tokens) or None, 30)
+        assert retrieved and controller_metric(controller, "lmcached_lookups_total") >= 3
+        check_queries(scrape(vllm.url), "vllm:")  # the dashboard's vLLM queries name what this vLLM exports
 
         # Step 6: decompress; then a lossless copy must give the very same greedy output as the raw one.
         assert cli(controller, "decompress", "--tokens", ids)["status"] == "finished"
@@ -137,5 +152,6 @@ def test_a_dead_lmcached_never_fails_a_request(model: str) -> None:
         time.sleep(0.5)
         after = vllm.complete(LONG_PROMPT, 4)
         assert after["cached_tokens"] == 0 and after["text"]  # computed, not failed
+        assert wait_for(lambda: vllm.metric("vllm:lmcached_lookup_failures_total") >= 1 or None, 30)  # and counted
     finally:
         vllm.stop()

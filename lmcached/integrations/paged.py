@@ -106,6 +106,11 @@ class PagedLayout:
     def dtype(self) -> torch.dtype:
         return self.layers[0].dtype
 
+    @property
+    def bytes_per_token(self) -> int:
+        """A token's keys and values over all layers."""
+        return 2 * len(self.layers) * self.channels * self.dtype.itemsize
+
     def slots(self, block_ids: Sequence[int], start: int, end: int) -> torch.Tensor:
         """The cache slot of each token in [start, end), given the request's block ids."""
         positions = torch.arange(start, end, dtype=torch.int64)

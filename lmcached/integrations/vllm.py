@@ -45,11 +45,13 @@ from lmcached.errors import LmcachedError
 from lmcached.handshake import dialable_host
 from lmcached.integrations.hosted import HostedInstance
 from lmcached.integrations.paged import CacheWriter, LayoutError, PagedLayout
+from lmcached.integrations.vllm_metrics import LmcachedConnectorStats, LmcachedPromMetrics, Recorder
 from lmcached.storage import Storage
 from lmcached.tensors import byte_view, check_kv, dtype_from_name, dtype_name, from_bytes
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats, PromMetric, PromMetricT
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -117,6 +119,8 @@ class LmcachedConnector(KVConnectorBase_V1):
         self.config: Config = load_config(None, {})
         self.shared_worker: str | None = extra.get("lmcached_worker")
         self.block_size = _block_size(vllm_config, kv_cache_config)
+        #: What this side did, handed to vLLM for its /metrics (`vllm:lmcached_*`) each step.
+        self.recorder = Recorder()
         if vllm_config.parallel_config.tensor_parallel_size != 1 or vllm_config.parallel_config.pipeline_parallel_size != 1:
             raise ValueError("LmcachedConnector supports one model-runner process (tensor and pipeline parallel size 1)")
         if role == KVConnectorRole.SCHEDULER:
@@ -174,6 +178,24 @@ class LmcachedConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors()
 
+    # -- metrics (both sides)
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        return self.recorder.take()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return LmcachedConnectorStats(data=data or {})
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type[PromMetric], type[PromMetricT]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics | None:
+        return LmcachedPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     def shutdown(self) -> None:
         if self._role == KVConnectorRole.WORKER:
             self._worker.shutdown()
@@ -203,13 +225,20 @@ class _SchedulerSide:
     def _lookup(self, tokens: list[int], salt: str | None) -> int:
         """Tokens of `tokens` lmcached holds; 0 when it cannot be reached (vLLM then just computes)."""
         if time.monotonic() < self._down_until:
+            self.connector.recorder.count("lookup_failures")
             return 0
+        recorder = self.connector.recorder
+        started = time.perf_counter()
         try:
             if self.client is None:
                 self.client = KVClient(self.connector.data_address, auth_token=self.connector.config.auth_token, timeout=5.0)
                 self.client.connect()
-            return self.client.lookup(tokens, salt)
+            held = self.client.lookup(tokens, salt)
+            recorder.count("lookups")
+            recorder.time("lookup", time.perf_counter() - started)
+            return held
         except (OSError, LmcachedError) as exc:
+            recorder.count("lookup_failures")
             log.warning("lmcached at %s unreachable (%s); computing prompts meanwhile", self.connector.data_address, exc)
             if self.client is not None:
                 self.client.close()
@@ -324,14 +353,23 @@ class _WorkerSide:
         )
 
     def load(self, loads: list[LoadSpec]) -> None:
+        recorder = self.connector.recorder
         for spec in loads:
             loaded = spec.start
+            started = time.perf_counter()
             try:
                 loaded = self._load_one(spec)
             except (OSError, LmcachedError, LayoutError, RuntimeError, TimeoutError) as exc:
                 log.warning("loading %d tokens of request %s failed (%s); vLLM recomputes them", spec.end - spec.start, spec.req_id, exc)
                 self.kv.reset()
-            if loaded < spec.end:  # evicted, corrupt or unreachable since the lookup: these blocks must be recomputed
+            recorder.time("load", time.perf_counter() - started)
+            if loaded > spec.start:
+                assert self.layout is not None
+                recorder.count("loads")
+                recorder.count("load_tokens", loaded - spec.start)
+                recorder.count("load_bytes", (loaded - spec.start) * self.layout.bytes_per_token)
+            if loaded < spec.end:
+                recorder.count("load_failed_tokens", spec.end - loaded)  # evicted, corrupt or unreachable since the lookup: these blocks must be recomputed
                 first, last = loaded // self.connector.block_size, (spec.end - 1) // self.connector.block_size
                 self.load_errors.update(spec.block_ids[first : last + 1])
 
@@ -375,19 +413,30 @@ class _WorkerSide:
             try:
                 self.saves.put_nowait((spec, kv))
             except queue.Full:
+                self.connector.recorder.count("saves_dropped")
                 log.warning("lmcached saves are backed up; request %s's KV is not stored", spec.req_id)
+            self.connector.recorder.save_queue(self.saves.qsize())
 
     def _save_loop(self) -> None:
         saver: _KVAccess = _SocketKV(self.connector) if self.hosted is None else self.kv  # its own connection
+        recorder = self.connector.recorder
         while (item := self.saves.get()) is not None:
             spec, kv = item
+            started = time.perf_counter()
             try:
                 saver.store(spec.token_ids, kv, spec.skip_tokens, spec.salt)
+                offered = len(spec.token_ids) - spec.skip_tokens
+                recorder.count("saves")
+                recorder.count("save_tokens", offered)
+                recorder.count("save_bytes", offered * kv[:, :, :1].numel() * kv.element_size())
+                recorder.time("save", time.perf_counter() - started)
             except (OSError, LmcachedError, RuntimeError, TimeoutError) as exc:
+                recorder.count("save_failures")
                 log.warning("storing request %s's KV in lmcached failed: %s", spec.req_id, exc)
                 saver.reset()
             finally:
                 self.saves.task_done()
+                recorder.save_queue(self.saves.qsize())
         saver.reset()
 
     def shutdown(self) -> None:
@@ -490,7 +539,7 @@ class _InProcessKV(_KVAccess):
         dtype = dtype_name(kv.dtype)
         spans = self._spans(tokens, salt)
         # What the instance holds already (another request may have stored it since the lookup) is not copied again.
-        skip_tokens = max(skip_tokens, self.hosted.call(self._storage().lookup([s.key for s in spans])))
+        skip_tokens = max(skip_tokens, self.hosted.call(self._storage().lookup([s.key for s in spans], engine=False)))
         chunks = [
             Chunk(
                 span.key,

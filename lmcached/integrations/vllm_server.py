@@ -80,10 +80,12 @@ class VllmServer:
         raise RuntimeError("the stream ended without a token")
 
     def metric(self, name: str) -> float:
-        """A counter from vLLM's own /metrics (summed over its labels)."""
+        """A sample from vLLM's own /metrics (summed over its labels), read with Prometheus' own parser."""
+        from prometheus_client.parser import text_string_to_metric_families
+
         with urllib.request.urlopen(self.url + "/metrics", timeout=30) as response:
             text = response.read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + "{", name + " ")))
+        return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name)
 
     def stop(self) -> None:
         self.proc.terminate()
