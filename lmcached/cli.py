@@ -19,6 +19,7 @@ import typer
 
 from lmcached import DEFAULT_INSTANCE_ID
 from lmcached.errors import LmcachedError
+from lmcached.failover import address_list, http_base
 
 app = typer.Typer(
     name="lmcached",
@@ -34,8 +35,12 @@ DEFAULT_CONTROLLER = "http://127.0.0.1:9000"
 CPU_LOCATION = "LocalCPUBackend"
 
 ControllerOpt = typer.Option(
-    DEFAULT_CONTROLLER, "--controller", envvar="LMCACHED_CONTROLLER", help="The controller's HTTP API: http://HOST:PORT or HOST:PORT (port 9000 by default)."
+    DEFAULT_CONTROLLER, "--controller", envvar="LMCACHED_CONTROLLER", help="The controller's HTTP API: http://HOST:PORT or HOST:PORT (port 9000 by default); a failover group's, comma-separated.",
 )
+PeersOpt = typer.Option(
+    None, "--peers", help="The other controllers of a failover group, HTTP HOST:PORT, comma-separated: start as a standby."
+)
+FailoverOpt = typer.Option(None, "--failover-after", help="Seconds without an active controller before a standby takes over (default 3).")
 TokenOpt = typer.Option(None, "--auth-token", envvar="LMCACHED_AUTH_TOKEN", help="Bearer token, when the daemon has one.")
 TokensOpt = typer.Option(None, "--tokens", help="Token ids, comma-separated: 1,2,3.")
 TokensFileOpt = typer.Option(None, "--tokens-file", help="A file of token ids: a JSON list, or ids separated by commas/spaces.")
@@ -159,6 +164,8 @@ def serve(
     instance: bool = typer.Option(
         True, "--instance/--no-instance", help="Run the embedded default instance (--no-instance: instances register from elsewhere)."
     ),
+    peers: str | None = PeersOpt,
+    failover_after: float | None = FailoverOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     log_format: str = LogFormatOpt,
 ) -> None:
@@ -178,6 +185,8 @@ def serve(
             "lmcache_worker_port": worker_port,
             "auth_token": auth_token,
             "local_disk": local_disk,
+            "controller_peers": peers,
+            "failover_after_s": failover_after,
         },
     )
     _prepare_process(verbose, log_format)
@@ -192,6 +201,8 @@ def controller(
     monitor_port: int | None = typer.Option(None, help="Worker/monitor TCP port (default 9001)."),
     config: Path | None = typer.Option(None, "--config", help="YAML config (LMCache's keys); also LMCACHE_CONFIG_FILE."),
     auth_token: str | None = typer.Option(None, "--auth-token", help="Require this token (also LMCACHED_AUTH_TOKEN)."),
+    peers: str | None = PeersOpt,
+    failover_after: float | None = FailoverOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     log_format: str = LogFormatOpt,
 ) -> None:
@@ -199,7 +210,17 @@ def controller(
     the instances register from elsewhere (vLLM's LmcachedConnector, `lmcached worker`). Same as `serve --no-instance`."""
     from lmcached.serve import run
 
-    cfg = _load_config(config, {"host": host, "port": port, "monitor_port": monitor_port, "auth_token": auth_token})
+    cfg = _load_config(
+        config,
+        {
+            "host": host,
+            "port": port,
+            "monitor_port": monitor_port,
+            "auth_token": auth_token,
+            "controller_peers": peers,
+            "failover_after_s": failover_after,
+        },
+    )
     _prepare_process(verbose, log_format)
     run_daemon(lambda stop: run(cfg, stop, None, embedded=False))
 
@@ -337,7 +358,7 @@ def model_dir() -> None:
 @app.command()
 def worker(
     instance_id: str | None = typer.Option(None, "--instance-id", help="Instance this worker serves."),
-    controller: str | None = typer.Option(None, "--controller", help="Controller's worker port, HOST:PORT (default localhost:9001)."),
+    controller: str | None = typer.Option(None, "--controller", help="Controller's worker port, HOST:PORT (default localhost:9001); a failover group's, comma-separated."),
     host: str | None = typer.Option(None, help="Address the data plane binds."),
     port: int | None = typer.Option(None, "--port", help="Data-plane port (default 8001)."),
     local_disk: str | None = typer.Option(None, "--local-disk", help="Directory for the disk backend."),
@@ -406,17 +427,27 @@ def _read(path: Path) -> str:
         fail(f"cannot read {path}: {exc.strerror}", 2)
 
 
-def controller_url(value: str) -> str:
-    """The controller's base URL from what a user typed: http(s)://HOST:PORT, or HOST:PORT (http assumed)."""
-    value = value.strip().rstrip("/")
-    return value if "://" in value else f"http://{value}"
+class _NotThere(Exception):
+    """This controller cannot answer (unreachable, or a standby): the next one of the list may."""
 
 
 def call(controller: str, path: str, body: dict[str, Any] | None, token: str | None) -> dict[str, Any]:
-    """POST (or GET when body is None) to the controller; print nothing, raise nothing: fail() on errors."""
+    """POST (or GET when body is None) to the controller — the first of a comma-separated list that is up and
+    active; print nothing, raise nothing: fail() on errors."""
+    reasons = []
+    for address in address_list(controller) or [controller]:
+        try:
+            return _call_one(http_base(address), path, body, token)
+        except _NotThere as exc:
+            reasons.append(str(exc))
+    if len(reasons) == 1:
+        fail(reasons[0])
+    fail("no active controller answered: " + "; ".join(reasons))
+
+
+def _call_one(controller: str, path: str, body: dict[str, Any] | None, token: str | None) -> dict[str, Any]:
     import http.client
 
-    controller = controller_url(controller)
     url = controller + path
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST")
@@ -431,6 +462,8 @@ def call(controller: str, path: str, body: dict[str, Any] | None, token: str | N
             detail = json.loads(exc.read()).get("detail", exc.reason)
         except (ValueError, AttributeError):
             detail = exc.reason
+        if exc.code == 503 and exc.headers.get("X-Lmcached-Standby") is not None:
+            raise _NotThere(f"{controller}: {detail}") from None
         fail(f"{exc.code}: {detail}")
     except (http.client.HTTPException, ValueError) as exc:  # something answered, but not in HTTP (or not JSON)
         spoke = "lmcached's worker protocol" if "LMKV" in str(exc) else "something other than the controller's HTTP API"
@@ -440,7 +473,7 @@ def call(controller: str, path: str, body: dict[str, Any] | None, token: str | N
         )
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        fail(f"cannot reach the controller at {controller}: {reason}")
+        raise _NotThere(f"cannot reach the controller at {controller}: {reason}") from None
 
 
 def _print(answer: dict[str, Any]) -> None:
@@ -677,6 +710,21 @@ def status(
 
 
 @app.command()
+def role(controller: str = ControllerOpt, auth_token: str | None = TokenOpt) -> None:
+    """Each controller's place in its failover group (active or standby, and which one is active), by address."""
+    answers: dict[str, Any] = {}
+    for address in address_list(controller) or [controller]:
+        base = http_base(address)
+        try:
+            answers[base] = _call_one(base, "/role", None, auth_token)
+        except _NotThere as exc:
+            answers[base] = {"error": str(exc)}
+    _print(answers)
+    if all("error" in answer for answer in answers.values()):
+        raise typer.Exit(1)
+
+
+@app.command()
 def instances(controller: str = ControllerOpt, auth_token: str | None = TokenOpt) -> None:
     """Every instance with its workers and, per location, chunks, tokens and bytes."""
     _print(call(controller, "/instances", None, auth_token))
@@ -731,7 +779,7 @@ def bench(
 
 @app.command()
 def tui(
-    monitor: str = typer.Option("127.0.0.1:9001", "--monitor", help="The daemon's monitor port, HOST:PORT."),
+    monitor: str = typer.Option("127.0.0.1:9001", "--monitor", help="The daemon's monitor port, HOST:PORT; a failover group's, comma-separated."),
     auth_token: str | None = typer.Option(None, "--auth-token", envvar="LMCACHED_AUTH_TOKEN"),
     method: str = typer.Option("cachegen", "--method", help="Codec the compress action uses."),
 ) -> None:

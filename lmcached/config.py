@@ -43,7 +43,8 @@ class Config:
     save_unfull_chunk: bool = True  # store a prompt's last, partial chunk too
     enable_controller: bool = True  # a worker registers with the controller at controller_url
     lmcache_instance_id: str = DEFAULT_INSTANCE_ID  # the instance a worker serves (the controller's name for it)
-    controller_url: str = "localhost:9001"  # where a worker dials the controller: its worker/monitor port
+    # where a worker dials the controller: its worker/monitor port; several, comma-separated, for a failover group
+    controller_url: str = "localhost:9001"
     lmcache_worker_port: int = 8001  # a worker's data plane (engines store and retrieve there; 0: any free port)
     remote_url: str | None = None  # the shared Redis tier: redis://host:port[/db], rediss://…, redis-cluster://h1:p1,h2:p2
     remote_serde: str = "naive"  # how chunks rest in the remote tier: naive (as stored), cachegen or lossless
@@ -67,6 +68,9 @@ class Config:
     remote_timeout_s: float = 1.0  # an engine's lookup or retrieve waits this long for the remote tier, then misses
     remote_write_queue_size: float = 1.0  # GB of write-through queued while the remote tier is slow or down
     codec_device: str = "auto"  # where compress/decompress run: auto (a CUDA device when torch sees one), cpu or cuda
+    # the other controllers of a failover group, HTTP HOST:PORT, comma-separated: this one stands by while one is active
+    controller_peers: str | None = None
+    failover_after_s: float = 3.0  # a standby takes over once no controller of its group has been active this long
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -77,7 +81,7 @@ class Config:
         for key in ("port", "monitor_port", "lmcache_worker_port"):
             if not 0 <= getattr(self, key) <= 65535:
                 raise ConfigError(f"{key} must be a port number (0-65535), got {getattr(self, key)}", key)
-        for key in ("heartbeat_interval", "heartbeat_timeout", "command_timeout"):
+        for key in ("heartbeat_interval", "heartbeat_timeout", "command_timeout", "failover_after_s"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive seconds, got {getattr(self, key)}", key)
         if self.max_request_bytes <= 0:
@@ -98,6 +102,17 @@ class Config:
         if self.codec_device not in CODEC_DEVICES:
             raise ConfigError(f"codec_device must be one of {', '.join(CODEC_DEVICES)}, got {self.codec_device!r}", "codec_device")
         _ = self.remote  # a malformed remote_url fails here, at start-up
+        from lmcached.errors import InvalidRequest
+        from lmcached.handshake import parse_address
+
+        for key, default_port in (("controller_url", 9001), ("controller_peers", 9000)):
+            for address in (getattr(self, key) or "").split(","):
+                try:
+                    parse_address(address.strip().split("://")[-1], default_port)
+                except InvalidRequest as exc:
+                    raise ConfigError(f"{key}: {exc}", key) from None
+        if not self.controller_url.strip(", "):
+            raise ConfigError("controller_url needs at least one HOST:PORT", "controller_url")
 
     @property
     def remote(self) -> RemoteURL | None:

@@ -56,12 +56,17 @@ def flags_by_key() -> dict[str, list[str]]:
     """Config key -> the command-line flags that set it (`lmcached serve --local-disk`), read from cli.py: each
     command passes its flags to `_load_config` as {key: parameter}."""
     tree = ast.parse((SOURCE / "cli.py").read_text())
+    # Options shared by several commands are module-level names (PeersOpt = typer.Option(...)).
+    shared = {
+        target.id: node.value for node in tree.body if isinstance(node, ast.Assign) for target in node.targets if isinstance(target, ast.Name)
+    }
     found: dict[str, list[str]] = {}
     for function in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
         command = next((_command_name(d, function.name) for d in function.decorator_list if _command_name(d, function.name)), None)
         if command is None:
             continue
-        flags = {arg.arg: _flag(arg.arg, default) for arg, default in zip(function.args.args, function.args.defaults, strict=True)}
+        defaults = [shared.get(d.id, d) if isinstance(d, ast.Name) else d for d in function.args.defaults]
+        flags = {arg.arg: _flag(arg.arg, default) for arg, default in zip(function.args.args, defaults, strict=True)}
         for call in (n for n in ast.walk(function) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "_load_config"):
             overrides = call.args[1] if len(call.args) > 1 else None
             if not isinstance(overrides, ast.Dict):

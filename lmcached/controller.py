@@ -17,6 +17,7 @@ from lmcached.chunks import chunk_spans
 from lmcached.config import Config
 from lmcached.errors import InvalidRequest, LmcachedError, NotFound, WorkerUnavailable
 from lmcached.events import Event, EventLog
+from lmcached.failover import Role, address_list
 from lmcached.http_logging import quiet_malformed_requests
 from lmcached.hub import Hub
 from lmcached.index import ChunkIndex, WorkerKey
@@ -30,6 +31,8 @@ Call = tuple[WorkerKey, str, dict[str, Any], float]
 #: A compress or decompress gets this much time per chunk on top of command_timeout.
 PER_CHUNK_TIMEOUT_S = 0.5
 HEALTH_TIMEOUT_S = 5.0
+#: What a standby controller still answers (everything else is a 503 naming the active one).
+STANDBY_PATHS = frozenset({"/", "/role", "/metrics"})
 #: A monitor's snapshot lists at most this many of the newest chunks per worker and location.
 MONITOR_CHUNKS = 5000
 
@@ -74,7 +77,10 @@ class Controller:
         self.events = EventLog()
         self.hub = Hub(config, self.index, self.snapshot)
         self.hub.monitor_command = self.monitor_command
-        self.metrics = Metrics(self.index)
+        peers = address_list(config.controller_peers or "")
+        self.role = Role(peers, config.failover_after_s, config.auth_token, on_step_down=lambda: self.hub.drop_all("controller stepped down"))
+        self.hub.refusal = lambda: None if self.role.active else self.role.standby_detail()
+        self.metrics = Metrics(self.index, self.role)
         self._tasks: set[asyncio.Task[None]] = set()
         from lmcached.codecs import available_codecs
 
@@ -83,7 +89,7 @@ class Controller:
     # ------------------------------------------------------------------ app
     def app(self) -> web.Application:
         quiet_malformed_requests()
-        app = web.Application(client_max_size=self.config.max_request_bytes, middlewares=[self._errors, self._auth])
+        app = web.Application(client_max_size=self.config.max_request_bytes, middlewares=[self._errors, self._auth, self._standby])
         routes = {
             "/lookup": self.lookup,
             "/compress": self.compress,
@@ -105,7 +111,18 @@ class Controller:
         app.router.add_get("/controller/key-stats", self.key_stats)
         app.router.add_get("/metrics", self.prometheus)
         app.router.add_get("/", self.root)
+        app.router.add_get("/role", self.role_info)
         return app
+
+    @web.middleware
+    async def _standby(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """A standby answers only what says what it is (/, /role, /metrics): 503 for the rest, naming the active
+        controller, so a client given the group's addresses moves on to it."""
+        if self.role.active or request.path in STANDBY_PATHS:
+            return await handler(request)
+        response = error_response(503, self.role.standby_detail())
+        response.headers["X-Lmcached-Standby"] = self.role.active_peer or ""
+        return response
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -198,8 +215,18 @@ class Controller:
     # ------------------------------------------------------------------ endpoints
     async def root(self, request: web.Request) -> web.Response:
         return json_response(
-            {"service": "lmcached", "version": __version__, "methods": self.methods, "instances": self.index.instance_ids()}
+            {
+                "service": "lmcached",
+                "version": __version__,
+                "role": self.role.state,
+                "methods": self.methods,
+                "instances": self.index.instance_ids(),
+            }
         )
+
+    async def role_info(self, request: web.Request) -> web.Response:
+        """Whether this controller is its group's active one (its peers ask this every PROBE_INTERVAL_S)."""
+        return json_response(self.role.describe())
 
     async def lookup(self, request: web.Request) -> web.Response:
         body = await self._body(request)

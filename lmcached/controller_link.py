@@ -12,7 +12,8 @@ from typing import Any
 
 from lmcached import __version__
 from lmcached.config import Config
-from lmcached.errors import LmcachedError, ProtocolError, Unauthorized
+from lmcached.errors import LmcachedError, ProtocolError, Standby, Unauthorized
+from lmcached.failover import address_list
 from lmcached.frames import Kind, read_frame, write_frame
 from lmcached.handshake import WORKER_ROLE, parse_address
 from lmcached.storage import Storage
@@ -26,6 +27,8 @@ REPORT_BATCH = 4096
 RESYNC_BATCH = 20000
 #: How long a leaving worker waits to say goodbye.
 GOODBYE_TIMEOUT_S = 1.0
+#: How soon a worker asks again after only standbys answered: a takeover is under way.
+STANDBY_RETRY_S = 0.25
 
 Execute = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -68,25 +71,38 @@ class ControllerLink:
                 await self._task
 
     async def _loop(self) -> None:
-        host, port = parse_address(self.config.controller_url, 9001)
+        """Dial the controllers of `controller_url` in order until one takes the worker (a failover group's
+        standbys turn it away); after a lost link, start again from the first."""
+        addresses = [parse_address(a, 9001) for a in address_list(self.config.controller_url)]
         delay = 0.1
         while not self._stopping:
-            try:
-                reader, writer = await asyncio.open_connection(host, port)
-            except OSError as exc:
-                self._trouble(f"controller {host}:{port} unreachable ({exc.strerror})")
-            else:
+            problems: list[str] = []
+            standby = False
+            for host, port in addresses:
+                if self._stopping:
+                    return
+                try:
+                    reader, writer = await asyncio.open_connection(host, port)
+                except OSError as exc:
+                    problems.append(f"controller {host}:{port} unreachable ({exc.strerror})")
+                    continue
                 try:
                     await self._session(reader, writer)
                     delay = 0.1
+                    problems = [f"controller link to {host}:{port} lost"]
+                except Standby as exc:
+                    standby = True
+                    problems.append(f"controller {host}:{port}: {exc}")
                 except (ProtocolError, Unauthorized, ConnectionError) as exc:
-                    self._trouble(f"controller link to {host}:{port} lost: {exc}")
+                    problems.append(f"controller link to {host}:{port} lost: {exc}")
                 finally:
                     self.connected.clear()
                     writer.close()
                     with contextlib.suppress(ConnectionError):
                         await writer.wait_closed()
-            await asyncio.sleep(delay)
+            if problems:
+                self._trouble("; ".join(problems))
+            await asyncio.sleep(STANDBY_RETRY_S if standby else delay)
             delay = min(delay * 2, 5.0)
 
     def _trouble(self, problem: str) -> None:
@@ -115,7 +131,8 @@ class ControllerLink:
         if welcome is None:
             raise ConnectionError("controller closed the connection during the hello")
         if welcome.kind == Kind.ERROR:
-            raise Unauthorized(str(welcome.header.get("detail", "controller refused the hello")))
+            detail = str(welcome.header.get("detail", "controller refused the hello"))
+            raise Standby(detail) if welcome.header.get("standby") else Unauthorized(detail)
         if welcome.kind != Kind.WELCOME:
             raise ProtocolError(f"expected a welcome, got {welcome.kind.name}")
         self._writer = writer

@@ -59,3 +59,9 @@ class Unauthorized(LmcachedError):
     """A request or hello lacked the right auth token."""
 
     http_status = 401
+
+
+class Standby(LmcachedError):
+    """A controller that stands by for its group's active one (it names it in the message)."""
+
+    http_status = 503

@@ -108,6 +108,8 @@ class Hub:
         self._snapshot = snapshot
         #: Runs an operation a monitor asked for (the controller sets it); answers {"event_id", "num_tokens"}.
         self.monitor_command: MonitorCommand | None = None
+        #: Why this controller turns workers and monitors away now (a standby of its group), or None.
+        self.refusal: Callable[[], str | None] = lambda: None
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watchdog: asyncio.Task[None] | None = None
@@ -152,6 +154,10 @@ class Hub:
         try:
             hello = await receive_hello(reader, self.config.auth_token)
             if hello is None:
+                return
+            if (refusal := self.refusal()) is not None:
+                # Not an error of the peer's: it dials the next controller it knows (the active one).
+                await write_frame(writer, Kind.ERROR, {"detail": refusal, "status": 503, "standby": True})
                 return
             role = hello.get("role")
             if role == WORKER_ROLE:
@@ -246,6 +252,14 @@ class Hub:
                 evicted=n_evicted,
                 full=bool(header.get("full")),
             )
+
+    def drop_all(self, reason: str) -> None:
+        """Close every worker's and monitor's session (this controller stepped down: they go to the active one)."""
+        for session in list(self.sessions.values()):
+            self._drop(session, reason)
+            session.writer.close()
+        for monitor in list(self.monitors):
+            monitor.writer.close()
 
     def _drop(self, session: WorkerSession, reason: str) -> None:
         key = session.record.key

@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from lmcached import __version__
+from lmcached.failover import Role
 from lmcached.backends import REMOTE
 from lmcached.index import ChunkIndex, WorkerRecord
 from lmcached.usage import COUNTS, LATENCY_BUCKETS, OPERATIONS, TIER_COUNTS
@@ -17,8 +18,9 @@ from lmcached.usage import COUNTS, LATENCY_BUCKETS, OPERATIONS, TIER_COUNTS
 class IndexCollector(Collector):
     """Reads chunk, token and byte gauges from the index at scrape time (nothing to keep in sync)."""
 
-    def __init__(self, index: ChunkIndex) -> None:
+    def __init__(self, index: ChunkIndex, role: Role | None = None) -> None:
         self.index = index
+        self.role = role
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         labels = ["instance_id", "worker_id", "location"]
@@ -36,6 +38,8 @@ class IndexCollector(Collector):
         # Versions as labels of a constant 1 (Prometheus' build_info idiom): a mixed-version fleet shows at a glance.
         build = GaugeMetricFamily("lmcached_build_info", "The controller's lmcached version", labels=["version"])
         build.add_metric([__version__], 1)
+        active = GaugeMetricFamily("lmcached_controller_active", "1 on its group's active controller, 0 on a standby")
+        active.add_metric([], 1 if self.role is None or self.role.active else 0)
         worker_build = GaugeMetricFamily(
             "lmcached_worker_build_info", "The lmcached version each worker runs", labels=["instance_id", "worker_id", "version"]
         )
@@ -85,6 +89,7 @@ class IndexCollector(Collector):
         yield workers
         yield build
         yield worker_build
+        yield active
         yield from usage_metrics(list(self.index.workers.values()))
 
 
@@ -143,7 +148,7 @@ def usage_metrics(records: list[WorkerRecord]) -> Iterator[Metric]:
 
 
 class Metrics:
-    def __init__(self, index: ChunkIndex) -> None:
+    def __init__(self, index: ChunkIndex, role: Role | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "lmcached_http_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry
@@ -156,7 +161,7 @@ class Metrics:
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
         )
-        self.registry.register(IndexCollector(index))
+        self.registry.register(IndexCollector(index, role))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,7 +8,8 @@ import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
-from lmcached.errors import LmcachedError, ProtocolError, Unauthorized
+from lmcached.errors import LmcachedError, ProtocolError, Standby, Unauthorized
+from lmcached.failover import address_list
 from lmcached.frames import Frame, Kind, read_frame, write_frame
 from lmcached.handshake import parse_address
 from lmcached.hub import MONITOR_ROLE
@@ -19,7 +20,10 @@ class MonitorClient:
 
     def __init__(self, address: str, auth_token: str | None = None, timeout: float = 10.0) -> None:
         self.address = address
-        self._host, self._port = parse_address(address, 9001)
+        #: A failover group's control ports (comma-separated): the first that is up and active is used.
+        self._addresses = [parse_address(a, 9001) for a in address_list(address) or [address]]
+        #: The control port this client is connected to, once it is.
+        self.connected_to: str | None = None
         self._token = auth_token
         self._timeout = timeout
         self._reader: asyncio.StreamReader | None = None
@@ -29,13 +33,30 @@ class MonitorClient:
         self._send_lock = asyncio.Lock()
 
     async def connect(self) -> None:
-        self._reader, self._writer = await asyncio.wait_for(asyncio.open_connection(self._host, self._port), self._timeout)
+        """Connect to the first controller of the list that answers and is active (a standby says who is)."""
+        problems: list[str] = []
+        for host, port in self._addresses:
+            try:
+                await self._connect(host, port)
+                self.connected_to = f"{host}:{port}"
+                return
+            except (OSError, asyncio.TimeoutError, Standby) as exc:
+                await self.close()
+                if len(self._addresses) == 1:
+                    raise
+                problems.append(f"{host}:{port}: {exc or type(exc).__name__}")
+        raise ConnectionError("no active controller: " + "; ".join(problems))
+
+    async def _connect(self, host: str, port: int) -> None:
+        self._reader, self._writer = await asyncio.wait_for(asyncio.open_connection(host, port), self._timeout)
         await write_frame(self._writer, Kind.HELLO, {"role": MONITOR_ROLE, "token": self._token})
         welcome = await asyncio.wait_for(read_frame(self._reader), self._timeout)
         if welcome is None:
             raise ProtocolError("the daemon closed the connection during the hello")
         if welcome.kind == Kind.ERROR:
             detail = str(welcome.header.get("detail", "refused"))
+            if welcome.header.get("standby"):
+                raise Standby(detail)
             raise Unauthorized(detail) if welcome.header.get("status") == 401 else ProtocolError(detail)
         if welcome.kind != Kind.WELCOME:
             raise ProtocolError(f"expected a welcome, got {welcome.kind.name}")

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from lmcached.config import Config
 from lmcached.controller import Controller
+from lmcached.failover import address_list
 from lmcached.handshake import dialable_host
 from lmcached.service import notify
 from lmcached.worker import Worker
@@ -54,14 +55,19 @@ class Daemon:
         http_port = self._runner.addresses[0][1]
         await self.controller.hub.start(config.host, config.monitor_port)
         assert self.controller.hub.port is not None
+        await self.controller.role.start()
         data_port = 0
         if self.embedded:
-            controller_url = f"{dialable_host(config.host)}:{self.controller.hub.port}"
-            worker_config = config.replace(controller_url=controller_url, enable_controller=True)
+            own = f"{dialable_host(config.host)}:{self.controller.hub.port}"
+            # In a failover group the embedded instance follows the active controller too: its own first, then
+            # the group's worker ports as controller_url lists them.
+            others = [a for a in address_list(config.controller_url) if a != own] if config.controller_peers else []
+            worker_config = config.replace(controller_url=",".join([own, *others]), enable_controller=True)
             self.worker = Worker(worker_config, executor=self.executor)
             await self.worker.start()
             data_port = self.worker.data_port
-            await asyncio.wait_for(self.worker.connected.wait(), 10)
+            if self.controller.role.active:  # a standby's instance registers wherever the active one is
+                await asyncio.wait_for(self.worker.connected.wait(), 10)
         self.ports = Ports(http_port, self.controller.hub.port, data_port)
         return self.ports
 
@@ -73,6 +79,7 @@ class Daemon:
         await self.controller.drain(DRAIN_TIMEOUT_S)
         if self.worker is not None:
             await self.worker.stop()
+        await self.controller.role.stop()
         await self.controller.hub.stop()
         if self._runner is not None:
             await self._runner.cleanup()

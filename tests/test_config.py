@@ -45,7 +45,16 @@ def test_unknown_file_key_is_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "key"), [("chunk_size: many\n", "chunk_size"), ("local_cpu: 3\n", "local_cpu"), ("chunk_size: -1\n", "chunk_size")]
+    ("text", "key"),
+    [
+        ("chunk_size: many\n", "chunk_size"),
+        ("local_cpu: 3\n", "local_cpu"),
+        ("chunk_size: -1\n", "chunk_size"),
+        ("controller_url: 'a:9001,b:port'\n", "controller_url"),
+        ("controller_url: ','\n", "controller_url"),
+        ("controller_peers: 'hostb:ninety'\n", "controller_peers"),
+        ("failover_after_s: 0\n", "failover_after_s"),
+    ],
 )
 def test_ill_typed_key_is_named(tmp_path: Path, text: str, key: str) -> None:
     path = tmp_path / "c.yaml"

@@ -226,7 +226,7 @@ class MonitorApp(App[None]):
             try:
                 await client.connect()
                 self.client = client
-                self.post_message(ConnectionChanged(True, f"connected to {self.address}"))
+                self.post_message(ConnectionChanged(True, f"connected to {client.connected_to or self.address}"))
                 delay = 0.5
                 async for frame in client.frames():
                     self.post_message(SnapshotReceived(frame.header) if frame.kind.name == "SNAPSHOT" else EventReceived(frame.header))
