@@ -734,14 +734,14 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-BENCH_KINDS = ("dataplane", "index", "codec", "engine", "remote", "vllm", "all")
+BENCH_KINDS = ("dataplane", "index", "codec", "engine", "remote", "vllm", "sizing", "all")
 
 
 @app.command()
 def bench(
     kind: str = typer.Argument(
         "all",
-        help="dataplane, index, codec, engine, remote (needs redis-server), vllm (needs the vllm extra) or all (all but remote and vllm).",
+        help="dataplane, index, codec, engine, remote (needs redis-server), vllm (needs the vllm extra), sizing (bytes per token in each tier) or all (all but remote, vllm and sizing).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
     plot: Path | None = typer.Option(None, "--plot", help="Write plots to this PNG file."),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lmcached.bench.report import Report
 
@@ -101,3 +102,21 @@ def test_the_rate_quality_curve_orders_the_quality_levels_and_draws_both_plots(t
 def test_curve_belongs_to_the_codec_benchmark() -> None:
     done = subprocess.run([sys.executable, "-m", "lmcached", "bench", "index", "--curve"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--curve belongs to the codec benchmark" in done.stderr
+
+
+def test_sizing_measures_each_tier_against_the_raw_kv() -> None:
+    """The sizing bench's per-tier costs on a small KV (the real run uses SmolLM2's): RAM and disk hold about
+    the raw bytes, Redis a little more (its allocator's size classes), cachegen several times less; and a
+    model's raw bytes per token follow its KV geometry."""
+    import asyncio
+
+    from lmcached.bench.sizing import MODELS, _measure
+    from lmcached.bench.synthetic import kv_like_real
+
+    llama = next(m for m in MODELS if m.name.startswith("Llama-3.1-8B"))
+    assert llama.bytes_per_token == 128 * 1024  # 32 layers x 8 KV heads x 128 x K and V x 2 bytes
+    ratios = asyncio.run(_measure(kv_like_real(4, 1024, 128, torch.float16)))
+    assert 1.0 <= ratios["ram"] < 1.01 and 1.0 <= ratios["disk"] < 1.02
+    assert 0.05 < ratios["ram_cachegen"] < 0.5
+    if "redis" in ratios:  # a redis-server is installed
+        assert 1.0 <= ratios["redis"] <= 1.26 and ratios["redis_cachegen"] < 0.5  # jemalloc: 4 size classes per doubling
