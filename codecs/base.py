@@ -12,9 +12,16 @@ import torch
 
 from lmcached.errors import CodecError
 
-DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+DTYPES = {
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+    torch.float8_e4m3fn: "float8_e4m3fn",  # vLLM's fp8 KV caches: only codecs with `codes_fp8` take them
+    torch.float8_e5m2: "float8_e5m2",
+}
 TORCH_DTYPES = {v: k for k, v in DTYPES.items()}
-TORCH_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+TORCH_ITEMSIZE = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
+FP8 = frozenset({"float8_e4m3fn", "float8_e5m2"})
 
 
 class Codec:
@@ -30,14 +37,19 @@ class Codec:
     def decode(self, blob: bytes, device: str | torch.device | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    @staticmethod
-    def check(kv: Any) -> tuple[str, tuple[int, int, int, int]]:
+    #: Whether the codec takes 8-bit float KV. The quantisers (cachegen, kvtc) code 16- and 32-bit values:
+    #: fp8 KV is quantised already, and they refuse it rather than code it wrongly.
+    codes_fp8 = False
+
+    def check(self, kv: Any) -> tuple[str, tuple[int, int, int, int]]:
         if not isinstance(kv, torch.Tensor):
             raise CodecError("kv must be a torch.Tensor")
         if kv.dim() != 4 or kv.shape[0] != 2:
             raise CodecError(f"kv must have shape [2, L, T, C], got {list(kv.shape)}")
         if kv.dtype not in DTYPES:
-            raise CodecError(f"kv dtype {kv.dtype} is not supported (float16, bfloat16, float32)")
+            raise CodecError(f"kv dtype {kv.dtype} is not supported ({', '.join(DTYPES.values())})")
+        if DTYPES[kv.dtype] in FP8 and not self.codes_fp8:
+            raise CodecError(f"{self.name} codes 16- and 32-bit KV; this KV is {DTYPES[kv.dtype]} (8-bit already): use lossless")
         if min(kv.shape) == 0:
             raise CodecError(f"kv must not be empty, got shape {list(kv.shape)}")
         return DTYPES[kv.dtype], tuple(int(d) for d in kv.shape)  # type: ignore[return-value]

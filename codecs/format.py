@@ -37,7 +37,7 @@ TRAILERS: Final[dict[int, tuple[struct.Struct, Callable[[Any], int]]]] = {
 }
 CODEC_IDS: Final = {"cachegen": 1, "lossless": 2, "kvtc": 3}
 CODEC_NAMES: Final = {v: k for k, v in CODEC_IDS.items()}
-DTYPE_CODES: Final = {"float16": 1, "bfloat16": 2, "float32": 3}
+DTYPE_CODES: Final = {"float16": 1, "bfloat16": 2, "float32": 3, "float8_e4m3fn": 4, "float8_e5m2": 5}
 DTYPE_NAMES: Final = {v: k for k, v in DTYPE_CODES.items()}
 _HEAD = struct.Struct("<4sHBBB")
 _MAX_SECTIONS = 64

@@ -15,17 +15,17 @@ import torch
 from lmcached.errors import CodecError
 
 from . import entropy, rans_cpu
-from .base import Codec
+from .base import TORCH_ITEMSIZE, Codec
 from .format import pack, unpack
 
 LANE_SIZE = 16384
 #: A plane whose coded size would exceed this fraction of its raw size is stored raw.
 RAW_THRESHOLD = 0.97
-ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 class LosslessCodec(Codec):
     name = "lossless"
+    codes_fp8 = True  # byte planes: any dtype, bit-exact
 
     def __init__(self, **params: Any) -> None:
         if params:
@@ -35,7 +35,7 @@ class LosslessCodec(Codec):
     def encode(self, kv: torch.Tensor) -> bytes:
         dtype, shape = self.check(kv)
         _, L, T, C = shape
-        size = ITEMSIZE[dtype]
+        size = TORCH_ITEMSIZE[dtype]
         raw = kv.detach().to("cpu").contiguous().view(torch.uint8).numpy().reshape(-1, size)
         groups, group_len = 2 * L, T * C
         modes, sections = [], []
@@ -56,7 +56,7 @@ class LosslessCodec(Codec):
         if len(b.shape) != 4 or b.shape[0] != 2:
             raise CodecError("lossless blob has the wrong shape")
         _, L, T, C = b.shape
-        size = ITEMSIZE[b.dtype]
+        size = TORCH_ITEMSIZE[b.dtype]
         modes, lane = b.params.get("planes"), b.params.get("lane_size")
         if not isinstance(modes, list) or len(modes) != size or len(b.sections) != 3 * size or not isinstance(lane, int) or lane < 16:
             raise CodecError("lossless blob parameters do not match its dtype")

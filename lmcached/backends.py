@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+#: Bytes per element of each KV dtype a chunk may hold (torch-free: the controller side reads chunks' sizes too;
+#: lmcached.tensors maps the same names to torch dtypes).
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1}
 CPU: str = "LocalCPUBackend"
 DISK: str = "LocalDiskBackend"
 REMOTE: str = "RemoteBackend"  # the shared Redis tier (lmcached.remote)
@@ -48,7 +50,7 @@ class Chunk:
     key: int
     num_tokens: int
     shape: tuple[int, ...]  # [2, L, T, C] of the raw tensor
-    dtype: str  # "float16", "bfloat16" or "float32"
+    dtype: str  # a key of ITEMSIZE: "float16", "bfloat16", "float32", or vLLM's fp8 "float8_e4m3fn", "float8_e5m2"
     # Raw tensor bytes (C order) or a codec blob; in RAM, a numpy uint8 view of the arena. Never mutated once stored.
     data: bytes | bytearray | memoryview | np.ndarray
     method: str | None = None  # None: raw; else the codec name that made `data`

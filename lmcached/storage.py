@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from lmcached.arena import Arena
-from lmcached.backends import CPU, DISK, REMOTE, Backend, Chunk, ChunkInfo, LocalCPUBackend, LocalDiskBackend, StoreFull, check_location
+from lmcached.backends import CPU, DISK, ITEMSIZE, REMOTE, Backend, Chunk, ChunkInfo, LocalCPUBackend, LocalDiskBackend, StoreFull, check_location
 from lmcached.codebooks import LEARN_MAX_TOKENS, LEARN_MIN_TOKENS, Codebooks
 from lmcached.config import Config
 from lmcached.errors import ConfigError, InvalidRequest, LmcachedError, MissingCodebook, NotFound, ProtocolError
@@ -121,7 +121,7 @@ def decode_chunk(chunk: Chunk, codebooks: Codebooks | None = None, device: str =
 
 
 def raw_nbytes(shape: tuple[int, ...], dtype: str) -> int:
-    itemsize = {"float16": 2, "bfloat16": 2, "float32": 4}.get(dtype)
+    itemsize = ITEMSIZE.get(dtype)
     if itemsize is None:
         raise ProtocolError(f"unsupported KV dtype {dtype!r}")
     return math.prod(shape) * itemsize
@@ -588,6 +588,7 @@ class Storage:
 
     async def _op_compress(self, args: dict[str, Any]) -> dict[str, Any]:
         from lmcached.codecs import LOSSY
+        from lmcached.codecs.base import FP8
 
         method, quality = args["method"], args.get("quality")
         again = bool(args.get("allow_lossy_again", False))
@@ -599,6 +600,8 @@ class Storage:
                 return f"already compressed with {method}"
             # Values a lossy codec already rounded (compressed, or decompressed from it) lose more through a
             # second one: cachegen -> decompress -> kvtc garbled a greedy answer. Only when asked.
+            if method in LOSSY and chunk.dtype in FP8:
+                return f"{chunk.dtype} KV is 8-bit already: {method} codes 16- and 32-bit KV (lossless codes fp8)"
             if method in LOSSY and chunk.lossy is not None and not again:
                 return f"values already lossy ({chunk.lossy}): a second lossy codec stacks the losses (allow_lossy_again to do it anyway)"
             return None

@@ -8,7 +8,14 @@ import torch
 
 from lmcached.errors import InvalidRequest
 
-DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    # vLLM's fp8 KV caches (--kv-cache-dtype fp8 / fp8_e4m3, fp8_e5m2): stored and moved bit-exact.
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 

@@ -600,3 +600,27 @@ def test_the_lossy_set_names_exactly_the_lossy_codecs() -> None:
     classes = {"cachegen": CacheGenCodec, "kvtc": KvtcCodec, "lossless": LosslessCodec}
     assert set(classes) == set(available_codecs())
     assert LOSSY == {name for name, cls in classes.items() if cls.lossy}
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_kv_is_coded_bit_exact_by_lossless_and_refused_by_the_quantisers(dtype: torch.dtype) -> None:
+    """vLLM's fp8 KV caches: lossless codes their bytes exactly (and says the dtype in the blob); cachegen and
+    kvtc quantise 16- and 32-bit values and refuse 8-bit input with a message that says what to use."""
+    from lmcached.errors import CodecError
+
+    kv = (torch.randn(2, 3, 64, 32) * 2).to(dtype)
+    out = decode(get_codec("lossless").encode(kv))
+    assert out.dtype == dtype and torch.equal(out.view(torch.uint8), kv.view(torch.uint8))
+    with pytest.raises(CodecError, match=r"8-bit already\): use lossless"):
+        get_codec("cachegen").encode(kv)
+
+
+def test_every_layer_agrees_on_the_kv_dtypes_and_their_sizes() -> None:
+    """The chunk format (torch-free), the tensors' names and the codecs' blob codes name the same dtypes."""
+    from lmcached.backends import ITEMSIZE
+    from lmcached.codecs.base import TORCH_ITEMSIZE
+    from lmcached.codecs.format import DTYPE_CODES
+    from lmcached.tensors import DTYPES
+
+    assert ITEMSIZE == {name: dtype.itemsize for name, dtype in DTYPES.items()} == TORCH_ITEMSIZE
+    assert set(DTYPE_CODES) == set(ITEMSIZE)

@@ -290,28 +290,53 @@ def test_cache_salts_keep_tenants_apart(engine: Engine, instance: HostedInstance
     assert engine.metas[-1].loads and engine.metas[-1].loads[0].req_id == "c" and same.num_computed_tokens >= 79
 
 
-@pytest.mark.parametrize(("block", "dtype"), [(32, torch.bfloat16), (32, torch.float32), (16, torch.bfloat16)])
-def test_the_learned_layout_matches_vllms_cache_writes(model_dir: str, instance: HostedInstance, block: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(
+    ("block", "dtype", "cache_dtype"),
+    [
+        (32, torch.bfloat16, "auto"),
+        (32, torch.float32, "auto"),
+        (16, torch.bfloat16, "auto"),
+        (32, torch.bfloat16, "fp8"),
+        (32, torch.float16, "fp8_e4m3"),
+        (32, torch.bfloat16, "fp8_e5m2"),
+    ],
+)
+def test_the_learned_layout_matches_vllms_cache_writes(
+    model_dir: str, instance: HostedInstance, block: int, dtype: torch.dtype, cache_dtype: str
+) -> None:
     """vLLM's own CPU cache-write op (AMX, vec or vec16 kernels, whichever this CPU and shape select) fills
-    a cache; the connector's layout must read back exactly the keys and values it was given."""
+    a cache; the connector's layout must read back exactly the keys and values it was given — for an fp8
+    cache (uint8 bytes), the fp8 values the op wrote, byte for byte, and written back the same bytes."""
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     from lmcached.integrations.paged import PagedLayout
-    from lmcached.integrations.vllm import cpu_cache_writer
+    from lmcached.integrations.vllm import cpu_cache_writer, stored_dtype
 
     engine = Engine(model_dir, instance.worker.data_plane.address)  # type: ignore[union-attr]
     try:
-        cache = torch.zeros(6, HEADS, block, 2 * HEAD_SIZE, dtype=dtype)
-        layout = PagedLayout.build([cache], block, "probed", cpu_cache_writer(engine.config, cache))
+        stored = stored_dtype(cache_dtype)
+        cache = torch.zeros(6, HEADS, block, 2 * HEAD_SIZE, dtype=dtype if stored is None else torch.uint8)
+        writer = cpu_cache_writer(cache_dtype, dtype, cache)
+        layout = PagedLayout.build([cache], block, "probed", writer, stored, dtype)
         keys = torch.randn(3 * block, HEADS, HEAD_SIZE).to(dtype)
         values = torch.randn(3 * block, HEADS, HEAD_SIZE).to(dtype)
         slots = layout.slots([4, 1, 3], 0, 3 * block)
         key_cache, value_cache = cache.view(6, HEADS, 2 * block, HEAD_SIZE).chunk(2, dim=2)
-        isa = _get_attn_isa(dtype, block, HEAD_SIZE, "auto")
-        ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, isa, 1.0, 1.0, "auto")
+        isa = _get_attn_isa(dtype, block, HEAD_SIZE, cache_dtype)
+        ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, isa, 1.0, 1.0, cache_dtype)
         kv = layout.gather(slots)
-        assert torch.equal(kv[0, 0], keys.reshape(3 * block, -1)) and torch.equal(kv[1, 0], values.reshape(3 * block, -1)), isa
+        if stored is None:
+            assert torch.equal(kv[0, 0], keys.reshape(3 * block, -1)) and torch.equal(kv[1, 0], values.reshape(3 * block, -1)), isa
+        else:
+            assert kv.dtype == stored
+            # The op's own fp8 conversion (scale 1; it truncates): within one fp8 step of what was written.
+            tolerance = 0.13 if stored == torch.float8_e4m3fn else 0.26
+            assert torch.allclose(kv[0, 0].float(), keys.reshape(3 * block, -1).float(), rtol=tolerance, atol=2e-2), isa
+            assert torch.allclose(kv[1, 0].float(), values.reshape(3 * block, -1).float(), rtol=tolerance, atol=2e-2), isa
+            fresh = torch.zeros_like(cache)
+            PagedLayout.build([fresh], block, "probed", writer, stored, dtype).scatter(slots, kv)
+            assert torch.equal(fresh, cache)  # the same bytes, back where the op put them
     finally:
         engine.close()
 

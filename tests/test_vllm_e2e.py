@@ -155,3 +155,40 @@ def test_a_dead_lmcached_never_fails_a_request(model: str) -> None:
         assert wait_for(lambda: vllm.metric("vllm:lmcached_lookup_failures_total") >= 1 or None, 30)  # and counted
     finally:
         vllm.stop()
+
+
+def test_an_fp8_kv_cache_is_stored_bit_exact_and_reused(model: str) -> None:
+    """vLLM with --kv-cache-dtype fp8 (its CPU build runs fp8 caches on AVX-512/AMX): the connector stores the
+    cache's fp8 bytes as float8_e4m3fn chunks, a hit gives the miss's greedy text, lossless compression keeps
+    it, and cachegen refuses fp8 chunks and says why."""
+    import torch
+
+    from lmcached.client import KVClient
+
+    shared = start_serve()
+    vllm = start_vllm(model, extra_config={"lmcached_worker": shared.data}, lmcache_config={"chunk_size": 256}, args=["--kv-cache-dtype", "fp8"])
+    try:
+        miss = vllm.complete(LONG_PROMPT, 12)
+        tokens = vllm.tokenize(LONG_PROMPT)
+        assert miss["cached_tokens"] == 0
+        assert wait_for(lambda: post(shared, "/lookup", {"tokens": tokens})["layout_info"], 30)
+        with KVClient(shared.data) as client:
+            held = client.retrieve(tokens)
+        assert held is not None and held.dtype == torch.float8_e4m3fn and held.shape[2] == len(tokens)
+        hit = vllm.complete(LONG_PROMPT, 12)
+        assert hit == {"text": miss["text"], "cached_tokens": len(tokens) - 1}
+        ids = ",".join(map(str, tokens))
+        refused = subprocess.run(
+            [sys.executable, "-m", "lmcached", "compress", "--method", "cachegen", "--tokens", ids, "--controller", shared.http],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        event = json.loads(refused.stdout)
+        assert event["result"]["chunks"] == 0 and "8-bit already" in event["result"]["message"]
+        assert cli(shared, "compress", "--method", "lossless", "--tokens", ids)["result"]["chunks"] >= 1
+        assert vllm.complete(LONG_PROMPT, 12) == hit  # decoded from lossless: the same bytes, the same text
+    finally:
+        vllm.stop()
+        stop_serve(shared)
+

@@ -47,3 +47,31 @@ async def test_explicit_disk_stores_are_synchronous(tmp_path: Path) -> None:
         assert 7 in worker.backends[DISK] and 7 not in worker.backends[CPU]
     finally:
         await worker.stop()
+
+
+async def test_fp8_chunks_are_kept_bit_exact_and_only_lossless_compresses_them(tmp_path: Path) -> None:
+    """An fp8 KV (vLLM's --kv-cache-dtype fp8) goes in and out byte for byte, to disk too; a cachegen compress
+    skips its chunks and says why; lossless compresses and decompresses them exactly."""
+    import torch
+
+    kv = make_kv(48).to(torch.float8_e4m3fn)
+    tokens = list(range(48))
+    worker = Worker(test_config(local_disk=str(tmp_path / "disk"), enable_controller=False))
+    await worker.start(connect=False)
+    try:
+        async with AsyncKVClient(worker.data_plane.address) as client:
+            assert await client.store(tokens, kv) == 48
+            keys = [s.key for s in client.spans(tokens)]
+            got = await client.retrieve(tokens)
+            assert got is not None and got.dtype == torch.float8_e4m3fn and torch.equal(got.view(torch.uint8), kv.view(torch.uint8))
+            refused = await worker.execute("compress", {"location": CPU, "keys": keys, "method": "cachegen"})
+            assert refused["chunks"] == 0 and any("8-bit already" in reason for reason in refused["skipped"])
+            done = await worker.execute("compress", {"location": CPU, "keys": keys, "method": "lossless"})
+            assert done["chunks"] == len(keys)
+            again = await client.retrieve(tokens)
+            assert again is not None and torch.equal(again.view(torch.uint8), kv.view(torch.uint8))
+            await worker.flush_disk()
+            on_disk = worker.backends[DISK].get(keys[0])
+            assert on_disk is not None and on_disk.dtype == "float8_e4m3fn"
+    finally:
+        await worker.stop()

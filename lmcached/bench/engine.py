@@ -56,8 +56,8 @@ def clear(controller: str, tokens: list[int]) -> None:
     wait_event(controller, answer["event_id"])
 
 
-def compress(controller: str, tokens: list[int]) -> None:
-    answer = post(controller + "/compress", {"instance_id": INSTANCE, "method": "cachegen", "location": CPU, "tokens": tokens})
+def compress(controller: str, tokens: list[int], method: str = "cachegen") -> None:
+    answer = post(controller + "/compress", {"instance_id": INSTANCE, "method": method, "location": CPU, "tokens": tokens})
     wait_event(controller, answer["event_id"])
 
 

@@ -44,6 +44,9 @@ class PagedLayout:
     block_size: int
     key_index: torch.Tensor  # [heads, kernel block, head_size] -> offset in the flattened tile
     value_index: torch.Tensor
+    #: What the cache's elements are when its tensor says otherwise: vLLM allocates fp8 caches as uint8, and
+    #: their KV leaves (and comes back) as the fp8 type, byte for byte. None: the tensor's own dtype.
+    stored: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -60,10 +63,22 @@ class PagedLayout:
         expected = (first.shape[1], first.shape[2], first.shape[3] // 2)
         if tuple(self.key_index.shape) != expected or tuple(self.value_index.shape) != expected:
             raise LayoutError("the index tables do not match the cache's shape")
+        if self.stored is not None and self.stored.itemsize != first.dtype.itemsize:
+            raise LayoutError(f"a {first.dtype} cache cannot hold {self.stored} elements")
 
     # -- the known layouts
     @classmethod
-    def build(cls, layers: Sequence[torch.Tensor], block_size: int, packing: str, writer: CacheWriter | None = None) -> PagedLayout:
+    def build(
+        cls,
+        layers: Sequence[torch.Tensor],
+        block_size: int,
+        packing: str,
+        writer: CacheWriter | None = None,
+        stored: torch.dtype | None = None,
+        engine_dtype: torch.dtype | None = None,
+    ) -> PagedLayout:
+        """`stored`: the element type of a cache whose tensor is raw bytes (fp8 in uint8); `engine_dtype`: what the
+        engine's writer takes (its model dtype; default the cache's)."""
         first = layers[0] if layers else None
         if first is None or first.ndim != 4:
             raise LayoutError("KV cache layers must be [blocks, kv_heads, block_size, 2*head_size]")
@@ -83,11 +98,11 @@ class PagedLayout:
         elif packing == "probed":
             if writer is None:
                 raise LayoutError("a probed layout needs the engine's cache writer")
-            key, value = probe(writer, heads, kernel_block, size, first.dtype)
+            key, value = probe(writer, heads, kernel_block, size, first.dtype, engine_dtype or first.dtype, stored)
         else:
             raise LayoutError(f"unknown KV packing {packing!r}")
         device = first.device
-        return cls(tuple(layers), block_size, key.to(device), value.to(device))
+        return cls(tuple(layers), block_size, key.to(device), value.to(device), stored)
 
     # -- geometry
     @property
@@ -104,7 +119,8 @@ class PagedLayout:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.layers[0].dtype
+        """The KV's element type (an fp8 type for an fp8 cache, whatever its tensor's dtype)."""
+        return self.stored or self.layers[0].dtype
 
     @property
     def bytes_per_token(self) -> int:
@@ -129,7 +145,7 @@ class PagedLayout:
         """The KV of these slots as [2, L, T, kv_heads * head_size], on the cache's device. With a `pool`, the
         layers are spread over its threads (torch releases the GIL inside each op)."""
         tokens = len(slots)
-        out = torch.empty((2, len(self.layers), tokens, self.channels), dtype=self.dtype, device=self.layers[0].device)
+        out = torch.empty((2, len(self.layers), tokens, self.channels), dtype=self.layers[0].dtype, device=self.layers[0].device)
         wheres = [self._where(slots, index) for index in (self.key_index, self.value_index)]
 
         def one(number: int) -> None:
@@ -139,16 +155,18 @@ class PagedLayout:
                 out[side, number].view(tokens, self.kv_heads, self.head_size).copy_(picked.transpose(0, 1))
 
         _each(one, len(self.layers), pool)
-        return out
+        return out.view(self.dtype)
 
     def scatter(self, slots: torch.Tensor, kv: torch.Tensor, pool: Executor | None = None) -> None:
-        """Write [2, L, T, kv_heads * head_size] (any device and float dtype) into these slots."""
+        """Write [2, L, T, kv_heads * head_size] (any device and float dtype) into these slots. KV of the
+        cache's own element type goes in bit for bit; other dtypes are converted (into an fp8 cache with a scale
+        of 1, as vLLM's default k_scale / v_scale)."""
         if kv.ndim != 4 or kv.shape[0] != 2 or kv.shape[1] != len(self.layers) or kv.shape[2] != len(slots):
             raise LayoutError(f"KV of shape {list(kv.shape)} does not fit {len(self.layers)} layers and {len(slots)} slots")
         if kv.shape[3] != self.channels:
             raise LayoutError(f"KV has {kv.shape[3]} channels; this cache has {self.channels}")
         tokens = len(slots)
-        kv = kv.to(device=self.layers[0].device, dtype=self.dtype)
+        kv = kv.to(device=self.layers[0].device, dtype=self.dtype).view(self.layers[0].dtype)
         wheres = [self._where(slots, index) for index in (self.key_index, self.value_index)]
 
         def one(number: int) -> None:
@@ -176,23 +194,37 @@ def _each(fn: Callable[[int], None], count: int, pool: Executor | None) -> None:
         future.result()  # re-raises the first failure
 
 
-def probe(writer: CacheWriter, heads: int, kernel_block: int, size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Learn where the engine's writer puts each (head, token, dim) of a key and of a value in a tile: write
-    the token numbers, then the heads, then the dims (each + 1, exact in any float dtype up to 256), and read
-    back which element each landed in."""
-    if max(heads, kernel_block, size) >= 256:
-        raise LayoutError("cannot probe a tile with 256 or more heads, tokens or dims")
+def probe(
+    writer: CacheWriter,
+    heads: int,
+    kernel_block: int,
+    size: int,
+    dtype: torch.dtype,
+    engine_dtype: torch.dtype | None = None,
+    stored: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learn where the engine's writer puts each (head, token, dim) of a key and of a value in a tile of
+    `dtype`, one bit plane at a time: for every bit of the token number, then of the head, then of the dim,
+    write 1 where the bit is 0 and 2 where it is 1 (exact in every float type, fp8 included) and read back
+    which element got which. `engine_dtype` is what the writer takes; `stored` what a byte tile holds."""
     tile = torch.zeros(1, heads, kernel_block, 2 * size, dtype=dtype)
     grid = torch.meshgrid(torch.arange(kernel_block), torch.arange(heads), torch.arange(size), indexing="ij")  # [T, H, D] each
+    marks_dtype = engine_dtype or dtype
     tables = []
     for side in (0, 1):
         coords = []
         for axis in grid:
-            tile.zero_()
-            marks = (axis + 1).to(dtype)
-            blank = torch.zeros_like(marks)
-            writer(marks if side == 0 else blank, blank if side == 0 else marks, tile)
-            coords.append(tile.flatten().to(torch.int64) - 1)
+            coord = torch.zeros(tile.numel(), dtype=torch.int64)
+            written = torch.ones(tile.numel(), dtype=torch.bool)
+            for bit in range(max(1, int(axis.max()).bit_length())):
+                tile.zero_()
+                marks = (((axis >> bit) & 1) + 1).to(marks_dtype)
+                blank = torch.zeros_like(marks)
+                writer(marks if side == 0 else blank, blank if side == 0 else marks, tile)
+                read = (tile.view(stored) if stored is not None else tile).flatten().float()
+                written &= read > 0
+                coord |= (read == 2).to(torch.int64) << bit
+            coords.append(torch.where(written, coord, -1))
         token, head, dim = coords
         written = (token >= 0).nonzero().flatten()
         if len(written) != heads * kernel_block * size or (head[written] < 0).any() or (dim[written] < 0).any():

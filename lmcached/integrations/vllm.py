@@ -337,9 +337,12 @@ class _WorkerSide:
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layers = list(kv_caches.values())
+        cache_dtype = self.vllm_config.cache_config.cache_dtype
+        model_dtype = self.vllm_config.model_config.dtype
         try:
-            writer = cpu_cache_writer(self.vllm_config, layers[0]) if self.packing == "probed" else None
-            self.layout = PagedLayout.build(layers, self.connector.block_size, self.packing, writer)
+            stored = stored_dtype(cache_dtype)
+            writer = cpu_cache_writer(cache_dtype, model_dtype, layers[0]) if self.packing == "probed" else None
+            self.layout = PagedLayout.build(layers, self.connector.block_size, self.packing, writer, stored, model_dtype)
         except LayoutError as exc:
             raise ValueError(f"LmcachedConnector cannot use this KV cache: {exc}") from None
         log.info(
@@ -451,16 +454,27 @@ class _WorkerSide:
             self.hosted.stop()
 
 
-def cpu_cache_writer(vllm_config: VllmConfig, layer: torch.Tensor) -> CacheWriter:
+#: vLLM's --kv-cache-dtype values whose caches hold fp8 bytes (allocated as uint8), and the fp8 type they are.
+FP8_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def stored_dtype(cache_dtype: str) -> torch.dtype | None:
+    """The element type of a vLLM cache of `--kv-cache-dtype cache_dtype` when its tensor does not say it (fp8),
+    else None; LayoutError for a quantised cache lmcached cannot store bit-exact."""
+    if cache_dtype == "auto" or cache_dtype in ("float16", "bfloat16", "float32", "half", "float"):
+        return None
+    if cache_dtype in FP8_CACHE_DTYPES:
+        return FP8_CACHE_DTYPES[cache_dtype]
+    raise LayoutError(f"KV cache dtype {cache_dtype!r} is not supported (auto, fp8, fp8_e4m3 and fp8_e5m2 are)")
+
+
+def cpu_cache_writer(cache_dtype: str, model_dtype: torch.dtype, layer: torch.Tensor) -> CacheWriter:
     """vLLM's CPU cache-write op, with the instruction set its attention backend picks for this cache."""
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    cache_dtype = vllm_config.cache_config.cache_dtype
-    if cache_dtype != "auto":
-        raise LayoutError(f"KV cache dtype {cache_dtype!r} (quantised) is not supported; use the model's dtype")
     _, _, kernel_block, width = layer.shape
-    isa = _get_attn_isa(layer.dtype, kernel_block, width // 2, cache_dtype)
+    isa = _get_attn_isa(model_dtype, kernel_block, width // 2, cache_dtype)
 
     def write(keys: torch.Tensor, values: torch.Tensor, tile: torch.Tensor) -> None:
         heads, size = tile.shape[1], tile.shape[3] // 2

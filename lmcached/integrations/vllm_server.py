@@ -118,9 +118,11 @@ def start_vllm(
     extra_config: dict[str, Any] | None = None,
     connector: bool = True,
     port: int | None = None,
+    args: list[str] | None = None,
 ) -> VllmServer:
     """vLLM's OpenAI server with vLLM's own prefix cache off (so the external cache is what gets measured),
-    LmcachedConnector configured by `lmcache_config` (written as LMCACHE_CONFIG_FILE) and `extra_config`."""
+    LmcachedConnector configured by `lmcache_config` (written as LMCACHE_CONFIG_FILE) and `extra_config`;
+    `args` go on vLLM's command line (e.g. --kv-cache-dtype fp8)."""
     port = port or free_port()
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
     if OMP_WAIT_POLICY_DEFAULTED:  # lmcached's choice for its codec threads, not vLLM's: vLLM keeps its own default
@@ -132,7 +134,7 @@ def start_vllm(
     # The CPU build's package is `vllm-cpu`, so its `vllm` command cannot find its own version: run the module.
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", MODEL_NAME]
     cmd += ["--port", str(port), "--host", "127.0.0.1", "--enforce-eager", "--no-enable-prefix-caching", "--max-model-len", "8192"]
-    cmd += ["--enable-prompt-tokens-details"]
+    cmd += ["--enable-prompt-tokens-details", *(args or [])]
     if connector:
         cmd += ["--kv-transfer-config", json.dumps({**CONNECTOR, "kv_connector_extra_config": extra_config or {}})]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
