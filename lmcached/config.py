@@ -68,6 +68,9 @@ class Config:
     remote_timeout_s: float = 1.0  # an engine's lookup or retrieve waits this long for the remote tier, then misses
     remote_write_queue_size: float = 1.0  # GB of write-through queued while the remote tier is slow or down
     codec_device: str = "auto"  # where compress/decompress run: auto (a CUDA device when torch sees one), cpu or cuda
+    remote_tls_ca: str | None = None  # rediss://: the CA file that signs Redis' certificate (unset: the system's CAs)
+    remote_tls_cert: str | None = None  # rediss://: the client certificate Redis asks for (its tls-auth-clients)
+    remote_tls_key: str | None = None  # rediss://: that certificate's key
     # the other controllers of a failover group, HTTP HOST:PORT, comma-separated: this one stands by while one is active
     controller_peers: str | None = None
     failover_after_s: float = 3.0  # a standby takes over once no controller of its group has been active this long
@@ -102,6 +105,12 @@ class Config:
         if self.codec_device not in CODEC_DEVICES:
             raise ConfigError(f"codec_device must be one of {', '.join(CODEC_DEVICES)}, got {self.codec_device!r}", "codec_device")
         _ = self.remote  # a malformed remote_url fails here, at start-up
+        for key in ("remote_tls_ca", "remote_tls_cert", "remote_tls_key"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{key}: no such file {path!r}", key)
+        if (self.remote_tls_cert is None) != (self.remote_tls_key is None):
+            raise ConfigError("remote_tls_cert and remote_tls_key go together (a certificate and its key)", "remote_tls_cert")
         from lmcached.errors import InvalidRequest
         from lmcached.handshake import parse_address
 
@@ -121,7 +130,8 @@ class Config:
             return None
         from lmcached.remote import parse_remote_url
 
-        return parse_remote_url(self.remote_url)
+        parsed = parse_remote_url(self.remote_url)
+        return dataclasses.replace(parsed, tls_ca=self.remote_tls_ca, tls_cert=self.remote_tls_cert, tls_key=self.remote_tls_key)
 
     @property
     def local_disk_path(self) -> Path | None:

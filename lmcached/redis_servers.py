@@ -46,17 +46,23 @@ class RedisServer:
     prefix: Sequence[str] = ()
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lmcached-redis-")))
     proc: subprocess.Popen[bytes] | None = None
+    #: Serve TLS only (rediss://): {"ca": CA file, "cert": server certificate, "key": its key}, plus "client_cert"
+    #: and "client_key" that redis-cli presents (Redis authenticates TLS clients by default).
+    tls: dict[str, str] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}"
+        return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}"
 
     def start(self) -> RedisServer:
+        ports = ["--port", str(self.port)]
+        if self.tls:
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls["cert"], "--tls-key-file", self.tls["key"]]
+            ports += ["--tls-ca-cert-file", self.tls["ca"]]
         cmd = [
             *self.prefix,
             redis_server_binary(),
-            "--port",
-            str(self.port),
+            *ports,
             "--bind",
             self.host,
             "--save",
@@ -84,6 +90,8 @@ class RedisServer:
     def cli(self, *args: str, check: bool = True, password: str | None = None) -> str:
         """Run redis-cli against this server (in its namespace), returning its output."""
         auth = ["-a", password, "--no-auth-warning"] if password else []
+        if self.tls:
+            auth += ["--tls", "--cacert", self.tls["ca"], "--cert", self.tls["client_cert"], "--key", self.tls["client_key"]]
         cmd = [*self.prefix, "redis-cli", "-h", self.host, "-p", str(self.port), *auth, *args]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
         if check and done.returncode != 0:

@@ -98,6 +98,18 @@ class RemoteURL:
     db: int
     username: str | None
     password: str | None
+    #: With rediss://: the CA bundle that signs the server's certificate (None: the system's), and the client
+    #: certificate and key Redis asks for when it authenticates clients (its default, tls-auth-clients yes).
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def tls_options(self) -> dict[str, Any]:
+        """redis-py's keyword arguments for this URL's transport."""
+        if not self.tls:
+            return {"ssl": False}
+        return {"ssl": True, "ssl_ca_certs": self.tls_ca, "ssl_certfile": self.tls_cert, "ssl_keyfile": self.tls_key}
 
     @property
     def display(self) -> str:
@@ -257,7 +269,7 @@ def connect(url: RemoteURL) -> Any:
         "password": url.password,
         "socket_timeout": _SOCKET_TIMEOUT_S,
         "socket_connect_timeout": _CONNECT_TIMEOUT_S,
-        "ssl": url.tls,
+        **url.tls_options,
     }
     # One quick retry (a pooled connection gone stale after a Redis restart; in a cluster, a slot that moved), not
     # redis-py's backoff (10 attempts in a cluster): a down tier must fail fast, an engine is waiting. A failover
@@ -344,7 +356,7 @@ class RemoteBackend(Backend):
 
         if not self.url.cluster:
             return [self.client]
-        common = {"username": self.url.username, "password": self.url.password, "ssl": self.url.tls}
+        common = {"username": self.url.username, "password": self.url.password, **self.url.tls_options}
         return [
             redis.Redis(host=n.host, port=n.port, socket_timeout=_SOCKET_TIMEOUT_S, socket_connect_timeout=_CONNECT_TIMEOUT_S, **common)
             for n in self.client.get_primaries()

@@ -234,3 +234,37 @@ def scrape(url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
 
     with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
         return prometheus_samples(response.read().decode())
+
+
+def make_certificates(directory: Path) -> dict[str, str]:
+    """A private CA, a server certificate for 127.0.0.1 / localhost and a client certificate, made with the
+    openssl command (skips the test where there is none): {"ca", "cert", "key", "client_cert", "client_key"}."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make test certificates")
+    d = directory
+    d.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"), "-days", "2", "-subj", "/CN=lmcached test CA")
+    for name, cn, extension in (
+        ("server", "127.0.0.1", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
+        ("client", "lmcached test client", "extendedKeyUsage=clientAuth"),
+    ):
+        (d / f"{name}.ext").write_text(extension + "\n")
+        run("req", *ec, "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"), "-subj", f"/CN={cn}")
+        run(
+            "x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
+            "-CAcreateserial", "-out", str(d / f"{name}.pem"), "-days", "2", "-extfile", str(d / f"{name}.ext"),
+        )  # fmt: skip
+    return {
+        "ca": str(d / "ca.pem"),
+        "cert": str(d / "server.pem"),
+        "key": str(d / "server.key"),
+        "client_cert": str(d / "client.pem"),
+        "client_key": str(d / "client.key"),
+    }

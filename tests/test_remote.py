@@ -19,7 +19,7 @@ from lmcached.backends import REMOTE, Chunk
 from lmcached.client import AsyncKVClient
 from lmcached.errors import ConfigError
 from lmcached.redis_servers import RedisClusterProcs, RedisServer, RedisUnavailable, free_port, redis_server_binary
-from lmcached.remote import RemoteBackend, pack_value, parse_remote_url, unpack_value
+from lmcached.remote import RemoteBackend, RemoteError, pack_value, parse_remote_url, unpack_value
 from lmcached.worker import Worker
 
 from .codec_helpers import kv_like_real
@@ -515,3 +515,39 @@ async def test_a_scan_never_undoes_a_newer_pin_or_unpin(redis: RedisServer) -> N
         assert not remote.info(first).pinned and remote.info(second).pinned and 0xFEED in remote
     finally:
         await worker.stop()
+
+
+def test_rediss_stores_and_retrieves_over_real_tls(tmp_path: Path) -> None:
+    """rediss:// against a redis-server that speaks only TLS (a private CA, client certificates required, as
+    Redis' default asks): with the CA and a client certificate, chunks go in and out; without the CA the
+    server's certificate is refused, and a plain redis:// to the TLS port fails — each with one clear line."""
+    from .conftest import make_certificates
+
+    certs = make_certificates(tmp_path / "certs")
+    with RedisServer(free_port(), tls=certs) as server:
+        assert server.url.startswith("rediss://")
+        config = test_config(
+            remote_url=server.url,
+            remote_tls_ca=certs["ca"],
+            remote_tls_cert=certs["client_cert"],
+            remote_tls_key=certs["client_key"],
+            enable_controller=False,
+        )
+        kv = make_kv(32)
+
+        async def round_trip() -> None:
+            worker = Worker(config.replace(local_cpu=False))
+            await worker.start(connect=False)
+            try:
+                async with AsyncKVClient(worker.data_plane.address) as client:
+                    assert await client.store(list(range(32)), kv) == 32
+                    assert torch.equal(await client.retrieve(list(range(32))), kv)
+            finally:
+                await worker.stop()
+
+        asyncio.run(round_trip())
+        assert int(server.cli("DBSIZE").strip()) >= 2  # the chunks are in this Redis, over TLS
+        with pytest.raises(RemoteError, match="unreachable.*(certificate|CERTIFICATE)"):
+            RemoteBackend(config.replace(remote_tls_ca=None).remote)  # type: ignore[arg-type]
+        with pytest.raises(RemoteError):
+            RemoteBackend(config.replace(remote_url=server.url.replace("rediss", "redis")).remote)  # type: ignore[arg-type]
