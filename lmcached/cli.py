@@ -37,6 +37,9 @@ CPU_LOCATION = "LocalCPUBackend"
 ControllerOpt = typer.Option(
     DEFAULT_CONTROLLER, "--controller", envvar="LMCACHED_CONTROLLER", help="The controller's HTTP API: http://HOST:PORT or HOST:PORT (port 9000 by default); a failover group's, comma-separated.",
 )
+TlsCertOpt = typer.Option(None, "--tls-cert", help="Serve the HTTP API and the worker/monitor port over TLS with this certificate (PEM).")
+TlsKeyOpt = typer.Option(None, "--tls-key", help="The --tls-cert certificate's key (PEM).")
+TlsCaOpt = typer.Option(None, "--tls-ca", help="Dial the controller over TLS, verifying it against this CA file (PEM).")
 PeersOpt = typer.Option(
     None, "--peers", help="The other controllers of a failover group, HTTP HOST:PORT, comma-separated: start as a standby."
 )
@@ -166,6 +169,9 @@ def serve(
     ),
     peers: str | None = PeersOpt,
     failover_after: float | None = FailoverOpt,
+    tls_cert: str | None = TlsCertOpt,
+    tls_key: str | None = TlsKeyOpt,
+    tls_ca: str | None = TlsCaOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     log_format: str = LogFormatOpt,
 ) -> None:
@@ -187,6 +193,9 @@ def serve(
             "local_disk": local_disk,
             "controller_peers": peers,
             "failover_after_s": failover_after,
+            "tls_cert": tls_cert,
+            "tls_key": tls_key,
+            "tls_ca": tls_ca,
         },
     )
     _prepare_process(verbose, log_format)
@@ -203,6 +212,9 @@ def controller(
     auth_token: str | None = typer.Option(None, "--auth-token", help="Require this token (also LMCACHED_AUTH_TOKEN)."),
     peers: str | None = PeersOpt,
     failover_after: float | None = FailoverOpt,
+    tls_cert: str | None = TlsCertOpt,
+    tls_key: str | None = TlsKeyOpt,
+    tls_ca: str | None = TlsCaOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     log_format: str = LogFormatOpt,
 ) -> None:
@@ -219,6 +231,9 @@ def controller(
             "auth_token": auth_token,
             "controller_peers": peers,
             "failover_after_s": failover_after,
+            "tls_cert": tls_cert,
+            "tls_key": tls_key,
+            "tls_ca": tls_ca,
         },
     )
     _prepare_process(verbose, log_format)
@@ -364,6 +379,7 @@ def worker(
     local_disk: str | None = typer.Option(None, "--local-disk", help="Directory for the disk backend."),
     config: Path | None = typer.Option(None, "--config"),
     auth_token: str | None = typer.Option(None, "--auth-token"),
+    tls_ca: str | None = TlsCaOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     log_format: str = LogFormatOpt,
 ) -> None:
@@ -381,6 +397,7 @@ def worker(
             "lmcache_worker_port": port,
             "local_disk": local_disk,
             "auth_token": auth_token,
+            "tls_ca": tls_ca,
         },
     )
     _prepare_process(verbose, log_format)
@@ -454,8 +471,11 @@ def _call_one(controller: str, path: str, body: dict[str, Any] | None, token: st
     request.add_header("Content-Type", "application/json")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
+    from lmcached.tls import cli_context
+
+    tls = cli_context() if controller.startswith("https://") else None
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=60, context=tls) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         try:
@@ -466,6 +486,7 @@ def _call_one(controller: str, path: str, body: dict[str, Any] | None, token: st
             raise _NotThere(f"{controller}: {detail}") from None
         fail(f"{exc.code}: {detail}")
     except (http.client.HTTPException, ValueError) as exc:  # something answered, but not in HTTP (or not JSON)
+        _fail_if_tls_mismatch(controller)
         spoke = "lmcached's worker protocol" if "LMKV" in str(exc) else "something other than the controller's HTTP API"
         fail(
             f"{controller} answered in {spoke}: is that a worker port (9001) or a data port (8001)? "
@@ -473,7 +494,23 @@ def _call_one(controller: str, path: str, body: dict[str, Any] | None, token: st
         )
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
+        _fail_if_tls_mismatch(controller, reason)
         raise _NotThere(f"cannot reach the controller at {controller}: {reason}") from None
+
+
+def _fail_if_tls_mismatch(controller: str, reason: object = None) -> None:
+    """One clear line when the client and the controller disagree on TLS (http:// to a TLS port, or https://
+    to a plain one), instead of the protocol error each side sees."""
+    from lmcached.handshake import parse_address
+    from lmcached.tls import plain_to_tls, speaks_tls, tls_to_plain
+
+    if controller.startswith("https://"):
+        if "WRONG_VERSION_NUMBER" in str(reason):
+            fail(tls_to_plain(controller))
+        return
+    host, port = parse_address(controller, 9000)
+    if speaks_tls(host, port):
+        fail(plain_to_tls(controller))
 
 
 def _print(answer: dict[str, Any]) -> None:
@@ -782,8 +819,9 @@ def tui(
     monitor: str = typer.Option("127.0.0.1:9001", "--monitor", help="The daemon's monitor port, HOST:PORT; a failover group's, comma-separated."),
     auth_token: str | None = typer.Option(None, "--auth-token", envvar="LMCACHED_AUTH_TOKEN"),
     method: str = typer.Option("cachegen", "--method", help="Codec the compress action uses."),
+    tls_ca: str | None = typer.Option(None, "--tls-ca", envvar="LMCACHED_TLS_CA", help="Dial a TLS controller, verifying it against this CA file."),
 ) -> None:
     """Watch instances, chunks and live events in a terminal UI; compress, pin and clear from the keyboard."""
     from lmcached.tui import run
 
-    run(monitor, auth_token, method)
+    run(monitor, auth_token, method, tls_ca)

@@ -71,6 +71,9 @@ class Config:
     remote_tls_ca: str | None = None  # rediss://: the CA file that signs Redis' certificate (unset: the system's CAs)
     remote_tls_cert: str | None = None  # rediss://: the client certificate Redis asks for (its tls-auth-clients)
     remote_tls_key: str | None = None  # rediss://: that certificate's key
+    tls_cert: str | None = None  # serve the controller's HTTP API and worker/monitor port over TLS with this certificate
+    tls_key: str | None = None  # that certificate's key
+    tls_ca: str | None = None  # dial the controller over TLS, verifying it against this CA file (needed with tls_cert)
     # the other controllers of a failover group, HTTP HOST:PORT, comma-separated: this one stands by while one is active
     controller_peers: str | None = None
     failover_after_s: float = 3.0  # a standby takes over once no controller of its group has been active this long
@@ -105,12 +108,16 @@ class Config:
         if self.codec_device not in CODEC_DEVICES:
             raise ConfigError(f"codec_device must be one of {', '.join(CODEC_DEVICES)}, got {self.codec_device!r}", "codec_device")
         _ = self.remote  # a malformed remote_url fails here, at start-up
-        for key in ("remote_tls_ca", "remote_tls_cert", "remote_tls_key"):
+        for key in ("remote_tls_ca", "remote_tls_cert", "remote_tls_key", "tls_cert", "tls_key", "tls_ca"):
             path = getattr(self, key)
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"{key}: no such file {path!r}", key)
         if (self.remote_tls_cert is None) != (self.remote_tls_key is None):
             raise ConfigError("remote_tls_cert and remote_tls_key go together (a certificate and its key)", "remote_tls_cert")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together (a certificate and its key)", "tls_cert")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ConfigError("tls_cert needs tls_ca too: the CA this daemon's own clients (its instance, its peers) verify it with", "tls_ca")
         from lmcached.errors import InvalidRequest
         from lmcached.handshake import parse_address
 

@@ -18,6 +18,7 @@ from lmcached.config import Config
 from lmcached.errors import InvalidRequest, LmcachedError, NotFound, WorkerUnavailable
 from lmcached.events import Event, EventLog
 from lmcached.failover import Role, address_list
+from lmcached.tls import dial_context
 from lmcached.http_logging import quiet_malformed_requests
 from lmcached.hub import Hub
 from lmcached.index import ChunkIndex, WorkerKey
@@ -78,7 +79,8 @@ class Controller:
         self.hub = Hub(config, self.index, self.snapshot)
         self.hub.monitor_command = self.monitor_command
         peers = address_list(config.controller_peers or "")
-        self.role = Role(peers, config.failover_after_s, config.auth_token, on_step_down=lambda: self.hub.drop_all("controller stepped down"))
+        peers_tls = dial_context(config) if config.tls_cert else None
+        self.role = Role(peers, config.failover_after_s, config.auth_token, lambda: self.hub.drop_all("controller stepped down"), peers_tls)
         self.hub.refusal = lambda: None if self.role.active else self.role.standby_detail()
         self.metrics = Metrics(self.index, self.role)
         self._tasks: set[asyncio.Task[None]] = set()

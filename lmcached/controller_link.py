@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ from lmcached import __version__
 from lmcached.config import Config
 from lmcached.errors import LmcachedError, ProtocolError, Standby, Unauthorized
 from lmcached.failover import address_list
+from lmcached.tls import dial_context, plain_to_tls, speaks_tls_async, tls_to_plain
 from lmcached.frames import Kind, read_frame, write_frame
 from lmcached.handshake import WORKER_ROLE, parse_address
 from lmcached.storage import Storage
@@ -74,6 +76,7 @@ class ControllerLink:
         """Dial the controllers of `controller_url` in order until one takes the worker (a failover group's
         standbys turn it away); after a lost link, start again from the first."""
         addresses = [parse_address(a, 9001) for a in address_list(self.config.controller_url)]
+        tls = dial_context(self.config)
         delay = 0.1
         while not self._stopping:
             problems: list[str] = []
@@ -82,7 +85,10 @@ class ControllerLink:
                 if self._stopping:
                     return
                 try:
-                    reader, writer = await asyncio.open_connection(host, port)
+                    reader, writer = await asyncio.open_connection(host, port, ssl=tls)
+                except ssl.SSLError as exc:
+                    problems.append(tls_to_plain(f"controller {host}:{port}") if "WRONG_VERSION" in str(exc) else f"controller {host}:{port}: {exc}")
+                    continue
                 except OSError as exc:
                     problems.append(f"controller {host}:{port} unreachable ({exc.strerror})")
                     continue
@@ -94,11 +100,14 @@ class ControllerLink:
                     standby = True
                     problems.append(f"controller {host}:{port}: {exc}")
                 except (ProtocolError, Unauthorized, ConnectionError) as exc:
-                    problems.append(f"controller link to {host}:{port} lost: {exc}")
+                    if tls is None and not self.connected.is_set() and await speaks_tls_async(host, port):
+                        problems.append(plain_to_tls(f"controller {host}:{port}"))
+                    else:
+                        problems.append(f"controller link to {host}:{port} lost: {exc}")
                 finally:
                     self.connected.clear()
                     writer.close()
-                    with contextlib.suppress(ConnectionError):
+                    with contextlib.suppress(ConnectionError, ssl.SSLError):
                         await writer.wait_closed()
             if problems:
                 self._trouble("; ".join(problems))

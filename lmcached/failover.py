@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -35,10 +36,10 @@ PROBE_INTERVAL_S = 0.5
 PROBE_TIMEOUT_S = 1.0
 
 
-def http_base(address: str) -> str:
-    """A controller's base URL from what a user typed: http(s)://HOST:PORT, or HOST:PORT (http assumed)."""
+def http_base(address: str, tls: bool = False) -> str:
+    """A controller's base URL from what a user typed: http(s)://HOST:PORT, or HOST:PORT (https with `tls`)."""
     address = address.strip().rstrip("/")
-    return address if "://" in address else f"http://{address}"
+    return address if "://" in address else f"{'https' if tls else 'http'}://{address}"
 
 
 def address_list(value: str) -> list[str]:
@@ -50,9 +51,15 @@ class Role:
     """This controller's place in its group, decided from what its peers say."""
 
     def __init__(
-        self, peers: list[str], failover_after_s: float, auth_token: str | None = None, on_step_down: Callable[[], None] | None = None
+        self,
+        peers: list[str],
+        failover_after_s: float,
+        auth_token: str | None = None,
+        on_step_down: Callable[[], None] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self.peers = [http_base(p) for p in peers]
+        self.ssl_context = ssl_context  # peers serve TLS (a group is all TLS or all plain)
+        self.peers = [http_base(p, tls=ssl_context is not None) for p in peers]
         self.failover_after_s = failover_after_s
         self.auth_token = auth_token
         #: Called when this controller stops being the active one (its workers and monitors must go).
@@ -100,7 +107,8 @@ class Role:
 
         headers = {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
         timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
-        async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+        connector = aiohttp.TCPConnector(ssl=self.ssl_context if self.ssl_context is not None else False)
+        async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as session:
             while True:
                 views = await asyncio.gather(*(self._ask(session, peer) for peer in self.peers))
                 self.decide({peer: view for peer, view in zip(self.peers, views, strict=True) if view is not None})

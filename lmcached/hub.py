@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -116,8 +117,8 @@ class Hub:
         self._stopping = False
         self.port: int | None = None
 
-    async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._serve, host, port)
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._server = await asyncio.start_server(self._serve, host, port, ssl=ssl_context)
         self.port = self._server.sockets[0].getsockname()[1]
         self._watchdog = asyncio.create_task(self._heartbeat_watchdog(), name="heartbeat-watchdog")
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
 from lmcached.errors import LmcachedError, ProtocolError, Standby, Unauthorized
 from lmcached.failover import address_list
+from lmcached.tls import plain_to_tls, speaks_tls_async, tls_to_plain
 from lmcached.frames import Frame, Kind, read_frame, write_frame
 from lmcached.handshake import parse_address
 from lmcached.hub import MONITOR_ROLE
@@ -18,8 +20,9 @@ from lmcached.hub import MONITOR_ROLE
 class MonitorClient:
     """One monitor connection. Iterate `frames()` for SNAPSHOT and EVENT frames; `command()` meanwhile."""
 
-    def __init__(self, address: str, auth_token: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(self, address: str, auth_token: str | None = None, timeout: float = 10.0, ssl_context: ssl.SSLContext | None = None) -> None:
         self.address = address
+        self._ssl = ssl_context  # a TLS controller's port: verified against this context's CA
         #: A failover group's control ports (comma-separated): the first that is up and active is used.
         self._addresses = [parse_address(a, 9001) for a in address_list(address) or [address]]
         #: The control port this client is connected to, once it is.
@@ -40,15 +43,19 @@ class MonitorClient:
                 await self._connect(host, port)
                 self.connected_to = f"{host}:{port}"
                 return
-            except (OSError, asyncio.TimeoutError, Standby) as exc:
+            except (OSError, asyncio.TimeoutError, Standby, ProtocolError) as exc:
                 await self.close()
+                if isinstance(exc, ssl.SSLError) and "WRONG_VERSION" in str(exc):
+                    exc = ConnectionError(tls_to_plain(f"{host}:{port}"))
+                elif self._ssl is None and isinstance(exc, (ProtocolError, ConnectionError)) and await speaks_tls_async(host, port):
+                    exc = ConnectionError(plain_to_tls(f"{host}:{port}"))
                 if len(self._addresses) == 1:
-                    raise
+                    raise exc
                 problems.append(f"{host}:{port}: {exc or type(exc).__name__}")
         raise ConnectionError("no active controller: " + "; ".join(problems))
 
     async def _connect(self, host: str, port: int) -> None:
-        self._reader, self._writer = await asyncio.wait_for(asyncio.open_connection(host, port), self._timeout)
+        self._reader, self._writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=self._ssl), self._timeout)
         await write_frame(self._writer, Kind.HELLO, {"role": MONITOR_ROLE, "token": self._token})
         welcome = await asyncio.wait_for(read_frame(self._reader), self._timeout)
         if welcome is None:

@@ -19,6 +19,7 @@ from lmcached.controller import Controller
 from lmcached.failover import address_list
 from lmcached.handshake import dialable_host
 from lmcached.service import notify
+from lmcached.tls import server_context
 from lmcached.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,11 @@ class Daemon:
         config = self.config
         self._runner = web.AppRunner(self.controller.app(), access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, config.host, config.port)
+        tls = server_context(config)
+        site = web.TCPSite(self._runner, config.host, config.port, ssl_context=tls)
         await site.start()
         http_port = self._runner.addresses[0][1]
-        await self.controller.hub.start(config.host, config.monitor_port)
+        await self.controller.hub.start(config.host, config.monitor_port, tls)
         assert self.controller.hub.port is not None
         await self.controller.role.start()
         data_port = 0

@@ -189,7 +189,7 @@ async def test_standby_serve_daemons_send_their_instance_and_monitors_to_the_act
     try:
         a, b = daemons["a"].controller, daemons["b"].controller
         deadline = time.monotonic() + 10
-        while not (a.role.active and len(a.index.workers) == 2) and time.monotonic() < deadline:
+        while not (a.role.active and len(a.index.workers) == 2 and b.role.active_peer) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         assert a.role.active and not b.role.active
         assert len(a.index.workers) == 2 and not b.index.workers  # b's own instance registered with a

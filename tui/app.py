@@ -178,10 +178,13 @@ class MonitorApp(App[None]):
         Binding("q", "quit", "Quit"),
     ]
 
-    def __init__(self, address: str | None = "127.0.0.1:9001", auth_token: str | None = None, method: str = "cachegen") -> None:
+    def __init__(
+        self, address: str | None = "127.0.0.1:9001", auth_token: str | None = None, method: str = "cachegen", tls_ca: str | None = None
+    ) -> None:
         super().__init__()
         self.address = address
         self.auth_token = auth_token
+        self.tls_ca = tls_ca  # a TLS controller's CA file (None: plain TCP)
         self.method = method
         self.state = MonitorState()
         self.client: Any = None
@@ -219,10 +222,11 @@ class MonitorApp(App[None]):
     @work(exclusive=True, group="connection")
     async def watch_daemon(self) -> None:
         from lmcached.monitor import MonitorClient
+        from lmcached.tls import client_context
 
         delay = 0.5
         while True:
-            client = MonitorClient(self.address or "", self.auth_token)
+            client = MonitorClient(self.address or "", self.auth_token, ssl_context=client_context(self.tls_ca) if self.tls_ca else None)
             try:
                 await client.connect()
                 self.client = client
