@@ -37,9 +37,9 @@ CPU_LOCATION = "LocalCPUBackend"
 ControllerOpt = typer.Option(
     DEFAULT_CONTROLLER, "--controller", envvar="LMCACHED_CONTROLLER", help="The controller's HTTP API: http://HOST:PORT or HOST:PORT (port 9000 by default); a failover group's, comma-separated.",
 )
-TlsCertOpt = typer.Option(None, "--tls-cert", help="Serve the HTTP API and the worker/monitor port over TLS with this certificate (PEM).")
+TlsCertOpt = typer.Option(None, "--tls-cert", help="Serve this process's ports (HTTP API, worker/monitor port, data plane) over TLS with this certificate (PEM).")
 TlsKeyOpt = typer.Option(None, "--tls-key", help="The --tls-cert certificate's key (PEM).")
-TlsCaOpt = typer.Option(None, "--tls-ca", help="Dial the controller over TLS, verifying it against this CA file (PEM).")
+TlsCaOpt = typer.Option(None, "--tls-ca", help="Dial lmcached's ports (controller, data planes) over TLS, verifying them against this CA file (PEM).")
 PeersOpt = typer.Option(
     None, "--peers", help="The other controllers of a failover group, HTTP HOST:PORT, comma-separated: start as a standby."
 )
@@ -379,6 +379,8 @@ def worker(
     local_disk: str | None = typer.Option(None, "--local-disk", help="Directory for the disk backend."),
     config: Path | None = typer.Option(None, "--config"),
     auth_token: str | None = typer.Option(None, "--auth-token"),
+    tls_cert: str | None = TlsCertOpt,
+    tls_key: str | None = TlsKeyOpt,
     tls_ca: str | None = TlsCaOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     log_format: str = LogFormatOpt,
@@ -397,6 +399,8 @@ def worker(
             "lmcache_worker_port": port,
             "local_disk": local_disk,
             "auth_token": auth_token,
+            "tls_cert": tls_cert,
+            "tls_key": tls_key,
             "tls_ca": tls_ca,
         },
     )

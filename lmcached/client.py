@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import math
 import socket
+import ssl
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -38,6 +39,7 @@ from lmcached.frames import (
 from lmcached.handshake import parse_address
 from lmcached.sockio import SocketStream
 from lmcached.tensors import byte_view, check_kv, dtype_from_name, dtype_name
+from lmcached.tls import plain_to_tls, speaks_tls, speaks_tls_async, tls_to_plain
 
 
 class DataPlaneError(LmcachedError):
@@ -154,8 +156,17 @@ def _hello(token: str | None) -> dict[str, Any]:
 class KVClient:
     """A blocking data-plane client (one connection; not thread-safe: one per thread)."""
 
-    def __init__(self, address: str, *, auth_token: str | None = None, timeout: float = 60.0, shared_memory: bool = True) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        auth_token: str | None = None,
+        timeout: float = 60.0,
+        shared_memory: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.address = address
+        self._ssl = ssl_context  # a worker whose data plane speaks TLS: verified against this context's CA
         self._host, self._port = parse_address(address, 8001)
         self._token = auth_token
         self._timeout = timeout
@@ -177,11 +188,22 @@ class KVClient:
     def connect(self) -> None:
         sock = socket.create_connection((self._host, self._port), timeout=self._timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._ssl is not None:
+            try:
+                sock = self._ssl.wrap_socket(sock, server_hostname=self._host)
+            except ssl.SSLError as exc:
+                sock.close()
+                raise _tls_mismatch(exc, f"worker {self.address}") from None
         self._sock = sock
         try:
             self._send(frame_parts(Kind.HELLO, _hello(self._token), []))
             kind, header, _ = self._read_head()
             welcome = header if kind == Kind.WELCOME else _check_reply(kind, header)
+        except (ProtocolError, OSError) as exc:
+            self.close()
+            if self._ssl is None and speaks_tls(self._host, self._port):
+                raise ConnectionError(plain_to_tls(f"worker {self.address}")) from None
+            raise exc
         except BaseException:
             self.close()
             raise
@@ -332,6 +354,10 @@ class KVClient:
         """Fill `buffers` in order from the socket (scatter reads, IOV_MAX buffers at a time)."""
         sock = self._conn()
         views = [memoryview(b).cast("B") for b in buffers]
+        if isinstance(sock, ssl.SSLSocket):  # no scatter reads over TLS: one buffer at a time
+            for view in views:
+                self._recv_into(view)
+            return
         first = 0
         while first < len(views):
             n = sock.recvmsg_into(views[first : first + _IOV_MAX])[0]
@@ -396,10 +422,19 @@ def _advance(views: list[memoryview], first: int, n: int) -> int:
 
 def _sendmsg_all(sock: socket.socket, buffers: list[Any]) -> None:
     """Send `buffers` in order from their own memory (gather writes, IOV_MAX buffers at a time)."""
+    if isinstance(sock, ssl.SSLSocket):  # no gather writes over TLS: one buffer at a time
+        for buffer in buffers:
+            sock.sendall(buffer)
+        return
     views = [memoryview(b).cast("B") for b in buffers]
     first = 0
     while first < len(views):
         first = _advance(views, first, sock.sendmsg(views[first : first + _IOV_MAX]))
+
+
+def _tls_mismatch(exc: ssl.SSLError, where: str) -> OSError:
+    """What a failed TLS handshake means, in one line."""
+    return ConnectionError(tls_to_plain(where)) if "WRONG_VERSION_NUMBER" in str(exc) else ConnectionError(f"{where}: {exc}")
 
 
 def byte_view_writable(tensor: torch.Tensor) -> memoryview:
@@ -410,11 +445,12 @@ def byte_view_writable(tensor: torch.Tensor) -> memoryview:
 class AsyncKVClient:
     """The asyncio twin of KVClient (zero-copy socket I/O too); its requests are serialised on one connection."""
 
-    def __init__(self, address: str, *, auth_token: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, address: str, *, auth_token: str | None = None, timeout: float = 60.0, ssl_context: ssl.SSLContext | None = None) -> None:
         self.address = address
         self._host, self._port = parse_address(address, 8001)
         self._token = auth_token
         self._timeout = timeout
+        self._ssl = ssl_context
         self._stream: SocketStream | None = None
         self._staging = _Staging()
         self._lock = asyncio.Lock()
@@ -430,11 +466,19 @@ class AsyncKVClient:
         await self.close()
 
     async def connect(self) -> None:
-        self._stream = await SocketStream.connect(self._host, self._port, self._timeout)
+        try:
+            self._stream = await SocketStream.connect(self._host, self._port, self._timeout, self._ssl)
+        except ssl.SSLError as exc:
+            raise _tls_mismatch(exc, f"worker {self.address}") from None
         try:
             await self._stream.sendall(frame_parts(Kind.HELLO, _hello(self._token), []))
             kind, header, _ = await self._read_head()
             welcome = header if kind == Kind.WELCOME else _check_reply(kind, header)
+        except (ProtocolError, OSError, asyncio.IncompleteReadError) as exc:
+            await self.close()
+            if self._ssl is None and await speaks_tls_async(self._host, self._port):
+                raise ConnectionError(plain_to_tls(f"worker {self.address}")) from None
+            raise exc
         except BaseException:
             await self.close()
             raise

@@ -71,9 +71,9 @@ class Config:
     remote_tls_ca: str | None = None  # rediss://: the CA file that signs Redis' certificate (unset: the system's CAs)
     remote_tls_cert: str | None = None  # rediss://: the client certificate Redis asks for (its tls-auth-clients)
     remote_tls_key: str | None = None  # rediss://: that certificate's key
-    tls_cert: str | None = None  # serve the controller's HTTP API and worker/monitor port over TLS with this certificate
+    tls_cert: str | None = None  # serve this process's ports (HTTP API, worker/monitor port, data plane) over TLS with this certificate
     tls_key: str | None = None  # that certificate's key
-    tls_ca: str | None = None  # dial the controller over TLS, verifying it against this CA file (needed with tls_cert)
+    tls_ca: str | None = None  # dial lmcached's ports over TLS, verifying them against this CA file (needed with tls_cert)
     # the other controllers of a failover group, HTTP HOST:PORT, comma-separated: this one stands by while one is active
     controller_peers: str | None = None
     failover_after_s: float = 3.0  # a standby takes over once no controller of its group has been active this long

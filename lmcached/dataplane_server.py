@@ -17,6 +17,7 @@ from lmcached.errors import CodecError, LmcachedError, ProtocolError, Unauthoriz
 from lmcached.frames import HELLO_TIMEOUT_S, MAX_DATA_PAYLOAD_BYTES, Kind, frame_parts, read_frame_head, read_payload, read_payload_into
 from lmcached.handshake import receive_hello
 from lmcached.sockio import SocketStream, serve_sockets
+from lmcached.tls import server_context
 from lmcached.storage import Storage, raw_nbytes
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class DataPlaneServer:
         return f"{self.host}:{self.port}"
 
     async def start(self) -> None:
-        self._listener, self._accept_task = await serve_sockets(self.host, self.port, self._serve_client)
+        self._listener, self._accept_task = await serve_sockets(self.host, self.port, self._serve_client, server_context(self.config))
         self.port = self._listener.getsockname()[1]
 
     async def stop(self) -> None:

@@ -23,6 +23,7 @@ from lmcached.config import Config
 from lmcached.errors import ConfigError, InvalidRequest, LmcachedError, MissingCodebook, NotFound, ProtocolError
 from lmcached.memory import capacity_warning, machine_memory, prefault_bytes
 from lmcached.remote import RemoteBackend, RemoteError
+from lmcached.tls import dial_context
 from lmcached.usage import Usage
 from lmcached.write_behind import WriteBehind
 
@@ -712,7 +713,7 @@ class Storage:
         else:
             from lmcached.client import AsyncKVClient
 
-            async with AsyncKVClient(target, auth_token=self.config.auth_token) as client:
+            async with AsyncKVClient(target, auth_token=self.config.auth_token, ssl_context=dial_context(self.config)) as client:
                 for digest in await self._kvtc_codebooks(chunks):  # the codebooks first: the target refuses blobs without
                     if not await client.has_codebook(digest):
                         await client.put_codebook(digest, await self.run(self._codebook_bytes, digest))

@@ -1,10 +1,10 @@
-"""TLS for the controller's ports: the HTTP API (9000) and the worker/monitor port (9001).
+"""TLS for every port: the HTTP API (9000), the worker/monitor port (9001) and workers' data planes (8001).
 
-A daemon with `tls_cert` and `tls_key` serves both with that certificate; a process with `tls_ca` dials them
-(workers, the TUI, standby controllers asking their peers, the embedded instance) over TLS and verifies the
-certificate against that CA. The CLI speaks https:// when the controller's address says so, with
-LMCACHED_TLS_CA as its CA. The data plane (8001) stays plain TCP (same-host engines use shared memory): keep it
-on a private network.
+A process with `tls_cert` and `tls_key` serves its ports with that certificate; a process with `tls_ca` dials
+lmcached's ports (workers their controller, the TUI, standby controllers their peers, engines' connectors and
+workers moving chunks a data plane) over TLS and verifies the certificate against that CA. The CLI speaks
+https:// when the controller's address says so, with LMCACHED_TLS_CA as its CA. Over TLS the data plane gives
+up its zero-copy socket paths (encryption copies anyway); same-host clients still move KV through shared memory.
 
 A plain client that reaches a TLS port (or the reverse) gets a line that says so, not a protocol error: the
 other side is probed with a handshake that verifies nothing, only to tell the two cases apart.
@@ -42,7 +42,7 @@ def client_context(ca: str | None) -> ssl.SSLContext:
 
 
 def dial_context(config: Config) -> ssl.SSLContext | None:
-    """How this process dials a controller: over TLS verified against `tls_ca`, or plain without it."""
+    """How this process dials lmcached's ports: over TLS verified against `tls_ca`, or plain without it."""
     return client_context(config.tls_ca) if config.tls_ca else None
 
 

@@ -1,6 +1,6 @@
-"""TLS on the controller's ports, with real handshakes: a private CA made by openssl, the HTTP API over https,
-the worker/monitor port over TLS (the embedded instance, a monitor, a worker), and one clear line for every
-client that disagrees with the server on TLS."""
+"""TLS on every port, with real handshakes: a private CA made by openssl, the HTTP API over https, the
+worker/monitor port over TLS (the embedded instance, a monitor, a worker), the data plane over TLS (both
+clients, socket and shared memory), and one clear line for every client that disagrees with the server."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+import torch
 
+from lmcached.client import AsyncKVClient, KVClient
 from lmcached.config import Config
 from lmcached.errors import ConfigError
 from lmcached.monitor import MonitorClient
@@ -21,7 +23,7 @@ from lmcached.serve import Daemon
 from lmcached.tls import CLI_CA_ENV, client_context
 from lmcached.worker import Worker
 
-from .conftest import INSTANCE, make_certificates, test_config
+from .conftest import INSTANCE, make_certificates, make_kv, test_config
 
 
 async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -59,6 +61,27 @@ async def test_the_controller_speaks_tls_on_both_ports(certs: dict[str, str], ca
         code, _, err = await cli("instances", "--controller", https, env={CLI_CA_ENV: ""})
         assert code == 1 and "certificate verify failed" in err.lower()
 
+        # The data plane: both clients over TLS, the socket path and shared memory; a plain client is told.
+        data = f"127.0.0.1:{ports.data}"
+        tokens, kv = list(range(300)), make_kv(300)
+        tls = client_context(certs["ca"])
+        async with AsyncKVClient(data, ssl_context=tls) as client:
+            assert await client.store(tokens, kv) == 300 and torch.equal(await client.retrieve(tokens), kv)
+
+        def blocking_clients() -> None:
+            for shared_memory in (False, True):
+                with KVClient(data, ssl_context=tls, shared_memory=shared_memory) as client:
+                    other = list(range(1000, 1300)) if shared_memory else list(range(2000, 2300))
+                    assert client.store(other, kv) == 300
+                    got = client.retrieve(other)
+                    assert got is not None and torch.equal(got, kv), client.transport
+            with pytest.raises(ConnectionError, match="speaks TLS"):
+                KVClient(data).connect()
+
+        await asyncio.to_thread(blocking_clients)
+        with pytest.raises(ConnectionError, match="speaks TLS"):
+            await AsyncKVClient(data).connect()
+
         # Plain clients of the TLS control port: a monitor and a worker each get one line that says so.
         with pytest.raises(ConnectionError, match="speaks TLS"):
             await MonitorClient(f"127.0.0.1:{ports.monitor}").connect()
@@ -83,6 +106,8 @@ async def test_a_tls_client_of_a_plain_controller_is_told_so(certs: dict[str, st
         assert code == 1 and "does not speak TLS" in err
         with pytest.raises(ConnectionError, match="does not speak TLS"):
             await MonitorClient(f"127.0.0.1:{ports.monitor}", ssl_context=client_context(certs["ca"])).connect()
+        with pytest.raises(ConnectionError, match="does not speak TLS"):
+            await AsyncKVClient(f"127.0.0.1:{ports.data}", ssl_context=client_context(certs["ca"])).connect()
     finally:
         await daemon.stop()
 

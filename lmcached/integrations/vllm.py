@@ -48,6 +48,7 @@ from lmcached.integrations.paged import CacheWriter, LayoutError, PagedLayout
 from lmcached.integrations.vllm_metrics import LmcachedConnectorStats, LmcachedPromMetrics, Recorder
 from lmcached.storage import Storage
 from lmcached.tensors import byte_view, check_kv, dtype_from_name, dtype_name, from_bytes
+from lmcached.tls import dial_context
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -231,7 +232,8 @@ class _SchedulerSide:
         started = time.perf_counter()
         try:
             if self.client is None:
-                self.client = KVClient(self.connector.data_address, auth_token=self.connector.config.auth_token, timeout=5.0)
+                config = self.connector.config
+                self.client = KVClient(self.connector.data_address, auth_token=config.auth_token, timeout=5.0, ssl_context=dial_context(config))
                 self.client.connect()
             held = self.client.lookup(tokens, salt)
             recorder.count("lookups")
@@ -509,7 +511,8 @@ class _SocketKV(_KVAccess):
 
     def _client(self) -> KVClient:
         if self.client is None:
-            client = KVClient(self.connector.data_address, auth_token=self.connector.config.auth_token, timeout=60.0)
+            config = self.connector.config
+            client = KVClient(self.connector.data_address, auth_token=config.auth_token, timeout=60.0, ssl_context=dial_context(config))
             client.connect()
             self.client = client
         return self.client
