@@ -339,8 +339,12 @@ def calibrate(
     if worker:
         from lmcached.client import AsyncKVClient
 
+        from lmcached.tls import CLI_CA_ENV, cli_context
+
+        tls = cli_context() if os.environ.get(CLI_CA_ENV) else None  # a worker whose data plane speaks TLS
+
         async def send() -> None:
-            async with AsyncKVClient(worker, auth_token=auth_token) as client:
+            async with AsyncKVClient(worker, auth_token=auth_token, ssl_context=tls) as client:
                 await client.put_codebook(book.digest, book.to_bytes(), current=True)
 
         try:
