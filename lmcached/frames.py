@@ -18,6 +18,7 @@ from typing import Any, Final, Protocol
 import orjson
 
 from lmcached.errors import FrameTooLarge, ProtocolError
+from lmcached.sockio import within
 
 MAGIC: Final = b"LMKV"
 VERSION: Final = 1
@@ -140,13 +141,8 @@ async def read_frame_head(reader: ByteReader, max_payload: int = MAX_CONTROL_PAY
 
 
 async def _within(read: Any, seconds: float) -> Any:
-    # asyncio.timeout where there is one (3.11+): before 3.12, asyncio.wait_for swallowed a cancellation that
-    # arrived as the read completed, and a worker told to stop then kept reading its controller link forever.
     try:
-        if hasattr(asyncio, "timeout"):
-            async with asyncio.timeout(seconds):
-                return await read
-        return await asyncio.wait_for(read, seconds)
+        return await within(read, seconds)
     except asyncio.TimeoutError:
         raise ProtocolError(f"frame stalled: nothing more arrived for {seconds:.0f}s") from None
 

@@ -12,12 +12,24 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 #: Small reads (frame prefixes and headers) come through a buffer of this size to save syscalls.
 READ_AHEAD = 64 * 1024
 #: A single read into the read-ahead buffer; larger reads go straight into the caller's memory.
 DIRECT_READ_MIN = 16 * 1024
+
+
+async def within(awaitable: Awaitable[T], seconds: float) -> T:
+    """`awaitable`'s result, or asyncio.TimeoutError after `seconds`. asyncio.timeout where there is one (3.11+):
+    before 3.12, asyncio.wait_for could swallow a cancellation that arrived as the awaitable completed (a worker
+    told to stop then kept reading its controller link forever)."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
 
 
 class SocketStream:
@@ -43,7 +55,7 @@ class SocketStream:
             sock = socket.socket(family, kind, proto)
             sock.setblocking(False)
             try:
-                await asyncio.wait_for(loop.sock_connect(sock, address), timeout)
+                await within(loop.sock_connect(sock, address), timeout)
             except (OSError, asyncio.TimeoutError) as exc:
                 sock.close()
                 last = exc if isinstance(exc, OSError) else OSError(f"connect to {host}:{port} timed out")
@@ -51,7 +63,7 @@ class SocketStream:
             if ssl_context is None:
                 return cls(sock)
             try:
-                return await asyncio.wait_for(TlsSocketStream.wrap(sock, ssl_context, server_side=False, server_hostname=host), timeout)
+                return await within(TlsSocketStream.wrap(sock, ssl_context, server_side=False, server_hostname=host), timeout)
             except BaseException:
                 sock.close()
                 raise
@@ -210,7 +222,7 @@ async def serve_sockets(
         assert ssl_context is not None
         conn.setblocking(False)
         try:
-            stream = await asyncio.wait_for(TlsSocketStream.wrap(conn, ssl_context, server_side=True), HANDSHAKE_TIMEOUT_S)
+            stream = await within(TlsSocketStream.wrap(conn, ssl_context, server_side=True), HANDSHAKE_TIMEOUT_S)
         except (OSError, asyncio.TimeoutError):  # ssl.SSLError is an OSError
             conn.close()
             return

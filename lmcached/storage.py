@@ -23,6 +23,7 @@ from lmcached.config import Config
 from lmcached.errors import ConfigError, InvalidRequest, LmcachedError, MissingCodebook, NotFound, ProtocolError
 from lmcached.memory import capacity_warning, machine_memory, prefault_bytes
 from lmcached.remote import RemoteBackend, RemoteError
+from lmcached.sockio import within
 from lmcached.tls import dial_context
 from lmcached.usage import Usage
 from lmcached.write_behind import WriteBehind
@@ -230,7 +231,7 @@ class Storage:
         if deadline is None:
             return await future
         try:
-            return await asyncio.wait_for(asyncio.shield(future), deadline)
+            return await within(asyncio.shield(future), deadline)
         except asyncio.TimeoutError:
             remote = self.backends.get(REMOTE)
             if isinstance(remote, RemoteBackend):
