@@ -510,10 +510,10 @@ def _fail_if_tls_mismatch(controller: str, reason: object = None) -> None:
     """One clear line when the client and the controller disagree on TLS (http:// to a TLS port, or https://
     to a plain one), instead of the protocol error each side sees."""
     from lmcached.handshake import parse_address
-    from lmcached.tls import plain_to_tls, speaks_tls, tls_to_plain
+    from lmcached.tls import plain_server, plain_to_tls, speaks_tls, tls_to_plain
 
     if controller.startswith("https://"):
-        if "WRONG_VERSION_NUMBER" in str(reason):
+        if plain_server(reason):
             fail(tls_to_plain(controller))
         return
     host, port = parse_address(controller, 9000)

@@ -39,7 +39,7 @@ from lmcached.frames import (
 from lmcached.handshake import parse_address
 from lmcached.sockio import SocketStream
 from lmcached.tensors import byte_view, check_kv, dtype_from_name, dtype_name
-from lmcached.tls import plain_to_tls, speaks_tls, speaks_tls_async, tls_to_plain
+from lmcached.tls import plain_server, plain_to_tls, speaks_tls, speaks_tls_async, tls_to_plain
 
 
 class DataPlaneError(LmcachedError):
@@ -434,7 +434,7 @@ def _sendmsg_all(sock: socket.socket, buffers: list[Any]) -> None:
 
 def _tls_mismatch(exc: ssl.SSLError, where: str) -> OSError:
     """What a failed TLS handshake means, in one line."""
-    return ConnectionError(tls_to_plain(where)) if "WRONG_VERSION_NUMBER" in str(exc) else ConnectionError(f"{where}: {exc}")
+    return ConnectionError(tls_to_plain(where) if plain_server(exc) else f"{where}: {exc}")
 
 
 def byte_view_writable(tensor: torch.Tensor) -> memoryview:

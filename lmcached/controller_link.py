@@ -15,7 +15,7 @@ from lmcached import __version__
 from lmcached.config import Config
 from lmcached.errors import LmcachedError, ProtocolError, Standby, Unauthorized
 from lmcached.failover import address_list
-from lmcached.tls import dial_context, plain_to_tls, speaks_tls_async, tls_to_plain
+from lmcached.tls import dial_context, plain_server, plain_to_tls, speaks_tls_async, tls_to_plain
 from lmcached.frames import Kind, read_frame, write_frame
 from lmcached.handshake import WORKER_ROLE, parse_address
 from lmcached.storage import Storage
@@ -87,7 +87,7 @@ class ControllerLink:
                 try:
                     reader, writer = await asyncio.open_connection(host, port, ssl=tls)
                 except ssl.SSLError as exc:
-                    problems.append(tls_to_plain(f"controller {host}:{port}") if "WRONG_VERSION" in str(exc) else f"controller {host}:{port}: {exc}")
+                    problems.append(tls_to_plain(f"controller {host}:{port}") if plain_server(exc) else f"controller {host}:{port}: {exc}")
                     continue
                 except OSError as exc:
                     problems.append(f"controller {host}:{port} unreachable ({exc.strerror})")

@@ -11,7 +11,7 @@ from typing import Any
 
 from lmcached.errors import LmcachedError, ProtocolError, Standby, Unauthorized
 from lmcached.failover import address_list
-from lmcached.tls import plain_to_tls, speaks_tls_async, tls_to_plain
+from lmcached.tls import plain_server, plain_to_tls, speaks_tls_async, tls_to_plain
 from lmcached.frames import Frame, Kind, read_frame, write_frame
 from lmcached.handshake import parse_address
 from lmcached.hub import MONITOR_ROLE
@@ -45,7 +45,7 @@ class MonitorClient:
                 return
             except (OSError, asyncio.TimeoutError, Standby, ProtocolError) as exc:
                 await self.close()
-                if isinstance(exc, ssl.SSLError) and "WRONG_VERSION" in str(exc):
+                if isinstance(exc, ssl.SSLError) and plain_server(exc):
                     exc = ConnectionError(tls_to_plain(f"{host}:{port}"))
                 elif self._ssl is None and isinstance(exc, (ProtocolError, ConnectionError)) and await speaks_tls_async(host, port):
                     exc = ConnectionError(plain_to_tls(f"{host}:{port}"))

@@ -454,12 +454,13 @@ class Storage:
         which is not counted as a lookup."""
         with self.usage.timed("lookup") if engine else contextlib.nullcontext():
             infos = await self._held(keys)
+        tokens = sum(i.num_tokens for i in infos)
         if engine:
             self.usage.add("lookups")
             self.usage.add("lookup_chunks_asked", len(keys))
             self.usage.add("lookup_chunks_found", len(infos))
-            self.usage.add("lookup_tokens_found", sum(i.num_tokens for i in infos))
-        return sum(i.num_tokens for i in infos)
+            self.usage.add("lookup_tokens_found", tokens)
+        return tokens
 
     async def _held(self, keys: list[int]) -> list[ChunkInfo]:
         """What is known of the chunks of the longest prefix of `keys` held here."""

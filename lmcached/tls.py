@@ -82,5 +82,10 @@ def plain_to_tls(where: str) -> str:
     return f"{where} speaks TLS and this client dialed it in plain TCP: give tls_ca (--tls-ca; for the CLI, an https:// address and {CLI_CA_ENV})"
 
 
+def plain_server(exc: object) -> bool:
+    """Whether a failed handshake means the server answered in plain TCP (OpenSSL's "wrong version number")."""
+    return "WRONG_VERSION_NUMBER" in str(exc)
+
+
 def tls_to_plain(where: str) -> str:
     return f"{where} does not speak TLS, but this client dialed it over TLS: drop tls_ca (for the CLI, use http://)"
