@@ -580,7 +580,9 @@ def wait_for_event(controller: str, event_id: str, auth_token: str | None, timeo
             if event["status"] in ("finished", "failed") or time.monotonic() >= deadline:
                 return event
             if spinner is not None:
-                sys.stderr.write(f"\r{next(spinner)} {event['op']} {event['status']}… ")
+                progress = event.get("progress")
+                so_far = f" {progress['done']}/{progress['total']} chunks" if progress else ""
+                sys.stderr.write(f"\r{next(spinner)} {event['op']} {event['status']}{so_far}… ")
                 sys.stderr.flush()
             time.sleep(POLL_S)
     finally:

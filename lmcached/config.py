@@ -55,7 +55,7 @@ class Config:
     auth_token: str | None = None  # a bearer token every client and worker must present (unset: none)
     heartbeat_interval: float = 1.0  # seconds between a worker's heartbeats
     heartbeat_timeout: float = 5.0  # a worker silent this long is dropped from the index (LMCache issue 4808)
-    command_timeout: float = 30.0  # a controller command a worker has not answered by then fails
+    command_timeout: float = 30.0  # a controller command whose worker has said nothing of it this long fails (workers report progress each second)
     max_request_bytes: int = 16 * 1024 * 1024  # HTTP bodies above this get a 413
     # GB of the RAM tier's arena faulted in at start-up (before ready), so the first stores do not pay for page
     # faults; unset: a tenth of max_local_cpu_size, at most 1 GB and 5 % of the memory available at start.

@@ -170,10 +170,21 @@ class Controller:
     def _launch(self, event: Event, calls: list[Call]) -> None:
         """Run worker commands in the background; the event tells how they went."""
 
+        by_call: dict[int, tuple[int, int]] = {}
+
+        def progressed(call: int) -> Callable[[int, int], None]:
+            def note(done: int, total: int) -> None:
+                by_call[call] = (done, total)
+                event.progress = {"done": sum(d for d, _ in by_call.values()), "total": sum(t for _, t in by_call.values())}
+
+            return note
+
         async def run() -> None:
             self.events.start(event)
             try:
-                results = await asyncio.gather(*(self.hub.session(key).command(op, args, timeout) for key, op, args, timeout in calls))
+                results = await asyncio.gather(
+                    *(self.hub.session(key).command(op, args, timeout, progressed(n)) for n, (key, op, args, timeout) in enumerate(calls))
+                )
             except LmcachedError as exc:
                 self.events.fail(event, str(exc))
             else:

@@ -18,7 +18,7 @@ from lmcached.failover import address_list
 from lmcached.tls import dial_context, plain_server, plain_to_tls, speaks_tls_async, tls_to_plain
 from lmcached.frames import Kind, read_frame, write_frame
 from lmcached.handshake import WORKER_ROLE, parse_address
-from lmcached.storage import Storage
+from lmcached.storage import Progress, Storage
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ GOODBYE_TIMEOUT_S = 1.0
 #: How soon a worker asks again after only standbys answered: a takeover is under way.
 STANDBY_RETRY_S = 0.25
 
-Execute = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+Execute = Callable[[str, dict[str, Any], Progress], Awaitable[dict[str, Any]]]
 
 
 class ControllerLink:
@@ -223,7 +223,7 @@ class ControllerLink:
     async def _run_command(self, header: dict[str, Any]) -> None:
         req_id = header.get("req_id")
         try:
-            result = await self.execute(str(header.get("op")), header.get("args") or {})
+            result = await self._execute_reporting(header)
             reply: dict[str, Any] = {"req_id": req_id, "ok": True, "result": result}
         except LmcachedError as exc:
             reply = {"req_id": req_id, "ok": False, "error": str(exc), "status": exc.http_status}
@@ -232,3 +232,17 @@ class ControllerLink:
             reply = {"req_id": req_id, "ok": False, "error": f"{type(exc).__name__}: {exc}", "status": 500}
         # Reports go first, so the controller's index reflects the command by the time it sees the reply.
         await self._send(Kind.REPLY, reply, flush_first=True)
+
+    async def _execute_reporting(self, header: dict[str, Any]) -> dict[str, Any]:
+        """Run a command; while it runs, send a PROGRESS frame every `progress_every` seconds when the
+        controller asked for them (an older controller does not, and would not know the frame)."""
+        progress = Progress()
+        work = asyncio.ensure_future(self.execute(str(header.get("op")), header.get("args") or {}, progress))
+        every = header.get("progress_every")
+        try:
+            if isinstance(every, (int, float)) and every > 0:
+                while not (await asyncio.wait({work}, timeout=float(every)))[0]:
+                    await self._send(Kind.PROGRESS, {"req_id": header.get("req_id"), "done": progress.done, "total": progress.total})
+            return await work
+        finally:
+            work.cancel()  # only when the link itself is going away mid-command

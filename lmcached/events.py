@@ -29,6 +29,8 @@ class Event:
     finished_at: float | None = None
     result: dict[str, Any] | None = None
     error: str | None = None
+    #: While it runs: chunks {"done", "total"} over its workers, as they last reported (a long compress).
+    progress: dict[str, int] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -40,6 +42,8 @@ class Event:
             "created_at": self.created_at,
             "finished_at": self.finished_at,
         }
+        if self.progress is not None and self.status == "running":
+            out["progress"] = self.progress
         if self.result is not None:
             out["result"] = self.result
         if self.error is not None:

@@ -64,6 +64,9 @@ class Kind(enum.IntEnum):
     SHM_RELEASE = 17  # client -> worker: done reading a lease (no reply)
     # kvtc codebooks on the data plane (lmcached.codebooks): sent ahead of the blobs that need them.
     CODEBOOK = 18  # client -> worker: "digest" alone asks whether it has it; with the codebook as payload, keep it
+    # worker -> controller while a COMMAND runs, every "progress_every" seconds the command asked for: "req_id",
+    # chunks "done" of "total". The controller's deadline for the command restarts at each one.
+    PROGRESS = 19
 
 
 @dataclass(slots=True)

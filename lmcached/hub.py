@@ -27,6 +27,12 @@ SHUT_DOWN = "shut down"
 MONITOR_QUEUE = 1000
 
 
+#: A command asks its worker for a PROGRESS frame this often (or thrice per timeout, when that is shorter).
+PROGRESS_EVERY_S = 1.0
+#: Told how a command is going: (chunks done, chunks in all) on its worker.
+OnProgress = Callable[[int, int], None]
+
+
 class WorkerSession:
     """A connected worker: its record, its connection and its commands in flight."""
 
@@ -35,26 +41,41 @@ class WorkerSession:
         self.writer = writer
         self.send_lock = asyncio.Lock()
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        #: For each command in flight: when its worker last said anything about it, and who wants its progress.
+        self._heard: dict[int, float] = {}
+        self._on_progress: dict[int, OnProgress] = {}
         self._req_ids = itertools.count(1)
         self.closed = False
 
-    async def command(self, op: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """Send a command and wait for its reply; fails fast when the worker is gone (LMCache issue 1702)."""
+    async def command(self, op: str, args: dict[str, Any], timeout: float, on_progress: OnProgress | None = None) -> dict[str, Any]:
+        """Send a command and wait for its reply; fails fast when the worker is gone (LMCache issue 1702),
+        and when it has said nothing about the command for `timeout` seconds: a worker that reports progress
+        may work for longer (a big compress; a codec's first call, compiling)."""
         if self.closed:
             raise WorkerUnavailable(f"worker {self.record.worker_id} is disconnected")
         req_id = next(self._req_ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.pending[req_id] = future
+        self._heard[req_id] = loop.time()
+        if on_progress is not None:
+            self._on_progress[req_id] = on_progress
         try:
+            header = {"req_id": req_id, "op": op, "args": args, "timeout": timeout, "progress_every": min(PROGRESS_EVERY_S, timeout / 3)}
             async with self.send_lock:
-                await write_frame(self.writer, Kind.COMMAND, {"req_id": req_id, "op": op, "args": args, "timeout": timeout})
-            reply = await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            raise WorkerUnavailable(f"worker {self.record.worker_id} did not answer {op!r} within {timeout:.0f}s") from None
+                await write_frame(self.writer, Kind.COMMAND, header)
+            while not future.done():
+                silent_for = loop.time() - self._heard[req_id]
+                if silent_for >= timeout:
+                    raise WorkerUnavailable(f"worker {self.record.worker_id} did not answer {op!r} within {timeout:.0f}s")
+                await asyncio.wait({future}, timeout=timeout - silent_for)
+            reply = future.result()
         except ConnectionError as exc:
             raise WorkerUnavailable(f"worker {self.record.worker_id} connection failed: {exc}") from None
         finally:
             self.pending.pop(req_id, None)
+            self._heard.pop(req_id, None)
+            self._on_progress.pop(req_id, None)
         if not reply.get("ok"):
             error = LmcachedError(str(reply.get("error", "worker error")))
             error.http_status = int(reply.get("status") or 500)
@@ -65,6 +86,17 @@ class WorkerSession:
         future = self.pending.get(header.get("req_id"))  # type: ignore[arg-type]
         if future is not None and not future.done():
             future.set_result(header)
+
+    def progressed(self, header: dict[str, Any]) -> None:
+        """A PROGRESS frame: the command's deadline starts again, and whoever follows it hears how far it got."""
+        req_id = header.get("req_id")
+        if req_id not in self._heard:
+            return  # finished or given up meanwhile
+        self._heard[req_id] = asyncio.get_running_loop().time()  # type: ignore[index]
+        on_progress = self._on_progress.get(req_id)  # type: ignore[arg-type]
+        done, total = header.get("done"), header.get("total")
+        if on_progress is not None and isinstance(done, int) and isinstance(total, int):
+            on_progress(done, total)
 
     def fail_all(self, reason: str) -> None:
         self.closed = True
@@ -229,6 +261,8 @@ class Hub:
                     self._apply_report(record, frame.header)
                 elif frame.kind == Kind.REPLY:
                     session.resolve(frame.header)
+                elif frame.kind == Kind.PROGRESS:
+                    session.progressed(frame.header)
                 elif frame.kind == Kind.GOODBYE:
                     reason = SHUT_DOWN
                     return

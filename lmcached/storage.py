@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from lmcached.arena import Arena
@@ -42,6 +42,15 @@ REMOTE_THREADS = 4
 REMOTE_MIN_BYTES_PER_S = 100e6
 #: How long a command on the remote tier waits for queued write-through to land first (the tier may be down).
 REMOTE_FLUSH_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Progress:
+    """How far a controller command has got, in chunks: its worker reports it while the command runs, so a
+    long compress (or the codec's first, compiling call) is seen working rather than timed out."""
+
+    done: int = 0
+    total: int = 0
 
 
 class KeyedLocks:
@@ -530,23 +539,27 @@ class Storage:
         return out
 
     # ---------------------------------------------------------------- commands from the controller
-    async def execute(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        """Run one controller command; raises LmcachedError subclasses for refusals."""
+    async def execute(self, op: str, args: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
+        """Run one controller command, counting its chunks into `progress`; raises LmcachedError subclasses
+        for refusals."""
         handler = getattr(self, f"_op_{op}", None)
         if handler is None:
             raise InvalidRequest(f"unknown worker command {op!r}")
+        progress = progress if progress is not None else Progress()
+        keys = args.get("keys")
+        progress.total = len(keys) if isinstance(keys, list) else 0
         touched = {args.get("location"), args.get("target_location")}
         if DISK in touched:
             await self.flush_disk()  # a clear or compress must not be overtaken by a queued write
         if REMOTE in touched and REMOTE in self._behind:
             await self._behind[REMOTE].drain(REMOTE_FLUSH_TIMEOUT_S)  # bounded: the tier may be down
-        return await handler(args)
+        return await handler(args, progress)
 
-    async def _op_health(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _op_health(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         return {"ok": True}
 
     async def _transform(
-        self, args: dict[str, Any], skip_reason: Callable[[Chunk], str | None], fn: Callable[[Chunk], Chunk]
+        self, args: dict[str, Any], progress: Progress, skip_reason: Callable[[Chunk], str | None], fn: Callable[[Chunk], Chunk]
     ) -> dict[str, Any]:
         """Re-encode chunks in place. A chunk `skip_reason` names is left alone, and so is a compressed chunk
         whose re-encoding would be larger (a lossy blob re-encoded losslessly only grows); the result counts
@@ -560,6 +573,12 @@ class Storage:
             skipped[reason] = skipped.get(reason, 0) + 1
 
         async def one(key: int) -> None:
+            try:
+                await transform(key)
+            finally:
+                progress.done += 1
+
+        async def transform(key: int) -> None:
             nonlocal before, after, tokens, count
             # One re-encoding of a chunk at a time: a second compress of the same chunks waits for the first
             # and then finds them compressed (and says so) instead of losing the race without a word.
@@ -589,7 +608,7 @@ class Storage:
         await asyncio.gather(*(one(k) for k in args["keys"]))
         return {"num_tokens": tokens, "chunks": count, "bytes_before": before, "bytes_after": after, "skipped": skipped}
 
-    async def _op_compress(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _op_compress(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         from lmcached.codecs import LOSSY
         from lmcached.codecs.base import FP8
 
@@ -609,10 +628,10 @@ class Storage:
                 return f"values already lossy ({chunk.lossy}): a second lossy codec stacks the losses (allow_lossy_again to do it anyway)"
             return None
 
-        return await self._transform(args, skip_reason, lambda c: self.encode(self.decode(c) if c.method else c, method, quality))
+        return await self._transform(args, progress, skip_reason, lambda c: self.encode(self.decode(c) if c.method else c, method, quality))
 
-    async def _op_decompress(self, args: dict[str, Any]) -> dict[str, Any]:
-        return await self._transform(args, lambda c: "not compressed" if c.method is None else None, self.decode)
+    async def _op_decompress(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        return await self._transform(args, progress, lambda c: "not compressed" if c.method is None else None, self.decode)
 
     async def _ensure_codebooks(self, location: str, keys: list[int]) -> None:
         """A current kvtc codebook for the shape of the chunks at `keys` (one model: the first chunk found tells),
@@ -675,13 +694,13 @@ class Storage:
                 self._note(location, key)
         return {"num_tokens": tokens}
 
-    async def _op_pin(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _op_pin(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         return await self._set_pinned(args, True)
 
-    async def _op_unpin(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _op_unpin(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         return await self._set_pinned(args, False)
 
-    async def _op_clear(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _op_clear(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         location = args["location"]
         backend = self.backend(location)
         keys = args.get("keys")
@@ -698,7 +717,7 @@ class Storage:
                 self._note(location, key)
         return {"num_tokens": tokens}
 
-    async def _op_move(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _op_move(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         """Copy (or move) chunks to another location here or to another worker's data plane, blobs as they are."""
         location, target_location = args["location"], args["target_location"]
         self.backend(location)
@@ -708,6 +727,7 @@ class Storage:
             if chunk is None:
                 break
             chunks.append(chunk)
+            progress.done += 1  # read; the send below is one step
         target = args.get("target_address")
         if target is None:
             self.backend(target_location)
@@ -721,7 +741,7 @@ class Storage:
                         await client.put_codebook(digest, await self.run(self._codebook_bytes, digest))
                 await client.store_chunks(chunks, target_location)
         if not args.get("copy", False):
-            await self._op_clear({"location": location, "keys": [c.key for c in chunks]})
+            await self._op_clear({"location": location, "keys": [c.key for c in chunks]}, Progress())
         return {"num_tokens": sum(c.num_tokens for c in chunks)}
 
 

@@ -21,7 +21,7 @@ from lmcached.backends import Backend, Chunk
 from lmcached.config import Config
 from lmcached.controller_link import ControllerLink
 from lmcached.dataplane_server import DataPlaneServer
-from lmcached.storage import Storage
+from lmcached.storage import Progress, Storage
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,8 @@ class Worker:
     async def store(self, chunks: list[Chunk], location: str | None = None) -> int:
         return await self.storage.store(chunks, location)
 
-    async def execute(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        return await self.storage.execute(op, args)
+    async def execute(self, op: str, args: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
+        return await self.storage.execute(op, args, progress)
 
     async def flush_disk(self) -> None:
         await self.storage.flush_disk()

@@ -84,6 +84,62 @@ async def test_a_worker_that_stops_answering_fails_its_commands_in_time() -> Non
             writer.close()
 
 
+async def test_a_worker_reporting_progress_may_work_longer_than_the_command_timeout() -> None:
+    """The deadline is for silence, not for work: a worker that sends PROGRESS frames keeps its command alive
+    past command_timeout, and the event shows how far it got while it runs."""
+    async with serving(test_config(command_timeout=1.0, heartbeat_timeout=30.0)) as run:
+        key = chunk_spans(SEED_TOKENS, 16)[0].key
+        reader, writer = await fake_worker(run.daemon.controller.hub.port, "slow-instance", key)
+        try:
+            await run.wait_cached(SEED_TOKENS, 12)
+            _, answer = await run.post("/compress", {"instance_id": "slow-instance", "method": "cachegen", "location": CPU, "tokens": SEED_TOKENS})
+            command = await read_frame(reader)
+            assert command is not None and command.kind == Kind.COMMAND
+            assert 0 < command.header["progress_every"] <= command.header["timeout"] / 3
+            started = time.monotonic()
+            while time.monotonic() - started < 2.5:  # well past the 1.5 s the command would get otherwise
+                await write_frame(writer, Kind.PROGRESS, {"req_id": command.header["req_id"], "done": 0, "total": 1})
+                await asyncio.sleep(0.25)
+            _, event = await run.post("/check_finish", {"event_id": answer["event_id"]})
+            assert event["status"] == "running" and event["progress"] == {"done": 0, "total": 1}
+            result = {"num_tokens": 12, "chunks": 1, "bytes_before": 100, "bytes_after": 40, "skipped": {}}
+            await write_frame(writer, Kind.REPLY, {"req_id": command.header["req_id"], "ok": True, "result": result})
+            event = await run.wait_event(answer["event_id"], timeout=5)
+            assert event["status"] == "finished" and event["result"]["chunks"] == 1 and "progress" not in event
+        finally:
+            writer.close()
+
+
+async def test_a_slow_compress_on_a_real_worker_finishes_and_says_how_far_it_got() -> None:
+    """The embedded worker with a codec slower than command_timeout (as its first, compiling call is on a cold
+    machine): its link reports progress, so the compress finishes instead of failing at the deadline."""
+    async with serving(test_config(command_timeout=0.5, heartbeat_timeout=30.0)) as run:
+        storage = run.daemon.worker.storage  # type: ignore[union-attr]
+        encode = storage.encode
+
+        def slow_encode(*args, **kwargs):  # type: ignore[no-untyped-def]
+            time.sleep(2.5)  # in the codec's thread, as a compile would be
+            return encode(*args, **kwargs)
+
+        storage.encode = slow_encode
+        tokens = list(range(1, 33))  # two chunks: a deadline of 0.5 + 2 x 0.5 s without progress
+        async with AsyncKVClient(run.data) as client:
+            await client.store(tokens, make_kv(32))
+        await run.wait_cached(tokens, 32)
+        _, answer = await run.post("/compress", {"instance_id": "lmcache_default_instance", "method": "cachegen", "location": CPU, "tokens": tokens})
+        seen = None
+        for _ in range(100):
+            _, event = await run.post("/check_finish", {"event_id": answer["event_id"]})
+            seen = event.get("progress") or seen
+            if event["status"] != "running":
+                break
+            await asyncio.sleep(0.1)
+        event = await run.wait_event(answer["event_id"])
+        assert event["status"] == "finished", event
+        assert event["result"]["chunks"] == 2
+        assert seen is not None and seen["total"] == 2
+
+
 async def test_a_dead_worker_fails_pending_commands_and_leaves_the_index() -> None:
     async with serving(test_config(command_timeout=30.0, heartbeat_timeout=30.0)) as run:
         key = chunk_spans(SEED_TOKENS, 16)[0].key
