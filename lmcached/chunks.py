@@ -85,6 +85,45 @@ def chunk_spans(
     return spans
 
 
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """One tensor-parallel rank's part of every chunk (its own KV heads), stored under keys of its own.
+
+    Each rank of a TP engine saves and loads only its heads, so a chunk is `world` pieces with `world` keys:
+    a shared store (one worker, the Redis tier) can hold them side by side, and a prefix counts as cached only
+    where every rank's piece is there. The keys come from the chunk's key, so anyone with the tokens and the
+    world size (the controller, a router) derives every rank's keys. A world of 1 keeps the chunk's own key."""
+
+    rank: int = 0
+    world: int = 1
+
+    def __post_init__(self) -> None:
+        if not (self.world >= 1 and 0 <= self.rank < self.world):
+            raise InvalidRequest(f"tensor-parallel rank {self.rank} of {self.world} is not a rank of that world")
+
+    def key(self, key: int) -> int:
+        if self.world == 1:
+            return key
+        digest = hashlib.blake2b(key.to_bytes(KEY_BYTES, "little"), digest_size=KEY_BYTES, person=b"lmcached-shard")
+        digest.update(self.rank.to_bytes(4, "little") + self.world.to_bytes(4, "little"))
+        return int.from_bytes(digest.digest(), "little")
+
+    def spans(self, spans: list[ChunkSpan]) -> list[ChunkSpan]:
+        """The same token ranges under this rank's keys."""
+        if self.world == 1:
+            return spans
+        return [ChunkSpan(self.key(s.key), s.start, s.end) for s in spans]
+
+
+#: A lone model runner: the whole chunk, under the chunk's own key.
+WHOLE = Shard()
+
+
+def shards(world: int) -> list[Shard]:
+    """Every rank of a tensor-parallel world."""
+    return [Shard(rank, world) for rank in range(world)]
+
+
 def key_hex(key: int) -> str:
     """A chunk key as 16 hex digits, the way logs and the TUI show it."""
     return f"{key:016x}"

@@ -338,7 +338,6 @@ def calibrate(
         where.append(f"written to {codebooks}")
     if worker:
         from lmcached.client import AsyncKVClient
-
         from lmcached.tls import CLI_CA_ENV, cli_context
 
         tls = cli_context() if os.environ.get(CLI_CA_ENV) else None  # a worker whose data plane speaks TLS
@@ -381,6 +380,8 @@ def worker(
     host: str | None = typer.Option(None, help="Address the data plane binds."),
     port: int | None = typer.Option(None, "--port", help="Data-plane port (default 8001)."),
     local_disk: str | None = typer.Option(None, "--local-disk", help="Directory for the disk backend."),
+    tp_rank: int | None = typer.Option(None, "--tp-rank", help="Hold this tensor-parallel rank's part of every chunk (with --tp-size)."),
+    tp_size: int | None = typer.Option(None, "--tp-size", help="The engines' tensor-parallel size (one worker per rank, one instance)."),
     config: Path | None = typer.Option(None, "--config"),
     auth_token: str | None = typer.Option(None, "--auth-token"),
     tls_cert: str | None = TlsCertOpt,
@@ -389,10 +390,20 @@ def worker(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     log_format: str = LogFormatOpt,
 ) -> None:
-    """Run a worker alone that dials a controller (reconnecting with backoff)."""
+    """Run a worker alone that dials a controller (reconnecting with backoff). For tensor-parallel engines
+    sharing workers, run one per rank (`--tp-rank R --tp-size N`, the same --instance-id) and name them all, in
+    rank order, in the engines' `lmcached_worker`."""
 
+    from lmcached.chunks import WHOLE, Shard
     from lmcached.service import notify
     from lmcached.worker import Worker
+
+    if (tp_rank is None) != (tp_size is None):
+        fail("give both --tp-rank and --tp-size, or neither", 2)
+    try:
+        shard = WHOLE if tp_size is None else Shard(tp_rank, tp_size)  # type: ignore[arg-type]
+    except LmcachedError as exc:
+        fail(str(exc), 2)
 
     cfg = _load_config(
         config,
@@ -411,11 +422,12 @@ def worker(
     _prepare_process(verbose, log_format)
 
     async def run(stop: Any) -> None:
-        w = Worker(cfg)
+        w = Worker(cfg, shard=shard)
         await w.start()
-        print(
-            "lmcached worker ready " + json.dumps({"instance_id": w.instance_id, "worker_id": w.worker_id, "data": w.data_port}), flush=True
-        )
+        ready = {"instance_id": w.instance_id, "worker_id": w.worker_id, "data": w.data_port}
+        if shard.world > 1:
+            ready |= {"tp_rank": shard.rank, "tp_size": shard.world}
+        print("lmcached worker ready " + json.dumps(ready), flush=True)
         notify("READY=1", f"STATUS=worker {w.worker_id} of {w.instance_id}, data plane on {w.data_port}")
         try:
             await stop.wait()

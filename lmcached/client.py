@@ -22,7 +22,7 @@ import torch
 
 from lmcached.arena import ArenaView, ShmInfo
 from lmcached.backends import Chunk
-from lmcached.chunks import ChunkSpan, chunk_spans
+from lmcached.chunks import WHOLE, ChunkSpan, Shard, chunk_spans
 from lmcached.dataplane import CLIENT_ROLE, chunk_headers
 from lmcached.errors import InvalidRequest, LmcachedError, ProtocolError, Unauthorized
 from lmcached.frames import (
@@ -164,8 +164,11 @@ class KVClient:
         timeout: float = 60.0,
         shared_memory: bool = True,
         ssl_context: ssl.SSLContext | None = None,
+        shard: Shard = WHOLE,
     ) -> None:
         self.address = address
+        #: A tensor-parallel rank's client stores, finds and loads its own part of each chunk (chunks.Shard).
+        self.shard = shard
         self._ssl = ssl_context  # a worker whose data plane speaks TLS: verified against this context's CA
         self._host, self._port = parse_address(address, 8001)
         self._token = auth_token
@@ -232,7 +235,7 @@ class KVClient:
         self._arena = None
 
     def spans(self, tokens: Sequence[int], salt: str | None = None) -> list[ChunkSpan]:
-        return chunk_spans(tokens, self.chunk_size, self.save_unfull_chunk, salt)
+        return self.shard.spans(chunk_spans(tokens, self.chunk_size, self.save_unfull_chunk, salt))
 
     def store(self, tokens: Sequence[int], kv: torch.Tensor, skip_tokens: int = 0, salt: str | None = None, dedupe: bool = True) -> int:
         """Store the chunks of `tokens`' KV, except those wholly inside the first `skip_tokens` (the caller knows
@@ -445,8 +448,17 @@ def byte_view_writable(tensor: torch.Tensor) -> memoryview:
 class AsyncKVClient:
     """The asyncio twin of KVClient (zero-copy socket I/O too); its requests are serialised on one connection."""
 
-    def __init__(self, address: str, *, auth_token: str | None = None, timeout: float = 60.0, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        auth_token: str | None = None,
+        timeout: float = 60.0,
+        ssl_context: ssl.SSLContext | None = None,
+        shard: Shard = WHOLE,
+    ) -> None:
         self.address = address
+        self.shard = shard
         self._host, self._port = parse_address(address, 8001)
         self._token = auth_token
         self._timeout = timeout
@@ -491,7 +503,7 @@ class AsyncKVClient:
             self._stream = None
 
     def spans(self, tokens: Sequence[int], salt: str | None = None) -> list[ChunkSpan]:
-        return chunk_spans(tokens, self.chunk_size, self.save_unfull_chunk, salt)
+        return self.shard.spans(chunk_spans(tokens, self.chunk_size, self.save_unfull_chunk, salt))
 
     async def store(
         self, tokens: Sequence[int], kv: torch.Tensor, skip_tokens: int = 0, salt: str | None = None, dedupe: bool = True

@@ -18,11 +18,11 @@ from lmcached.config import Config
 from lmcached.errors import InvalidRequest, LmcachedError, NotFound, WorkerUnavailable
 from lmcached.events import Event, EventLog
 from lmcached.failover import Role, address_list
-from lmcached.tls import dial_context
 from lmcached.http_logging import quiet_malformed_requests
-from lmcached.hub import Hub
+from lmcached.hub import Hub, OnProgress
 from lmcached.index import ChunkIndex, WorkerKey
 from lmcached.metrics import Metrics
+from lmcached.tls import dial_context
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,10 @@ Call = tuple[WorkerKey, str, dict[str, Any], float]
 #: A compress or decompress gets this much time per chunk on top of command_timeout.
 PER_CHUNK_TIMEOUT_S = 0.5
 HEALTH_TIMEOUT_S = 5.0
+#: Result fields that count chunks (or their tokens): on a tensor-parallel instance each rank counts its parts.
+PER_CHUNK_COUNTS = ("num_tokens", "chunks")
+#: Operations that re-encode chunks: on a tensor-parallel instance they stage on every rank, then commit.
+STAGED_OPS = ("compress", "decompress")
 #: What a standby controller still answers (everything else is a 503 naming the active one).
 STANDBY_PATHS = frozenset({"/", "/role", "/metrics"})
 #: A monitor's snapshot lists at most this many of the newest chunks per worker and location.
@@ -49,20 +53,25 @@ def error_response(status: int, detail: str, field: str | None = None) -> web.Re
     return json_response(body, status)
 
 
-def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+def merge_results(results: list[dict[str, Any]], world: int = 1) -> dict[str, Any]:
     """One result from each worker's: numbers add up, `skipped` counts add up per reason, and a `message`
-    says in words what was skipped (so "num_tokens: 0" never leaves a user guessing why)."""
+    says in words what was skipped (so "num_tokens: 0" never leaves a user guessing why). The workers of a
+    tensor-parallel instance (`world` > 1) act on `world` parts of each chunk: tokens and chunks count chunks
+    (parts / world), a chunk skipped on several ranks is one skipped chunk; bytes add up."""
     merged: dict[str, Any] = {}
     skipped: dict[str, int] = {}
     for result in results:
         for name, value in result.items():
             if name == "skipped" and isinstance(value, dict):
                 for reason, n in value.items():
-                    skipped[reason] = skipped.get(reason, 0) + int(n)
+                    skipped[reason] = max(skipped.get(reason, 0), int(n)) if world > 1 else skipped.get(reason, 0) + int(n)
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 merged[name] = merged.get(name, 0) + value
             else:
                 merged[name] = value
+    for name in PER_CHUNK_COUNTS if world > 1 else ():
+        if name in merged:
+            merged[name] //= world
     if skipped:
         merged["skipped"] = skipped
         merged["message"] = "; ".join(f"{reason}: {n} chunk{'s' if n != 1 else ''} skipped" for reason, n in sorted(skipped.items()))
@@ -167,12 +176,12 @@ class Controller:
         salt = fields.string(body, "cache_salt") if body.get("cache_salt") is not None else None
         return chunk_spans(fields.tokens(body), self.config.chunk_size, salt=salt)
 
-    def _launch(self, event: Event, calls: list[Call]) -> None:
+    def _launch(self, event: Event, calls: list[Call], world: int = 1) -> None:
         """Run worker commands in the background; the event tells how they went."""
 
         by_call: dict[int, tuple[int, int]] = {}
 
-        def progressed(call: int) -> Callable[[int, int], None]:
+        def progressed(call: int) -> OnProgress:
             def note(done: int, total: int) -> None:
                 by_call[call] = (done, total)
                 event.progress = {"done": sum(d for d, _ in by_call.values()), "total": sum(t for _, t in by_call.values())}
@@ -182,13 +191,17 @@ class Controller:
         async def run() -> None:
             self.events.start(event)
             try:
-                results = await asyncio.gather(
-                    *(self.hub.session(key).command(op, args, timeout, progressed(n)) for n, (key, op, args, timeout) in enumerate(calls))
-                )
+                if world > 1 and event.op in STAGED_OPS:
+                    result = await self._on_every_rank_staged(event, calls, progressed, world)
+                elif world > 1 and event.op == "move":
+                    result = await self._move_every_rank(calls, progressed, world)
+                else:
+                    results = await asyncio.gather(*(self._command(call, progressed(n)) for n, call in enumerate(calls)))
+                    result = merge_results(results, world)
             except LmcachedError as exc:
                 self.events.fail(event, str(exc))
             else:
-                self.events.finish(event, merge_results(results))
+                self.events.finish(event, result)
             self.metrics.operations.labels(event.op, event.status).inc()
             self.hub.publish("operation", **event.as_dict())
 
@@ -196,10 +209,86 @@ class Controller:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _command(self, call: Call, on_progress: OnProgress | None = None) -> dict[str, Any]:
+        key, op, args, timeout = call
+        return await self.hub.session(key).command(op, args, timeout, on_progress)
+
+    async def _each(self, calls: list[Call], progressed: Callable[[int], OnProgress] | None = None) -> list[dict[str, Any] | LmcachedError]:
+        """Every call's result, or the LmcachedError it failed with (a bug's exception still propagates)."""
+        outcomes = await asyncio.gather(
+            *(self._command(call, progressed(n) if progressed else None) for n, call in enumerate(calls)), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, LmcachedError):
+                raise outcome
+        return outcomes  # type: ignore[return-value]
+
+    def _rank_of(self, key: WorkerKey) -> str:
+        record = self.index.workers.get(key)
+        return f"rank {record.rank} (worker {key[1]})" if record is not None else f"worker {key[1]}"
+
+    async def _on_every_rank_staged(
+        self, event: Event, calls: list[Call], progressed: Callable[[int], OnProgress], world: int
+    ) -> dict[str, Any]:
+        """A compress or decompress of a tensor-parallel instance: every rank re-encodes its parts and keeps
+        them aside; only when all have does each swap them in. When one rank fails, the others drop theirs:
+        no prefix is ever left compressed on some ranks and not on others."""
+        stage = {"stage": event.event_id}
+        outcomes = await self._each([(key, op, args | stage, timeout) for key, op, args, timeout in calls], progressed)
+        failed = [(call[0], outcome) for call, outcome in zip(calls, outcomes, strict=True) if isinstance(outcome, LmcachedError)]
+        if failed:
+            await self._each([(key, "abort", stage, self.config.command_timeout) for key, *_ in calls])
+            key, error = failed[0]
+            raise LmcachedError(f"{self._rank_of(key)} failed: {error}; no rank's chunks were changed")
+        commits = await self._each([(key, "commit", stage, timeout) for key, _, _, timeout in calls])
+        broken = [(call[0], outcome) for call, outcome in zip(calls, commits, strict=True) if isinstance(outcome, LmcachedError)]
+        if broken:  # only a rank lost between its two phases: its parts stay as they were
+            key, error = broken[0]
+            committed = f"{len(calls) - len(broken)} of {len(calls)}"
+            raise LmcachedError(f"{event.op} was committed on {committed} ranks; {self._rank_of(key)} failed: {error}")
+        return merge_results(commits, world)  # type: ignore[arg-type]
+
+    async def _move_every_rank(self, calls: list[Call], progressed: Callable[[int], OnProgress], world: int) -> dict[str, Any]:
+        """A move of a tensor-parallel instance's chunks: every rank copies its parts to the same rank of the
+        target first; the sources are cleared only when every copy landed, and a failed copy takes the others'
+        copies back: the chunks end up whole at one place or the other."""
+        had = {call[0]: self._held_at_target(call) for call in calls}  # what a failed move must not take back
+        copies = await self._each([(key, op, args | {"copy": True}, timeout) for key, op, args, timeout in calls], progressed)
+        failed = [(call, outcome) for call, outcome in zip(calls, copies, strict=True) if isinstance(outcome, LmcachedError)]
+        if failed:
+            copied = [call for call, outcome in zip(calls, copies, strict=True) if not isinstance(outcome, LmcachedError)]
+            undo = [self._undo_copy(call, had[call[0]]) for call in copied]
+            await self._each(undo)
+            call, error = failed[0]
+            raise LmcachedError(f"{self._rank_of(call[0])} failed: {error}; nothing was moved")
+        if not calls[0][2].get("copy", False):
+            clears = [(key, "clear", {"location": args["location"], "keys": args["keys"]}, timeout) for key, _, args, timeout in calls]
+            cleared = await self._each(clears)
+            left = [(call, outcome) for call, outcome in zip(calls, cleared, strict=True) if isinstance(outcome, LmcachedError)]
+            if left:
+                call, error = left[0]
+                raise LmcachedError(f"copied on every rank, but clearing the source on {self._rank_of(call[0])} failed: {error}")
+        return merge_results(copies, world)  # type: ignore[arg-type]
+
+    def _target_of(self, call: Call) -> WorkerKey:
+        key, _, args, _ = call
+        address = args.get("target_address")
+        return key if address is None else next(r.key for r in self.index.workers.values() if r.data_address == address)
+
+    def _held_at_target(self, call: Call) -> set[int]:
+        record = self.index.workers.get(self._target_of(call))
+        return set(record.locations.get(call[2]["target_location"], {})) if record is not None else set()
+
+    def _undo_copy(self, call: Call, had: set[int]) -> Call:
+        """The clear that removes what one rank's move copied to its target (not what the target held before)."""
+        _, _, args, timeout = call
+        keys = [k for k in args["keys"] if k not in had]
+        return (self._target_of(call), "clear", {"location": args["target_location"], "keys": keys}, timeout)
+
     def _schedule(self, op: str, instance_id: str, location: str, num_tokens: int, calls: list[Call], whole: bool = False) -> Event:
         event = self.events.create(op, instance_id, num_tokens)
         if calls:
-            self._launch(event, calls)
+            self._launch(event, calls, self.index.world_size(instance_id))
         else:  # nothing cached: nothing to do, and the event says so at once, in words
             what = "no chunk" if whole else "no chunk of these tokens"
             message = f"nothing matched: {what} is at {location} of {instance_id}, so nothing was done"
@@ -294,10 +383,24 @@ class Controller:
             raise InvalidRequest("old_position and new_position are the same", "new_position")
         self.index.check_location(src_instance, src_location)
         self.index.check_location(dst_instance, dst_location)
-        target = next(r for r in self.index.instance_workers(dst_instance) if r.has_location(dst_location))
+        world, dst_world = self.index.world_size(src_instance), self.index.world_size(dst_instance)
+        if world != dst_world:
+            raise InvalidRequest(
+                f"{src_instance!r} has tensor-parallel size {world} and {dst_instance!r} {dst_world}: "
+                "a chunk's parts per rank fit only the same size",
+                "new_position",
+            )
+        # Each rank's parts go to the same rank of the target (a lone worker: to the target's first one there).
+        targets = {}
+        for record in sorted(self.index.instance_workers(dst_instance), key=lambda r: r.rank):
+            if record.has_location(dst_location):
+                targets.setdefault(record.rank if world > 1 else 0, record)
+        if world > 1 and len(targets) < world:
+            raise WorkerUnavailable(f"instance {dst_instance!r} has {len(targets)} of its {world} ranks at {dst_location} now")
         num_tokens, by_worker = self.index.prefix(src_instance, src_location, spans)
         calls = []
         for key, keys in by_worker.items():
+            target = targets[self.index.workers[key].rank if world > 1 else 0]
             address = None if key == target.key else target.data_address
             args = {"location": src_location, "keys": keys, "target_location": dst_location, "target_address": address, "copy": copy}
             calls.append((key, "move", args, self._timeout(keys)))
@@ -421,6 +524,8 @@ class Controller:
             else {}
         )
         self.index.check_location(instance_id, location)
+        if self.index.world_size(instance_id) > 1:  # a key here is one rank's part: acting on it alone splits a chunk
+            raise InvalidRequest(f"instance {instance_id!r} is tensor-parallel: {op} its chunks by tokens, so every rank's part goes along")
         wanted = set(keys)
         calls, num_tokens = [], 0
         for record in self.index.instance_workers(instance_id):

@@ -12,13 +12,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from lmcached import __version__
+from lmcached.chunks import WHOLE, Shard
 from lmcached.config import Config
 from lmcached.errors import LmcachedError, ProtocolError, Standby, Unauthorized
 from lmcached.failover import address_list
-from lmcached.tls import dial_context, plain_server, plain_to_tls, speaks_tls_async, tls_to_plain
 from lmcached.frames import Kind, read_frame, write_frame
 from lmcached.handshake import WORKER_ROLE, parse_address
 from lmcached.storage import Progress, Storage
+from lmcached.tls import dial_context, plain_server, plain_to_tls, speaks_tls_async, tls_to_plain
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,9 @@ class ControllerLink:
     """Keeps one Storage registered with the controller at `config.controller_url`, as worker `worker_id`
     of `instance_id` serving its data plane at `data_address`."""
 
-    def __init__(self, storage: Storage, config: Config, instance_id: str, worker_id: str, data_address: str) -> None:
+    def __init__(self, storage: Storage, config: Config, instance_id: str, worker_id: str, data_address: str, shard: Shard = WHOLE) -> None:
         self.storage = storage
+        self.shard = shard
         self.config = config
         self.instance_id = instance_id
         self.worker_id = worker_id
@@ -135,6 +137,8 @@ class ControllerLink:
             "remote_tier": self.storage.remote_tier,
             "version": __version__,  # so a mixed-version fleet is visible on the controller
         }
+        if self.shard.world > 1:  # one rank of a tensor-parallel engine: it holds that rank's part of each chunk
+            hello |= {"rank": self.shard.rank, "world_size": self.shard.world}
         await write_frame(writer, Kind.HELLO, hello)
         welcome = await read_frame(reader)
         if welcome is None:

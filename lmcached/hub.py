@@ -223,6 +223,9 @@ class Hub:
         if backends is not None and not (isinstance(backends, list) and all(isinstance(b, str) for b in backends)):
             raise ProtocolError("a worker hello's locations must be a list of strings")
         rank = hello.get("rank")
+        world = hello.get("world_size", 1)
+        if type(world) is not int or world < 1 or (world > 1 and not (type(rank) is int and 0 <= rank < world)):
+            raise ProtocolError(f"a tensor-parallel worker's hello needs its rank in 0..world_size-1 (got rank {rank!r} of {world!r})")
         tier = hello.get("remote_tier")
         if tier is not None and not isinstance(tier, str):
             raise ProtocolError("a worker hello's remote_tier must be a string")
@@ -230,8 +233,15 @@ class Hub:
         if version != __version__:  # a mixed-version fleet works, but whoever runs it should know
             log.warning("worker %s of %s runs lmcached %s; this controller runs %s", worker_id, instance_id, version or "(unknown)", __version__)
         record = WorkerRecord(
-            instance_id, worker_id, address, tuple(backends) if backends is not None else None, remote_tier=tier, version=version
+            instance_id,
+            worker_id,
+            address,
+            tuple(backends) if backends is not None else None,
+            remote_tier=tier,
+            version=version,
+            world_size=world,
         )
+        self.index.check_shard(record, rank)  # before anything of a worker already registered is touched
         old = self.sessions.pop(record.key, None)
         if old is not None:  # the same worker reconnected before we noticed it left
             old.fail_all("worker reconnected")

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmcached.backends import REMOTE, ChunkInfo
-from lmcached.chunks import ChunkSpan
-from lmcached.errors import NotFound
+from lmcached.chunks import ChunkSpan, shards
+from lmcached.errors import NotFound, ProtocolError
 
 WorkerKey = tuple[str, str]  # (instance_id, worker_id)
 SUMMED = ("chunks", "tokens", "bytes", "raw_bytes", "compressed_chunks", "lossy_chunks", "pinned_chunks")
@@ -32,6 +32,8 @@ class WorkerRecord:
     backends: tuple[str, ...] | None = None
     #: The worker's rank within its instance: LMCache's integer worker id (0 for a lone worker).
     rank: int = 0
+    #: The instance's tensor-parallel size when each rank's worker holds its part of every chunk (chunks.Shard).
+    world_size: int = 1
     #: The identity of the shared remote tier the worker reaches (None: no remote tier).
     remote_tier: str | None = None
     #: The lmcached version the worker runs (from its hello; None for a worker too old to say).
@@ -81,7 +83,7 @@ class WorkerRecord:
             "seconds_since_heartbeat": round(time.monotonic() - self.last_heartbeat, 3),
             "alive": True,
             "locations": self.location_stats(),
-        }
+        } | ({"tensor_parallel": {"rank": self.rank, "world_size": self.world_size}} if self.world_size > 1 else {})
 
     def lmcache_info(self) -> dict[str, Any]:
         """The worker as LMCache's /query_worker_info shows it (its `worker_id` is the integer rank), with
@@ -133,6 +135,24 @@ class ChunkIndex:
         if record.remote_tier is not None:
             record.locations[REMOTE] = self.tiers.setdefault(record.remote_tier, {})
         self.workers[record.key] = record
+
+    def check_shard(self, record: WorkerRecord, rank: int | None) -> None:
+        """ProtocolError unless a tensor-parallel worker fits its instance: the same world size as the ranks
+        there already, and a rank no other live worker of the instance has (a reconnect may take its own)."""
+        others = [r for (inst, wid), r in self.workers.items() if inst == record.instance_id and wid != record.worker_id]
+        if any(r.world_size != record.world_size for r in others):
+            sizes = sorted({r.world_size for r in others})
+            raise ProtocolError(
+                f"instance {record.instance_id!r} has tensor-parallel size {sizes[0]}; this worker says {record.world_size}"
+            )
+        if record.world_size > 1:
+            holder = next((r for r in others if r.rank == rank), None)
+            if holder is not None:
+                raise ProtocolError(f"rank {rank} of instance {record.instance_id!r} is held by worker {holder.worker_id}")
+
+    def world_size(self, instance_id: str) -> int:
+        """How many ranks' parts make a chunk of this instance (1: a chunk is whole on one worker)."""
+        return max((r.world_size for (inst, _), r in self.workers.items() if inst == instance_id), default=1)
 
     def remove_worker(self, key: WorkerKey) -> WorkerRecord | None:
         record = self.workers.pop(key, None)
@@ -223,7 +243,8 @@ class ChunkIndex:
 
     # -- questions
     def lookup(self, spans: Sequence[ChunkSpan]) -> dict[str, tuple[str, int]]:
-        """For each instance holding a prefix of `spans`: (location with the longest prefix, its length)."""
+        """For each instance holding a prefix of `spans`: (location with the longest prefix, its length). An
+        instance of tensor-parallel workers holds a chunk only where every rank holds its part."""
         matched: dict[tuple[str, str], int] = {}
         candidates: set[tuple[str, str]] | None = None
         for span in spans:
@@ -236,26 +257,54 @@ class ChunkIndex:
                 break
             for candidate in candidates:
                 matched[candidate] = span.end
+        for inst in self._sharded_instances():
+            for location, length in self._sharded_prefixes(inst, spans).items():
+                matched[(inst, location)] = length
         best: dict[str, tuple[str, int]] = {}
         for (inst, loc), length in sorted(matched.items()):
             if inst not in best or length > best[inst][1]:
                 best[inst] = (loc, length)
         return best
 
+    def _sharded_instances(self) -> list[str]:
+        return sorted({inst for (inst, _), r in self.workers.items() if r.world_size > 1})
+
+    def _sharded_prefixes(self, instance_id: str, spans: Sequence[ChunkSpan]) -> dict[str, int]:
+        """location -> the prefix of `spans` whose every rank's part the instance holds there."""
+        matched: dict[str, int] = {}
+        candidates: set[str] | None = None
+        for span in spans:
+            for shard in shards(self.world_size(instance_id)):
+                holders = self._holders.get(shard.key(span.key), ())
+                present = {h[2] for h in holders if instance_id in self._instances_of(h)}
+                candidates = present if candidates is None else candidates & present
+                if not candidates:
+                    return matched
+            for location in candidates or ():
+                matched[location] = span.end
+        return matched
+
+    def _holding_worker(self, instance_id: str, location: str, key: int) -> WorkerKey | None:
+        """The worker through which the instance reaches chunk `key` at `location`, if it does."""
+        holders = self._holders.get(key, ())
+        holder = next(((inst, wid) for inst, wid, loc in holders if inst == instance_id and loc == location), None)
+        if holder is None and location == REMOTE:
+            tiers = [wid for inst, wid, loc in holders if not inst]
+            holder = next((w for w in (self._tier_worker(instance_id, t) for t in tiers) if w is not None), None)
+        return holder
+
     def prefix(self, instance_id: str, location: str, spans: Sequence[ChunkSpan]) -> tuple[int, dict[WorkerKey, list[int]]]:
-        """The prefix of `spans` held at (instance, location): its token count and which worker holds which key."""
+        """The prefix of `spans` held at (instance, location): its token count and which worker holds which key
+        (of a tensor-parallel instance: every rank's part of each chunk, and only chunks whose parts all are)."""
         by_worker: dict[WorkerKey, list[int]] = {}
         num_tokens = 0
+        ranks = shards(self.world_size(instance_id))
         for span in spans:
-            holder = next(
-                ((inst, wid) for inst, wid, loc in self._holders.get(span.key, ()) if inst == instance_id and loc == location), None
-            )
-            if holder is None and location == REMOTE:
-                tiers = [wid for inst, wid, loc in self._holders.get(span.key, ()) if not inst]
-                holder = next((w for w in (self._tier_worker(instance_id, t) for t in tiers) if w is not None), None)
-            if holder is None:
+            parts = [(shard.key(span.key), self._holding_worker(instance_id, location, shard.key(span.key))) for shard in ranks]
+            if any(holder is None for _, holder in parts):
                 break
-            by_worker.setdefault(holder, []).append(span.key)
+            for key, holder in parts:
+                by_worker.setdefault(holder, []).append(key)  # type: ignore[arg-type]
             num_tokens = span.end
         return num_tokens, by_worker
 

@@ -17,7 +17,19 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from lmcached.arena import Arena
-from lmcached.backends import CPU, DISK, ITEMSIZE, REMOTE, Backend, Chunk, ChunkInfo, LocalCPUBackend, LocalDiskBackend, StoreFull, check_location
+from lmcached.backends import (
+    CPU,
+    DISK,
+    ITEMSIZE,
+    REMOTE,
+    Backend,
+    Chunk,
+    ChunkInfo,
+    LocalCPUBackend,
+    LocalDiskBackend,
+    StoreFull,
+    check_location,
+)
 from lmcached.codebooks import LEARN_MAX_TOKENS, LEARN_MIN_TOKENS, Codebooks
 from lmcached.config import Config
 from lmcached.errors import ConfigError, InvalidRequest, LmcachedError, MissingCodebook, NotFound, ProtocolError
@@ -42,6 +54,8 @@ REMOTE_THREADS = 4
 REMOTE_MIN_BYTES_PER_S = 100e6
 #: How long a command on the remote tier waits for queued write-through to land first (the tier may be down).
 REMOTE_FLUSH_TIMEOUT_S = 10.0
+#: A staged compress or decompress waits this long for its commit before its re-encoded chunks are dropped.
+STAGED_FOR_S = 600.0
 
 
 @dataclass
@@ -51,6 +65,27 @@ class Progress:
 
     done: int = 0
     total: int = 0
+
+
+class _Tally:
+    """What a compress or decompress did: chunks re-encoded, their tokens and bytes, and why others were skipped."""
+
+    def __init__(self) -> None:
+        self.tokens = self.chunks = self.before = self.after = 0
+        self.skipped: dict[str, int] = {}
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def count(self, old: Chunk, new: Chunk) -> None:
+        self.tokens += old.num_tokens
+        self.chunks += 1
+        self.before += old.nbytes
+        self.after += new.nbytes
+
+    def result(self) -> dict[str, Any]:
+        counts = {"num_tokens": self.tokens, "chunks": self.chunks, "bytes_before": self.before, "bytes_after": self.after}
+        return counts | {"skipped": self.skipped}
 
 
 class KeyedLocks:
@@ -167,6 +202,8 @@ class Storage:
         self.codebooks = Codebooks(disk / "codebooks" if disk is not None else None)
         self._learning = asyncio.Lock()  # one codebook learned at a time (two compresses of a new shape: one fit)
         self._transforming = KeyedLocks()  # (location, key) of chunks being compressed or decompressed
+        #: stage id -> (location, [(chunk, its re-encoding)]) kept for a commit (see _transform).
+        self._staged: dict[str, tuple[str, list[tuple[Chunk, Chunk]]]] = {}
         #: Where compress and decompress run ("cuda" or "cpu"), settled when the storage opens.
         self.codec_device = "cpu"
         #: What engines asked of this instance and what it did for them (sent with every heartbeat).
@@ -563,14 +600,13 @@ class Storage:
     ) -> dict[str, Any]:
         """Re-encode chunks in place. A chunk `skip_reason` names is left alone, and so is a compressed chunk
         whose re-encoding would be larger (a lossy blob re-encoded losslessly only grows); the result counts
-        skipped chunks by reason."""
+        skipped chunks by reason. With a `stage` id the new versions are only kept, for `commit` to swap in
+        (or `abort` to drop): the first phase of an operation on every rank of a tensor-parallel instance."""
         location = args["location"]
         backend = self.backend(location)
-        before = after = tokens = count = 0
-        skipped: dict[str, int] = {}
-
-        def skip(reason: str) -> None:
-            skipped[reason] = skipped.get(reason, 0) + 1
+        stage = args.get("stage")
+        staged: list[tuple[Chunk, Chunk]] = []
+        done = _Tally()
 
         async def one(key: int) -> None:
             try:
@@ -579,34 +615,64 @@ class Storage:
                 progress.done += 1
 
         async def transform(key: int) -> None:
-            nonlocal before, after, tokens, count
             # One re-encoding of a chunk at a time: a second compress of the same chunks waits for the first
             # and then finds them compressed (and says so) instead of losing the race without a word.
             async with self._transforming.hold((location, key)):
                 chunk = await self._get(location, key)
                 if chunk is None:
-                    skip(f"gone from {location} before it was reached")
+                    done.skip(f"gone from {location} before it was reached")
                     return
                 reason = skip_reason(chunk)
                 if reason is not None:
-                    skip(reason)
+                    done.skip(reason)
                     return
                 new = await self.run(fn, chunk)
                 if chunk.method is not None and new.method is not None and new.nbytes >= chunk.nbytes:
-                    skip(f"kept {chunk.method}, smaller than {new.method}")
+                    done.skip(f"kept {chunk.method}, smaller than {new.method}")
                     return
-                # Swap only if nobody changed the chunk meanwhile; the old bytes stay until the new ones are whole.
-                if not await self._call(backend, backend.replace_if_same, chunk, new):
-                    skip("changed by a store or clear meanwhile (left as it is now)")
+                if stage is not None:
+                    staged.append((chunk, new))
+                    done.count(chunk, new)
                     return
-                self._note(location, key)
-                before += chunk.nbytes
-                after += new.nbytes
-                tokens += chunk.num_tokens
-                count += 1
+                await self._swap(location, backend, chunk, new, done)
 
         await asyncio.gather(*(one(k) for k in args["keys"]))
-        return {"num_tokens": tokens, "chunks": count, "bytes_before": before, "bytes_after": after, "skipped": skipped}
+        if stage is not None:
+            self._stage(str(stage), location, staged)
+        return done.result()
+
+    async def _swap(self, location: str, backend: Backend, chunk: Chunk, new: Chunk, done: _Tally) -> None:
+        # Swap only if nobody changed the chunk meanwhile; the old bytes stay until the new ones are whole.
+        if not await self._call(backend, backend.replace_if_same, chunk, new):
+            done.skip("changed by a store or clear meanwhile (left as it is now)")
+            return
+        self._note(location, chunk.key)
+        done.count(chunk, new)
+
+    def _stage(self, stage: str, location: str, swaps: list[tuple[Chunk, Chunk]]) -> None:
+        """Keep re-encoded chunks for a commit; dropped after STAGED_FOR_S if none comes (a controller lost)."""
+        self._staged[stage] = (location, swaps)
+        asyncio.get_running_loop().call_later(STAGED_FOR_S, self._staged.pop, stage, None)
+
+    async def _op_commit(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        """Swap in what a staged compress or decompress re-encoded."""
+        stage = str(args.get("stage"))
+        if stage not in self._staged:
+            raise NotFound(f"nothing staged as {stage!r} (aborted, or kept longer than {STAGED_FOR_S:.0f} s)")
+        location, swaps = self._staged.pop(stage)
+        backend = self.backend(location)
+        done = _Tally()
+        progress.total = len(swaps)
+        for chunk, new in swaps:
+            async with self._transforming.hold((location, chunk.key)):
+                await self._swap(location, backend, chunk, new, done)
+            progress.done += 1
+        return done.result()
+
+    async def _op_abort(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        """Drop what a staged compress or decompress re-encoded: the chunks stay as they are."""
+        _, swaps = self._staged.pop(str(args.get("stage")), (None, []))
+        return {"num_tokens": 0, "dropped": len(swaps)}
 
     async def _op_compress(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         from lmcached.codecs import LOSSY

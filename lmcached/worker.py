@@ -18,6 +18,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 from lmcached.backends import Backend, Chunk
+from lmcached.chunks import WHOLE, Shard
 from lmcached.config import Config
 from lmcached.controller_link import ControllerLink
 from lmcached.dataplane_server import DataPlaneServer
@@ -42,8 +43,11 @@ class Worker:
         data_host: str | None = None,
         data_port: int | None = None,
         executor: Executor | None = None,
+        shard: Shard = WHOLE,
     ) -> None:
         self.config = config
+        #: Which tensor-parallel rank's parts of chunks this worker holds (the controller learns it from the hello).
+        self.shard = shard
         self.instance_id = instance_id or config.lmcache_instance_id
         self.worker_id = worker_id or new_worker_id()
         self.storage = Storage(config, self.instance_id, executor)
@@ -72,7 +76,7 @@ class Worker:
         await self.data_plane.start()
         log.info("worker %s/%s data plane on %s", self.instance_id, self.worker_id, self.data_plane.address)
         if connect and self.config.enable_controller:
-            self.link = ControllerLink(self.storage, self.config, self.instance_id, self.worker_id, self.data_plane.address)
+            self.link = ControllerLink(self.storage, self.config, self.instance_id, self.worker_id, self.data_plane.address, self.shard)
             self.link.connected = self.connected
             self.link.start()
 
