@@ -202,12 +202,13 @@ def _cluster_port(check: bool) -> int:
     False) this process cannot test ports, but a fresh namespace has nothing listening: any will do."""
     for _ in range(200):
         port = random.randrange(20000, 45000)
-        if not check or all(_is_free(p) for p in (port, port + 10000)):
+        if not check or all(port_is_free(p) for p in (port, port + 10000)):
             return port
     raise RuntimeError("no free port pair for a Redis cluster node")
 
 
-def _is_free(port: int) -> bool:
+def port_is_free(port: int) -> bool:
+    """Whether nothing on this host listens on (or holds) `port` on the loopback address."""
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))

@@ -15,7 +15,16 @@ import pytest
 
 pytest.importorskip("vllm", reason="the vllm extra is not installed")
 
-from lmcached.integrations.vllm_server import VllmServer, converted_model, free_port, start_vllm, startup_failure  # noqa: E402
+from lmcached.integrations.vllm_server import (  # noqa: E402
+    TP3_ARGS,
+    TP3_ENV,
+    VllmServer,
+    converted_model,
+    free_port,
+    free_ports,
+    start_vllm,
+    startup_failure,
+)
 
 from .conftest import ServeProcess, scrape, start_process, start_serve, stop_serve  # noqa: E402
 from .test_dashboard import check_queries  # noqa: E402
@@ -192,3 +201,67 @@ def test_an_fp8_kv_cache_is_stored_bit_exact_and_reused(model: str) -> None:
         vllm.stop()
         stop_serve(shared)
 
+
+
+def tp_seed_workflow(vllm: VllmServer, controller: ServeProcess, instance: str, ports: list[int]) -> None:
+    """The seed's steps on a tensor-parallel vLLM: the controller sees one instance with a worker per rank,
+    a hit gives the very same greedy text, and a compress acts on every rank's part together."""
+    first = vllm.complete(SEED_PROMPT)
+    assert first["cached_tokens"] == 0 and first["text"].strip()
+    tokens = vllm.tokenize(SEED_PROMPT)
+    workers = post(controller, "/query_worker_info", {"instance_id": instance})["worker_infos"]
+    assert sorted((w["worker_id"], w["port"]) for w in workers) == list(enumerate(ports))
+    layout = wait_for(lambda: post(controller, "/lookup", {"tokens": tokens})["layout_info"].get(instance), 30)
+    assert layout == ["LocalCPUBackend", len(tokens)]
+
+    hit = vllm.complete(SEED_PROMPT)
+    assert hit == {"text": first["text"], "cached_tokens": len(tokens) - 1}
+
+    event = cli(controller, "compress", "--instance-id", instance, "--tokens", ",".join(map(str, tokens)))
+    assert event["status"] == "finished" and event["result"]["chunks"] == 1 and event["result"]["num_tokens"] == len(tokens)
+    compressed = vllm.complete(SEED_PROMPT)
+    assert compressed["cached_tokens"] == len(tokens) - 1 and compressed["text"].strip()
+    # vLLM adds its ranks' stats up: the tokens loaded are counted once (by rank 0), not once per rank.
+    loaded = 2 * (len(tokens) - 1)
+    assert wait_for(lambda: vllm.metric("vllm:lmcached_load_tokens_total") >= loaded, 30)
+    assert vllm.metric("vllm:lmcached_load_tokens_total") == loaded
+
+
+def test_tensor_parallel_vllm_hosting_a_part_of_the_instance_per_rank(model: str, controller: ServeProcess) -> None:
+    """Real vLLM with --tensor-parallel-size 3 (SmolLM2: 9 query heads, 3 KV heads, one per rank): each rank
+    hosts its part of the instance on lmcache_worker_port + rank."""
+    base = free_ports(3)
+    config = {"chunk_size": 256, "enable_controller": True, "lmcache_instance_id": "vllm-tp3", "lmcache_worker_port": base}
+    config["controller_url"] = f"127.0.0.1:{controller.ports['monitor']}"
+    vllm = start_vllm(model, lmcache_config=config, args=TP3_ARGS, env=TP3_ENV)
+    try:
+        tp_seed_workflow(vllm, controller, "vllm-tp3", [base, base + 1, base + 2])
+        assert sum("loaded" in line and "from lmcached" in line for line in vllm.log) >= 6  # two hits, on each of 3 ranks
+    finally:
+        vllm.stop()
+
+
+def test_tensor_parallel_vllm_sharing_a_worker_per_rank(model: str, controller: ServeProcess) -> None:
+    """The same with the instance outside vLLM: `lmcached worker --tp-rank R --tp-size 3`, one per rank."""
+    hub = f"127.0.0.1:{controller.ports['monitor']}"
+    workers = [
+        start_process(
+            [sys.executable, "-m", "lmcached", "worker", "--instance-id", "shared-tp3", "--controller", hub, "--port", "0",
+             "--tp-rank", str(rank), "--tp-size", "3"],
+            "lmcached worker ready ",
+        )  # fmt: skip
+        for rank in range(3)
+    ]
+    try:
+        ports = [w.ports["data"] for w in workers]
+        assert [w.ports["tp_rank"] for w in workers] == [0, 1, 2]
+        addresses = ",".join(f"127.0.0.1:{port}" for port in ports)
+        shared = {"lmcached_worker": addresses}
+        vllm = start_vllm(model, extra_config=shared, lmcache_config={"chunk_size": 256}, args=TP3_ARGS, env=TP3_ENV)
+        try:
+            tp_seed_workflow(vllm, controller, "shared-tp3", ports)
+        finally:
+            vllm.stop()
+    finally:
+        for worker in workers:
+            stop_serve(worker)

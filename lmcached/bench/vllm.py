@@ -1,7 +1,9 @@
 """Time to first token through vLLM's OpenAI server (the CPU build here) with LmcachedConnector: a miss, an
 lmcached hit and a hit on compressed chunks, and the same miss on a vLLM without the connector; then the same at
 1,500 tokens on a vLLM with an fp8 KV cache (--kv-cache-dtype fp8: chunks of fp8 bytes, compressed with
-lossless, the codec that takes them). vLLM's own prefix cache is off, so every hit is the external path."""
+lossless, the codec that takes them), and on a vLLM with tensor parallel size 3 (each rank hosting its part of
+the instance; its miss compared with a TP 3 vLLM without the connector, bound to the same cores). vLLM's own
+prefix cache is off, so every hit is the external path."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from lmcached.bench.report import Report, median_spread, progress
 
 
 def run(report: Report, quick: bool = False) -> None:
-    from lmcached.integrations.vllm_server import converted_model, free_port, start_vllm
+    from lmcached.integrations.vllm_server import TP3_ARGS, TP3_ENV, converted_model, free_port, free_ports, start_vllm
 
     sizes = [1500] if quick else [512, 1500, 4000]
     repeats = 2 if quick else 3
@@ -24,7 +26,7 @@ def run(report: Report, quick: bool = False) -> None:
     controller = f"http://127.0.0.1:{ports['http']}"
     try:
         with progress() as bar:
-            task = bar.add_task("vllm", total=2 * (1 + len(sizes)) + 1)
+            task = bar.add_task("vllm", total=2 * (1 + len(sizes)) + 3)
             baseline: dict[int, float] = {}
             plain = start_vllm(model, connector=False)
             try:
@@ -68,6 +70,23 @@ def run(report: Report, quick: bool = False) -> None:
                 bar.advance(task)
             finally:
                 fp8.stop()
+            plain_tp = start_vllm(model, connector=False, args=TP3_ARGS, env=TP3_ENV)
+            try:
+                plain_tp.ttft(warm)
+                tp_baseline = median_spread([plain_tp.ttft(tokens[:1500]) for _ in range(repeats)])[0]
+                bar.advance(task)
+            finally:
+                plain_tp.stop()
+            tp = start_vllm(model, lmcache_config={**config, "lmcache_worker_port": free_ports(3)}, args=TP3_ARGS, env=TP3_ENV)
+            try:
+                for _ in range(2):
+                    tp.ttft(warm)
+                compress(controller, warm)
+                tp.ttft(warm)
+                measure(report, tp, controller, tokens[:1500], repeats, tp_baseline, "tensor parallel 3, ")
+                bar.advance(task)
+            finally:
+                tp.stop()
     finally:
         controller_proc.terminate()
         controller_proc.wait(20)

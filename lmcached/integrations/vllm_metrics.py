@@ -33,6 +33,9 @@ COUNTS = {
     "saves_dropped": "Prompts not stored because the connector's save queue was full",
     "save_failures": "Stores lmcached refused or could not be reached for",
 }
+#: Counters of requests and tokens: with tensor parallelism every rank loads and saves its part of the same
+#: tokens, and vLLM adds the ranks' stats up, so only rank 0 counts these (bytes and timings: every rank).
+PER_REQUEST = frozenset({"loads", "load_tokens", "load_failed_tokens", "saves", "save_tokens", "saves_dropped", "save_failures"})
 #: Latency histograms: name -> help text (`vllm:lmcached_<name>_seconds`).
 TIMINGS = {
     "lookup": "How long a lookup held up the scheduler",
@@ -78,13 +81,17 @@ class Recorder:
     """Counts as the connector works (the scheduler, the model runner and the saver thread all record here) and
     hands over what accumulated since the last call to vLLM."""
 
-    def __init__(self) -> None:
+    def __init__(self, counts_requests: bool = True) -> None:
         self._lock = threading.Lock()
         self._stats = LmcachedConnectorStats()
         self._queue_depth: int | None = None
+        #: False on tensor-parallel ranks other than 0 (see PER_REQUEST).
+        self.counts_requests = counts_requests
 
     def count(self, name: str, amount: int = 1) -> None:
         assert name in COUNTS, name
+        if name in PER_REQUEST and not self.counts_requests:
+            return
         with self._lock:
             counts = self._stats.data["counts"]
             counts[name] = counts.get(name, 0) + amount

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcached import OMP_WAIT_POLICY_DEFAULTED
+from lmcached.redis_servers import port_is_free
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 CONNECTOR = {"kv_connector": "LmcachedConnector", "kv_connector_module_path": "lmcached.integrations.vllm", "kv_role": "kv_both"}
@@ -28,6 +29,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+#: vLLM's command line for tensor parallel size 3 (SmolLM2's 3 KV heads, one per rank), and the OpenMP binding
+#: that runs its three ranks on a two-core machine (ranks 0 and 2 share core 0).
+TP3_ARGS = ["--tensor-parallel-size", "3", "--distributed-executor-backend", "mp"]
+TP3_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1|0"}
+
+
+def free_ports(n: int) -> int:
+    """The first of `n` consecutive free ports (a tensor-parallel instance serves rank r on the first + r)."""
+    for _ in range(100):
+        base = free_port()
+        if base + n <= 65535 and all(port_is_free(base + i) for i in range(1, n)):
+            return base
+    raise RuntimeError(f"no {n} consecutive free ports")
 
 
 def converted_model() -> str:
@@ -119,12 +135,13 @@ def start_vllm(
     connector: bool = True,
     port: int | None = None,
     args: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> VllmServer:
     """vLLM's OpenAI server with vLLM's own prefix cache off (so the external cache is what gets measured),
     LmcachedConnector configured by `lmcache_config` (written as LMCACHE_CONFIG_FILE) and `extra_config`;
-    `args` go on vLLM's command line (e.g. --kv-cache-dtype fp8)."""
+    `args` go on vLLM's command line (e.g. --kv-cache-dtype fp8), `env` into its environment."""
     port = port or free_port()
-    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     if OMP_WAIT_POLICY_DEFAULTED:  # lmcached's choice for its codec threads, not vLLM's: vLLM keeps its own default
         env.pop("OMP_WAIT_POLICY", None)
     if lmcache_config is not None:
