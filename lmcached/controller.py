@@ -36,6 +36,8 @@ HEALTH_TIMEOUT_S = 5.0
 PER_CHUNK_COUNTS = ("num_tokens", "chunks")
 #: Operations that re-encode chunks: on a tensor-parallel instance they stage on every rank, then commit.
 STAGED_OPS = ("compress", "decompress")
+#: Each one undoes the other (a pin that failed on one rank of a tensor-parallel instance, on the others).
+PIN_OPS = ("pin", "unpin")
 #: What a standby controller still answers (everything else is a 503 naming the active one).
 STANDBY_PATHS = frozenset({"/", "/role", "/metrics"})
 #: A monitor's snapshot lists at most this many of the newest chunks per worker and location.
@@ -195,9 +197,14 @@ class Controller:
                     result = await self._on_every_rank_staged(event, calls, progressed, world)
                 elif world > 1 and event.op == "move":
                     result = await self._move_every_rank(calls, progressed, world)
+                elif world > 1 and event.op in PIN_OPS:
+                    result = await self._pin_every_rank(event.op, calls, progressed, world)
+                elif world > 1 and event.op == "clear":
+                    result = await self._clear_every_rank(calls, progressed, world)
                 else:
                     results = await asyncio.gather(*(self._command(call, progressed(n)) for n, call in enumerate(calls)))
                     result = merge_results(results, world)
+                result.pop("changed_keys", None)  # the workers' own bookkeeping (see _pin_every_rank)
             except LmcachedError as exc:
                 self.events.fail(event, str(exc))
             else:
@@ -247,6 +254,30 @@ class Controller:
             committed = f"{len(calls) - len(broken)} of {len(calls)}"
             raise LmcachedError(f"{event.op} was committed on {committed} ranks; {self._rank_of(key)} failed: {error}")
         return merge_results(commits, world)  # type: ignore[arg-type]
+
+    async def _pin_every_rank(self, op: str, calls: list[Call], progressed: Callable[[int], OnProgress], world: int) -> dict[str, Any]:
+        """A pin or unpin of a tensor-parallel instance: when one rank fails, the others flip back what they
+        flipped, so a chunk's parts are never pinned on some ranks and not on others."""
+        outcomes = await self._each(calls, progressed)
+        failed = [(call[0], outcome) for call, outcome in zip(calls, outcomes, strict=True) if isinstance(outcome, LmcachedError)]
+        if failed:
+            undo = PIN_OPS[1 - PIN_OPS.index(op)]
+            flipped = [(call, outcome) for call, outcome in zip(calls, outcomes, strict=True) if isinstance(outcome, dict)]
+            await self._each([(key, undo, args | {"keys": done["changed_keys"]}, timeout) for (key, _, args, timeout), done in flipped])
+            key, error = failed[0]
+            raise LmcachedError(f"{self._rank_of(key)} failed: {error}; no rank's pins were changed")
+        return merge_results(outcomes, world)  # type: ignore[arg-type]
+
+    async def _clear_every_rank(self, calls: list[Call], progressed: Callable[[int], OnProgress], world: int) -> dict[str, Any]:
+        """A clear of a tensor-parallel instance. Removed bytes cannot be put back, so a rank that fails leaves
+        the others' parts removed: the error says so (the chunk no longer counts as cached; clear again)."""
+        outcomes = await self._each(calls, progressed)
+        failed = [(call[0], outcome) for call, outcome in zip(calls, outcomes, strict=True) if isinstance(outcome, LmcachedError)]
+        if failed:
+            key, error = failed[0]
+            cleared = len(calls) - len(failed)
+            raise LmcachedError(f"{self._rank_of(key)} failed: {error}; {cleared} of {len(calls)} ranks removed their parts: clear again")
+        return merge_results(outcomes, world)  # type: ignore[arg-type]
 
     async def _move_every_rank(self, calls: list[Call], progressed: Callable[[int], OnProgress], world: int) -> dict[str, Any]:
         """A move of a tensor-parallel instance's chunks: every rank copies its parts to the same rank of the

@@ -752,13 +752,16 @@ class Storage:
         location = args["location"]
         backend = self.backend(location)
         tokens = 0
+        changed = []  # keys whose pin this call flipped: what undoing it (on a tensor-parallel instance) flips back
         for key in args["keys"]:
             info = backend.info(key)
             done = await self._call(backend, backend.set_pinned, key, pinned)
             if done and info is not None:
                 tokens += info.num_tokens
                 self._note(location, key)
-        return {"num_tokens": tokens}
+                if info.pinned != pinned:
+                    changed.append(key)
+        return {"num_tokens": tokens, "changed_keys": changed}
 
     async def _op_pin(self, args: dict[str, Any], progress: Progress) -> dict[str, Any]:
         return await self._set_pinned(args, True)

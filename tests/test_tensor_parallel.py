@@ -238,3 +238,42 @@ async def test_pin_and_clear_act_on_every_ranks_part() -> None:
         event = await run.wait_event(answer["event_id"])
         assert event["status"] == "finished" and event["result"]["num_tokens"] == 48
         assert all(not tp.parts(rank) for rank in range(WORLD))
+
+
+async def test_a_pin_that_fails_on_one_rank_leaves_every_ranks_pins_as_they_were() -> None:
+    async with serving(test_config()) as run, tp_instance(run, "tp") as tp:
+        await tp.store(TOKENS)
+        first = {s.key for s in Shard(0, WORLD).spans(chunk_spans(TOKENS[:16], 16))}
+        _, answer = await run.post("/pin", {"instance_id": "tp", "location": CPU, "tokens": TOKENS[:16]})
+        assert (await run.wait_event(answer["event_id"]))["status"] == "finished"
+
+        async def broken(args: object, progress: object) -> dict[str, object]:
+            raise InvalidRequest("rank 2 cannot pin")
+
+        tp.workers[2].storage._op_pin = broken  # type: ignore[method-assign]
+        _, answer = await run.post("/pin", {"instance_id": "tp", "location": CPU, "tokens": TOKENS})
+        event = await run.wait_event(answer["event_id"])
+        assert event["status"] == "failed" and "no rank's pins were changed" in event["error"], event
+        pinned = {info.key for info in tp.workers[0].storage.backends[CPU].infos() if info.pinned}
+        assert pinned == first  # rank 0 unpinned the two it had pinned, and kept the one pinned before
+
+
+async def test_a_clear_that_fails_on_one_rank_says_what_is_left_and_clearing_again_finishes_it() -> None:
+    async with serving(test_config()) as run, tp_instance(run, "tp") as tp:
+        await tp.store(TOKENS)
+        clear = tp.workers[1].storage._op_clear
+
+        async def broken(args: object, progress: object) -> dict[str, object]:
+            raise InvalidRequest("rank 1 cannot clear")
+
+        tp.workers[1].storage._op_clear = broken  # type: ignore[method-assign]
+        _, answer = await run.post("/clear", {"instance_id": "tp", "location": CPU, "tokens": TOKENS})
+        event = await run.wait_event(answer["event_id"])
+        assert (
+            event["status"] == "failed" and "rank 1" in event["error"] and "2 of 3 ranks removed their parts: clear again" in event["error"]
+        )
+        assert "tp" not in await lookup(run, TOKENS)  # no longer cached: rank 1's parts alone are not a chunk
+        tp.workers[1].storage._op_clear = clear  # type: ignore[method-assign]
+        _, answer = await run.post("/clear", {"instance_id": "tp", "location": CPU})
+        assert (await run.wait_event(answer["event_id"]))["status"] == "finished"
+        assert all(not tp.parts(rank) for rank in range(WORLD))
