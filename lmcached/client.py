@@ -20,26 +20,24 @@ from typing import Any
 
 import torch
 
-from lmcached.arena import ArenaView, ShmInfo
-from lmcached.backends import Chunk
-from lmcached.chunks import WHOLE, ChunkSpan, Shard, chunk_spans
-from lmcached.dataplane import CLIENT_ROLE, chunk_headers
 from lmcached.errors import InvalidRequest, LmcachedError, ProtocolError, Unauthorized
-from lmcached.frames import (
+from lmcached.wire.chunk import Chunk
+from lmcached.wire.chunks import WHOLE, ChunkSpan, Shard, chunk_spans
+from lmcached.wire.dataplane import CLIENT_ROLE, chunk_headers
+from lmcached.wire.frame_socket import FrameSocket
+from lmcached.wire.frames import (
     MAX_DATA_PAYLOAD_BYTES,
-    PREFIX_BYTES,
     Kind,
-    decode_header,
-    decode_prefix,
     encode_head,
     frame_parts,
     read_frame_head,
     read_payload,
 )
-from lmcached.handshake import parse_address
-from lmcached.sockio import SocketStream
-from lmcached.tensors import byte_view, check_kv, dtype_from_name, dtype_name
-from lmcached.tls import plain_server, plain_to_tls, speaks_tls, speaks_tls_async, tls_to_plain
+from lmcached.wire.handshake import parse_address
+from lmcached.wire.shm import ArenaView, ShmInfo
+from lmcached.wire.sockio import SocketStream
+from lmcached.wire.tensors import byte_view, check_kv, dtype_from_name, dtype_name
+from lmcached.wire.tls import plain_server, plain_to_tls, speaks_tls, speaks_tls_async, tls_to_plain
 
 
 class DataPlaneError(LmcachedError):
@@ -173,7 +171,7 @@ class KVClient:
         self._host, self._port = parse_address(address, 8001)
         self._token = auth_token
         self._timeout = timeout
-        self._sock: socket.socket | None = None
+        self._io: FrameSocket | None = None
         self._want_shm = shared_memory
         #: The worker's arena, mapped, when it offered one and this process could open it (same host and user).
         self._arena: ArenaView | None = None
@@ -197,7 +195,7 @@ class KVClient:
             except ssl.SSLError as exc:
                 sock.close()
                 raise _tls_mismatch(exc, f"worker {self.address}") from None
-        self._sock = sock
+        self._io = FrameSocket(sock)
         try:
             self._send(frame_parts(Kind.HELLO, _hello(self._token), []))
             kind, header, _ = self._read_head()
@@ -229,9 +227,9 @@ class KVClient:
         return "shared memory" if self._arena is not None else "socket"
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        if self._io is not None:
+            self._io.close()
+            self._io = None
         self._arena = None
 
     def spans(self, tokens: Sequence[int], salt: str | None = None) -> list[ChunkSpan]:
@@ -254,13 +252,13 @@ class KVClient:
             stored = self._store_shm(store, kv)
             if stored is not None:
                 return found + stored
-        sock = self._conn()
-        sock.sendall(store.head)
+        io = self._conn()
+        io.send([store.head])
         # Each chunk's bytes are 2×L runs of the tensor's own memory (one per side and layer): sent from there
         # in one gather write, without staging the chunk in a buffer first.
         rows = _rows(kv.contiguous())
         for span in spans:
-            _sendmsg_all(sock, [row[span.start : span.end] for row in rows])
+            io.send_buffers([row[span.start : span.end] for row in rows])
         return found + int(self._reply()["num_tokens"])
 
     def _store_shm(self, store: _Store, kv: torch.Tensor) -> int | None:
@@ -335,66 +333,27 @@ class KVClient:
         offset = 0
         for meta in metas:
             tokens_here = meta["shape"][2]
-            self._recvmsg_all([row[offset : offset + tokens_here] for row in rows])
+            self._conn().recv_buffers([row[offset : offset + tokens_here] for row in rows])
             offset += tokens_here
         return retrieve.out
 
     # -- I/O
-    def _conn(self) -> socket.socket:
-        if self._sock is None:
+    def _conn(self) -> FrameSocket:
+        if self._io is None:
             raise LmcachedError("KVClient is not connected (use it as a context manager or call connect())")
-        return self._sock
+        return self._io
 
     def _send(self, parts: list[Any]) -> None:
-        sock = self._conn()
-        if sum(memoryview(p).nbytes for p in parts) < 65536:
-            sock.sendall(b"".join(parts))  # one segment for small requests (TCP_NODELAY is on)
-            return
-        for part in parts:  # big KV payloads go out from the tensors' own memory
-            sock.sendall(part)
-
-    def _recvmsg_all(self, buffers: list[Any]) -> None:
-        """Fill `buffers` in order from the socket (scatter reads, IOV_MAX buffers at a time)."""
-        sock = self._conn()
-        views = [memoryview(b).cast("B") for b in buffers]
-        if isinstance(sock, ssl.SSLSocket):  # no scatter reads over TLS: one buffer at a time
-            for view in views:
-                self._recv_into(view)
-            return
-        first = 0
-        while first < len(views):
-            n = sock.recvmsg_into(views[first : first + _IOV_MAX])[0]
-            if n == 0:
-                raise ProtocolError("worker closed the connection")
-            first = _advance(views, first, n)
-
-    def _recv_into(self, view: memoryview) -> None:
-        sock = self._conn()
-        got, total = 0, view.nbytes
-        while got < total:
-            n = sock.recv_into(view[got:], total - got)
-            if n == 0:
-                raise ProtocolError("worker closed the connection")
-            got += n
-
-    def _recv(self, size: int) -> bytearray:
-        buf = bytearray(size)
-        self._recv_into(memoryview(buf))
-        return buf
+        self._conn().send(parts)
 
     def _read_head(self) -> tuple[Kind, dict[str, Any], int]:
-        kind, header_len, payload_len = decode_prefix(bytes(self._recv(PREFIX_BYTES)), MAX_DATA_PAYLOAD_BYTES)
-        return kind, decode_header(bytes(self._recv(header_len))) if header_len else {}, payload_len
+        return self._conn().read_head(MAX_DATA_PAYLOAD_BYTES)
 
     def _reply(self) -> dict[str, Any]:
         kind, header, payload_len = self._read_head()
         if payload_len:
-            self._recv(payload_len)
+            self._conn().recv(payload_len)
         return _check_reply(kind, header)
-
-
-#: Buffers per sendmsg/recvmsg_into call (Linux's IOV_MAX is 1024).
-_IOV_MAX = 1024
 
 
 def _rows(kv: torch.Tensor) -> Any:
@@ -408,31 +367,6 @@ def _copy(dst: Any, src: Any) -> None:
     """Copy between numpy byte views with torch, which splits a large copy over its threads (numpy uses one):
     a copy through shared memory is bound by one core's memory bandwidth otherwise, half the machine's."""
     torch.from_numpy(dst).copy_(torch.from_numpy(src))
-
-
-def _advance(views: list[memoryview], first: int, n: int) -> int:
-    """Account for `n` bytes moved from views[first:]: drop the whole ones, trim a partial one; the new first."""
-    while n:
-        size = views[first].nbytes
-        if n >= size:
-            n -= size
-            first += 1
-        else:
-            views[first] = views[first][n:]
-            n = 0
-    return first
-
-
-def _sendmsg_all(sock: socket.socket, buffers: list[Any]) -> None:
-    """Send `buffers` in order from their own memory (gather writes, IOV_MAX buffers at a time)."""
-    if isinstance(sock, ssl.SSLSocket):  # no gather writes over TLS: one buffer at a time
-        for buffer in buffers:
-            sock.sendall(buffer)
-        return
-    views = [memoryview(b).cast("B") for b in buffers]
-    first = 0
-    while first < len(views):
-        first = _advance(views, first, sock.sendmsg(views[first : first + _IOV_MAX]))
 
 
 def _tls_mismatch(exc: ssl.SSLError, where: str) -> OSError:

@@ -18,7 +18,7 @@ from lmcached.errors import ConfigError
 log = logging.getLogger(__name__)
 
 if typing.TYPE_CHECKING:
-    from lmcached.remote import RemoteURL
+    from lmcached.wire.redis_url import RemoteURL
 
 ENV_PREFIX = "LMCACHE_"
 CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
@@ -119,7 +119,7 @@ class Config:
         if self.tls_cert is not None and self.tls_ca is None:
             raise ConfigError("tls_cert needs tls_ca too: the CA this daemon's own clients (its instance, its peers) verify it with", "tls_ca")
         from lmcached.errors import InvalidRequest
-        from lmcached.handshake import parse_address
+        from lmcached.wire.handshake import parse_address
 
         for key, default_port in (("controller_url", 9001), ("controller_peers", 9000)):
             for address in (getattr(self, key) or "").split(","):
@@ -135,7 +135,7 @@ class Config:
         """The parsed remote_url, or None when there is no remote tier."""
         if not self.remote_url:
             return None
-        from lmcached.remote import parse_remote_url
+        from lmcached.wire.redis_url import parse_remote_url
 
         parsed = parse_remote_url(self.remote_url)
         return dataclasses.replace(parsed, tls_ca=self.remote_tls_ca, tls_cert=self.remote_tls_cert, tls_key=self.remote_tls_key)

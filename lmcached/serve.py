@@ -15,12 +15,11 @@ from typing import Any
 from aiohttp import web
 
 from lmcached.config import Config
-from lmcached.controller import Controller
-from lmcached.failover import address_list
-from lmcached.handshake import dialable_host
+from lmcached.control.controller import Controller
 from lmcached.service import notify
-from lmcached.tls import server_context
-from lmcached.worker import Worker
+from lmcached.wire.handshake import address_list, dialable_host
+from lmcached.wire.tls import server_context
+from lmcached.worker.instance import Worker
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +104,8 @@ async def run(config: Config, stop: asyncio.Event, engine: dict[str, Any] | None
     ports = await daemon.start()
     engine_task = None
     if engine is not None:
-        from lmcached.engine import run_engine
-        from lmcached.model import load_model
+        from lmcached.engine.model import load_model
+        from lmcached.engine.server import run_engine
 
         loaded = await asyncio.get_running_loop().run_in_executor(daemon.executor, load_model, engine.get("model"))
         worker = f"{dialable_host(config.host)}:{ports.data}"  # where the embedded instance listens

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from lmcached.bench.synthetic import kv_like_real
 from lmcached.codecs import Codec
+
+from lmcached.bench.synthetic import kv_like_real
 
 __all__ = ["assert_round_trip", "kv_like_real", "relative_error"]
 

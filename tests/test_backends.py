@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lmcached.backends import Chunk, LocalCPUBackend, LocalDiskBackend, StoreFull
+from lmcached.wire.chunk import Chunk
+from lmcached.worker.backends import LocalCPUBackend, LocalDiskBackend, StoreFull
 
 
 def chunk(key: int, nbytes: int = 100, method: str | None = None) -> Chunk:

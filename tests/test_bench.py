@@ -76,7 +76,7 @@ def test_the_rate_quality_curve_orders_the_quality_levels_and_draws_both_plots(t
     from lmcached.bench import codec_curve
     from lmcached.bench.codec import CHUNK, PREFIX, TOPICS, samples
     from lmcached.bench.heldout import split
-    from lmcached.model import load_model
+    from lmcached.engine.model import load_model
 
     loaded = load_model()
     tuning, held_out = split("tables", TOPICS)

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lmcached.chunks import chunk_spans
 from lmcached.errors import InvalidRequest
+from lmcached.wire.chunks import chunk_spans
 
 from .conftest import SEED_TOKENS
 
@@ -27,7 +27,7 @@ def test_last_partial_chunk_is_kept_unless_disabled() -> None:
 
 
 def test_keys_are_stable_across_processes() -> None:
-    code = "from lmcached.chunks import chunk_spans; print([s.key for s in chunk_spans(list(range(700)), 256)])"
+    code = "from lmcached.wire.chunks import chunk_spans; print([s.key for s in chunk_spans(list(range(700)), 256)])"
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
     assert len(outs) == 1
     assert outs.pop().strip() == str([s.key for s in chunk_spans(list(range(700)), 256)])

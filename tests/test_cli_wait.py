@@ -6,8 +6,8 @@ import asyncio
 import json
 import sys
 
-from lmcached.chunks import chunk_spans
 from lmcached.client import KVClient
+from lmcached.wire.chunks import chunk_spans
 
 from .conftest import SEED_TOKENS, ServeProcess, make_kv, serving, test_config
 from .test_e2e import cli, post, wait_for

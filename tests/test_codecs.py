@@ -617,10 +617,11 @@ def test_fp8_kv_is_coded_bit_exact_by_lossless_and_refused_by_the_quantisers(dty
 
 def test_every_layer_agrees_on_the_kv_dtypes_and_their_sizes() -> None:
     """The chunk format (torch-free), the tensors' names and the codecs' blob codes name the same dtypes."""
-    from lmcached.backends import ITEMSIZE
     from lmcached.codecs.base import TORCH_ITEMSIZE
     from lmcached.codecs.format import DTYPE_CODES
-    from lmcached.tensors import DTYPES
+
+    from lmcached.wire.chunk import ITEMSIZE
+    from lmcached.wire.tensors import DTYPES
 
     assert ITEMSIZE == {name: dtype.itemsize for name, dtype in DTYPES.items()} == TORCH_ITEMSIZE
     assert set(DTYPE_CODES) == set(ITEMSIZE)

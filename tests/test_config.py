@@ -96,7 +96,7 @@ def test_a_mistyped_lmcache_variable_is_named_with_the_key_it_was_meant_for() ->
 
 
 def test_the_ram_tier_prefaults_in_proportion_and_warns_beyond_the_machine() -> None:
-    from lmcached.memory import GB, capacity_warning, prefault_bytes
+    from lmcached.worker.memory import GB, capacity_warning, prefault_bytes
 
     machine = (24 * GB, 20 * GB)  # total, available
     assert prefault_bytes(5 * GB, None, machine) == int(0.5 * GB)  # a tenth of the tier
@@ -109,7 +109,7 @@ def test_the_ram_tier_prefaults_in_proportion_and_warns_beyond_the_machine() -> 
 
 
 def test_serve_warns_at_start_about_a_typo_and_a_tier_larger_than_the_machine() -> None:
-    from lmcached.memory import machine_memory
+    from lmcached.worker.memory import machine_memory
 
     from .conftest import start_serve, stop_serve
 

@@ -12,7 +12,7 @@ import torch
 
 from lmcached.client import AsyncKVClient
 from lmcached.config import Config
-from lmcached.worker import Worker
+from lmcached.worker.instance import Worker
 
 from .conftest import CPU, DISK, INSTANCE, SEED_TOKENS, Running, make_kv, prometheus_samples, serving, test_config
 
@@ -235,7 +235,7 @@ async def test_check_finish_reports_a_failed_operation(running: Running) -> None
     bad = torch.full((2, 4, 12, 64), float("nan"), dtype=torch.float16)
     from dataclasses import replace
 
-    from lmcached.tensors import byte_view
+    from lmcached.wire.tensors import byte_view
 
     backend.put(replace(chunk, data=bytes(byte_view(bad))))
     _, answer = await running.post("/compress", {"instance_id": INSTANCE, "method": "cachegen", "location": CPU, "tokens": SEED_TOKENS})
@@ -362,7 +362,7 @@ async def test_every_part_says_its_version_so_a_mixed_fleet_shows(running: Runni
     from prometheus_client.parser import text_string_to_metric_families
 
     from lmcached import __version__
-    from lmcached.frames import Kind, read_frame, write_frame
+    from lmcached.wire.frames import Kind, read_frame, write_frame
 
     status, answer = await running.post("/health", {"instance_id": INSTANCE})
     assert answer["version"] == __version__ and answer["worker_versions"] == {"0": __version__}

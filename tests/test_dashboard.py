@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lmcached.client import AsyncKVClient
-from lmcached.redis_servers import RedisServer, RedisUnavailable, free_port, redis_server_binary
+from lmcached.fleet.redis_servers import RedisServer, RedisUnavailable, free_port, redis_server_binary
 
 from .conftest import CPU, INSTANCE, make_kv, serving, test_config
 from .test_controller import _scrape

@@ -270,6 +270,6 @@ def test_json_logs_are_one_object_per_line() -> None:
     logged = [line for line in server.output if not line.startswith("lmcached ready ")]
     entries = [json.loads(line) for line in logged]  # every line, or this fails
     assert entries and all(set(e) >= {"time", "level", "logger", "message"} and e["time"].endswith("Z") for e in entries)
-    assert any(e["logger"] == "lmcached.controller_link" and e["level"] == "INFO" for e in entries)
+    assert any(e["logger"] == "lmcached.worker.controller_link" and e["level"] == "INFO" for e in entries)
     done = subprocess.run([sys.executable, "-m", "lmcached", "serve", "--log-format", "xml"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--log-format must be one of text, json" in done.stderr

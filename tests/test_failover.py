@@ -15,12 +15,11 @@ import time
 from typing import Any
 
 import aiohttp
-import pytest
 import torch
 
 from lmcached.client import KVClient
-from lmcached.failover import ACTIVE, STANDBY, Role
-from lmcached.redis_servers import free_port
+from lmcached.control.failover import ACTIVE, STANDBY, Role
+from lmcached.fleet.redis_servers import free_port
 
 from .conftest import ServeProcess, make_kv, start_process, stop_serve
 from .test_e2e import wait_for
@@ -172,7 +171,7 @@ async def test_standby_serve_daemons_send_their_instance_and_monitors_to_the_act
     """Two `serve` daemons in a group, each with its embedded instance: both instances register with the active
     controller (the standby's own follows the list); a monitor given both control ports lands there too; the
     standby's HTTP API names the active one; /metrics says which is which."""
-    from lmcached.monitor import MonitorClient
+    from lmcached.control.monitor import MonitorClient
     from lmcached.serve import Daemon
 
     from .conftest import prometheus_samples, test_config

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from lmcached.chunks import chunk_spans
 from lmcached.client import AsyncKVClient
-from lmcached.frames import Kind, encode_frame, read_frame, write_frame
 from lmcached.serve import Daemon
+from lmcached.wire.chunks import chunk_spans
+from lmcached.wire.frames import Kind, encode_frame, read_frame, write_frame
 
 from .conftest import CPU, SEED_TOKENS, Running, make_kv, serving, test_config
 
@@ -36,7 +36,7 @@ async def test_garbage_closes_only_that_connection(running: Running) -> None:
 
 
 async def test_oversize_declared_length_is_refused_before_reading(running: Running) -> None:
-    from lmcached.frames import MAGIC, PREFIX, VERSION
+    from lmcached.wire.frames import MAGIC, PREFIX, VERSION
 
     reader, writer = await asyncio.open_connection(*running.data.split(":"))
     writer.write(encode_frame(Kind.HELLO, {"role": "client"}))

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from lmcached.backends import Chunk, LocalDiskBackend
-from lmcached.remote import pack_value, unpack_value
+from lmcached.wire.chunk import Chunk
+from lmcached.worker.backends import LocalDiskBackend
+from lmcached.worker.remote import pack_value, unpack_value
 
 GOLDEN = Path(__file__).parent / "golden"
 SHAPE = (2, 2, 16, 8)  # [2, layers, tokens, channels]: 1 KB of fp16, enough to hold every field
@@ -27,7 +28,7 @@ def raw_chunk(key: int) -> Chunk:
 
 def expected() -> dict[str, Chunk]:
     """The chunks the golden files hold: raw, compressed with cachegen, and raw again after a lossy codec."""
-    from lmcached.storage import decode_chunk, encode_chunk
+    from lmcached.worker.storage import decode_chunk, encode_chunk
 
     raw = raw_chunk(0x1111)
     compressed = encode_chunk(raw_chunk(0x2222), "cachegen")
@@ -78,8 +79,8 @@ def check(name: str, read: Chunk, chunk: Chunk | None) -> None:
         assert bytes(read.data) == bytes(chunk.data) and replace(read, data=b"") == replace(chunk, data=b"")
         return
     # A cachegen blob decodes (whatever the codec's encoder does today) close to the values it was made from.
-    from lmcached.storage import decode_chunk
-    from lmcached.tensors import from_bytes
+    from lmcached.wire.tensors import from_bytes
+    from lmcached.worker.storage import decode_chunk
 
     assert (read.method, read.lossy, read.shape, read.dtype) == ("cachegen", "cachegen", SHAPE, "float16")
     values = from_bytes(decode_chunk(read).data, SHAPE, "float16").float()

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lmcached.errors import FrameTooLarge, ProtocolError
-from lmcached.frames import MAGIC, PREFIX, VERSION, Kind, encode_frame, read_frame
+from lmcached.wire.frames import MAGIC, PREFIX, VERSION, Kind, encode_frame, read_frame
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=20),
@@ -85,7 +85,7 @@ async def test_a_read_with_a_deadline_never_swallows_a_cancellation() -> None:
     """A cancellation that arrives as the read completes must still cancel: asyncio.wait_for (before Python
     3.12) returned the read's result instead, and a worker stopped right as it registered kept reading its
     controller link forever (SIGTERM from systemd just after start hung the unit)."""
-    from lmcached.frames import _within
+    from lmcached.wire.frames import _within
 
     read: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(_within(read, 5.0))

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from lmcached.codecs.base import simulate_gpu
 
 from lmcached.bench import gpu_check
 from lmcached.bench.synthetic import VLLM_KV_LAYOUTS
-from lmcached.codecs.base import simulate_gpu
 from lmcached.config import Config, ConfigError
 from lmcached.errors import CodecError
-from lmcached.storage import codec_device
+from lmcached.worker.storage import codec_device
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -76,7 +76,7 @@ def test_the_codebook_is_named_by_its_content_and_survives_bytes(book: Codebook)
 
 
 def test_layer_step_multipliers_set_each_layers_step_and_name_a_new_codebook(book: Codebook, tmp_path: Path) -> None:
-    """What `lmcached calibrate` adds (lmcached.sensitivity): a multiplier per side and layer. A codebook
+    """What `lmcached calibrate` adds (lmcached.engine.sensitivity): a multiplier per side and layer. A codebook
     without them is still written as version 1, so its digest, and every blob naming it, stay as they were."""
     assert book.to_bytes()[8] == 1 and book.uniform() is book
     scale = np.array([[0.5, 1.0, 4.0], [1.0, 1.0, 1.0]], np.float32)

@@ -13,12 +13,12 @@ import pytest
 import torch
 from lmcached.codecs.kvtc import Codebook, codebook_of
 
-from lmcached.backends import CPU, DISK, REMOTE
 from lmcached.client import AsyncKVClient
-from lmcached.codebooks import LEARN_MIN_TOKENS, Codebooks
 from lmcached.errors import LmcachedError
-from lmcached.redis_servers import RedisServer, free_port
-from lmcached.worker import Worker
+from lmcached.fleet.redis_servers import RedisServer, free_port
+from lmcached.wire.chunk import CPU, DISK, REMOTE
+from lmcached.worker.codebooks import LEARN_MIN_TOKENS, Codebooks
+from lmcached.worker.instance import Worker
 
 from .conftest import INSTANCE, Running, make_kv, test_config
 

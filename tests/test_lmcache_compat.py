@@ -76,7 +76,7 @@ async def test_worker_ids_must_be_ranks_or_names(running: Running) -> None:
 
 
 def test_ranks_are_stable_and_the_lowest_free_one_is_given() -> None:
-    from lmcached.index import ChunkIndex, WorkerRecord
+    from lmcached.control.index import ChunkIndex, WorkerRecord
 
     index = ChunkIndex()
     a, b = WorkerRecord("i", "a", "h:1"), WorkerRecord("i", "b", "h:2")

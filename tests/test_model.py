@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from lmcached.model import cache_from_kv, forward, kv_from_cache, load_model
+from lmcached.engine.model import cache_from_kv, forward, kv_from_cache, load_model
 
 
 def test_kv_layout_round_trip_gives_the_same_next_token_logits() -> None:
@@ -28,7 +28,7 @@ def test_the_converted_directory_names_tied_embeddings_twice() -> None:
     """vLLM reads `model.embed_tokens.weight` (it skips lm_head when embeddings are tied): both must be there."""
     from safetensors import safe_open
 
-    from lmcached.model import converted_dir, default_gguf
+    from lmcached.engine.model import converted_dir, default_gguf
 
     directory = converted_dir(default_gguf())
     with safe_open(str(directory / "model.safetensors"), "pt") as weights:
@@ -43,7 +43,7 @@ def test_the_conversion_is_keyed_by_content_and_replaces_older_ones(tmp_path: Pa
     import os
     import shutil
 
-    from lmcached.model import _remove_replaced, conversion_tag, converted_dir, default_gguf
+    from lmcached.engine.model import _remove_replaced, conversion_tag, converted_dir, default_gguf
 
     gguf = default_gguf()
     directory = converted_dir(gguf)

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from lmcached import netns
-from lmcached.redis_servers import RedisClusterProcs, RedisUnavailable, redis_server_binary
+from lmcached.fleet import netns
+from lmcached.fleet.redis_servers import RedisClusterProcs, RedisUnavailable, redis_server_binary
 
 from .conftest import ServeProcess, start_process, stop_serve
 

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lmcached.client import AsyncKVClient, KVClient
-from lmcached.frames import MAGIC, PREFIX, VERSION, Kind, encode_frame
+from lmcached.wire.frames import MAGIC, PREFIX, VERSION, Kind, encode_frame
 
 from .codec_helpers import relative_error
 from .conftest import (

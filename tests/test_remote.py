@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmcached.backends import REMOTE, Chunk
 from lmcached.client import AsyncKVClient
 from lmcached.errors import ConfigError
-from lmcached.redis_servers import RedisClusterProcs, RedisServer, RedisUnavailable, free_port, redis_server_binary
-from lmcached.remote import RemoteBackend, RemoteError, pack_value, parse_remote_url, unpack_value
-from lmcached.worker import Worker
+from lmcached.fleet.redis_servers import RedisClusterProcs, RedisServer, RedisUnavailable, free_port, redis_server_binary
+from lmcached.wire.chunk import REMOTE, Chunk
+from lmcached.wire.redis_url import parse_remote_url
+from lmcached.worker.instance import Worker
+from lmcached.worker.remote import RemoteBackend, RemoteError, pack_value, unpack_value
 
 from .codec_helpers import kv_like_real
 from .conftest import CPU, INSTANCE, make_kv, serving, test_config
@@ -113,7 +114,7 @@ def test_a_value_carries_its_chunk_and_any_damage_is_detected() -> None:
     chunk = Chunk(0xABC, 16, (2, 4, 16, 64), "float16", bytes(make_kv(16).numpy().tobytes()))
     value = pack_value(chunk)
     assert unpack_value(value, 0xABC) == chunk
-    from lmcached.remote import CorruptRemoteValue
+    from lmcached.worker.remote import CorruptRemoteValue
 
     for damaged in (value[:-1], value[:10], b"x" + value[1:], value[:-5] + b"\0\0\0\0\0"):
         with pytest.raises(CorruptRemoteValue):
@@ -122,7 +123,7 @@ def test_a_value_carries_its_chunk_and_any_damage_is_detected() -> None:
         unpack_value(value, 0xABD)
     decompressed = Chunk(0xABC, 16, (2, 4, 16, 64), "float16", chunk.data, lossy="cachegen")  # its lineage travels too
     assert unpack_value(pack_value(decompressed), 0xABC).lossy == "cachegen"
-    from lmcached.remote import _entry_from_head
+    from lmcached.worker.remote.values import entry_from_head as _entry_from_head
 
     assert _entry_from_head(pack_value(decompressed)[:4096]) == decompressed.entry
 
@@ -290,7 +291,7 @@ async def test_an_outage_queues_writes_serves_ram_then_catches_up(redis: RedisSe
     worker = await remote_worker(redis.url)
     try:
         remote = worker.backends[REMOTE]
-        caplog.set_level(logging.INFO, logger="lmcached.remote")
+        caplog.set_level(logging.INFO, logger="lmcached.worker.remote")
         redis.stop()
         tokens = list(range(16 * 6))
         kv = make_kv(len(tokens))
@@ -302,7 +303,7 @@ async def test_an_outage_queues_writes_serves_ram_then_catches_up(redis: RedisSe
         await wait_until(lambda: not remote.up)
         assert worker.storage.stats()[REMOTE]["write_queue_bytes"] > 0
         await asyncio.sleep(5)  # the event listener retries twice or more meanwhile: one log line per cause, not per retry
-        remote_lines = [r for r in caplog.records if r.name == "lmcached.remote" and "notifications unavailable" in r.getMessage()]
+        remote_lines = [r for r in caplog.records if r.name == "lmcached.worker.remote.evictions" and "notifications unavailable" in r.getMessage()]
         assert len(remote_lines) <= 1, [r.getMessage() for r in remote_lines]
         back = RedisServer(redis.port).start()
         try:

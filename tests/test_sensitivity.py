@@ -1,4 +1,4 @@
-"""Layer costs and the kvtc steps they set (lmcached.sensitivity), on the real model: what one layer's coding
+"""Layer costs and the kvtc steps they set (lmcached.engine.sensitivity), on the real model: what one layer's coding
 error costs, that the costs add up, and that the weighted steps spend the budget they were given."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 from lmcached.codecs.kvtc import Codebook, KvtcCodec
 
-from lmcached import sensitivity
+from lmcached.engine import sensitivity
 
 
 def test_steps_give_every_layer_an_equal_share_of_the_budget() -> None:
@@ -32,7 +32,7 @@ def probed() -> tuple[object, Codebook, sensitivity.Probe]:
     """SmolLM2, a codebook from two texts of the language reference and a probe on a third."""
     from pydoc_data.topics import topics
 
-    from lmcached.model import forward, kv_from_cache, load_model
+    from lmcached.engine.model import forward, kv_from_cache, load_model
 
     loaded = load_model()
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmcached.chunks import Shard, chunk_spans, shards
 from lmcached.client import AsyncKVClient
 from lmcached.errors import CodecError, InvalidRequest
-from lmcached.frames import Kind, read_frame, write_frame
-from lmcached.worker import Worker
+from lmcached.wire.chunks import Shard, chunk_spans, shards
+from lmcached.wire.frames import Kind, read_frame, write_frame
+from lmcached.worker.instance import Worker
 
 from .conftest import CPU, Running, serving, test_config
 

@@ -17,11 +17,11 @@ import torch
 
 from lmcached.client import AsyncKVClient, KVClient
 from lmcached.config import Config
+from lmcached.control.monitor import MonitorClient
 from lmcached.errors import ConfigError
-from lmcached.monitor import MonitorClient
 from lmcached.serve import Daemon
-from lmcached.tls import CLI_CA_ENV, client_context
-from lmcached.worker import Worker
+from lmcached.wire.tls import CLI_CA_ENV, client_context
+from lmcached.worker.instance import Worker
 
 from .conftest import INSTANCE, make_certificates, make_kv, test_config
 
@@ -86,7 +86,7 @@ async def test_the_controller_speaks_tls_on_both_ports(certs: dict[str, str], ca
         with pytest.raises(ConnectionError, match="speaks TLS"):
             await MonitorClient(f"127.0.0.1:{ports.monitor}").connect()
         plain = Worker(test_config(controller_url=f"127.0.0.1:{ports.monitor}", lmcache_instance_id="plain"))
-        with caplog.at_level(logging.WARNING, logger="lmcached.controller_link"):
+        with caplog.at_level(logging.WARNING, logger="lmcached.worker.controller_link"):
             await plain.start()
             try:
                 await asyncio.sleep(1.5)

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmcached.backends import CPU
 from lmcached.client import KVClient
 from lmcached.errors import InvalidRequest, LmcachedError
+from lmcached.wire.chunk import CPU
 
 from .conftest import Running, make_kv, serving, start_process, stop_serve, test_config
 
@@ -95,7 +95,7 @@ async def test_a_worker_can_refuse_shared_memory(tmp_path: Path) -> None:
 
 async def test_a_leased_block_is_not_reused_until_the_reader_lets_go(running: Running) -> None:
     """A shared-memory reader holds its blocks: a clear and new stores meanwhile write elsewhere."""
-    from lmcached.dataplane_shm import ShmSession
+    from lmcached.worker.dataplane_shm import ShmSession
 
     worker = running.daemon.worker
     assert worker is not None
@@ -118,9 +118,9 @@ async def test_a_leased_block_is_not_reused_until_the_reader_lets_go(running: Ru
 
 
 def chunks_of(tokens: list[int], kv: torch.Tensor) -> list:  # type: ignore[type-arg]
-    from lmcached.backends import Chunk
-    from lmcached.chunks import chunk_spans
-    from lmcached.tensors import byte_view
+    from lmcached.wire.chunk import Chunk
+    from lmcached.wire.chunks import chunk_spans
+    from lmcached.wire.tensors import byte_view
 
     out = []
     for span in chunk_spans(tokens, 16):
@@ -134,7 +134,7 @@ DIE_MID_WRITE = textwrap.dedent(
     """
     import os, sys, torch
     from lmcached.client import KVClient, _Store, _rows
-    from lmcached.frames import Kind, frame_parts, encode_head
+    from lmcached.wire.frames import Kind, frame_parts, encode_head
     address, transport = sys.argv[1], sys.argv[2]
     tokens = list(range(16 * 8))
     kv = torch.randn(2, 4, len(tokens), 64).half()
@@ -150,7 +150,7 @@ DIE_MID_WRITE = textwrap.dedent(
         block = c._arena.view(reply["offsets"][0], meta["nbytes"])
         block[: meta["nbytes"] // 2] = 7  # half of the first chunk written, then gone: no commit
     else:
-        sock = c._conn()
+        sock = c._conn().sock
         sock.sendall(store.head)
         sock.sendall(bytes(sum(m["nbytes"] for m in store.metas) // 2))  # half the payload, then gone
     print("written", flush=True)
@@ -232,29 +232,30 @@ def test_a_worker_killed_mid_transfer_is_an_error_never_torn_kv(tmp_path: Path, 
 def test_a_client_maps_each_stretch_of_the_arena_in_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """ArenaView populates a block's pages before a write, but never the same stretch twice (asking the kernel
     again walks the page tables, a cost on every store); a block across stretches maps all of them."""
-    import lmcached.arena as arena_module
+    import lmcached.wire.shm as shm_module
+    import lmcached.worker.arena as arena_module
 
-    arena = arena_module.Arena(8 * arena_module.REGION)
+    arena = arena_module.Arena(8 * shm_module.REGION)
     try:
-        view = arena_module.ArenaView(arena.shm)  # type: ignore[arg-type]
+        view = shm_module.ArenaView(arena.shm)  # type: ignore[arg-type]
         calls: list[tuple[int, int]] = []
-        real = arena_module.populate
-        monkeypatch.setattr(arena_module, "populate", lambda mm, start, length: calls.append((start, length)) or real(mm, start, length))
-        block = arena.alloc(3 * arena_module.REGION)  # from the header page on: spans four stretches
+        real = shm_module.populate
+        monkeypatch.setattr(shm_module, "populate", lambda mm, start, length: calls.append((start, length)) or real(mm, start, length))
+        block = arena.alloc(3 * shm_module.REGION)  # from the header page on: spans four stretches
         assert block is not None
         offset = arena.offset_of(block)
         assert offset is not None
         view.populate(offset, block.nbytes)
-        assert calls == [(0, 4 * arena_module.REGION)]
+        assert calls == [(0, 4 * shm_module.REGION)]
         view.populate(offset, block.nbytes)
         view.populate(offset + 100, 1000)
         assert len(calls) == 1  # already mapped: no call
         view.view(offset, block.nbytes)[:] = 7  # the client's writes are the worker's bytes
         assert int(block[0]) == 7 and int(block[-1]) == 7
-        later = arena.alloc(arena_module.REGION)
+        later = arena.alloc(shm_module.REGION)
         assert later is not None
         view.populate(arena.offset_of(later), later.nbytes)  # type: ignore[arg-type]
-        assert calls[1] == (4 * arena_module.REGION, arena_module.REGION)  # only the stretch not mapped yet
+        assert calls[1] == (4 * shm_module.REGION, shm_module.REGION)  # only the stretch not mapped yet
     finally:
         arena.close()
 
@@ -262,7 +263,7 @@ def test_a_client_maps_each_stretch_of_the_arena_in_once(monkeypatch: pytest.Mon
 def test_background_prefault_waits_while_a_store_writes() -> None:
     """The arena faults fresh pages in ahead of the stores in the background, but not while a store is
     writing into its blocks (it would take the cores and memory bandwidth from that copy); it catches up after."""
-    from lmcached.arena import Arena
+    from lmcached.worker.arena import Arena
 
     mb = 1024 * 1024
     arena = Arena(256 * mb)
@@ -287,7 +288,7 @@ def test_prefaulting_never_touches_a_byte_of_a_stored_block(monkeypatch: pytest.
     """Stores can run past the prefault frontier (the background thread runs only when the CPUs idle): faulting
     those pages in later must leave the chunks in them as they are — at a frontier that is not page-aligned
     (a proportional prefault of 2,000 bytes) and with or without the kernel's MADV_POPULATE_WRITE."""
-    import lmcached.arena as arena_module
+    import lmcached.worker.arena as arena_module
 
     if not kernel_populates:
         monkeypatch.setattr(arena_module, "populate", lambda mm, start, length: False)

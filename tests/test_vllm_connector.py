@@ -39,7 +39,7 @@ SAMPLED = 7  # the token every fake forward pass "samples"
 
 @pytest.fixture(scope="module")
 def model_dir() -> str:
-    from lmcached.model import converted_dir, default_gguf
+    from lmcached.engine.model import converted_dir, default_gguf
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return str(converted_dir(default_gguf()))  # vLLM's ModelConfig reads a real config.json

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="the vllm extra is not installed")
 
-from lmcached.integrations.vllm_server import (  # noqa: E402
+from lmcached.fleet.vllm_server import (  # noqa: E402
     TP3_ARGS,
     TP3_ENV,
     VllmServer,

@@ -13,10 +13,10 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import lmcached
 
@@ -105,13 +105,13 @@ def test_the_installed_wheel_imports_every_entry_point(installed: Path, tmp_path
 
     # What vLLM's kv_connector_module_path and the GPU check import, and the codecs' golden blobs.
     probe = textwrap.dedent(
-        f"""
+        """
         import importlib, json, lmcached
         from importlib import resources
         for name in ["lmcached.integrations.vllm", "lmcached.bench.gpu_check", "lmcached.tui.app", "lmcached.codecs.cachegen"]:
             importlib.import_module(name)
         golden = [p.name for p in resources.files("lmcached.codecs.golden").iterdir() if p.name.endswith(".bin")]
-        print(json.dumps({{"file": lmcached.__file__, "golden": len(golden)}}))
+        print(json.dumps({"file": lmcached.__file__, "golden": len(golden)}))
         """
     )
     done = run_installed(installed, "python", "-c", probe, cwd=tmp_path)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmcached.backends import Chunk, LocalDiskBackend
 from lmcached.client import AsyncKVClient
-from lmcached.worker import Worker
+from lmcached.wire.chunk import Chunk
+from lmcached.worker.backends import LocalDiskBackend
+from lmcached.worker.instance import Worker
 
 from .conftest import CPU, DISK, make_kv, test_config
 

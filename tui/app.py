@@ -221,8 +221,8 @@ class MonitorApp(App[None]):
     # ------------------------------------------------------------------ network (workers only)
     @work(exclusive=True, group="connection")
     async def watch_daemon(self) -> None:
-        from lmcached.monitor import MonitorClient
-        from lmcached.tls import client_context
+        from lmcached.control.monitor import MonitorClient
+        from lmcached.wire.tls import client_context
 
         delay = 0.5
         while True:

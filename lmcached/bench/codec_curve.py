@@ -14,7 +14,7 @@ from lmcached.bench.report import Report, progress
 def methods(book: object | None = None) -> dict[str, tuple[str, object]]:
     """Label -> (family, method): the curve's points, grouped into lines by family. kvtc's points need its
     codebook (learned from the tuning half)."""
-    from lmcached.bench.codec import codec_method, int8_per_token, lmcache_cachegen, lmcached_codec
+    from lmcached.bench.codec_quality import codec_method, int8_per_token, lmcache_cachegen, lmcached_codec
 
     points: dict[str, tuple[str, object]] = {
         f"cachegen quality {q}": ("lmcached cachegen", lmcached_codec("cachegen", quality=q)) for q in range(1, 10)
@@ -39,7 +39,7 @@ def methods(book: object | None = None) -> dict[str, tuple[str, object]]:
 
 def run(report: Report, loaded: object, data: list[object], book: object | None = None) -> None:
     """The curve over `data` (held-out samples, lmcached.bench.codec.Sample)."""
-    from lmcached.bench.codec import evaluate, summarize
+    from lmcached.bench.codec_quality import evaluate, summarize
 
     points = methods(book)
     lines: dict[str, dict[str, list[float]]] = {}

@@ -14,12 +14,12 @@ def calibrate(loaded: object, per_kind: int, weigh_layers: bool = True) -> Any:
     from costs probed on the first of each kind (the first SCORED tokens of its continuation scored). Without
     `weigh_layers` (`--quick`: the probing is most of the codec bench's time on a CPU) every layer keeps the
     same step, as a codebook learned from a worker's own chunks has."""
-    from lmcached import sensitivity
-    from lmcached.bench.codec import CHUNK, PREFIX, TOPICS, samples
+    from lmcached.bench.codec_quality import CHUNK, PREFIX, TOPICS, samples
     from lmcached.bench.heldout import KINDS, split
     from lmcached.bench.report import progress
-    from lmcached.calibrate import SCORED
     from lmcached.codecs.kvtc import Codebook
+    from lmcached.engine import sensitivity
+    from lmcached.engine.calibrate import SCORED
 
     tuning = {kind: samples(loaded, per_kind, split(kind, TOPICS)[0]) for kind in KINDS}
     book = Codebook.fit(s.kv[:, :, i : i + CHUNK] for texts in tuning.values() for s in texts for i in range(0, PREFIX, CHUNK))
@@ -37,7 +37,7 @@ def run(report: Report, loaded: object, book: Any, held_out: dict[str, list[Any]
     per kind for the record; returns the codec (its speed is timed beside cachegen's in
     `lmcached.bench.codec.speed`). A codebook whose layers were not `weighed` is reported without the targets,
     which are for the calibrated codebook."""
-    from lmcached.bench.codec import codec_method, evaluate, summarize
+    from lmcached.bench.codec_quality import codec_method, evaluate, summarize
     from lmcached.bench.report import progress
     from lmcached.codecs.kvtc import KvtcCodec
 

@@ -69,7 +69,7 @@ def run(report: Report, quick: bool = False) -> None:
     from lmcached.bench.loopback import LoopbackClient
     from lmcached.bench.report import progress
     from lmcached.client import KVClient, byte_view_writable
-    from lmcached.tensors import byte_view
+    from lmcached.wire.tensors import byte_view
 
     loop_proc, loop_port = start_loopback()
     repeats = 2 if quick else 4
@@ -171,7 +171,7 @@ def run(report: Report, quick: bool = False) -> None:
 def sweep_chunk_sizes(report: Report, client: Any, loop: Any, quick: bool) -> None:
     """Throughput against bytes per chunk (channels vary, 30 layers, 256 tokens, 16 chunks a request)."""
     from lmcached.client import byte_view_writable
-    from lmcached.tensors import byte_view
+    from lmcached.wire.tensors import byte_view
 
     xs, store_rates, retrieve_rates, loop_rates = [], [], [], []
     for channels in (32, 128, 512) if quick else (16, 64, 192, 512, 1024):

@@ -168,7 +168,7 @@ def save_chunks(directory: Path, count: int = 2) -> list[Path]:
     from pydoc_data.topics import topics
 
     from lmcached.codecs import get_codec
-    from lmcached.model import forward, kv_from_cache, load_model
+    from lmcached.engine.model import forward, kv_from_cache, load_model
 
     loaded = load_model()
     text = topics["execmodel"] + topics["assignment"]
@@ -343,12 +343,12 @@ def paged_moves(dev: Device, model: str, layout_name: str, packing: str, tokens:
 def worker_codes_on_gpu(dev: Device, book_chunks: list[torch.Tensor]) -> dict[str, Any]:
     """A worker's storage with `codec_device: auto` compresses on the GPU when torch sees one (in the simulator:
     inside `simulate_gpu`), and a retrieve decodes it back to the values the CPU decodes."""
-    from lmcached.backends import CPU, Chunk
     from lmcached.codecs import get_codec
     from lmcached.codecs.gpu import GPU_LANE_SIZE
     from lmcached.config import Config
-    from lmcached.storage import Storage
-    from lmcached.tensors import byte_view, from_bytes
+    from lmcached.wire.chunk import CPU, Chunk
+    from lmcached.wire.tensors import byte_view, from_bytes
+    from lmcached.worker.storage import Storage
 
     kv = book_chunks[0]
     chunk = Chunk(0x5EED, kv.shape[2], tuple(kv.shape), "float16", bytes(byte_view(kv)))

@@ -13,8 +13,8 @@ import numpy as np
 
 from lmcached.bench.dataplane import start_daemon
 from lmcached.bench.report import Report, progress
-from lmcached.chunks import chunk_spans
-from lmcached.frames import Kind, encode_frame
+from lmcached.wire.chunks import chunk_spans
+from lmcached.wire.frames import Kind, encode_frame
 
 CPU = "LocalCPUBackend"
 PROMPT = list(range(4096))  # a 4k-token prompt: 16 chunks

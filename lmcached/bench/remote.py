@@ -30,7 +30,7 @@ REMOTE = "RemoteBackend"
 def real_smollm2_kv(tokens: int) -> torch.Tensor | None:
     """SmolLM2's own KV [2, 30, tokens, 192] for real text, or None when the engine extra is not installed."""
     try:
-        from lmcached.model import forward, kv_from_cache, load_model
+        from lmcached.engine.model import forward, kv_from_cache, load_model
 
         loaded = load_model()
     except Exception:  # no transformers / no model wheel: the random stand-in is used and the row says so
@@ -43,8 +43,8 @@ def real_smollm2_kv(tokens: int) -> torch.Tensor | None:
 
 def chunk_list(kv: torch.Tensor, first_token: int) -> list[Any]:
     """The KV cut into raw 256-token chunks, keyed from `first_token` (keys of their own per run)."""
-    from lmcached.backends import Chunk
-    from lmcached.tensors import byte_view
+    from lmcached.wire.chunk import Chunk
+    from lmcached.wire.tensors import byte_view
 
     out = []
     for i, start in enumerate(range(0, kv.shape[2], CHUNK_TOKENS)):
@@ -58,7 +58,7 @@ def throughput(report: Report, url: str, port: int, quick: bool) -> None:
     import redis
 
     from lmcached.config import Config
-    from lmcached.storage import Storage
+    from lmcached.worker.storage import Storage
 
     repeats = 2 if quick else 4
     plans = [("SmolLM2-135M", 8 if quick else 16), ("Llama-3.1-8B", 2 if quick else 6)]
@@ -180,9 +180,9 @@ def start_engine(prefix: list[str], host: str, env: dict[str, str]) -> tuple[sub
 def cross_host_ttft(report: Report, quick: bool) -> None:
     import redis
 
-    from lmcached import netns
-    from lmcached.chunks import chunk_spans
-    from lmcached.redis_servers import RedisServer, free_port
+    from lmcached.fleet import netns
+    from lmcached.fleet.redis_servers import RedisServer, free_port
+    from lmcached.wire.chunks import chunk_spans
 
     hosts_ok = netns.available() is None
     repeats = 2 if quick else 3
@@ -242,7 +242,7 @@ def cross_host_ttft(report: Report, quick: bool) -> None:
 
 
 def run(report: Report, quick: bool = False) -> None:
-    from lmcached.redis_servers import RedisServer, RedisUnavailable, free_port, redis_server_binary
+    from lmcached.fleet.redis_servers import RedisServer, RedisUnavailable, free_port, redis_server_binary
 
     try:
         redis_server_binary()

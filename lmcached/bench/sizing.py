@@ -99,7 +99,7 @@ def run(report: Report, quick: bool = False) -> None:
 async def _measure(kv: Any) -> dict[str, float]:
     """Bytes held per raw byte in each tier, for the same chunks."""
     from lmcached.config import Config
-    from lmcached.storage import Storage
+    from lmcached.worker.storage import Storage
 
     chunks = chunk_list(kv, 1 << 40)
     raw = sum(c.nbytes for c in chunks)
@@ -126,8 +126,8 @@ async def _measure(kv: Any) -> dict[str, float]:
 async def _redis(chunks: list[Any], raw: int) -> dict[str, float]:
     """MEMORY USAGE of everything lmcached keeps in a private redis-server, per serde; nothing without one."""
     from lmcached.config import Config
-    from lmcached.redis_servers import RedisServer, RedisUnavailable, free_port, redis_server_binary
-    from lmcached.storage import Storage
+    from lmcached.fleet.redis_servers import RedisServer, RedisUnavailable, free_port, redis_server_binary
+    from lmcached.worker.storage import Storage
 
     try:
         redis_server_binary()

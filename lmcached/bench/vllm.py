@@ -16,7 +16,7 @@ from lmcached.bench.report import Report, median_spread, progress
 
 
 def run(report: Report, quick: bool = False) -> None:
-    from lmcached.integrations.vllm_server import TP3_ARGS, TP3_ENV, converted_model, free_port, free_ports, start_vllm
+    from lmcached.fleet.vllm_server import TP3_ARGS, TP3_ENV, converted_model, free_port, free_ports, start_vllm
 
     sizes = [1500] if quick else [512, 1500, 4000]
     repeats = 2 if quick else 3

@@ -11,9 +11,9 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from lmcached.chunks import WHOLE, Shard
 from lmcached.config import Config
-from lmcached.worker import Worker
+from lmcached.wire.chunks import WHOLE, Shard
+from lmcached.worker.instance import Worker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -18,7 +18,7 @@ paged cache and hands it to a background thread that stores it — the forward p
 A load that fails or comes back short marks the missing blocks, and vLLM recomputes them.
 
 With tensor parallelism each rank saves and loads only its own KV heads, as its part of every chunk under keys
-of its own (`lmcached.chunks.Shard`); each rank hosts its part of the instance on `lmcache_worker_port + rank`
+of its own (`lmcached.wire.chunks.Shard`); each rank hosts its part of the instance on `lmcache_worker_port + rank`
 (or uses the shared worker `lmcached_worker` names for it: one for all ranks, or one per rank), and the
 scheduler counts a prefix as cached only as far as every rank holds its part.
 
@@ -42,19 +42,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 
-from lmcached.backends import Chunk
-from lmcached.chunks import WHOLE, ChunkSpan, Shard, chunk_spans, shards
 from lmcached.client import KVClient
 from lmcached.config import Config, load_config
 from lmcached.errors import LmcachedError
-from lmcached.failover import address_list
-from lmcached.handshake import dialable_host
 from lmcached.integrations.hosted import HostedInstance
 from lmcached.integrations.paged import CacheWriter, LayoutError, PagedLayout
 from lmcached.integrations.vllm_metrics import LmcachedConnectorStats, LmcachedPromMetrics, Recorder
-from lmcached.storage import Storage
-from lmcached.tensors import byte_view, check_kv, dtype_from_name, dtype_name, from_bytes
-from lmcached.tls import dial_context
+from lmcached.wire.chunk import Chunk
+from lmcached.wire.chunks import WHOLE, ChunkSpan, Shard, chunk_spans, shards
+from lmcached.wire.handshake import address_list, dialable_host
+from lmcached.wire.tensors import byte_view, check_kv, dtype_from_name, dtype_name, from_bytes
+from lmcached.wire.tls import dial_context
+from lmcached.worker.storage import Storage
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -17,7 +17,7 @@ from typing import Any
 from vllm.config import VllmConfig
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats, PromMetric, PromMetricT
 
-from lmcached.usage import LATENCY_BUCKETS
+from lmcached.wire.usage import LATENCY_BUCKETS
 
 #: Counters: name -> help text (each is `vllm:lmcached_<name>_total` on /metrics).
 COUNTS = {
