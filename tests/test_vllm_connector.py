@@ -66,7 +66,15 @@ def known_kv(tokens: list[int], start: int, end: int) -> torch.Tensor:
 class Engine:
     """vLLM's scheduler and the connector's two sides, stepped by hand over a fake paged cache."""
 
-    def __init__(self, model_dir: str, address: str, num_blocks: int = 64, batch_tokens: int = 64, prefix_caching: bool = False) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        address: str,
+        num_blocks: int = 64,
+        batch_tokens: int = 64,
+        prefix_caching: bool = False,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         model = ModelConfig(model=model_dir, dtype="bfloat16", seed=0, max_model_len=1024)
         scheduler = SchedulerConfig(
             max_num_seqs=8, max_num_batched_tokens=batch_tokens, max_model_len=1024, enable_chunked_prefill=True, is_encoder_decoder=False
@@ -76,7 +84,7 @@ class Engine:
             kv_connector="LmcachedConnector",
             kv_connector_module_path="lmcached.integrations.vllm",
             kv_role="kv_both",
-            kv_connector_extra_config={"lmcached_worker": address},
+            kv_connector_extra_config={"lmcached_worker": address, **(extra or {})},
         )
         self.config = VllmConfig(
             model_config=model,
@@ -143,6 +151,7 @@ class Engine:
             # A step that does not finish the prompt samples nothing.
             sampled[req_id] = [SAMPLED] if start + count >= request.num_prompt_tokens else []
         self.worker.wait_for_save()
+        _, recving = self.worker.get_finished(set())  # in vLLM's order: finished loads, then the blocks that failed
         errors = self.worker.get_block_ids_with_load_errors()
         self.worker.clear_connector_metadata()
         ids = list(output.num_scheduled_tokens)
@@ -150,7 +159,7 @@ class Engine:
             req_ids=ids,
             req_id_to_index={r: i for i, r in enumerate(ids)},
             sampled_token_ids=[sampled[r] for r in ids],
-            kv_connector_output=KVConnectorOutput(invalid_block_ids=errors) if errors else None,
+            kv_connector_output=KVConnectorOutput(finished_recving=recving, invalid_block_ids=errors) if errors or recving else None,
         )
         self.scheduler.update_from_output(output, runner)
         return output
@@ -161,6 +170,9 @@ class Engine:
                 return
             self.step()
         raise AssertionError("requests did not finish")
+
+    def loaded(self) -> None:
+        self.worker._worker.loader.submit(lambda: None).result()  # the background loads queued so far are done
 
     def saved(self) -> None:
         self.worker._worker.saves.join()  # the background stores have landed
@@ -354,5 +366,59 @@ def test_with_vllms_own_prefix_cache_only_the_rest_is_loaded(model_dir: str, ins
         assert (load.start, load.end) == (64, 79)  # blocks 0-1 from vLLM's own cache, tokens 64-78 from lmcached
         assert output.scheduled_new_reqs[0].num_computed_tokens == 79
         assert torch.equal(engine.paged_kv("b", 80), known_kv(PROMPT, 0, 80))
+    finally:
+        engine.close()
+
+
+def test_an_async_load_keeps_the_request_waiting_until_its_kv_has_arrived(model_dir: str, instance: HostedInstance) -> None:
+    """lmcached_load_async: vLLM parks the request (WAITING_FOR_REMOTE_KVS) while a thread of the connector loads
+    its KV, and schedules it once get_finished says so: the step that admits it never waits for the load."""
+    assert instance.worker is not None
+    engine = Engine(model_dir, instance.worker.data_plane.address, extra={"lmcached_load_async": True})
+    try:
+        engine.add("a", PROMPT)
+        engine.run()
+        engine.saved()
+        second = engine.add("b", PROMPT)
+        output = engine.step()
+        assert output.scheduled_new_reqs == [] and second.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+        (load,) = engine.metas[-1].loads
+        assert load.background and (load.req_id, load.start, load.end) == ("b", 0, 79)
+        engine.loaded()
+        output = engine.step()  # this step's end reports the load finished (a step's end is when vLLM asks)...
+        assert output.scheduled_new_reqs == []
+        output = engine.step()  # ...and the next one schedules the request, its prompt all but computed
+        assert [r.req_id for r in output.scheduled_new_reqs] == ["b"]
+        assert output.scheduled_new_reqs[0].num_computed_tokens == 79 and output.num_scheduled_tokens["b"] == 1
+        assert torch.equal(engine.paged_kv("b", 80), known_kv(PROMPT, 0, 80))
+        engine.run()
+        assert second.status == RequestStatus.FINISHED_LENGTH_CAPPED
+    finally:
+        engine.close()
+
+
+def test_an_async_load_that_fails_is_recomputed_never_served(model_dir: str, instance: HostedInstance) -> None:
+    assert instance.worker is not None
+    engine = Engine(model_dir, instance.worker.data_plane.address, extra={"lmcached_load_async": True})
+    try:
+        engine.add("a", PROMPT)
+        engine.run()
+        engine.saved()
+        victim = engine.add("b", PROMPT)
+
+        def evict_everything() -> None:  # between the lookup and the load, lmcached loses the chunks
+            assert instance.worker is not None
+            instance.call(instance.worker.storage.execute("clear", {"location": "LocalCPUBackend", "keys": None}))
+
+        engine.step(before_load=evict_everything)
+        engine.loaded()
+        for _ in range(4):  # reported finished with its blocks marked failed: vLLM recomputes the prompt
+            engine.step()
+            if victim.num_computed_tokens >= 80:
+                break
+        assert victim.num_computed_tokens >= 80
+        assert torch.equal(engine.paged_kv("b", 80), known_kv(PROMPT, 0, 80))
+        engine.run()
+        assert victim.status == RequestStatus.FINISHED_LENGTH_CAPPED
     finally:
         engine.close()

@@ -166,6 +166,25 @@ def test_a_dead_lmcached_never_fails_a_request(model: str) -> None:
         vllm.stop()
 
 
+def test_an_async_load_gives_the_same_greedy_text(model: str) -> None:
+    """lmcached_load_async: real vLLM parks the request while the connector's thread loads its KV, then runs it
+    from the loaded prefix: the very same greedy text as the miss, the hit counted on vLLM's /metrics."""
+    shared = start_serve()
+    vllm = start_vllm(model, extra_config={"lmcached_worker": shared.data, "lmcached_load_async": True}, lmcache_config={"chunk_size": 256})
+    try:
+        tokens = vllm.tokenize(LONG_PROMPT)
+        miss = vllm.complete(LONG_PROMPT, 12)
+        assert miss["cached_tokens"] == 0
+        assert wait_for(lambda: post(shared, "/lookup", {"tokens": tokens})["layout_info"], 30)
+        hit = vllm.complete(LONG_PROMPT, 12)
+        assert hit == {"text": miss["text"], "cached_tokens": len(tokens) - 1}
+        assert wait_for(lambda: vllm.metric("vllm:lmcached_load_tokens_total") >= len(tokens) - 1 or None, 30)
+        assert vllm.metric("vllm:lmcached_load_failed_tokens_total") == 0
+    finally:
+        vllm.stop()
+        stop_serve(shared)
+
+
 def test_an_fp8_kv_cache_is_stored_bit_exact_and_reused(model: str) -> None:
     """vLLM with --kv-cache-dtype fp8 (its CPU build runs fp8 caches on AVX-512/AMX): the connector stores the
     cache's fp8 bytes as float8_e4m3fn chunks, a hit gives the miss's greedy text, lossless compression keeps

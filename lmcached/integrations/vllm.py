@@ -77,7 +77,8 @@ MAX_PENDING_SAVES = 64
 # ---------------------------------------------------------------------------------------------- metadata
 @dataclass
 class LoadSpec:
-    """Load tokens [start, end) of the prompt `token_ids` into the request's blocks before this step's forward pass."""
+    """Load tokens [start, end) of the prompt `token_ids` into the request's blocks: before this step's forward
+    pass, or (`background`) while vLLM keeps the request waiting, until get_finished says it has arrived."""
 
     req_id: str
     token_ids: list[int]
@@ -85,6 +86,7 @@ class LoadSpec:
     block_ids: list[int]
     start: int
     end: int
+    background: bool = False
 
 
 @dataclass
@@ -124,6 +126,9 @@ class LmcachedConnector(KVConnectorBase_V1):
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         self.config: Config = load_config(None, {})
         self.shared_worker: str | None = extra.get("lmcached_worker")
+        #: Load a hit while vLLM keeps the request waiting (it schedules the request once the KV has arrived),
+        #: instead of inside the step that first schedules it, before that step's forward pass.
+        self.load_async = bool(extra.get("lmcached_load_async", False))
         self.block_size = _block_size(vllm_config, kv_cache_config)
         parallel = vllm_config.parallel_config
         if parallel.pipeline_parallel_size != 1:
@@ -162,10 +167,12 @@ class LmcachedConnector(KVConnectorBase_V1):
 
     # -- scheduler side
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        return self._scheduler.matched(request, num_computed_tokens), False
+        matched = self._scheduler.matched(request, num_computed_tokens)
+        return matched, self.load_async and matched > 0
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
-        self._scheduler.allocated(request, num_external_tokens)
+        block_ids = list(blocks.get_block_ids()[0]) if self.load_async and num_external_tokens > 0 else None
+        self._scheduler.allocated(request, num_external_tokens, block_ids)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         return self._scheduler.build(scheduler_output)
@@ -195,7 +202,7 @@ class LmcachedConnector(KVConnectorBase_V1):
         self._worker.save(metadata.saves)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, None  # loads are synchronous and saves never hold blocks
+        return None, self._worker.take_finished_loads()  # (saves never hold blocks)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors()
@@ -243,6 +250,7 @@ class _SchedulerSide:
         self._down_until = 0.0
         self.tracked: dict[str, _Tracked] = {}
         self.pending_loads: dict[str, tuple[int, int]] = {}  # req_id -> token range to load
+        self.background_loads: list[LoadSpec] = []  # async loads planned since the last step
 
     def _lookup(self, tokens: list[int], salt: str | None) -> int:
         """Tokens of `tokens` lmcached holds; 0 when it cannot be reached (vLLM then just computes)."""
@@ -282,13 +290,20 @@ class _SchedulerSide:
         usable = min(cached, request.num_tokens - 1)
         return max(0, usable - num_computed_tokens)
 
-    def allocated(self, request: Request, num_external_tokens: int) -> None:
+    def allocated(self, request: Request, num_external_tokens: int, block_ids: list[int] | None = None) -> None:
+        """vLLM gave the request its blocks; with `block_ids` (an async load) the load is planned now, since the
+        request is not scheduled until its KV has arrived."""
         tracked = self.tracked.get(request.request_id)
         if num_external_tokens > 0 and tracked is not None:
-            self.pending_loads[request.request_id] = (tracked.local, tracked.local + num_external_tokens)
+            span = (tracked.local, tracked.local + num_external_tokens)
+            if block_ids is None:
+                self.pending_loads[request.request_id] = span
+            else:
+                self.background_loads.append(LoadSpec(request.request_id, tracked.token_ids, tracked.salt, block_ids, *span, background=True))
 
     def build(self, output: SchedulerOutput) -> LmcachedConnectorMetadata:
-        meta = LmcachedConnectorMetadata()
+        meta = LmcachedConnectorMetadata(loads=self.background_loads)
+        self.background_loads = []
         for new in output.scheduled_new_reqs:
             tracked = self.tracked.get(new.req_id)
             if tracked is None:
@@ -348,6 +363,11 @@ class _WorkerSide:
         # halves the time a load holds up the forward pass on two cores.
         self.pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="lmcached-kv")
         self.load_errors: set[int] = set()
+        # Async loads run on a thread of their own, with a connection of their own; what they finished (and the
+        # blocks they could not fill, recorded first) is handed to vLLM under this lock.
+        self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcached-loader")
+        self.finished_loads: set[str] = set()
+        self._results = threading.Lock()
         self.hosted: HostedInstance | None = None
         if not connector.shared_worker:
             self.hosted = HostedInstance(connector.config, connector.shard)
@@ -355,6 +375,7 @@ class _WorkerSide:
             rank = f" (tensor-parallel rank {connector.shard.rank} of {connector.world})" if connector.world > 1 else ""
             log.info("lmcached instance %s serving on %s inside vLLM%s", connector.config.lmcache_instance_id, address, rank)
         self.kv: _KVAccess = _SocketKV(connector) if self.hosted is None else _InProcessKV(connector.config, self.hosted, connector.shard)
+        self.loader_kv: _KVAccess = _SocketKV(connector) if self.hosted is None else self.kv  # (in-process access is thread-safe)
         self.saves: queue.Queue[tuple[SaveSpec, torch.Tensor] | None] = queue.Queue(MAX_PENDING_SAVES)
         self.saver = threading.Thread(target=self._save_loop, name="lmcached-saver", daemon=True)
         self.saver.start()
@@ -384,31 +405,50 @@ class _WorkerSide:
         )
 
     def load(self, loads: list[LoadSpec]) -> None:
-        recorder = self.connector.recorder
         for spec in loads:
-            loaded = spec.start
-            started = time.perf_counter()
-            try:
-                loaded = self._load_one(spec)
-            except (OSError, LmcachedError, LayoutError, RuntimeError, TimeoutError) as exc:
-                log.warning("loading %d tokens of request %s failed (%s); vLLM recomputes them", spec.end - spec.start, spec.req_id, exc)
-                self.kv.reset()
-            recorder.time("load", time.perf_counter() - started)
-            if loaded > spec.start:
-                assert self.layout is not None
-                recorder.count("loads")
-                recorder.count("load_tokens", loaded - spec.start)
-                recorder.count("load_bytes", (loaded - spec.start) * self.layout.bytes_per_token)
-            if loaded < spec.end:
-                recorder.count("load_failed_tokens", spec.end - loaded)  # evicted, corrupt or unreachable since the lookup: these blocks must be recomputed
-                first, last = loaded // self.connector.block_size, (spec.end - 1) // self.connector.block_size
+            if spec.background:
+                self.loader.submit(self._load_in_background, spec)
+            else:
+                self._load_and_count(spec, self.kv)
+
+    def _load_in_background(self, spec: LoadSpec) -> None:
+        try:
+            self._load_and_count(spec, self.loader_kv)
+        finally:  # loaded, short or failed: vLLM must hear of it (it frees an aborted request's blocks only then)
+            with self._results:
+                self.finished_loads.add(spec.req_id)
+
+    def take_finished_loads(self) -> set[str] | None:
+        with self._results:
+            finished, self.finished_loads = self.finished_loads, set()
+        return finished or None
+
+    def _load_and_count(self, spec: LoadSpec, kv: _KVAccess) -> None:
+        recorder = self.connector.recorder
+        loaded = spec.start
+        started = time.perf_counter()
+        try:
+            loaded = self._load_one(spec, kv)
+        except (OSError, LmcachedError, LayoutError, RuntimeError, TimeoutError) as exc:
+            log.warning("loading %d tokens of request %s failed (%s); vLLM recomputes them", spec.end - spec.start, spec.req_id, exc)
+            kv.reset()
+        recorder.time("load", time.perf_counter() - started)
+        if loaded > spec.start:
+            assert self.layout is not None
+            recorder.count("loads")
+            recorder.count("load_tokens", loaded - spec.start)
+            recorder.count("load_bytes", (loaded - spec.start) * self.layout.bytes_per_token)
+        if loaded < spec.end:
+            recorder.count("load_failed_tokens", spec.end - loaded)  # evicted, corrupt or unreachable since the lookup: these blocks must be recomputed
+            first, last = loaded // self.connector.block_size, (spec.end - 1) // self.connector.block_size
+            with self._results:  # before the request is reported finished (vLLM reads errors after finished loads)
                 self.load_errors.update(spec.block_ids[first : last + 1])
 
-    def _load_one(self, spec: LoadSpec) -> int:
+    def _load_one(self, spec: LoadSpec, kv: _KVAccess) -> int:
         """Place what lmcached returns for [start, end) in the paged cache; the end of what was placed."""
         assert self.layout is not None
         started = time.perf_counter()
-        pieces = self.kv.retrieve(spec.token_ids, spec.salt)
+        pieces = kv.retrieve(spec.token_ids, spec.salt)
         fetched = time.perf_counter()
         available = spec.start
         for first, piece in pieces:  # consecutive pieces of the cached prefix, from token 0
@@ -428,7 +468,8 @@ class _WorkerSide:
         return available
 
     def take_load_errors(self) -> set[int]:
-        errors, self.load_errors = self.load_errors, set()
+        with self._results:
+            errors, self.load_errors = self.load_errors, set()
         return errors
 
     def save(self, saves: list[SaveSpec]) -> None:
@@ -476,6 +517,8 @@ class _WorkerSide:
         self._shut = True
         self.saves.put(None)  # after what is queued: those saves still land
         self.saver.join(30)
+        self.loader.shutdown(wait=True)
+        self.loader_kv.reset()
         self.kv.reset()
         self.pool.shutdown()
         if self.hosted is not None:
