@@ -9,16 +9,12 @@ server, two servers per mode, the modes alternated. Prints one line per server a
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.conftest's daemon helpers
-
-from lmcached.fleet.vllm_server import MODEL_NAME, converted_model, start_vllm  # noqa: E402
-from tests.conftest import start_serve, stop_serve  # noqa: E402
+from lmcached.bench.dataplane import start_daemon
+from lmcached.fleet.vllm_server import MODEL_NAME, converted_model, start_vllm
 
 CORPUS = " ".join(f"Sentence {i} about caches, keys, values and the prompts that reuse them." for i in range(400))
 
@@ -38,8 +34,8 @@ def main() -> None:
     model = converted_model()
     results: dict[str, list[list[tuple[float, float]]]] = {}
     for load_async in (False, True, False, True):
-        shared = start_serve()
-        extra = {"lmcached_worker": shared.data, "lmcached_load_async": load_async}
+        shared, ports = start_daemon()
+        extra = {"lmcached_worker": f"127.0.0.1:{ports['data']}", "lmcached_load_async": load_async}
         vllm = start_vllm(model, extra_config=extra, lmcache_config={"chunk_size": 256})
         try:
             tokens = vllm.tokenize(CORPUS)
@@ -66,7 +62,8 @@ def main() -> None:
             print(f"{mode}: (hit TTFT, miss TTFT) in s: {pairs}", flush=True)
         finally:
             vllm.stop()
-            stop_serve(shared)
+            shared.terminate()
+            shared.wait(30)
     print(json.dumps(results))
 
 
