@@ -2,13 +2,15 @@
 arrives together with a long miss answer sooner? Real vLLM (the CPU build, its prefix cache off), a shared
 `lmcached serve`; a 2,000-token miss and a 1,500-token hit sent 10 ms apart; the TTFT of each, three pairs per
 server, two servers per mode, the modes alternated. Prints one line per server and the JSON of all pairs.
+With --hit-first the hit is sent 10 ms before the miss instead of after it.
 
-    .venv/bin/python scripts/hit_beside_a_miss.py
+    .venv/bin/python scripts/hit_beside_a_miss.py [--hit-first]
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 import urllib.request
@@ -31,6 +33,7 @@ def first_token(url: str, prompt: list[int], out: dict[str, float], key: str) ->
 
 
 def main() -> None:
+    hit_first = "--hit-first" in sys.argv[1:]
     model = converted_model()
     results: dict[str, list[list[tuple[float, float]]]] = {}
     for load_async in (False, True, False, True):
@@ -50,9 +53,10 @@ def main() -> None:
                 vllm.ttft([1], wake=False)  # an awake server (see VllmServer.ttft)
                 long = threading.Thread(target=first_token, args=(vllm.url, miss, out, "miss"))
                 short = threading.Thread(target=first_token, args=(vllm.url, hit, out, "hit"))
-                long.start()
+                first, second = (short, long) if hit_first else (long, short)
+                first.start()
                 time.sleep(0.01)
-                short.start()
+                second.start()
                 long.join()
                 short.join()
                 pairs.append((round(out["hit"], 3), round(out["miss"], 3)))
