@@ -273,8 +273,9 @@ class ChunkIndex:
         """location -> the prefix of `spans` whose every rank's part the instance holds there."""
         matched: dict[str, int] = {}
         candidates: set[str] | None = None
+        ranks = shards(self.world_size(instance_id))
         for span in spans:
-            for shard in shards(self.world_size(instance_id)):
+            for shard in ranks:
                 holders = self._holders.get(shard.key(span.key), ())
                 present = {h[2] for h in holders if instance_id in self._instances_of(h)}
                 candidates = present if candidates is None else candidates & present
@@ -300,7 +301,8 @@ class ChunkIndex:
         num_tokens = 0
         ranks = shards(self.world_size(instance_id))
         for span in spans:
-            parts = [(shard.key(span.key), self._holding_worker(instance_id, location, shard.key(span.key))) for shard in ranks]
+            part_keys = [shard.key(span.key) for shard in ranks]
+            parts = [(key, self._holding_worker(instance_id, location, key)) for key in part_keys]
             if any(holder is None for _, holder in parts):
                 break
             for key, holder in parts:
