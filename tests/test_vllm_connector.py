@@ -202,6 +202,12 @@ def cached(instance: HostedInstance, tokens: list[int], salt: str | None = None)
 PROMPT = list(range(1000, 1080))  # 80 tokens: two whole chunks and a partial one
 
 
+def evict_everything(instance: HostedInstance) -> None:
+    """Empty the instance's RAM tier (the tests call it between the scheduler's lookup and the worker's load)."""
+    assert instance.worker is not None
+    instance.call(instance.worker.storage.execute("clear", {"location": "LocalCPUBackend", "keys": None}))
+
+
 def test_a_prompt_stored_by_one_request_is_loaded_into_the_next(engine: Engine, instance: HostedInstance) -> None:
     first = engine.add("a", PROMPT)
     engine.run()
@@ -275,11 +281,7 @@ def test_a_load_that_fails_is_recomputed_never_served(engine: Engine, instance: 
     engine.saved()
     victim = engine.add("b", PROMPT)
 
-    def evict_everything() -> None:  # between the lookup and the load, lmcached loses the chunks
-        assert instance.worker is not None
-        instance.call(instance.worker.storage.execute("clear", {"location": "LocalCPUBackend", "keys": None}))
-
-    engine.step(before_load=evict_everything)
+    engine.step(before_load=lambda: evict_everything(instance))  # between the lookup and the load, lmcached loses the chunks
     assert engine.metas[-1].loads  # a load was planned...
     assert victim.num_computed_tokens < 79  # ...failed, and vLLM rolled the request back to recompute
     while victim.num_computed_tokens < 80:  # the recompute (a 64-token batch: two steps)
@@ -406,11 +408,7 @@ def test_an_async_load_that_fails_is_recomputed_never_served(model_dir: str, ins
         engine.saved()
         victim = engine.add("b", PROMPT)
 
-        def evict_everything() -> None:  # between the lookup and the load, lmcached loses the chunks
-            assert instance.worker is not None
-            instance.call(instance.worker.storage.execute("clear", {"location": "LocalCPUBackend", "keys": None}))
-
-        engine.step(before_load=evict_everything)
+        engine.step(before_load=lambda: evict_everything(instance))
         engine.loaded()
         for _ in range(4):  # reported finished with its blocks marked failed: vLLM recomputes the prompt
             engine.step()
