@@ -47,6 +47,14 @@ class Daemon:
         self.ports: Ports | None = None
 
     async def start(self) -> Ports:
+        """Open every port and start the embedded instance; on a failure, what was opened is closed again."""
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> Ports:
         config = self.config
         self._runner = web.AppRunner(self.controller.app(), access_log=None, handle_signals=False)
         await self._runner.setup()
