@@ -22,7 +22,7 @@ import torch
 
 from lmcached.errors import InvalidRequest, LmcachedError, ProtocolError, Unauthorized
 from lmcached.wire.chunk import Chunk
-from lmcached.wire.chunks import WHOLE, ChunkSpan, Shard, chunk_spans
+from lmcached.wire.chunks import WHOLE, ChunkSpan, Shard, chunk_spans, tokens_array
 from lmcached.wire.dataplane import CLIENT_ROLE, chunk_headers
 from lmcached.wire.frame_socket import FrameSocket
 from lmcached.wire.frames import (
@@ -65,7 +65,7 @@ class _Staging:
 class _Store:
     """A STORE frame for spans of `kv`: its head now, each chunk's bytes staged just before it is sent."""
 
-    def __init__(self, spans: list[ChunkSpan], kv: torch.Tensor, req_id: int) -> None:
+    def __init__(self, spans: list[ChunkSpan], kv: torch.Tensor, req_id: int, lineage: dict[int, dict[str, Any]] | None = None) -> None:
         self.spans, self.kv = spans, kv
         dtype = dtype_name(kv.dtype)
         _, layers, _, channels = kv.shape
@@ -78,6 +78,7 @@ class _Store:
                 "dtype": dtype,
                 "method": None,
                 "nbytes": 2 * layers * s.num_tokens * channels * item,
+                **(lineage[s.key] if lineage is not None else {}),
             }
             for s in spans
         ]
@@ -89,6 +90,18 @@ class _Store:
             staged = staging.tensor(part.shape, part.dtype)
             staged.copy_(part)
             yield byte_view(staged)
+
+
+def _lineage(spans: list[ChunkSpan], tokens: Sequence[int], salt: str | None) -> dict[int, dict[str, Any]]:
+    """Each chunk's parent key and tokens (and the salt), for a worker that publishes KV events: routers
+    rebuild keys from the tokens."""
+    arr = tokens_array(tokens)
+    out: dict[int, dict[str, Any]] = {}
+    parent = None
+    for span in spans:
+        out[span.key] = {"parent": parent, "tokens": arr[span.start : span.end].tolist(), **({"salt": salt} if salt is not None else {})}
+        parent = span.key
+    return out
 
 
 class _Retrieve:
@@ -178,6 +191,7 @@ class KVClient:
         self._req_ids = itertools.count(1)
         self.chunk_size = 256
         self.save_unfull_chunk = True
+        self.kv_events = False
 
     def __enter__(self) -> KVClient:
         self.connect()
@@ -210,6 +224,7 @@ class KVClient:
             raise
         self.chunk_size = int(welcome["chunk_size"])
         self.save_unfull_chunk = bool(welcome.get("save_unfull_chunk", True))
+        self.kv_events = bool(welcome.get("kv_events", False))  # the worker publishes events: send tokens with chunks
         self._arena = None
         offer = welcome.get("shm")
         if self._want_shm and isinstance(offer, dict):
@@ -242,12 +257,13 @@ class KVClient:
         (stored now, or found there). `salt` keys a tenant's chunks apart (vLLM's cache_salt)."""
         kv = check_kv(kv, len(tokens))
         spans = self.spans(tokens, salt)
+        lineage = _lineage(spans, tokens, salt) if self.kv_events else None
         held = self._held(spans) if dedupe and any(s.end > skip_tokens for s in spans) else 0
         found = sum(s.num_tokens for s in spans if s.end <= held)
         spans = [s for s in spans if s.end > max(skip_tokens, held)]
         if not spans:
             return found
-        store = _Store(spans, kv, next(self._req_ids))
+        store = _Store(spans, kv, next(self._req_ids), lineage)
         if self._arena is not None:
             stored = self._store_shm(store, kv)
             if stored is not None:
@@ -403,6 +419,7 @@ class AsyncKVClient:
         self._req_ids = itertools.count(1)
         self.chunk_size = 256
         self.save_unfull_chunk = True
+        self.kv_events = False
 
     async def __aenter__(self) -> AsyncKVClient:
         await self.connect()
@@ -430,6 +447,7 @@ class AsyncKVClient:
             raise
         self.chunk_size = int(welcome["chunk_size"])
         self.save_unfull_chunk = bool(welcome.get("save_unfull_chunk", True))
+        self.kv_events = bool(welcome.get("kv_events", False))  # the worker publishes events: send tokens with chunks
 
     async def close(self) -> None:
         if self._stream is not None:
@@ -448,6 +466,7 @@ class AsyncKVClient:
         holds through this call (stored now, or found there)."""
         kv = check_kv(kv, len(tokens))
         spans = self.spans(tokens, salt)
+        lineage = _lineage(spans, tokens, salt) if self.kv_events else None
         async with self._lock:
             held = 0
             if dedupe and any(s.end > skip_tokens for s in spans):
@@ -457,7 +476,7 @@ class AsyncKVClient:
             spans = [s for s in spans if s.end > max(skip_tokens, held)]
             if not spans:
                 return found
-            store = _Store(spans, kv, next(self._req_ids))
+            store = _Store(spans, kv, next(self._req_ids), lineage)
             stream = self._conn()
             await stream.sendall([store.head])
             for view in store.chunks(self._staging):

@@ -18,6 +18,7 @@ from lmcached.errors import ConfigError
 log = logging.getLogger(__name__)
 
 if typing.TYPE_CHECKING:
+    from lmcached.wire.kv_events import KVEventsSettings
     from lmcached.wire.redis_url import RemoteURL
 
 ENV_PREFIX = "LMCACHE_"
@@ -77,6 +78,10 @@ class Config:
     # the other controllers of a failover group, HTTP HOST:PORT, comma-separated: this one stands by while one is active
     controller_peers: str | None = None
     failover_after_s: float = 3.0  # a standby takes over once no controller of its group has been active this long
+    # publish this worker's tiers as KV events in vLLM's ZMQ format (docs/kv-events.md): a mapping of vLLM's
+    # KVEventsConfig fields (enable_kv_cache_events, publisher, endpoint, replay_endpoint, buffer_steps, hwm, topic)
+    kv_events: dict | None = None
+    enable_kv_events: bool = False  # LMCache's switch: publish KV events with vLLM's defaults (tcp://*:5557) when kv_events is unset
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -127,6 +132,7 @@ class Config:
                     parse_address(address.strip().split("://")[-1], default_port)
                 except InvalidRequest as exc:
                     raise ConfigError(f"{key}: {exc}", key) from None
+        _ = self.kv_events_settings  # a malformed kv_events fails here, at start-up
         if not self.controller_url.strip(", "):
             raise ConfigError("controller_url needs at least one HOST:PORT", "controller_url")
 
@@ -139,6 +145,13 @@ class Config:
 
         parsed = parse_remote_url(self.remote_url)
         return dataclasses.replace(parsed, tls_ca=self.remote_tls_ca, tls_cert=self.remote_tls_cert, tls_key=self.remote_tls_key)
+
+    @property
+    def kv_events_settings(self) -> KVEventsSettings | None:
+        """What to publish KV events with, or None when they are off."""
+        from lmcached.wire.kv_events import parse_kv_events
+
+        return parse_kv_events(self.kv_events, self.enable_kv_events)
 
     @property
     def local_disk_path(self) -> Path | None:
@@ -190,6 +203,16 @@ def coerce(key: str, value: Any, *, from_text: bool = False) -> Any:
             if lowered in ("0", "false", "no", "off"):
                 return False
             raise ConfigError(f"configuration key {key!r} must be true or false, got {text!r}", key)
+        if kind is dict:  # a mapping in an environment variable: JSON
+            import json
+
+            try:
+                value = json.loads(text)
+            except ValueError:
+                raise ConfigError(f"configuration key {key!r} must be a JSON object, got {text!r}", key) from None
+            if not isinstance(value, dict):
+                raise ConfigError(f"configuration key {key!r} must be a JSON object, got {text!r}", key)
+            return value
         try:
             return kind(text)
         except ValueError:
@@ -202,7 +225,8 @@ def coerce(key: str, value: Any, *, from_text: bool = False) -> Any:
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"configuration key {key!r} must be an integer, got {value!r}", key)
     if not isinstance(value, kind):
-        raise ConfigError(f"configuration key {key!r} must be {kind.__name__}, got {value!r}", key)
+        what = "a mapping" if kind is dict else kind.__name__
+        raise ConfigError(f"configuration key {key!r} must be {what}, got {value!r}", key)
     return value
 
 

@@ -85,6 +85,8 @@ class DataPlaneServer:
                 **self.identity,
                 "save_unfull_chunk": self.config.save_unfull_chunk,
             }
+            if self.storage.kv_events is not None:
+                welcome["kv_events"] = True  # send each chunk's tokens and parent with it: its events carry them
             shm_info = self.storage.arena.shm if self.storage.arena is not None else None
             if shm_info is not None and self.config.shared_memory:
                 welcome["shm"] = shm_info.as_wire()  # a client on this host may map the arena
@@ -196,6 +198,7 @@ class DataPlaneServer:
         metas = chunk_headers(header)
         if sum(m["nbytes"] for m in metas) != payload_len:
             raise ProtocolError("chunk sizes do not add up to the payload length")
+        self.storage.learn_lineage(metas)
         for meta in metas:
             if meta.get("method") is None and raw_nbytes(tuple(meta["shape"]), meta["dtype"]) != meta["nbytes"]:
                 raise ProtocolError(f"chunk {meta['key']:016x}: {meta['nbytes']} bytes do not match shape {meta['shape']}")

@@ -44,6 +44,7 @@ class ShmSession:
         if arena is None or location not in (None, CPU):
             return {"fallback": True}
         chunks: list[Chunk] = []
+        self.storage.learn_lineage(metas)
         for meta in metas:
             if meta.get("method") is None and raw_nbytes(tuple(meta["shape"]), meta["dtype"]) != meta["nbytes"]:
                 raise ProtocolError(f"chunk {meta['key']:016x}: {meta['nbytes']} bytes do not match shape {meta['shape']}")

@@ -53,6 +53,8 @@ class Worker:
         self.instance_id = instance_id or config.lmcache_instance_id
         self.worker_id = worker_id or new_worker_id()
         self.storage = Storage(config, self.instance_id, executor)
+        if self.storage.kv_events_settings is not None:  # each tensor-parallel rank publishes on endpoints of its own
+            self.storage.kv_events_settings = self.storage.kv_events_settings.for_rank(shard.rank)
         identity = {"instance_id": self.instance_id, "worker_id": self.worker_id}
         port = config.lmcache_worker_port if data_port is None else data_port
         self.data_plane = DataPlaneServer(self.storage, config, data_host or config.host, port, identity)

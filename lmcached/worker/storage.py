@@ -19,12 +19,14 @@ from typing import Any, TypeVar
 from lmcached.config import Config
 from lmcached.errors import ConfigError, InvalidRequest, LmcachedError, MissingCodebook, NotFound, ProtocolError
 from lmcached.wire.chunk import CPU, DISK, ITEMSIZE, REMOTE, Chunk, ChunkInfo, check_location
+from lmcached.wire.kv_events import Lineage
 from lmcached.wire.sockio import within
 from lmcached.wire.usage import Usage
 from lmcached.worker.arena import Arena
 from lmcached.worker.backends import Backend, LocalCPUBackend, LocalDiskBackend, StoreFull
 from lmcached.worker.codebooks import Codebooks
 from lmcached.worker.commands import REMOTE_FLUSH_TIMEOUT_S, StorageCommands
+from lmcached.worker.kv_events import KVEventPublisher
 from lmcached.worker.memory import capacity_warning, machine_memory, prefault_bytes
 from lmcached.worker.remote import RemoteBackend, RemoteError
 from lmcached.worker.write_behind import WriteBehind
@@ -165,6 +167,9 @@ class Storage(StorageCommands):
         self.codec_device = "cpu"
         #: What engines asked of this instance and what it did for them (sent with every heartbeat).
         self.usage = Usage()
+        #: The tiers' KV events for routers (kv_events in the config), started when the storage opens.
+        self.kv_events_settings = config.kv_events_settings
+        self.kv_events: KVEventPublisher | None = None
 
     # ---------------------------------------------------------------- lifecycle
     async def open(self) -> None:
@@ -192,6 +197,10 @@ class Storage(StorageCommands):
             self._remote_task = asyncio.create_task(self._follow_remote(remote), name="remote-tier-events")
         if not self.backends:
             raise InvalidRequest("the worker has no storage: enable local_cpu or set local_disk")
+        settings = self.kv_events_settings
+        if settings is not None:
+            self.kv_events = KVEventPublisher(settings, config.chunk_size, self.remote_tier)
+            await self.run(self.kv_events.start)
         if CPU in self.backends:
             if DISK in self.backends:
                 self._behind[DISK] = WriteBehind(DISK, self._put_disk_batch, WRITE_BEHIND_BYTES)
@@ -217,6 +226,8 @@ class Storage(StorageCommands):
             await self.run_remote(remote.close)
         if self._remote_pool is not None:
             self._remote_pool.shutdown(wait=False, cancel_futures=True)
+        if self.kv_events is not None:
+            await self.run(self.kv_events.close)
         if self._own_executor:
             self.executor.shutdown(wait=True, cancel_futures=True)
         if self.arena is not None:
@@ -272,8 +283,19 @@ class Storage(StorageCommands):
     # ---------------------------------------------------------------- storage
     def _note(self, location: str, key: int) -> None:
         """Record a chunk's current state at `location` (None when it left), for the next report."""
-        self.changes[(location, key)] = self.backends[location].info(key)
+        info = self.changes[(location, key)] = self.backends[location].info(key)
         self.changed.set()
+        if self.kv_events is not None:
+            self.kv_events.note(location, key, info is not None)
+
+    def learn_lineage(self, metas: list[dict[str, Any]]) -> None:
+        """The tokens and parents a client sent with chunks it stores, for their KV events."""
+        if self.kv_events is None:
+            return
+        for meta in metas:
+            lineage = Lineage.from_meta(meta)
+            if lineage is not None:
+                self.kv_events.learn(meta["key"], lineage)
 
     @property
     def remote_tier(self) -> str | None:
