@@ -109,12 +109,23 @@ class WorkerRecord:
         return self.backends is None or location in self.backends
 
 
+#: Nobody holds it (the holder set of a chunk not in the index).
+NOBODY: frozenset[Holder] = frozenset()
+#: Distinct holder sets kept for sharing before the table starts afresh.
+MAX_INTERNED = 100_000
+
+
 class ChunkIndex:
     """Workers and the chunks they report; answers prefix questions in O(chunks of the prompt)."""
 
     def __init__(self) -> None:
         self.workers: dict[WorkerKey, WorkerRecord] = {}
-        self._holders: dict[int, set[Holder]] = {}
+        #: key -> who holds it. The sets are frozen and interned: a million chunks held by the same few workers
+        #: share a few sets (a set each cost ~200 bytes), and a lookup maps each set to its (instance, location)
+        #: pairs through `_present`, once per set rather than once per chunk.
+        self._holders: dict[int, frozenset[Holder]] = {}
+        self._interned: dict[frozenset[Holder], frozenset[Holder]] = {}
+        self._present: dict[frozenset[Holder], frozenset[tuple[str, str]]] = {}
         #: tier id -> key -> chunk: each shared remote tier's chunks, once (workers' records share these dicts)
         self.tiers: dict[str, dict[int, ChunkInfo]] = {}
 
@@ -135,6 +146,7 @@ class ChunkIndex:
         if record.remote_tier is not None:
             record.locations[REMOTE] = self.tiers.setdefault(record.remote_tier, {})
         self.workers[record.key] = record
+        self._present.clear()  # who reaches a shared tier changed
 
     def check_shard(self, record: WorkerRecord, rank: int | None) -> None:
         """ProtocolError unless a tensor-parallel worker fits its instance: the same world size as the ranks
@@ -158,6 +170,7 @@ class ChunkIndex:
         record = self.workers.pop(key, None)
         if record is None:
             return None
+        self._present.clear()
         for location, chunks in record.locations.items():
             if location == REMOTE:
                 continue  # the tier's chunks stay reachable by every other worker of the tier
@@ -223,19 +236,40 @@ class ChunkIndex:
                 n_admitted += 1
             # (a worker before lineage sends no `lossy`: its chunks count as the engine's own values)
             held[key] = ChunkInfo(key, num_tokens, nbytes, method, bool(pinned), raw_nbytes, lineage[0] if lineage else None)
-            self._holders.setdefault(key, set()).add(self._holder(record, location))
+            self._hold(key, self._holder(record, location))
         for location, key in evicted:
             if record.locations.get(location, {}).pop(key, None) is not None:
                 self._unhold(key, self._holder(record, location))
                 n_evicted += 1
         return n_admitted, n_updated, n_evicted
 
+    def _hold(self, key: int, holder: Holder) -> None:
+        holders = self._holders.get(key, NOBODY)
+        if holder not in holders:
+            self._holders[key] = self._intern(holders | {holder})
+
     def _unhold(self, key: int, holder: Holder) -> None:
         holders = self._holders.get(key)
-        if holders is not None:
-            holders.discard(holder)
-            if not holders:
+        if holders is not None and holder in holders:
+            rest = holders - {holder}
+            if rest:
+                self._holders[key] = self._intern(rest)
+            else:
                 del self._holders[key]
+
+    def _intern(self, holders: frozenset[Holder]) -> frozenset[Holder]:
+        if len(self._interned) > MAX_INTERNED:  # combinations no chunk uses any more: start afresh (sharing is
+            self._interned.clear()  # only a saving; an equal set not shared works the same)
+            self._present.clear()
+        return self._interned.setdefault(holders, holders)
+
+    def _present_of(self, holders: frozenset[Holder]) -> frozenset[tuple[str, str]]:
+        """The (instance, location) pairs a holder set means: a shared tier's chunk is held by every instance
+        that reaches the tier. Cached per set; the cache is dropped whenever a worker comes or goes."""
+        present = self._present.get(holders)
+        if present is None:
+            present = self._present[holders] = frozenset((inst, h[2]) for h in holders for inst in self._instances_of(h))
+        return present
 
     @property
     def total_chunks(self) -> int:
@@ -245,26 +279,65 @@ class ChunkIndex:
     def lookup(self, spans: Sequence[ChunkSpan]) -> dict[str, tuple[str, int]]:
         """For each instance holding a prefix of `spans`: (location with the longest prefix, its length). An
         instance of tensor-parallel workers holds a chunk only where every rank holds its part."""
-        matched: dict[tuple[str, str], int] = {}
-        candidates: set[tuple[str, str]] | None = None
-        for span in spans:
-            holders = self._holders.get(span.key)
-            if not holders:
-                break
-            present = {(inst, h[2]) for h in holders for inst in self._instances_of(h)}
-            candidates = present if candidates is None else candidates & present
-            if not candidates:
-                break
-            for candidate in candidates:
-                matched[candidate] = span.end
+        matched = {where: spans[chunks - 1].end for where, chunks in self._walk([s.key for s in spans]).items()}
         for inst in self._sharded_instances():
             for location, length in self._sharded_prefixes(inst, spans).items():
                 matched[(inst, location)] = length
-        best: dict[str, tuple[str, int]] = {}
-        for (inst, loc), length in sorted(matched.items()):
-            if inst not in best or length > best[inst][1]:
-                best[inst] = (loc, length)
-        return best
+        return _longest(matched)
+
+    def lookup_keys(self, keys: Sequence[int], chunk_size: int) -> dict[str, tuple[str, int, int]]:
+        """lookup() for a prompt given as its chunk keys (a router hashed it): instance -> (location, tokens,
+        chunks). Every chunk but a prompt's last is whole; the last matched one counts the tokens its holder
+        reported (a partial chunk counts what it holds)."""
+        found = self._walk(keys)
+        sharded = self._sharded_instances()
+        if sharded:
+            spans = [ChunkSpan(key, i * chunk_size, (i + 1) * chunk_size) for i, key in enumerate(keys)]
+            for inst in sharded:
+                for location, length in self._sharded_prefixes(inst, spans).items():
+                    found[(inst, location)] = length // chunk_size
+        out: dict[str, tuple[str, int, int]] = {}
+        for inst, (location, chunks) in _longest(found).items():
+            out[inst] = (location, (chunks - 1) * chunk_size + self._tokens_of(keys[chunks - 1], inst, location, chunk_size), chunks)
+        return out
+
+    def _walk(self, keys: Sequence[int]) -> dict[tuple[str, str], int]:
+        """(instance, location) -> how many of `keys`, from the first, it holds there (tensor-parallel
+        instances aside: their parts have keys of their own). A router asks this per request: it costs two dict
+        lookups and a subset test per key, and records a match only when a candidate drops out."""
+        matched: dict[tuple[str, str], int] = {}
+        candidates: frozenset[tuple[str, str]] = frozenset()
+        holders_of = self._holders.get
+        present_of = self._present.get
+        reached = 0
+        for key in keys:
+            holders = holders_of(key)
+            if not holders:
+                break
+            present = present_of(holders) or self._present_of(holders)
+            if reached == 0:
+                candidates = present
+            elif not candidates <= present:
+                for gone in candidates - present:
+                    matched[gone] = reached
+                candidates &= present
+                if not candidates:
+                    break
+            reached += 1
+        for candidate in candidates:
+            matched[candidate] = reached
+        return matched
+
+    def _tokens_of(self, key: int, instance_id: str, location: str, default: int) -> int:
+        """How many tokens chunk `key` holds, as the worker through which the instance reaches it reported."""
+        for inst, wid, loc in self._holders.get(key, ()):
+            if loc == location and inst in (instance_id, ""):
+                record = self.workers.get((inst, wid)) if inst else None
+                chunks = record.locations.get(location, {}) if record is not None else self.tiers.get(wid, {})
+                info = chunks.get(key)
+                if info is not None:
+                    return info.num_tokens
+        return default
 
     def _sharded_instances(self) -> list[str]:
         return sorted({inst for (inst, _), r in self.workers.items() if r.world_size > 1})
@@ -346,3 +419,12 @@ class ChunkIndex:
                             agg[field_name] = agg.get(field_name, 0) + (stats.get(field_name) or 0)
             out[inst] = {"workers": workers, "locations": totals}
         return out
+
+
+def _longest(matched: dict[tuple[str, str], int]) -> dict[str, tuple[str, int]]:
+    """instance -> (the location with the longest match, its length); ties go to the first location by name."""
+    best: dict[str, tuple[str, int]] = {}
+    for (inst, loc), length in sorted(matched.items()):
+        if inst not in best or length > best[inst][1]:
+            best[inst] = (loc, length)
+    return best
