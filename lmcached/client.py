@@ -18,6 +18,7 @@ import ssl
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from lmcached.errors import InvalidRequest, LmcachedError, ProtocolError, Unauthorized
@@ -26,14 +27,19 @@ from lmcached.wire.chunks import WHOLE, ChunkSpan, Shard, chunk_spans, tokens_ar
 from lmcached.wire.dataplane import CLIENT_ROLE, chunk_headers
 from lmcached.wire.frame_socket import FrameSocket
 from lmcached.wire.frames import (
+    MAX_CONTROL_PAYLOAD_BYTES,
     MAX_DATA_PAYLOAD_BYTES,
+    PREFIX_BYTES,
     Kind,
+    decode_header,
+    decode_prefix,
+    encode_frame,
     encode_head,
     frame_parts,
     read_frame_head,
     read_payload,
 )
-from lmcached.wire.handshake import parse_address
+from lmcached.wire.handshake import ROUTER_ROLE, parse_address
 from lmcached.wire.shm import ArenaView, ShmInfo
 from lmcached.wire.sockio import SocketStream
 from lmcached.wire.tensors import byte_view, check_kv, dtype_from_name, dtype_name
@@ -546,3 +552,107 @@ class AsyncKVClient:
         kind, header, payload_len = await self._read_head()
         await read_payload(self._conn(), payload_len)
         return _check_reply(kind, header)
+
+
+class IndexClient:
+    """A router's view of the controller's index, on the control port (9001): which instance holds how much of a
+    prompt, and in which tier, in one small binary round trip (blocking; one connection; not thread-safe).
+
+        with IndexClient("controller:9001") as index:
+            index.lookup(tokens)        # {"instance": ("LocalCPUBackend", tokens matched, chunks matched)}
+            index.lookup_keys(keys)     # the same for chunk keys the router hashed itself (chunks.chunk_spans)
+    """
+
+    def __init__(
+        self, address: str, *, auth_token: str | None = None, timeout: float = 10.0, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        self.address = address
+        self._host, self._port = parse_address(address, 9001)
+        self._token = auth_token
+        self._timeout = timeout
+        self._ssl = ssl_context
+        self._sock: socket.socket | None = None
+        self._inbox = bytearray()  # what arrived and is not read yet: a reply is read in one recv, not two
+        self._req_ids = itertools.count(1)
+        self.chunk_size = 256
+        #: Microseconds the controller spent on the last lookup (its reply says), without the network.
+        self.server_us = 0.0
+
+    def __enter__(self) -> IndexClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._host, self._port), timeout=self._timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._ssl is not None:
+            try:
+                sock = self._ssl.wrap_socket(sock, server_hostname=self._host)
+            except ssl.SSLError as exc:
+                sock.close()
+                raise _tls_mismatch(exc, f"controller {self.address}") from None
+        self._sock = sock
+        self._inbox.clear()
+        try:
+            sock.sendall(encode_frame(Kind.HELLO, {"role": ROUTER_ROLE, "token": self._token}))
+            kind, header = self._read_frame()
+            if kind == Kind.ERROR:
+                detail = str(header.get("detail", "refused"))
+                raise Unauthorized(detail) if header.get("status") == 401 else ProtocolError(f"controller {self.address}: {detail}")
+            if kind != Kind.WELCOME:
+                raise ProtocolError(f"controller {self.address} answered a hello with {kind.name}")
+        except BaseException:
+            self.close()
+            raise
+        self.chunk_size = int(header.get("chunk_size", 256))
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _read_frame(self) -> tuple[Kind, dict[str, Any]]:
+        """The next frame's kind and header (a router's frames carry no payload back)."""
+        assert self._sock is not None
+        inbox = self._inbox
+        while True:
+            if len(inbox) >= PREFIX_BYTES:
+                kind, header_len, payload_len = decode_prefix(bytes(inbox[:PREFIX_BYTES]), MAX_CONTROL_PAYLOAD_BYTES)
+                end = PREFIX_BYTES + header_len + payload_len
+                if len(inbox) >= end:
+                    header = decode_header(bytes(inbox[PREFIX_BYTES : PREFIX_BYTES + header_len])) if header_len else {}
+                    del inbox[:end]
+                    return kind, header
+            data = self._sock.recv(65536)
+            if not data:
+                raise ProtocolError(f"controller {self.address} closed the connection")
+            inbox += data
+
+    def lookup(self, tokens: Sequence[int], salt: str | None = None) -> dict[str, tuple[str, int, int]]:
+        """Each instance holding a prefix of `tokens`: (the tier with the longest one, its tokens, its chunks)."""
+        header: dict[str, Any] = {"by": "tokens"} | ({"salt": salt} if salt is not None else {})
+        return self._lookup(header, tokens_array(tokens).tobytes())
+
+    def lookup_keys(self, keys: Sequence[int]) -> dict[str, tuple[str, int, int]]:
+        """lookup() for a prompt already cut and hashed into chunk keys."""
+        try:
+            payload = np.asarray(keys, dtype="<u8").tobytes()
+        except (OverflowError, ValueError, TypeError):
+            raise InvalidRequest("keys must be 64-bit unsigned integers") from None
+        return self._lookup({"by": "keys"}, payload)
+
+    def _lookup(self, header: dict[str, Any], payload: bytes) -> dict[str, tuple[str, int, int]]:
+        if self._sock is None:
+            raise LmcachedError("IndexClient is not connected (use `with` or connect())")
+        req_id = next(self._req_ids)
+        self._sock.sendall(encode_frame(Kind.LOOKUP, {"req_id": req_id, **header}, payload))
+        kind, reply = self._read_frame()
+        if kind != Kind.REPLY or reply.get("req_id") != req_id:
+            raise ProtocolError(f"controller {self.address} answered a lookup with {kind.name} {reply.get('detail', '')}".rstrip())
+        self.server_us = float(reply.get("us", 0.0))
+        if "error" in reply:
+            raise InvalidRequest(str(reply["error"]))
+        return {inst: (str(loc), int(tokens), int(chunks)) for inst, (loc, tokens, chunks) in reply["instances"].items()}

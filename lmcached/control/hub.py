@@ -14,9 +14,10 @@ from typing import Any
 from lmcached import __version__
 from lmcached.config import Config
 from lmcached.control.index import ChunkIndex, WorkerKey, WorkerRecord
+from lmcached.control.router_port import RouterProtocol
 from lmcached.errors import LmcachedError, ProtocolError, Unauthorized, WorkerUnavailable
 from lmcached.wire.frames import HELLO_TIMEOUT_S, Kind, read_frame, write_frame
-from lmcached.wire.handshake import WORKER_ROLE, receive_hello
+from lmcached.wire.handshake import ROUTER_ROLE, WORKER_ROLE, receive_hello
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +198,10 @@ class Hub:
                 await self._serve_worker(hello, reader, writer)
             elif role == MONITOR_ROLE:
                 await self._serve_monitor(reader, writer)
+            elif role == ROUTER_ROLE:
+                await self._serve_router(reader, writer)
             else:
-                raise ProtocolError(f"unknown role {role!r} (expected 'worker' or 'monitor')")
+                raise ProtocolError(f"unknown role {role!r} (expected 'worker', 'monitor' or 'router')")
         except (ProtocolError, Unauthorized) as exc:
             log.warning("control peer %s: %s; closing", peer, exc)
             with contextlib.suppress(ConnectionError):
@@ -348,6 +351,20 @@ class Hub:
         finally:
             self.monitors.discard(monitor)
             requests.cancel()
+
+    async def _serve_router(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A router's lookups (router_port): after the welcome the connection is handed to a RouterProtocol,
+        and this task waits for it to end."""
+        await write_frame(writer, Kind.WELCOME, {"role": ROUTER_ROLE, "chunk_size": self.config.chunk_size})
+        transport = writer.transport
+        router = RouterProtocol(self.index, self.config, transport, writer.get_extra_info("peername"))  # type: ignore[arg-type]
+        # A router waits for the welcome before its first LOOKUP; whatever it sent sooner is in the stream's
+        # buffer (asyncio has no public way to take it back), so it is handed over with the connection.
+        early = bytes(getattr(reader, "_buffer", b""))
+        transport.set_protocol(router)
+        if early:
+            router.data_received(early)
+        await router.closed
 
     async def _monitor_requests(self, monitor: MonitorSession, reader: asyncio.StreamReader) -> None:
         """A monitor asks for a fresh snapshot, or for an operation on chunks it selected."""

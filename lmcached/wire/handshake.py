@@ -11,6 +11,8 @@ from lmcached.wire.frames import HELLO_TIMEOUT_S, ByteReader, Kind, read_frame
 
 #: A worker's link to the controller starts with a hello of this role.
 WORKER_ROLE: Final = "worker"
+#: A router on the control port: binary LOOKUP frames in (chunk keys or token ids), each instance's matched prefix out.
+ROUTER_ROLE: Final = "router"
 
 
 def parse_address(address: str, default_port: int) -> tuple[str, int]:
