@@ -78,7 +78,7 @@ class Config:
     # the other controllers of a failover group, HTTP HOST:PORT, comma-separated: this one stands by while one is active
     controller_peers: str | None = None
     failover_after_s: float = 3.0  # a standby takes over once no controller of its group has been active this long
-    # publish this worker's tiers as KV events in vLLM's ZMQ format (docs/kv-events.md): a mapping of vLLM's
+    # publish this worker's tiers as KV events in vLLM's ZMQ format (docs/routers.md): a mapping of vLLM's
     # KVEventsConfig fields (enable_kv_cache_events, publisher, endpoint, replay_endpoint, buffer_steps, hwm, topic)
     kv_events: dict | None = None
     enable_kv_events: bool = False  # LMCache's switch: publish KV events with vLLM's defaults (tcp://*:5557) when kv_events is unset
