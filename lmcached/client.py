@@ -40,6 +40,7 @@ from lmcached.wire.frames import (
     read_payload,
 )
 from lmcached.wire.handshake import ROUTER_ROLE, parse_address
+from lmcached.wire.kv_events import chain_lineages
 from lmcached.wire.shm import ArenaView, ShmInfo
 from lmcached.wire.sockio import SocketStream
 from lmcached.wire.tensors import byte_view, check_kv, dtype_from_name, dtype_name
@@ -101,13 +102,7 @@ class _Store:
 def _lineage(spans: list[ChunkSpan], tokens: Sequence[int], salt: str | None) -> dict[int, dict[str, Any]]:
     """Each chunk's parent key and tokens (and the salt), for a worker that publishes KV events: routers
     rebuild keys from the tokens."""
-    arr = tokens_array(tokens)
-    out: dict[int, dict[str, Any]] = {}
-    parent = None
-    for span in spans:
-        out[span.key] = {"parent": parent, "tokens": arr[span.start : span.end].tolist(), **({"salt": salt} if salt is not None else {})}
-        parent = span.key
-    return out
+    return {key: lineage.as_meta() for key, lineage in chain_lineages(spans, tokens, salt).items()}
 
 
 class _Retrieve:

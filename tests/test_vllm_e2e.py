@@ -152,6 +152,59 @@ def test_two_vllm_servers_share_one_lmcached_worker(model: str) -> None:
         stop_serve(shared)
 
 
+def test_a_router_following_kv_events_sends_a_prompt_to_the_server_holding_its_kv(model: str) -> None:
+    """Two vLLM servers, each hosting its lmcached instance with kv_events on. A router of a few lines on top
+    of vLLM's own event decoder (tests/test_kv_events.Subscriber) rebuilds each server's token prefixes from the
+    BlockStored events (tokens along the parent chain) and sends the prompt where its KV is: an external hit
+    there; the other server would have computed it."""
+    from .test_kv_events import Subscriber
+
+    endpoints = [free_port() for _ in range(2)]
+    servers: list[VllmServer] = []
+    subscribers = [Subscriber(f"tcp://127.0.0.1:{port}") for port in endpoints]
+    try:
+        for port in endpoints:
+            config = {
+                "chunk_size": 256,
+                "enable_controller": False,
+                "lmcache_worker_port": free_port(),
+                "kv_events": {"endpoint": f"tcp://*:{port}"},
+            }
+            servers.append(start_vllm(model, lmcache_config=config))
+
+        def prefixes(subscriber: Subscriber) -> list[list[int]]:
+            """Every token prefix the server's lmcached holds in RAM, rebuilt from the events alone."""
+            subscriber.receive(0.05)
+            out = []
+            for key in subscriber.held("CPU"):
+                tokens: list[int] = []
+                block: int | None = key
+                while block is not None:
+                    event = subscriber.blocks[block]
+                    tokens[:0] = event.token_ids
+                    block = event.parent_block_hash
+                out.append(tokens)
+            return out
+
+        def route(tokens: list[int]) -> tuple[int, int]:
+            """(the server with the longest cached prefix of `tokens`, that prefix's length)."""
+            scores = [max((len(p) for p in prefixes(s) if tokens[: len(p)] == p), default=0) for s in subscribers]
+            return scores.index(max(scores)), max(scores)
+
+        computed = servers[1].complete(LONG_PROMPT, 8)  # the second server computes it: no first-server bias
+        tokens = servers[1].tokenize(LONG_PROMPT)
+        assert wait_for(lambda: route(tokens)[1] == len(tokens) or None, 30)
+        chosen, _ = route(tokens)
+        assert chosen == 1
+        assert servers[chosen].complete(LONG_PROMPT, 8) == {"text": computed["text"], "cached_tokens": len(tokens) - 1}
+        assert servers[0].complete(LONG_PROMPT, 8)["cached_tokens"] == 0  # where a router without events might go
+    finally:
+        for server in servers:
+            server.stop()
+        for subscriber in subscribers:
+            subscriber.close()
+
+
 def test_a_dead_lmcached_never_fails_a_request(model: str) -> None:
     shared = start_serve()
     vllm = start_vllm(model, extra_config={"lmcached_worker": shared.data}, lmcache_config={"chunk_size": 256})
@@ -194,7 +247,9 @@ def test_an_fp8_kv_cache_is_stored_bit_exact_and_reused(model: str) -> None:
     from lmcached.client import KVClient
 
     shared = start_serve()
-    vllm = start_vllm(model, extra_config={"lmcached_worker": shared.data}, lmcache_config={"chunk_size": 256}, args=["--kv-cache-dtype", "fp8"])
+    vllm = start_vllm(
+        model, extra_config={"lmcached_worker": shared.data}, lmcache_config={"chunk_size": 256}, args=["--kv-cache-dtype", "fp8"]
+    )
     try:
         miss = vllm.complete(LONG_PROMPT, 12)
         tokens = vllm.tokenize(LONG_PROMPT)
@@ -219,7 +274,6 @@ def test_an_fp8_kv_cache_is_stored_bit_exact_and_reused(model: str) -> None:
     finally:
         vllm.stop()
         stop_serve(shared)
-
 
 
 def tp_seed_workflow(vllm: VllmServer, controller: ServeProcess, instance: str, ports: list[int]) -> None:
@@ -265,8 +319,22 @@ def test_tensor_parallel_vllm_sharing_a_worker_per_rank(model: str, controller: 
     hub = f"127.0.0.1:{controller.ports['monitor']}"
     workers = [
         start_process(
-            [sys.executable, "-m", "lmcached", "worker", "--instance-id", "shared-tp3", "--controller", hub, "--port", "0",
-             "--tp-rank", str(rank), "--tp-size", "3"],
+            [
+                sys.executable,
+                "-m",
+                "lmcached",
+                "worker",
+                "--instance-id",
+                "shared-tp3",
+                "--controller",
+                hub,
+                "--port",
+                "0",
+                "--tp-rank",
+                str(rank),
+                "--tp-size",
+                "3",
+            ],
             "lmcached worker ready ",
         )  # fmt: skip
         for rank in range(3)

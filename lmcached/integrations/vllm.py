@@ -51,6 +51,7 @@ from lmcached.integrations.vllm_metrics import LmcachedConnectorStats, LmcachedP
 from lmcached.wire.chunk import Chunk
 from lmcached.wire.chunks import WHOLE, ChunkSpan, Shard, chunk_spans, shards
 from lmcached.wire.handshake import address_list, dialable_host
+from lmcached.wire.kv_events import chain_lineages
 from lmcached.wire.tensors import byte_view, check_kv, dtype_from_name, dtype_name, from_bytes
 from lmcached.wire.tls import dial_context
 from lmcached.worker.storage import Storage
@@ -644,7 +645,12 @@ class _InProcessKV(_KVAccess):
             for span in spans
             if span.end > skip_tokens
         ]
-        return self.hosted.call(self._storage().store(chunks)) if chunks else 0
+        if not chunks:
+            return 0
+        storage = self._storage()
+        if storage.kv_events is not None:  # the instance publishes KV events: they carry each chunk's tokens
+            storage.learn_lineages(chain_lineages(spans, tokens, salt))
+        return self.hosted.call(storage.store(chunks))
 
 
 def chunk_tensor(chunk: Chunk) -> torch.Tensor:

@@ -20,10 +20,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from lmcached.errors import ConfigError
 from lmcached.wire.chunk import CPU, DISK, REMOTE
+from lmcached.wire.chunks import ChunkSpan, tokens_array
 
 #: Which medium each tier's events carry.
 MEDIUMS = {CPU: "CPU", DISK: "DISK", REMOTE: "STORAGE"}
@@ -112,6 +116,10 @@ class Lineage:
     tokens: tuple[int, ...]
     salt: str | None = None
 
+    def as_meta(self) -> dict[str, Any]:
+        """The fields a STORE chunk's metadata carries it in (from_meta reads them back)."""
+        return {"parent": self.parent, "tokens": list(self.tokens), **({"salt": self.salt} if self.salt is not None else {})}
+
     @staticmethod
     def from_meta(meta: dict[str, Any]) -> Lineage | None:
         """From a STORE chunk's metadata (a client sends it when the worker publishes events); None without it
@@ -124,6 +132,17 @@ class Lineage:
         if salt is not None and not isinstance(salt, str):
             return None
         return Lineage(parent, tuple(tokens), salt)
+
+
+def chain_lineages(spans: Sequence[ChunkSpan], tokens: Sequence[int] | np.ndarray, salt: str | None) -> dict[int, Lineage]:
+    """Each chunk of a prompt's lineage: the chunk before it in `spans` and its own tokens."""
+    arr = tokens_array(tokens)
+    out: dict[int, Lineage] = {}
+    parent = None
+    for span in spans:
+        out[span.key] = Lineage(parent, tuple(arr[span.start : span.end].tolist()), salt)
+        parent = span.key
+    return out
 
 
 def block_stored(key: int, lineage: Lineage, block_size: int, location: str, tier: str | None = None) -> dict[str, Any]:

@@ -297,6 +297,12 @@ class Storage(StorageCommands):
             if lineage is not None:
                 self.kv_events.learn(meta["key"], lineage)
 
+    def learn_lineages(self, lineages: dict[int, Lineage]) -> None:
+        """learn_lineage for an engine in this process (no metadata on the way: it calls store() directly)."""
+        if self.kv_events is not None:
+            for key, lineage in lineages.items():
+                self.kv_events.learn(key, lineage)
+
     @property
     def remote_tier(self) -> str | None:
         remote = self.backends.get(REMOTE)
