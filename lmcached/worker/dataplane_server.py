@@ -85,8 +85,8 @@ class DataPlaneServer:
                 **self.identity,
                 "save_unfull_chunk": self.config.save_unfull_chunk,
             }
-            if self.storage.kv_events is not None:
-                welcome["kv_events"] = True  # send each chunk's tokens and parent with it: its events carry them
+            if self.storage.lineage is not None:
+                welcome["lineage"] = True  # send each chunk's tokens and parent with it (KV events, LMCache's hashes)
             shm_info = self.storage.arena.shm if self.storage.arena is not None else None
             if shm_info is not None and self.config.shared_memory:
                 welcome["shm"] = shm_info.as_wire()  # a client on this host may map the arena

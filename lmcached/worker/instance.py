@@ -24,6 +24,7 @@ from lmcached.worker.backends import Backend
 from lmcached.worker.commands import Progress
 from lmcached.worker.controller_link import ControllerLink
 from lmcached.worker.dataplane_server import DataPlaneServer
+from lmcached.worker.lmcache_link import LMCacheLink, node_ip
 from lmcached.worker.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class Worker:
         port = config.lmcache_worker_port if data_port is None else data_port
         self.data_plane = DataPlaneServer(self.storage, config, data_host or config.host, port, identity)
         self.link: ControllerLink | None = None
+        #: The registration with an LMCache-protocol controller (controller_pull_url), when configured.
+        self.lmcache_link: LMCacheLink | None = None
         self.connected = asyncio.Event()  # set by the link while it is registered
 
     # The roles' state, as callers of the combined worker know it.
@@ -77,7 +80,10 @@ class Worker:
     async def start(self, connect: bool = True) -> None:
         """Open the storage, start the data plane and (if a controller is configured) dial it."""
         await self.storage.open()
+        lmcache = self._lmcache_link()
         await self.data_plane.start()
+        if lmcache is not None:
+            lmcache.start()
         log.info("worker %s/%s data plane on %s", self.instance_id, self.worker_id, self.data_plane.address)
         if connect and self.config.enable_controller:
             self.link = ControllerLink(self.storage, self.config, self.instance_id, self.worker_id, self.data_plane.address, self.shard)
@@ -88,7 +94,19 @@ class Worker:
         if self.link is not None:
             await self.link.stop()
         await self.data_plane.stop()
+        if self.lmcache_link is not None:
+            await self.storage.run(self.lmcache_link.close)
         await self.storage.close()
+
+    def _lmcache_link(self) -> LMCacheLink | None:
+        """The link to an LMCache-protocol controller, told of chunks from the start; None when none is configured."""
+        config = self.config
+        if config.controller_pull_url is None or config.controller_reply_url is None:
+            return None
+        ip = node_ip(config.host)
+        self.lmcache_link = LMCacheLink(config.controller_pull_url, config.controller_reply_url, self.instance_id, self.shard.rank, ip)
+        self.storage.add_sink(self.lmcache_link)
+        return self.lmcache_link
 
     async def store(self, chunks: list[Chunk], location: str | None = None) -> int:
         return await self.storage.store(chunks, location)

@@ -2,11 +2,9 @@
 tier is a BlockStored of that tier's medium, one that leaves it (eviction, clear, move away, Redis expiry) a
 BlockRemoved — removals included, which LMCache does not publish.
 
-The storage calls `learn` with each stored chunk's lineage (its tokens and parent, sent by the client) and
-`note` with every change it reports to the controller; a thread of its own owns the ZMQ sockets (they are not
-thread-safe), batches what is queued, publishes it and answers replay requests from its buffer. A chunk the
-worker holds without knowing its tokens (read from disk after a restart, another worker's chunk met in Redis)
-is not published: a consumer could not place it. `unpublished` counts them.
+The storage's LineageBook (lineage.py) says when a chunk it knows the tokens of is stored somewhere or removed;
+a thread of its own owns the ZMQ sockets (they are not thread-safe), batches what is queued, publishes it and
+answers replay requests from its buffer.
 
 pyzmq and msgspec come with vLLM; a worker without them says so when kv_events is configured.
 """
@@ -17,7 +15,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Any
 
 from lmcached.errors import ConfigError
@@ -25,9 +23,6 @@ from lmcached.wire.kv_events import END_SEQ, KVEventsSettings, Lineage, all_bloc
 
 log = logging.getLogger(__name__)
 
-#: Lineages of chunks on their way in (learnt at the store, used when the chunk lands); a chunk that never lands
-#: (the worker had it already) falls out after this many newer ones.
-PENDING_LINEAGES = 65_536
 #: How long the thread waits for events before it looks at the replay socket again.
 POLL_S = 0.05
 START_TIMEOUT_S = 10.0
@@ -53,10 +48,6 @@ class KVEventPublisher:
         self.settings = settings
         self.block_size = block_size
         self.tier = tier  # the shared Redis tier's id (named in its events' ownership)
-        self._pending: OrderedDict[int, Lineage] = OrderedDict()
-        #: key -> (its lineage, the locations it has been published at)
-        self._published: dict[int, tuple[Lineage, set[str]]] = {}
-        self._lock = threading.Lock()  # note/learn come from the event loop, the thread reads nothing of these
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=settings.buffer_steps)
         self._seq = itertools.count()
@@ -66,7 +57,6 @@ class KVEventPublisher:
         #: Bound addresses (an endpoint with port 0 gets one from the system).
         self.endpoint = settings.endpoint
         self.replay_endpoint = settings.replay_endpoint
-        self.unpublished = 0
         self.published_batches = 0
 
     # ---------------------------------------------------------------- lifecycle
@@ -88,47 +78,12 @@ class KVEventPublisher:
             self._queue.put(None)
             self._thread.join(timeout=5)
 
-    # ---------------------------------------------------------------- what the storage tells us
-    def learn(self, key: int, lineage: Lineage) -> None:
-        """A chunk's tokens and parent, from the store that brings it (before it lands)."""
-        with self._lock:
-            self._pending[key] = lineage
-            self._pending.move_to_end(key)
-            while len(self._pending) > PENDING_LINEAGES:
-                self._pending.popitem(last=False)
+    # ---------------------------------------------------------------- what the lineage book tells us
+    def stored(self, location: str, key: int, lineage: Lineage) -> None:
+        self._queue.put(block_stored(key, lineage, self.block_size, location, self.tier))
 
-    def note(self, location: str, key: int, present: bool) -> None:
-        """The chunk is now at `location` (present) or left it: publish it if that changes what consumers know."""
-        with self._lock:
-            entry = self._published.get(key)
-            if present:
-                if entry is not None and location in entry[1]:
-                    return  # already published there (a pin, a compress: still the same block)
-                lineage = entry[0] if entry is not None else self._pending.pop(key, None)
-                if lineage is None:
-                    self.unpublished += 1
-                    return
-                if entry is None:
-                    entry = self._published[key] = (lineage, set())
-                entry[1].add(location)
-                event = block_stored(key, lineage, self.block_size, location, self.tier)
-            else:
-                if entry is None or location not in entry[1]:
-                    return
-                entry[1].discard(location)
-                if not entry[1]:
-                    del self._published[key]
-                event = block_removed([key], location, self.tier)
-        self._queue.put(event)
-
-    def held(self) -> dict[str, set[int]]:
-        """location -> keys consumers have been told are there (what a subscriber's view should be)."""
-        with self._lock:
-            out: dict[str, set[int]] = {}
-            for key, (_, locations) in self._published.items():
-                for location in locations:
-                    out.setdefault(location, set()).add(key)
-            return out
+    def removed(self, location: str, key: int) -> None:
+        self._queue.put(block_removed([key], location, self.tier))
 
     # ---------------------------------------------------------------- the publishing thread
     def _run(self) -> None:

@@ -27,6 +27,7 @@ from lmcached.worker.backends import Backend, LocalCPUBackend, LocalDiskBackend,
 from lmcached.worker.codebooks import Codebooks
 from lmcached.worker.commands import REMOTE_FLUSH_TIMEOUT_S, StorageCommands
 from lmcached.worker.kv_events import KVEventPublisher
+from lmcached.worker.lineage import ChunkSink, LineageBook
 from lmcached.worker.memory import capacity_warning, machine_memory, prefault_bytes
 from lmcached.worker.remote import RemoteBackend, RemoteError
 from lmcached.worker.write_behind import WriteBehind
@@ -170,6 +171,9 @@ class Storage(StorageCommands):
         #: The tiers' KV events for routers (kv_events in the config), started when the storage opens.
         self.kv_events_settings = config.kv_events_settings
         self.kv_events: KVEventPublisher | None = None
+        #: Each chunk's tokens, for whoever names chunks by them (the KV events, an LMCache controller): None
+        #: when nobody does, and clients are not asked to send them.
+        self.lineage: LineageBook | None = None
 
     # ---------------------------------------------------------------- lifecycle
     async def open(self) -> None:
@@ -201,6 +205,7 @@ class Storage(StorageCommands):
         if settings is not None:
             self.kv_events = KVEventPublisher(settings, config.chunk_size, self.remote_tier)
             await self.run(self.kv_events.start)
+            self.add_sink(self.kv_events)
         if CPU in self.backends:
             if DISK in self.backends:
                 self._behind[DISK] = WriteBehind(DISK, self._put_disk_batch, WRITE_BEHIND_BYTES)
@@ -285,23 +290,30 @@ class Storage(StorageCommands):
         """Record a chunk's current state at `location` (None when it left), for the next report."""
         info = self.changes[(location, key)] = self.backends[location].info(key)
         self.changed.set()
-        if self.kv_events is not None:
-            self.kv_events.note(location, key, info is not None)
+        if self.lineage is not None:
+            self.lineage.note(location, key, info is not None)
+
+    def add_sink(self, sink: ChunkSink) -> None:
+        """Tell `sink` of every chunk stored from now on, with its tokens, and of every one that leaves a tier."""
+        if self.lineage is None:
+            self.lineage = LineageBook([sink])
+        else:
+            self.lineage.sinks.append(sink)
 
     def learn_lineage(self, metas: list[dict[str, Any]]) -> None:
         """The tokens and parents a client sent with chunks it stores, for their KV events."""
-        if self.kv_events is None:
+        if self.lineage is None:
             return
         for meta in metas:
             lineage = Lineage.from_meta(meta)
             if lineage is not None:
-                self.kv_events.learn(meta["key"], lineage)
+                self.lineage.learn(meta["key"], lineage)
 
     def learn_lineages(self, lineages: dict[int, Lineage]) -> None:
         """learn_lineage for an engine in this process (no metadata on the way: it calls store() directly)."""
-        if self.kv_events is not None:
+        if self.lineage is not None:
             for key, lineage in lineages.items():
-                self.kv_events.learn(key, lineage)
+                self.lineage.learn(key, lineage)
 
     @property
     def remote_tier(self) -> str | None:

@@ -1,0 +1,129 @@
+"""lmcached workers in an LMCache-protocol fleet: LMCache 0.5.6's own controller (tests/peers/lmcache_controller.py,
+run from its side venv, scripts/lmcache_venv.sh) registers an lmcached worker, and its lookup — the one vLLM
+production-stack's kvaware router makes — names the lmcached instance for a prompt the worker holds, and stops
+naming it once the chunks are cleared; the worker deregisters when it stops."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lmcached.client import AsyncKVClient
+from lmcached.fleet.redis_servers import free_port
+
+from .conftest import CPU, INSTANCE, make_kv, serving, test_config
+
+pytest.importorskip("zmq")
+pytest.importorskip("msgspec")
+
+ROOT = Path(__file__).parent.parent
+LMCACHE_PYTHON = Path(os.environ.get("LMCACHE_VENV", ROOT / ".lmcache-venv")) / "bin" / "python"
+PROMPT = list(range(1000, 1600))  # LMCache's 256-token chunks: two whole ones and a partial one of 88
+
+
+class LMCacheController:
+    """LMCache's controller in its own venv; `ask` sends one request line and reads its answer."""
+
+    def __init__(self) -> None:
+        self.pull, self.reply = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        self.process = subprocess.Popen(
+            [str(LMCACHE_PYTHON), str(ROOT / "tests" / "peers" / "lmcache_controller.py"), self.pull, self.reply],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        assert line.strip() == "ready", f"LMCache's controller did not start: {line!r}"
+
+    def ask(self, request: dict[str, Any]) -> Any:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+    def until(self, request: dict[str, Any], expected: Any, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while (answer := self.ask(request)) != expected:
+            assert time.monotonic() < deadline, f"{request}: LMCache's controller says {answer}, expected {expected}"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+@pytest.fixture
+def lmcache_controller() -> Iterator[LMCacheController]:
+    if not LMCACHE_PYTHON.exists():
+        pytest.skip(f"LMCache's side venv is missing ({LMCACHE_PYTHON}): run scripts/lmcache_venv.sh")
+    controller = LMCacheController()
+    yield controller
+    controller.stop()
+
+
+async def test_lmcaches_own_controller_routes_to_an_lmcached_instance(lmcache_controller: LMCacheController, tmp_path: Path) -> None:
+    config = test_config(chunk_size=256, controller_pull_url=lmcache_controller.pull, controller_reply_url=lmcache_controller.reply)
+    async with serving(config) as run:
+        await asyncio.to_thread(lmcache_controller.until, {"workers": INSTANCE}, [0])  # registered, as TP rank 0
+        assert await asyncio.to_thread(lmcache_controller.ask, {"query_inst": "127.0.0.1"}) == INSTANCE  # by its IP
+        assert await asyncio.to_thread(lmcache_controller.ask, {"lookup": PROMPT}) == {}
+
+        async with AsyncKVClient(run.data) as client:
+            assert await client.store(PROMPT, make_kv(len(PROMPT))) == len(PROMPT)
+        # LMCache hashes the tokens its own way and finds lmcached's chunks: the whole prompt, partial chunk included.
+        await asyncio.to_thread(lmcache_controller.until, {"lookup": PROMPT}, {INSTANCE: [CPU, 600]})
+        assert await asyncio.to_thread(lmcache_controller.ask, {"lookup": PROMPT[:300]}) == {INSTANCE: [CPU, 256]}
+        assert await asyncio.to_thread(lmcache_controller.ask, {"lookup": [7, *PROMPT]}) == {}
+
+        _, answer = await run.post("/clear", {"instance_id": INSTANCE, "location": CPU, "tokens": PROMPT})
+        assert (await run.wait_event(answer["event_id"]))["status"] == "finished"
+        await asyncio.to_thread(lmcache_controller.until, {"lookup": PROMPT}, {})  # the evictions reached it
+        link = run.daemon.worker.lmcache_link  # type: ignore[union-attr]
+        assert link is not None and link.reported == 6 and link.skipped == 0
+    await asyncio.to_thread(lmcache_controller.until, {"workers": INSTANCE}, [])  # deregistered on the way out
+
+
+async def test_salted_chunks_are_not_reported_under_unsalted_hashes(lmcache_controller: LMCacheController) -> None:
+    config = test_config(chunk_size=256, controller_pull_url=lmcache_controller.pull, controller_reply_url=lmcache_controller.reply)
+    async with serving(config) as run:
+        await asyncio.to_thread(lmcache_controller.until, {"workers": INSTANCE}, [0])
+        async with AsyncKVClient(run.data) as client:
+            await client.store(PROMPT, make_kv(len(PROMPT)), salt="tenant")
+        link = run.daemon.worker.lmcache_link  # type: ignore[union-attr]
+        deadline = time.monotonic() + 10
+        while link.skipped < 3:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(lmcache_controller.ask, {"lookup": PROMPT}) == {}  # LMCache's lookup has no salt
+
+
+def test_the_chunk_hash_is_lmcaches(tmp_path: Path) -> None:
+    """lmcache_chunk_hash against LMCache's own ChunkedTokenDatabase, run in its venv."""
+    if not LMCACHE_PYTHON.exists():
+        pytest.skip(f"LMCache's side venv is missing ({LMCACHE_PYTHON}): run scripts/lmcache_venv.sh")
+    from lmcached.wire.lmcache_protocol import lmcache_chunk_hash
+
+    script = (
+        "import json,sys; from lmcache.v1.token_database import ChunkedTokenDatabase as D; "
+        "print(json.dumps([h for _, _, h in D().process_tokens(json.loads(sys.argv[1]), make_key=False)]))"
+    )
+    done = subprocess.run([str(LMCACHE_PYTHON), "-c", script, json.dumps(PROMPT)], capture_output=True, text=True, timeout=120)
+    theirs = json.loads(done.stdout.strip().splitlines()[-1])
+    ours, parent = [], None
+    for start in range(0, len(PROMPT), 256):
+        parent = lmcache_chunk_hash(parent, PROMPT[start : start + 256])
+        ours.append(parent)
+    assert ours == theirs and len(ours) == 3
