@@ -86,6 +86,10 @@ class Config:
     # production-stack's kvaware router) at HOST:PORT (docs/routers.md); both or neither.
     controller_pull_url: str | None = None  # the controller's PULL port: this worker pushes its admits and evictions there
     controller_reply_url: str | None = None  # the controller's reply port: this worker registers and heartbeats there
+    # a controller's ports for LMCache engines' workers (LMCache's controller_pull_url and controller_reply_url
+    # point there): their chunks join the index beside lmcached's; both or neither (0: any free port)
+    lmcache_pull_port: int | None = None
+    lmcache_reply_port: int | None = None  # see lmcache_pull_port
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -137,6 +141,11 @@ class Config:
                 except InvalidRequest as exc:
                     raise ConfigError(f"{key}: {exc}", key) from None
         _ = self.kv_events_settings  # a malformed kv_events fails here, at start-up
+        if (self.lmcache_pull_port is None) != (self.lmcache_reply_port is None):
+            raise ConfigError("lmcache_pull_port and lmcache_reply_port go together (LMCache's two controller ports)", "lmcache_pull_port")
+        for key in ("lmcache_pull_port", "lmcache_reply_port"):
+            if getattr(self, key) is not None and not 0 <= getattr(self, key) <= 65535:
+                raise ConfigError(f"{key} must be a port number (0-65535), got {getattr(self, key)}", key)
         if (self.controller_pull_url is None) != (self.controller_reply_url is None):
             raise ConfigError("controller_pull_url and controller_reply_url go together (an LMCache controller's two ports)", "controller_pull_url")
         if not self.controller_url.strip(", "):

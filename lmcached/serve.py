@@ -65,6 +65,9 @@ class Daemon:
         await self.controller.hub.start(config.host, config.monitor_port, tls)
         assert self.controller.hub.port is not None
         await self.controller.role.start()
+        lmcache = self.controller.lmcache_port
+        if lmcache is not None and config.lmcache_pull_port is not None and config.lmcache_reply_port is not None:
+            await lmcache.start(config.host, config.lmcache_pull_port, config.lmcache_reply_port)
         data_port = 0
         if self.embedded:
             own = f"{dialable_host(config.host)}:{self.controller.hub.port}"
@@ -89,6 +92,8 @@ class Daemon:
         if self.worker is not None:
             await self.worker.stop()
         await self.controller.role.stop()
+        if self.controller.lmcache_port is not None:
+            await self.controller.lmcache_port.stop()
         await self.controller.hub.stop()
         if self._runner is not None:
             await self._runner.cleanup()

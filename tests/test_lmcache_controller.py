@@ -127,3 +127,82 @@ def test_the_chunk_hash_is_lmcaches(tmp_path: Path) -> None:
         parent = lmcache_chunk_hash(parent, PROMPT[start : start + 256])
         ours.append(parent)
     assert ours == theirs and len(ours) == 3
+
+
+class LMCacheWorkerPeer:
+    """LMCache's own worker link in its venv (tests/peers/lmcache_worker.py), reporting to `pull`/`reply`."""
+
+    def __init__(self, pull: str, reply: str, instance_id: str) -> None:
+        script = str(ROOT / "tests" / "peers" / "lmcache_worker.py")
+        self.process = subprocess.Popen(
+            [str(LMCACHE_PYTHON), script, pull, reply, instance_id, str(free_port())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        assert self.process.stdout.readline().strip() == "ready", "LMCache's worker did not start"
+
+    def send(self, request: dict[str, Any]) -> None:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        assert self.process.stdout.readline().strip() == "ok"
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+async def test_an_lmcache_workers_chunks_join_lmcacheds_index(tmp_path: Path) -> None:
+    """A mixed fleet in one index: LMCache's own worker registers with lmcached's controller on LMCache's ports and
+    reports a prompt under LMCache's hashes; /lookup (and the routers' binary lookup) names it beside the lmcached
+    instance that holds the same prompt; operations on it are refused with a reason; it leaves on deregistering."""
+    if not LMCACHE_PYTHON.exists():
+        pytest.skip(f"LMCache's side venv is missing ({LMCACHE_PYTHON}): run scripts/lmcache_venv.sh")
+    from lmcached.client import IndexClient
+
+    async with serving(test_config(chunk_size=256, lmcache_pull_port=0, lmcache_reply_port=0)) as run:
+        port = run.daemon.controller.lmcache_port
+        assert port is not None
+        peer = await asyncio.to_thread(LMCacheWorkerPeer, f"127.0.0.1:{port.pull_port}", f"127.0.0.1:{port.reply_port}", "lmcache-engine")
+        try:
+            status, infos = await run.post("/query_worker_info", {"instance_id": "lmcache-engine"})
+            assert status == 200 and [(i["worker_id"], i["protocol"]) for i in infos["worker_infos"]] == [(0, "lmcache")]  # LMCache's worker ids
+
+            await asyncio.to_thread(peer.send, {"admit": PROMPT})
+            await run.store(PROMPT, make_kv(len(PROMPT)))  # the same prompt in lmcached's own instance
+            deadline = time.monotonic() + 10
+            while (await run.post("/lookup", {"tokens": PROMPT}))[1]["layout_info"] != {INSTANCE: [CPU, 600], "lmcache-engine": [CPU, 600]}:
+                assert time.monotonic() < deadline, (await run.post("/lookup", {"tokens": PROMPT}))[1]
+                await asyncio.sleep(0.05)
+            assert (await run.post("/lookup", {"tokens": PROMPT[:300]}))[1]["layout_info"]["lmcache-engine"] == [CPU, 256]
+
+            def binary() -> dict[str, tuple[str, int, int]]:
+                with IndexClient(f"127.0.0.1:{run.daemon.controller.hub.port}") as index:
+                    return index.lookup(PROMPT)
+
+            assert (await asyncio.to_thread(binary))["lmcache-engine"] == (CPU, 600, 3)
+
+            status, answer = await run.post(
+                "/compress", {"instance_id": "lmcache-engine", "location": CPU, "method": "lossless", "tokens": PROMPT}
+            )
+            assert status == 409 and "operates only on lmcached workers" in answer["detail"]
+
+            await asyncio.to_thread(peer.send, {"evict": PROMPT[:256]})  # its first chunk: nothing of the prefix is left
+            deadline = time.monotonic() + 10
+            while "lmcache-engine" in (await run.post("/lookup", {"tokens": PROMPT}))[1]["layout_info"]:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+
+            await asyncio.to_thread(peer.send, {"close": True})
+            deadline = time.monotonic() + 10
+            while "lmcache-engine" in (await run.get("/instances"))[1]:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        finally:
+            peer.stop()

@@ -17,6 +17,7 @@ from lmcached.config import Config
 from lmcached.control.events import Event, EventLog
 from lmcached.control.failover import Role
 from lmcached.control.hub import Hub, OnProgress
+from lmcached.control.lmcache_port import LMCacheFleetPort, with_lmcache_instances
 from lmcached.control.index import ChunkIndex, WorkerKey
 from lmcached.control.metrics import Metrics
 from lmcached.errors import InvalidRequest, LmcachedError, NotFound, WorkerUnavailable
@@ -90,6 +91,8 @@ class Controller:
         self.index = ChunkIndex()
         self.events = EventLog()
         self.hub = Hub(config, self.index, self.snapshot)
+        #: LMCache engines' workers reporting here (lmcache_pull_port), or None.
+        self.lmcache_port = LMCacheFleetPort(config, self.index, self.hub.publish) if config.lmcache_pull_port is not None else None
         self.hub.monitor_command = self.monitor_command
         peers = address_list(config.controller_peers or "")
         peers_tls = dial_context(config) if config.tls_cert else None
@@ -366,7 +369,8 @@ class Controller:
     async def lookup(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         spans = self._spans(body)
-        layout = {inst: [loc, length] for inst, (loc, length) in self.index.lookup(spans).items()}
+        found = with_lmcache_instances(self.index, fields.tokens(body), self.index.lookup(spans))
+        layout = {inst: [loc, length] for inst, (loc, length) in found.items()}
         event = self.events.create("lookup", None, max((v[1] for v in layout.values()), default=0))
         self.events.finish(event, {"layout_info": layout})
         return json_response({"event_id": event.event_id, "layout_info": layout})

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmcached.errors import NotFound, ProtocolError
+from lmcached.errors import InvalidRequest, NotFound, ProtocolError
 from lmcached.wire.chunk import REMOTE, ChunkInfo
 from lmcached.wire.chunks import ChunkSpan, shards
 
@@ -47,6 +47,13 @@ class WorkerRecord:
     heartbeat_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: What engines asked of the worker and what it did, cumulative (`usage.Usage.snapshot`, last heartbeat).
     usage: dict[str, Any] = field(default_factory=dict)
+    #: "lmcached", or "lmcache" for an LMCache engine's worker (control/lmcache_port.py): indexed under LMCache's
+    #: chunk keys, and not operated on.
+    protocol: str = "lmcached"
+
+    def touch(self) -> None:
+        """The worker was heard from now."""
+        self.last_heartbeat, self.last_heartbeat_wall = time.monotonic(), time.time()
 
     @property
     def key(self) -> WorkerKey:
@@ -83,6 +90,7 @@ class WorkerRecord:
             "seconds_since_heartbeat": round(time.monotonic() - self.last_heartbeat, 3),
             "alive": True,
             "locations": self.location_stats(),
+            "protocol": self.protocol,
         } | ({"tensor_parallel": {"rank": self.rank, "world_size": self.world_size}} if self.world_size > 1 else {})
 
     def lmcache_info(self) -> dict[str, Any]:
@@ -162,6 +170,10 @@ class ChunkIndex:
             if holder is not None:
                 raise ProtocolError(f"rank {rank} of instance {record.instance_id!r} is held by worker {holder.worker_id}")
 
+    def workers_protocol(self, instance_id: str) -> str | None:
+        """The protocol an instance's workers speak (None: no such instance)."""
+        return next((r.protocol for (inst, _), r in self.workers.items() if inst == instance_id), None)
+
     def world_size(self, instance_id: str) -> int:
         """How many ranks' parts make a chunk of this instance (1: a chunk is whole on one worker)."""
         return max((r.world_size for (inst, _), r in self.workers.items() if inst == instance_id), default=1)
@@ -210,6 +222,13 @@ class ChunkIndex:
         """NotFound unless some worker of the instance has `location` (known up front, so a request for a
         tier the instance lacks fails at once instead of as a failed event later)."""
         workers = self.instance_workers(instance_id)
+        if workers[0].protocol != "lmcached":
+            raise InvalidRequest(
+                f"instance {instance_id!r} is an {workers[0].protocol.upper()} engine's: this controller indexes its chunks but "
+                "operates only on lmcached workers (use its own controller for it)",
+                "instance_id",
+                409,
+            )
         if not any(r.has_location(location) for r in workers):
             have = sorted({loc for r in workers for loc in (r.backends or ())})
             hint = " (start it with --local-disk DIR, or local_disk in the config)" if location == "LocalDiskBackend" else ""

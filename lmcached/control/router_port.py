@@ -21,6 +21,7 @@ import numpy as np
 
 from lmcached.config import Config
 from lmcached.control.index import ChunkIndex
+from lmcached.control.lmcache_port import with_lmcache_instances
 from lmcached.errors import InvalidRequest, LmcachedError, ProtocolError
 from lmcached.wire.chunks import chunk_spans
 from lmcached.wire.frames import PREFIX_BYTES, Kind, decode_header, decode_prefix, encode_frame
@@ -46,7 +47,8 @@ def answer_lookup(index: ChunkIndex, config: Config, header: dict[str, Any], pay
         if salt is not None and not isinstance(salt, str):
             raise InvalidRequest("salt must be a string")
         spans = chunk_spans(np.frombuffer(payload, dtype="<u4"), config.chunk_size, config.save_unfull_chunk, salt)
-        found = {inst: (loc, tokens, -(-tokens // config.chunk_size)) for inst, (loc, tokens) in index.lookup(spans).items()}
+        held = with_lmcache_instances(index, np.frombuffer(payload, dtype="<u4").tolist(), index.lookup(spans))
+        found = {inst: (loc, tokens, -(-tokens // config.chunk_size)) for inst, (loc, tokens) in held.items()}
     else:
         raise InvalidRequest(f"a LOOKUP is by 'keys' or 'tokens', not {by!r}")
     return {inst: [loc, tokens, chunks] for inst, (loc, tokens, chunks) in found.items()}

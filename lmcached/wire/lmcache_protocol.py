@@ -19,13 +19,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from lmcached.wire.chunks import ChunkSpan
+
 #: LMCache's NONE_HASH without vLLM in its environment: the hash chain's start.
 NONE_HASH = 0
+#: The chunk size LMCache's controller cuts tokens at for its lookup (its ChunkedTokenDatabase's default).
+LMCACHE_CHUNK_SIZE = 256
 
 
 def lmcache_chunk_hash(parent: int | None, tokens: Sequence[int]) -> int:
     """LMCache's key for a chunk of `tokens` after the chunk keyed `parent` (None: the prompt's first)."""
     return hash((NONE_HASH if parent is None else parent, tuple(tokens), ()))
+
+
+def lmcache_spans(tokens: Sequence[int]) -> list[ChunkSpan]:
+    """A prompt's chunks as LMCache's controller keys them (256 tokens, the last one partial)."""
+    spans: list[ChunkSpan] = []
+    parent: int | None = None
+    tokens = list(tokens)
+    for start in range(0, len(tokens), LMCACHE_CHUNK_SIZE):
+        end = min(start + LMCACHE_CHUNK_SIZE, len(tokens))
+        parent = lmcache_chunk_hash(parent, tokens[start:end])
+        spans.append(ChunkSpan(parent, start, end))
+    return spans
 
 
 def register_msg(instance_id: str, worker_id: int, ip: str, port: int) -> dict[str, Any]:
