@@ -17,8 +17,8 @@ from lmcached.config import Config
 from lmcached.control.events import Event, EventLog
 from lmcached.control.failover import Role
 from lmcached.control.hub import Hub, OnProgress
-from lmcached.control.lmcache_port import LMCacheFleetPort, with_lmcache_instances
 from lmcached.control.index import ChunkIndex, WorkerKey
+from lmcached.control.lmcache_port import LMCacheFleetPort, with_lmcache_instances
 from lmcached.control.metrics import Metrics
 from lmcached.errors import InvalidRequest, LmcachedError, NotFound, WorkerUnavailable
 from lmcached.wire import fields
