@@ -161,6 +161,20 @@ def _check_reply(kind: Kind, header: dict[str, Any]) -> dict[str, Any]:
     return header
 
 
+def _dial(host: str, port: int, timeout: float, ssl_context: ssl.SSLContext | None, peer: str) -> socket.socket:
+    """A connected blocking socket (TCP_NODELAY: frames are small or sent whole), over TLS with a context; a TLS
+    handshake that fails says which side speaks what."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if ssl_context is None:
+        return sock
+    try:
+        return ssl_context.wrap_socket(sock, server_hostname=host)
+    except ssl.SSLError as exc:
+        sock.close()
+        raise _tls_mismatch(exc, peer) from None
+
+
 def _hello(token: str | None) -> dict[str, Any]:
     return {"role": CLIENT_ROLE, "token": token}
 
@@ -202,14 +216,7 @@ class KVClient:
         self.close()
 
     def connect(self) -> None:
-        sock = socket.create_connection((self._host, self._port), timeout=self._timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self._ssl is not None:
-            try:
-                sock = self._ssl.wrap_socket(sock, server_hostname=self._host)
-            except ssl.SSLError as exc:
-                sock.close()
-                raise _tls_mismatch(exc, f"worker {self.address}") from None
+        sock = _dial(self._host, self._port, self._timeout, self._ssl, f"worker {self.address}")
         self._io = FrameSocket(sock)
         try:
             self._send(frame_parts(Kind.HELLO, _hello(self._token), []))
@@ -581,14 +588,7 @@ class IndexClient:
         self.close()
 
     def connect(self) -> None:
-        sock = socket.create_connection((self._host, self._port), timeout=self._timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self._ssl is not None:
-            try:
-                sock = self._ssl.wrap_socket(sock, server_hostname=self._host)
-            except ssl.SSLError as exc:
-                sock.close()
-                raise _tls_mismatch(exc, f"controller {self.address}") from None
+        sock = _dial(self._host, self._port, self._timeout, self._ssl, f"controller {self.address}")
         self._sock = sock
         self._inbox.clear()
         try:

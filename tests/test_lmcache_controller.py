@@ -29,33 +29,29 @@ LMCACHE_PYTHON = Path(os.environ.get("LMCACHE_VENV", ROOT / ".lmcache-venv")) / 
 PROMPT = list(range(1000, 1600))  # LMCache's 256-token chunks: two whole ones and a partial one of 88
 
 
-class LMCacheController:
-    """LMCache's controller in its own venv; `ask` sends one request line and reads its answer."""
+class Peer:
+    """A script of tests/peers/ run by LMCache's venv: one JSON request per line in, one line out."""
 
-    def __init__(self) -> None:
-        self.pull, self.reply = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    def __init__(self, script: str, *args: str) -> None:
         self.process = subprocess.Popen(
-            [str(LMCACHE_PYTHON), str(ROOT / "tests" / "peers" / "lmcache_controller.py"), self.pull, self.reply],
+            [str(LMCACHE_PYTHON), str(ROOT / "tests" / "peers" / script), *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
         )
+        line = self._line()
+        assert line == "ready", f"{script} did not start: {line!r}"
+
+    def _line(self) -> str:
         assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        assert line.strip() == "ready", f"LMCache's controller did not start: {line!r}"
+        return self.process.stdout.readline().strip()
 
     def ask(self, request: dict[str, Any]) -> Any:
-        assert self.process.stdin is not None and self.process.stdout is not None
+        assert self.process.stdin is not None
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
-        return json.loads(self.process.stdout.readline())
-
-    def until(self, request: dict[str, Any], expected: Any, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while (answer := self.ask(request)) != expected:
-            assert time.monotonic() < deadline, f"{request}: LMCache's controller says {answer}, expected {expected}"
-            time.sleep(0.1)
+        return json.loads(self._line())
 
     def stop(self) -> None:
         self.process.kill()
@@ -63,6 +59,20 @@ class LMCacheController:
         for pipe in (self.process.stdin, self.process.stdout):
             if pipe is not None:
                 pipe.close()
+
+
+class LMCacheController(Peer):
+    """LMCache's controller: `ask` gets its lookups and registrations."""
+
+    def __init__(self) -> None:
+        self.pull, self.reply = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        super().__init__("lmcache_controller.py", self.pull, self.reply)
+
+    def until(self, request: dict[str, Any], expected: Any, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while (answer := self.ask(request)) != expected:
+            assert time.monotonic() < deadline, f"{request}: LMCache's controller says {answer}, expected {expected}"
+            time.sleep(0.1)
 
 
 @pytest.fixture
@@ -129,33 +139,14 @@ def test_the_chunk_hash_is_lmcaches(tmp_path: Path) -> None:
     assert ours == theirs and len(ours) == 3
 
 
-class LMCacheWorkerPeer:
-    """LMCache's own worker link in its venv (tests/peers/lmcache_worker.py), reporting to `pull`/`reply`."""
+class LMCacheWorkerPeer(Peer):
+    """LMCache's own worker link, reporting to `pull`/`reply`: `send` has it admit or evict a prompt's chunks."""
 
     def __init__(self, pull: str, reply: str, instance_id: str) -> None:
-        script = str(ROOT / "tests" / "peers" / "lmcache_worker.py")
-        self.process = subprocess.Popen(
-            [str(LMCACHE_PYTHON), script, pull, reply, instance_id, str(free_port())],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        assert self.process.stdout.readline().strip() == "ready", "LMCache's worker did not start"
+        super().__init__("lmcache_worker.py", pull, reply, instance_id, str(free_port()))
 
     def send(self, request: dict[str, Any]) -> None:
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        assert self.process.stdout.readline().strip() == "ok"
-
-    def stop(self) -> None:
-        self.process.kill()
-        self.process.wait()
-        for pipe in (self.process.stdin, self.process.stdout):
-            if pipe is not None:
-                pipe.close()
+        assert self.ask(request) == "ok"
 
 
 async def test_an_lmcache_workers_chunks_join_lmcacheds_index(tmp_path: Path) -> None:

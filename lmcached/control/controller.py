@@ -92,7 +92,11 @@ class Controller:
         self.events = EventLog()
         self.hub = Hub(config, self.index, self.snapshot)
         #: LMCache engines' workers reporting here (lmcache_pull_port), or None.
-        self.lmcache_port = LMCacheFleetPort(config, self.index, self.hub.publish) if config.lmcache_pull_port is not None else None
+        self.lmcache_port = (
+            LMCacheFleetPort(config, self.index, self.hub.publish, self.hub.announce_report)
+            if config.lmcache_pull_port is not None
+            else None
+        )
         self.hub.monitor_command = self.monitor_command
         peers = address_list(config.controller_peers or "")
         peers_tls = dial_context(config) if config.tls_cert else None
@@ -465,7 +469,13 @@ class Controller:
         versions = {str(r.rank): r.version for r in workers}
         event = self.events.create("health", instance_id, 0)
         self.events.finish(event, {"error_codes": error_codes})
-        answer = {"event_id": event.event_id, "error_codes": error_codes, "workers": names, "version": __version__, "worker_versions": versions}
+        answer = {
+            "event_id": event.event_id,
+            "error_codes": error_codes,
+            "workers": names,
+            "version": __version__,
+            "worker_versions": versions,
+        }
         return json_response(answer)
 
     async def check_finish(self, request: web.Request) -> web.Response:

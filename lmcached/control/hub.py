@@ -234,7 +234,9 @@ class Hub:
             raise ProtocolError("a worker hello's remote_tier must be a string")
         version = hello.get("version") if isinstance(hello.get("version"), str) else None
         if version != __version__:  # a mixed-version fleet works, but whoever runs it should know
-            log.warning("worker %s of %s runs lmcached %s; this controller runs %s", worker_id, instance_id, version or "(unknown)", __version__)
+            log.warning(
+                "worker %s of %s runs lmcached %s; this controller runs %s", worker_id, instance_id, version or "(unknown)", __version__
+            )
         record = WorkerRecord(
             instance_id,
             worker_id,
@@ -290,6 +292,10 @@ class Hub:
             n_admitted, n_updated, n_evicted = self.index.apply_report(record, admitted, evicted, bool(header.get("full")))
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed report: {exc}") from None
+        self.announce_report(record, n_admitted, n_updated, n_evicted, bool(header.get("full")))
+
+    def announce_report(self, record: WorkerRecord, n_admitted: int, n_updated: int, n_evicted: int, full: bool = False) -> None:
+        """Tell monitors what a worker's report changed (nothing when it changed nothing)."""
         if n_admitted or n_updated or n_evicted:
             self.publish(
                 "chunks_reported",
@@ -298,7 +304,7 @@ class Hub:
                 admitted=n_admitted,
                 updated=n_updated,
                 evicted=n_evicted,
-                full=bool(header.get("full")),
+                full=full,
             )
 
     def drop_all(self, reason: str) -> None:

@@ -39,7 +39,7 @@ def lmcache_worker_id(worker_id: int) -> str:
 
 
 class LMCacheFleetPort:
-    def __init__(self, config: Config, index: ChunkIndex, publish: Callable[..., None]) -> None:
+    def __init__(self, config: Config, index: ChunkIndex, publish: Callable[..., None], announce: Callable[..., None]) -> None:
         try:
             import msgspec
             import zmq
@@ -52,7 +52,8 @@ class LMCacheFleetPort:
         self.zmq = zmq
         self.config = config
         self.index = index
-        self.publish = publish
+        self.publish = publish  # the hub's: monitors hear of workers joining and leaving
+        self.announce = announce  # the hub's announce_report: and of what their reports changed
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.decode
         self._context = zmq.asyncio.Context()
@@ -171,16 +172,7 @@ class LMCacheFleetPort:
         chunk_size = LMCACHE_CHUNK_SIZE
         admitted = [[location, _unsigned(key), chunk_size, 0, None, False, 0] for op, key in operations if op == "admit"]
         evicted = [[location, _unsigned(key)] for op, key in operations if op == "evict"]
-        n_admitted, n_updated, n_evicted = self.index.apply_report(record, admitted, evicted, False)
-        if n_admitted or n_evicted:
-            self.publish(
-                "chunks_reported",
-                instance_id=record.instance_id,
-                worker_id=record.worker_id,
-                admitted=n_admitted,
-                updated=n_updated,
-                evicted=n_evicted,
-            )
+        self.announce(record, *self.index.apply_report(record, admitted, evicted, False))
 
 
 def with_lmcache_instances(index: ChunkIndex, tokens: Sequence[int], found: dict[str, tuple[str, int]]) -> dict[str, tuple[str, int]]:

@@ -41,7 +41,7 @@ for line in sys.stdin:
         worker.deregister()
         time.sleep(0.5)  # close() stops the worker's loop at once: let the DeRegisterMsg go out first
         worker.close()
-        print("ok", flush=True)
+        print(json.dumps("ok"), flush=True)
         break
     op, tokens = (OpType.ADMIT, request["admit"]) if "admit" in request else (OpType.EVICT, request["evict"])
     events = []
@@ -49,4 +49,4 @@ for line in sys.stdin:
         events.append(KVOpEvent(op_type=op, key=chunk_hash, seq_num=seq))
         seq += 1
     worker.put_msg(BatchedKVOperationMsg(instance_id=instance_id, worker_id=0, location="LocalCPUBackend", operations=events))
-    print("ok", flush=True)
+    print(json.dumps("ok"), flush=True)
