@@ -16,7 +16,7 @@ from lmcached.bench.report import Report, median_spread, progress
 
 
 def run(report: Report, quick: bool = False) -> None:
-    from lmcached.fleet.vllm_server import TP3_ARGS, TP3_ENV, converted_model, free_port, free_ports, start_vllm
+    from lmcached.fleet.vllm_server import TP3_ARGS, TP3_ENV, converted_model, free_port, free_ports, same_binding, start_vllm
 
     sizes = [1500] if quick else [512, 1500, 4000]
     repeats = 2 if quick else 3
@@ -28,7 +28,8 @@ def run(report: Report, quick: bool = False) -> None:
         with progress() as bar:
             task = bar.add_task("vllm", total=2 * (1 + len(sizes)) + 3)
             baseline: dict[int, float] = {}
-            plain = start_vllm(model, connector=False)
+            bind = same_binding()  # the same OpenMP threads with and without the connector
+            plain = start_vllm(model, connector=False, env=bind)
             try:
                 tokens = plain.tokenize(corpus)
                 plain.ttft(tokens[-600:])  # warm-up, untimed
@@ -47,7 +48,7 @@ def run(report: Report, quick: bool = False) -> None:
                 "controller_url": f"127.0.0.1:{ports['monitor']}",
                 "lmcache_worker_port": free_port(),
             }
-            vllm = start_vllm(model, lmcache_config=config)
+            vllm = start_vllm(model, lmcache_config=config, env=bind)
             try:
                 warm = tokens[-600:]
                 for _ in range(2):  # warm-up, untimed: a miss that stores, then hits raw and compressed
@@ -60,7 +61,9 @@ def run(report: Report, quick: bool = False) -> None:
                     bar.advance(task)
             finally:
                 vllm.stop()
-            fp8 = start_vllm(model, lmcache_config={**config, "lmcache_worker_port": free_port()}, args=["--kv-cache-dtype", "fp8"])
+            fp8 = start_vllm(
+                model, lmcache_config={**config, "lmcache_worker_port": free_port()}, args=["--kv-cache-dtype", "fp8"], env=bind
+            )
             try:
                 for _ in range(2):
                     fp8.ttft(warm)

@@ -37,6 +37,15 @@ TP3_ARGS = ["--tensor-parallel-size", "3", "--distributed-executor-backend", "mp
 TP3_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1|0"}
 
 
+def same_binding() -> dict[str, str]:
+    """The OpenMP binding for every configuration a bench compares: the one vLLM's CPU build picks for itself
+    without a connector (every core but one, kept for its scheduler and API server), named explicitly. Left to
+    `auto`, a vLLM given a --kv-transfer-config reserves one more core, cannot have it on a 2-core machine, and
+    runs its OpenMP threads on both: "vLLM alone" and "vLLM + connector" then ran different thread layouts."""
+    cores = sorted(os.sched_getaffinity(0))
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores[:-1] or cores))}
+
+
 def free_ports(n: int) -> int:
     """The first of `n` consecutive free ports (a tensor-parallel instance serves rank r on the first + r)."""
     for _ in range(100):
