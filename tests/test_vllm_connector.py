@@ -420,3 +420,14 @@ def test_an_async_load_that_fails_is_recomputed_never_served(model_dir: str, ins
         assert victim.status == RequestStatus.FINISHED_LENGTH_CAPPED
     finally:
         engine.close()
+
+
+def test_a_hosted_instance_on_port_0_is_refused_with_the_reason(model_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Port 0 would give the instance a port in vLLM's worker process that the scheduler, elsewhere, never learns:
+    every lookup would fail and every prompt be recomputed, silently (found by `lmcached bench workload`)."""
+    monkeypatch.setenv("LMCACHE_LMCACHE_WORKER_PORT", "0")
+    model = ModelConfig(model=model_dir, dtype="bfloat16", seed=0, max_model_len=1024)
+    transfer = KVTransferConfig(kv_connector="LmcachedConnector", kv_connector_module_path="lmcached.integrations.vllm", kv_role="kv_both")
+    config = VllmConfig(model_config=model, kv_transfer_config=transfer, device_config=DeviceConfig("cpu"))
+    with pytest.raises(ValueError, match="fixed lmcache_worker_port"):
+        LmcachedConnector(config, KVConnectorRole.SCHEDULER)

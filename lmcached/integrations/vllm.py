@@ -157,9 +157,12 @@ class LmcachedConnector(KVConnectorBase_V1):
                 raise ValueError(f"lmcached_worker names {len(addresses)} workers; give one for all {self.world} ranks, or one per rank")
             return addresses * self.world if len(addresses) == 1 else addresses
         port = self.config.lmcache_worker_port
-        if self.world > 1 and port == 0:
-            raise ValueError("with tensor parallelism the hosted instances need a fixed lmcache_worker_port (rank r serves on it + r)")
-        return [f"{dialable_host(self.config.host)}:{port + rank if port else 0}" for rank in range(self.world)]
+        if port == 0:  # the instance would pick a port in the worker process, and the scheduler could not know it
+            raise ValueError(
+                "a vLLM-hosted lmcached instance needs a fixed lmcache_worker_port (not 0): vLLM's scheduler, in another "
+                "process, looks prompts up there" + ("; with tensor parallelism rank r serves on it + r" if self.world > 1 else "")
+            )
+        return [f"{dialable_host(self.config.host)}:{port + rank}" for rank in range(self.world)]
 
     @property
     def data_address(self) -> str:
