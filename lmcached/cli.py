@@ -793,14 +793,14 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-BENCH_KINDS = ("dataplane", "index", "codec", "engine", "remote", "vllm", "sizing", "all")
+BENCH_KINDS = ("dataplane", "index", "codec", "engine", "remote", "vllm", "workload", "sizing", "all")
 
 
 @app.command()
 def bench(
     kind: str = typer.Argument(
         "all",
-        help="dataplane, index, codec, engine, remote (needs redis-server), vllm (needs the vllm extra), sizing (bytes per token in each tier) or all (all but remote, vllm and sizing).",
+        help="dataplane, index, codec, engine, remote (needs redis-server), vllm (needs the vllm extra), workload (multi-round chat through vLLM, its prefix cache on; needs the vllm extra), sizing (bytes per token in each tier) or all (all but remote, vllm, workload and sizing).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
     plot: Path | None = typer.Option(None, "--plot", help="Write plots to this PNG file."),
@@ -815,11 +815,11 @@ def bench(
         fail(f"unknown benchmark {kind!r}; choose one of {', '.join(BENCH_KINDS)}", 2)
     if curve and kind not in ("codec", "all"):
         fail("--curve belongs to the codec benchmark: lmcached bench codec --curve", 2)
-    if kind == "vllm":
+    if kind in ("vllm", "workload"):
         import importlib.util
 
         if importlib.util.find_spec("vllm") is None:
-            fail("bench vllm needs vLLM: pip install 'lmcached[vllm]' (the CPU build) or vllm itself", 2)
+            fail(f"bench {kind} needs vLLM: pip install 'lmcached[vllm]' (the CPU build) or vllm itself", 2)
     from lmcached.bench import run_benchmarks
     from lmcached.worker.memory import tune_allocator
 

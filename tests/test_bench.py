@@ -120,3 +120,22 @@ def test_sizing_measures_each_tier_against_the_raw_kv() -> None:
     assert 0.05 < ratios["ram_cachegen"] < 0.5
     if "redis" in ratios:  # a redis-server is installed
         assert 1.0 <= ratios["redis"] <= 1.26 and ratios["redis_cachegen"] < 0.5  # jemalloc: 4 size classes per doubling
+
+
+def test_the_workload_reports_rounds_apart_against_vllm_alone() -> None:
+    """bench workload's arithmetic on known outcomes (the run itself needs vLLM servers for minutes: the bench)."""
+    from lmcached.bench.workload import COUNTERS, Outcome, Shape, add_rows, conversations
+
+    system, contexts = conversations(Shape(users=40, rounds=2, rate=1.0))
+    assert len(set(contexts)) == 40 and all(c.startswith(f"Document of user {u}:") for u, c in enumerate(contexts))
+    counters = dict.fromkeys(COUNTERS, 0.0) | {"vllm:prefix_cache_queries_total": 100.0, "vllm:prefix_cache_hits_total": 25.0}
+    alone = Outcome("alone", [(0, 0, 2.0, 16), (0, 1, 4.0, 16), (1, 1, 6.0, 16)], [], 10.0, counters)
+    cached = Outcome("cached", [(0, 0, 2.0, 16), (0, 1, 1.0, 16), (1, 1, 1.0, 16)], ["user 1 round 0: boom"], 8.0, counters)
+    report = Report()
+    add_rows(report, [alone, cached], "test")
+    rows = {r.name: r for r in report.rows}
+    later = rows["cached: TTFT mean, later rounds (test)"]
+    assert (later.value, later.baseline, later.ratio) == (1000.0, 5000.0, 5.0)
+    assert rows["cached: TTFT mean, first rounds (test)"].ratio == 1.0
+    assert rows["cached: failed requests"].value == 1 and rows["cached: vLLM's own prefix-cache hit rate"].value == 25.0
+    assert rows["cached: output throughput"].value == 6.0 and rows["cached: output throughput"].baseline == 4.8

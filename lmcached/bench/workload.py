@@ -1,0 +1,209 @@
+"""A serving workload through vLLM's OpenAI API: multi-round chat in the shape of LMCache's
+`benchmarks/multi_round_qa` — N users, a shared system prompt, a long context per user, each user's history
+growing round by round, requests arriving at a target rate — sent with the `openai` SDK (streamed chat
+completions), against vLLM with its own prefix cache **on** and its KV capacity set below the working set
+(`--num-gpu-blocks-override`), so vLLM evicts and an offload tier can pay.
+
+Configurations, each on a fresh server with the same OpenMP binding (fleet.vllm_server.same_binding), one after
+another: vLLM alone, and vLLM hosting an lmcached instance (LmcachedConnector). Per configuration: TTFT mean /
+p50 / p90 over all requests, first rounds and later rounds apart; output tokens per second; finished and failed
+requests; vLLM's own prefix-cache hit rate, its external (connector) hit tokens and its preemptions — and the
+ratios against vLLM alone.
+
+Not in this slice yet (issue 24): long-document QA, two servers sharing a worker, LMCache's multiprocess mode
+as the peer (its side venv needs vLLM beside LMCache), tiers under pressure and the soak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lmcached.bench.engine import prompts_corpus
+from lmcached.bench.report import Report, progress
+
+#: vLLM's KV block (tokens); set explicitly so the capacity below means the same on every build.
+BLOCK_SIZE = 128
+ANSWER_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class Shape:
+    users: int
+    rounds: int
+    rate: float  # requests per second, all users together
+    system_chars: int = 2_000  # ~500 tokens
+    context_chars: int = 6_000  # ~1,500 tokens per user
+
+    def working_set_tokens(self) -> int:
+        """Roughly what all users' prompts hold at their last round (4 characters a token)."""
+        per_user = (self.system_chars + self.context_chars) // 4 + self.rounds * (ANSWER_TOKENS + 20)
+        return self.users * per_user
+
+
+@dataclass
+class Outcome:
+    """One configuration's run: each request's (user, round, TTFT seconds, output tokens), what failed, and
+    vLLM's counters before and after."""
+
+    name: str
+    requests: list[tuple[int, int, float, int]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    counters: dict[str, float] = field(default_factory=dict)
+
+    def ttft(self, rounds: str = "all") -> np.ndarray:
+        keep = {"all": lambda r: True, "first": lambda r: r == 0, "later": lambda r: r > 0}[rounds]
+        return np.array([t for _, r, t, _ in self.requests if keep(r)])
+
+
+COUNTERS = (
+    "vllm:prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total",
+    "vllm:external_prefix_cache_queries_total",
+    "vllm:external_prefix_cache_hits_total",
+    "vllm:num_preemptions_total",
+)
+
+
+def conversations(shape: Shape) -> tuple[str, list[str]]:
+    """The shared system prompt and each user's own context, cut from real text (a user past the corpus's end
+    starts over from its beginning, behind a line of its own, so no two contexts are equal)."""
+    text = prompts_corpus()
+    system = "You are a careful assistant. Answer in one short sentence.\n\n" + text[: shape.system_chars]
+    body = text[shape.system_chars :]
+    contexts = []
+    for user in range(shape.users):
+        start = (user * shape.context_chars) % max(1, len(body) - shape.context_chars)
+        contexts.append(f"Document of user {user}:\n" + body[start : start + shape.context_chars])
+    return system, contexts
+
+
+async def run_users(base_url: str, model: str, shape: Shape, outcome: Outcome) -> None:
+    """Every user's rounds: user u's round r goes out at (r * users + u) / rate seconds, or when its previous
+    answer has arrived, whichever is later (the history needs the answer)."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", timeout=600, max_retries=0)
+    system, contexts = conversations(shape)
+    started = time.perf_counter()
+
+    async def user(u: int) -> None:
+        messages: list[dict[str, str]] = [{"role": "system", "content": system}]
+        for r in range(shape.rounds):
+            due = started + (r * shape.users + u) / shape.rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            question = f"Question {r + 1}: what does part {r + 1} of the document say?"
+            messages.append({"role": "user", "content": (contexts[u] + "\n\n" + question) if r == 0 else question})
+            sent = time.perf_counter()
+            first: float | None = None
+            answer, tokens = [], 0
+            try:
+                stream = await client.chat.completions.create(
+                    model=model, messages=messages, max_tokens=ANSWER_TOKENS, temperature=0, stream=True  # type: ignore[arg-type]
+                )
+                async for chunk in stream:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        first = first or time.perf_counter()
+                        answer.append(chunk.choices[0].delta.content)
+                        tokens += 1
+            except Exception as exc:  # a failed request is counted and reported, the run goes on
+                outcome.failures.append(f"user {u} round {r}: {type(exc).__name__}: {exc}")
+                return
+            if first is None:
+                outcome.failures.append(f"user {u} round {r}: no token came back")
+                return
+            outcome.requests.append((u, r, first - sent, tokens))
+            messages.append({"role": "assistant", "content": "".join(answer)})
+
+    await asyncio.gather(*(user(u) for u in range(shape.users)))
+    outcome.seconds = time.perf_counter() - started
+    await client.close()
+
+
+def measure(name: str, server: Any, shape: Shape) -> Outcome:
+    from lmcached.fleet.vllm_server import MODEL_NAME
+
+    outcome = Outcome(name)
+    before = {c: server.metric(c) for c in COUNTERS}
+    asyncio.run(run_users(server.url, MODEL_NAME, shape, outcome))
+    outcome.counters = {c: server.metric(c) - before[c] for c in COUNTERS}
+    return outcome
+
+
+def run(report: Report, quick: bool = False) -> None:
+    from lmcached.fleet.vllm_server import converted_model, free_port, same_binding, start_vllm
+
+    shape = Shape(users=8, rounds=3, rate=0.25) if quick else Shape(users=12, rounds=6, rate=0.12)
+    working_set = shape.working_set_tokens()
+    blocks = max(66, math.ceil(working_set / 3 / BLOCK_SIZE))  # about a third of the working set (vLLM's floor: 64)
+    args = ["--block-size", str(BLOCK_SIZE), "--num-gpu-blocks-override", str(blocks)]
+    model = converted_model()
+    bind = same_binding()
+    configs: list[tuple[str, dict[str, Any]]] = [
+        ("vLLM alone", {"connector": False}),
+        (
+            "vLLM + lmcached (hosted)",
+            {"lmcache_config": {"chunk_size": 256, "local_cpu": True, "max_local_cpu_size": 4, "enable_controller": False, "lmcache_worker_port": free_port()}},
+        ),
+    ]
+    outcomes: list[Outcome] = []
+    with progress() as bar:
+        task = bar.add_task("workload", total=len(configs))
+        for name, kwargs in configs:
+            server = start_vllm(model, prefix_cache=True, args=args, env=bind, **kwargs)
+            try:
+                outcomes.append(measure(name, server, shape))
+            finally:
+                server.stop()
+            bar.advance(task)
+    setting = f"{shape.users} users x {shape.rounds} rounds at {shape.rate} req/s, KV {blocks * BLOCK_SIZE:,} of ~{working_set:,} tokens"
+    add_rows(report, outcomes, setting)
+
+
+def add_rows(report: Report, outcomes: list[Outcome], setting: str) -> None:
+    base = outcomes[0]
+    for outcome in outcomes:
+        vs = outcome is not base
+        for rounds, what in (("all", "all requests"), ("first", "first rounds"), ("later", "later rounds")):
+            times, base_times = outcome.ttft(rounds) * 1000, base.ttft(rounds) * 1000
+            if not len(times):
+                continue
+            for stat, fn in (("mean", np.mean), ("p50", np.median), ("p90", lambda a: np.percentile(a, 90))):
+                report.add(
+                    "workload",
+                    f"{outcome.name}: TTFT {stat}, {what} ({setting})",
+                    float(fn(times)),
+                    "ms",
+                    float(fn(base_times)) if vs and len(base_times) else None,
+                    base.name if vs else "",
+                    better="lower",
+                )
+        tokens = sum(t for *_, t in outcome.requests)
+        base_tokens = sum(t for *_, t in base.requests)
+        report.add(
+            "workload",
+            f"{outcome.name}: output throughput",
+            tokens / outcome.seconds,
+            "tokens/s",
+            base_tokens / base.seconds if vs else None,
+            base.name if vs else "",
+        )
+        c = outcome.counters
+        local = c["vllm:prefix_cache_hits_total"] / c["vllm:prefix_cache_queries_total"] if c["vllm:prefix_cache_queries_total"] else 0.0
+        report.add("workload", f"{outcome.name}: finished requests", len(outcome.requests), "finished", extra={"failed": outcome.failures})
+        report.add("workload", f"{outcome.name}: failed requests", len(outcome.failures), "failed")
+        report.add("workload", f"{outcome.name}: vLLM's own prefix-cache hit rate", local * 100, "%")
+        report.add(
+            "workload",
+            f"{outcome.name}: external prefix-cache hits (tokens)",
+            c["vllm:external_prefix_cache_hits_total"],
+            "tokens",
+            extra={"asked": c["vllm:external_prefix_cache_queries_total"]},
+        )
+        report.add("workload", f"{outcome.name}: preemptions", c["vllm:num_preemptions_total"], "")
