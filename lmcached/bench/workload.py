@@ -105,7 +105,11 @@ async def run_users(base_url: str, model: str, shape: Shape, outcome: Outcome) -
             answer, tokens = [], 0
             try:
                 stream = await client.chat.completions.create(
-                    model=model, messages=messages, max_tokens=ANSWER_TOKENS, temperature=0, stream=True  # type: ignore[arg-type]
+                    model=model,
+                    messages=messages,
+                    max_tokens=ANSWER_TOKENS,
+                    temperature=0,
+                    stream=True,  # type: ignore[arg-type]
                 )
                 async for chunk in stream:
                     if chunk.choices and chunk.choices[0].delta.content:
@@ -149,7 +153,15 @@ def run(report: Report, quick: bool = False) -> None:
         ("vLLM alone", {"connector": False}),
         (
             "vLLM + lmcached (hosted)",
-            {"lmcache_config": {"chunk_size": 256, "local_cpu": True, "max_local_cpu_size": 4, "enable_controller": False, "lmcache_worker_port": free_port()}},
+            {
+                "lmcache_config": {
+                    "chunk_size": 256,
+                    "local_cpu": True,
+                    "max_local_cpu_size": 4,
+                    "enable_controller": False,
+                    "lmcache_worker_port": free_port(),
+                }
+            },
         ),
     ]
     outcomes: list[Outcome] = []
