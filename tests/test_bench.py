@@ -139,3 +139,18 @@ def test_the_workload_reports_rounds_apart_against_vllm_alone() -> None:
     assert rows["cached: TTFT mean, first rounds (test)"].ratio == 1.0
     assert rows["cached: failed requests"].value == 1 and rows["cached: vLLM's own prefix-cache hit rate"].value == 25.0
     assert rows["cached: output throughput"].value == 6.0 and rows["cached: output throughput"].baseline == 4.8
+
+
+def test_the_workload_pools_interleaved_runs_and_shows_their_spread() -> None:
+    from lmcached.bench.workload import COUNTERS, Outcome, add_rows, pooled
+
+    counters = dict.fromkeys(COUNTERS, 1.0)
+    one = Outcome("x", [(0, 0, 1.0, 16), (0, 1, 1.0, 16)], [], 5.0, counters)
+    two = Outcome("x", [(0, 0, 3.0, 16), (0, 1, 1.0, 16)], ["user 1 round 0: boom"], 5.0, counters)
+    both = pooled("x", [one, two])
+    assert len(both.requests) == 4 and both.failures == ["user 1 round 0: boom"] and both.seconds == 10.0
+    assert both.counters["vllm:num_preemptions_total"] == 2.0 and both.run_means["first"] == [1000.0, 3000.0]
+    report = Report()
+    add_rows(report, [both], "t")
+    first = next(r for r in report.rows if r.name == "x: TTFT mean, first rounds (t)")
+    assert first.value == 2000.0 and (first.extra["min_ms"], first.extra["max_ms"]) == (1000.0, 3000.0)

@@ -4,8 +4,8 @@ growing round by round, requests arriving at a target rate — sent with the `op
 completions), against vLLM with its own prefix cache **on** and its KV capacity set below the working set
 (`--num-gpu-blocks-override`), so vLLM evicts and an offload tier can pay.
 
-Configurations, each on a fresh server with the same OpenMP binding (fleet.vllm_server.same_binding), one after
-another: vLLM alone, and vLLM hosting an lmcached instance (LmcachedConnector). Per configuration: TTFT mean /
+Configurations, each on a fresh server with the same OpenMP binding (fleet.vllm_server.same_binding), run twice
+interleaved: vLLM alone, and vLLM hosting an lmcached instance (LmcachedConnector). Per configuration: TTFT mean /
 p50 / p90 over all requests, first rounds and later rounds apart; output tokens per second; finished and failed
 requests; vLLM's own prefix-cache hit rate, its external (connector) hit tokens and its preemptions — and the
 ratios against vLLM alone.
@@ -30,6 +30,8 @@ from lmcached.bench.report import Report, progress
 #: vLLM's KV block (tokens); set explicitly so the capacity below means the same on every build.
 BLOCK_SIZE = 128
 ANSWER_TOKENS = 16
+#: Runs of each configuration, interleaved.
+REPEATS = 2
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class Outcome:
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
     counters: dict[str, float] = field(default_factory=dict)
+    #: round kind -> the mean TTFT (ms) of each run pooled here (pooled())
+    run_means: dict[str, list[float]] = field(default_factory=dict)
 
     def ttft(self, rounds: str = "all") -> np.ndarray:
         keep = {"all": lambda r: True, "first": lambda r: r == 0, "later": lambda r: r > 0}[rounds]
@@ -164,18 +168,31 @@ def run(report: Report, quick: bool = False) -> None:
             },
         ),
     ]
-    outcomes: list[Outcome] = []
+    # Interleaved (alone, lmcached, alone, lmcached): two runs of the same configuration here differ by up to a
+    # quarter in first-round TTFT, so one run each would book the machine's drift to whichever came first.
+    runs: dict[str, list[Outcome]] = {name: [] for name, _ in configs}
     with progress() as bar:
-        task = bar.add_task("workload", total=len(configs))
-        for name, kwargs in configs:
-            server = start_vllm(model, prefix_cache=True, args=args, env=bind, **kwargs)
-            try:
-                outcomes.append(measure(name, server, shape))
-            finally:
-                server.stop()
-            bar.advance(task)
+        task = bar.add_task("workload", total=REPEATS * len(configs))
+        for _ in range(REPEATS):
+            for name, kwargs in configs:
+                server = start_vllm(model, prefix_cache=True, args=args, env=bind, **kwargs)
+                try:
+                    runs[name].append(measure(name, server, shape))
+                finally:
+                    server.stop()
+                bar.advance(task)
+    outcomes = [pooled(name, each) for name, each in runs.items()]
     setting = f"{shape.users} users x {shape.rounds} rounds at {shape.rate} req/s, KV {blocks * BLOCK_SIZE:,} of ~{working_set:,} tokens"
     add_rows(report, outcomes, setting)
+
+
+def pooled(name: str, runs: list[Outcome]) -> Outcome:
+    """The runs of one configuration as one outcome (their requests together), keeping each run's mean TTFT per
+    round kind to show the spread between runs."""
+    out = Outcome(name, [r for o in runs for r in o.requests], [f for o in runs for f in o.failures], sum(o.seconds for o in runs))
+    out.counters = {c: sum(o.counters.get(c, 0.0) for o in runs) for c in COUNTERS}
+    out.run_means = {kind: [float(o.ttft(kind).mean() * 1000) for o in runs if len(o.ttft(kind))] for kind in ("all", "first", "later")}
+    return out
 
 
 def add_rows(report: Report, outcomes: list[Outcome], setting: str) -> None:
@@ -187,6 +204,8 @@ def add_rows(report: Report, outcomes: list[Outcome], setting: str) -> None:
             if not len(times):
                 continue
             for stat, fn in (("mean", np.mean), ("p50", np.median), ("p90", lambda a: np.percentile(a, 90))):
+                means = outcome.run_means.get(rounds, [])
+                spread = {"min_ms": min(means), "max_ms": max(means), "runs": len(means)} if stat == "mean" and len(means) > 1 else {}
                 report.add(
                     "workload",
                     f"{outcome.name}: TTFT {stat}, {what} ({setting})",
@@ -195,6 +214,7 @@ def add_rows(report: Report, outcomes: list[Outcome], setting: str) -> None:
                     float(fn(base_times)) if vs and len(base_times) else None,
                     base.name if vs else "",
                     better="lower",
+                    extra=spread,
                 )
         tokens = sum(t for *_, t in outcome.requests)
         base_tokens = sum(t for *_, t in base.requests)
