@@ -5,6 +5,7 @@ servers sharing one lmcached worker."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from lmcached.fleet.vllm_server import (  # noqa: E402
     converted_model,
     free_port,
     free_ports,
+    same_binding,
     start_vllm,
     startup_failure,
 )
@@ -85,11 +87,13 @@ def test_the_seed_workflow_with_vllm_hosting_the_instance(model: str, controller
             "controller_url": f"127.0.0.1:{controller.ports['monitor']}",
             "lmcache_worker_port": data_port,
         },
+        env=same_binding(),  # OpenMP on every core but one, as the benches run it
     )
     try:
         # Step 3: a completion; vLLM stores the prompt's KV in the instance it hosts.
         first = vllm.complete(SEED_PROMPT)
         assert first["cached_tokens"] == 0 and first["text"].strip()
+        check_connector_threads_beside_openmp(vllm)
         # Step 4: vLLM's own tokenizer, then the controller's lookup.
         tokens = vllm.tokenize(SEED_PROMPT)
         layout = wait_for(lambda: post(controller, "/lookup", {"tokens": tokens})["layout_info"], 30)
@@ -131,6 +135,23 @@ def test_the_seed_workflow_with_vllm_hosting_the_instance(model: str, controller
         assert any("loaded" in line and "from lmcached" in line for line in vllm.log)  # vLLM's own log says so
     finally:
         vllm.stop()
+
+
+def check_connector_threads_beside_openmp(vllm: VllmServer) -> None:
+    """The worker's OpenMP threads keep their core; the connector's saver and the hosted instance's threads run
+    on the core vLLM left free (integrations/cpus.py), not on the forward pass's."""
+    import psutil
+
+    omp = {int(c) for c in same_binding()["VLLM_CPU_OMP_THREADS_BIND"].split(",")}
+    spare = os.sched_getaffinity(0) - omp
+    if not spare:
+        return  # one core: nothing to keep away from
+    workers = [p for p in psutil.Process(vllm.proc.pid).children(recursive=True) if p.name().startswith("VLLM::Worker")]
+    assert len(workers) == 1
+    bindings = [frozenset(os.sched_getaffinity(thread.id)) for thread in workers[0].threads()]
+    assert omp in bindings  # the forward pass's threads, where vLLM put them
+    assert sum(binding == spare for binding in bindings) >= 2  # the instance's loop and the saver, at least
+    assert any("lmcached's background threads on cores" in line for line in vllm.log)
 
 
 def test_two_vllm_servers_share_one_lmcached_worker(model: str) -> None:

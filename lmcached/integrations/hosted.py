@@ -12,6 +12,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from lmcached.config import Config
+from lmcached.integrations.cpus import pin
 from lmcached.wire.chunks import WHOLE, Shard
 from lmcached.worker.instance import Worker
 
@@ -25,8 +26,10 @@ STOP_TIMEOUT_S = 35.0  # the disk write-behind gets its own 30 s to drain
 class HostedInstance:
     """Start with `start()` (returns the data-plane address once it accepts connections), stop with `stop()`."""
 
-    def __init__(self, config: Config, shard: Shard = WHOLE) -> None:
+    def __init__(self, config: Config, shard: Shard = WHOLE, cpus: frozenset[int] | None = None) -> None:
         self.config = config
+        #: The cores its thread (and the threads that thread starts) run on; None: the host's binding.
+        self.cpus = cpus
         #: A tensor-parallel rank hosts its own part of the instance, on lmcache_worker_port + rank.
         self.shard = shard
         self.worker: Worker | None = None
@@ -40,6 +43,7 @@ class HostedInstance:
         return ready.result(START_TIMEOUT_S)
 
     def _run(self, ready: concurrent.futures.Future[str]) -> None:
+        pin(self.cpus)
         loop = asyncio.new_event_loop()
         self._loop = loop
         asyncio.set_event_loop(loop)

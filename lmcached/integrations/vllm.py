@@ -45,6 +45,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 from lmcached.client import KVClient
 from lmcached.config import Config, load_config
 from lmcached.errors import LmcachedError
+from lmcached.integrations.cpus import cpu_plan, pin
 from lmcached.integrations.hosted import HostedInstance
 from lmcached.integrations.paged import CacheWriter, LayoutError, PagedLayout
 from lmcached.integrations.vllm_metrics import LmcachedConnectorStats, LmcachedPromMetrics, Recorder
@@ -130,6 +131,8 @@ class LmcachedConnector(KVConnectorBase_V1):
         #: Load a hit while vLLM keeps the request waiting (it schedules the request once the KV has arrived),
         #: instead of inside the step that first schedules it, before that step's forward pass.
         self.load_async = bool(extra.get("lmcached_load_async", False))
+        #: Where the worker side's own threads run (integrations/cpus.py): "auto", "inherit" or a core list.
+        self.cpu_setting = str(extra.get("lmcached_cpus", "auto"))
         self.block_size = _block_size(vllm_config, kv_cache_config)
         parallel = vllm_config.parallel_config
         if parallel.pipeline_parallel_size != 1:
@@ -363,18 +366,25 @@ class _WorkerSide:
         # (its AMX kernels pair elements up), so it is learned from vLLM's own cache-write op.
         self.packing = "probed" if current_platform.is_cpu() else "interleaved"
         self.layout: PagedLayout | None = None
+        # Background work on the cores vLLM's OpenMP threads leave free, copies the forward pass waits for on all.
+        try:
+            self.cpus = cpu_plan(connector.cpu_setting, on_cpu=current_platform.is_cpu())
+        except ValueError as exc:
+            raise ValueError(f"LmcachedConnector: {exc}") from None
+        log.info("lmcached connector: %s", self.cpus.describe())
         # vLLM runs torch single-threaded in its worker; moving KV layer by layer over a few threads of our own
-        # halves the time a load holds up the forward pass on two cores.
-        self.pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="lmcached-kv")
+        # shortens the time a load or a save's copy-out holds up the forward pass.
+        copy_threads = min(4, len(self.cpus.copies) if self.cpus.copies else os.cpu_count() or 1)
+        self.pool = ThreadPoolExecutor(copy_threads, thread_name_prefix="lmcached-kv", initializer=pin, initargs=(self.cpus.copies,))
         self.load_errors: set[int] = set()
         # Async loads run on a thread of their own, with a connection of their own; what they finished (and the
         # blocks they could not fill, recorded first) is handed to vLLM under this lock.
-        self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcached-loader")
+        self.loader = ThreadPoolExecutor(1, thread_name_prefix="lmcached-loader", initializer=pin, initargs=(self.cpus.background,))
         self.finished_loads: set[str] = set()
         self._results = threading.Lock()
         self.hosted: HostedInstance | None = None
         if not connector.shared_worker:
-            self.hosted = HostedInstance(connector.config, connector.shard)
+            self.hosted = HostedInstance(connector.config, connector.shard, cpus=self.cpus.background)
             address = self.hosted.start()
             rank = f" (tensor-parallel rank {connector.shard.rank} of {connector.world})" if connector.world > 1 else ""
             log.info("lmcached instance %s serving on %s inside vLLM%s", connector.config.lmcache_instance_id, address, rank)
@@ -413,11 +423,11 @@ class _WorkerSide:
             if spec.background:
                 self.loader.submit(self._load_in_background, spec)
             else:
-                self._load_and_count(spec, self.kv)
+                self._load_and_count(spec, self.kv, self.pool)
 
     def _load_in_background(self, spec: LoadSpec) -> None:
-        try:
-            self._load_and_count(spec, self.loader_kv)
+        try:  # (placed by this thread alone: the copy pool's cores include the running forward pass's)
+            self._load_and_count(spec, self.loader_kv, pool=None)
         finally:  # loaded, short or failed: vLLM must hear of it (it frees an aborted request's blocks only then)
             with self._results:
                 self.finished_loads.add(spec.req_id)
@@ -427,12 +437,12 @@ class _WorkerSide:
             finished, self.finished_loads = self.finished_loads, set()
         return finished or None
 
-    def _load_and_count(self, spec: LoadSpec, kv: _KVAccess) -> None:
+    def _load_and_count(self, spec: LoadSpec, kv: _KVAccess, pool: ThreadPoolExecutor | None) -> None:
         recorder = self.connector.recorder
         loaded = spec.start
         started = time.perf_counter()
         try:
-            loaded = self._load_one(spec, kv)
+            loaded = self._load_one(spec, kv, pool)
         except (OSError, LmcachedError, LayoutError, RuntimeError, TimeoutError) as exc:
             log.warning("loading %d tokens of request %s failed (%s); vLLM recomputes them", spec.end - spec.start, spec.req_id, exc)
             kv.reset()
@@ -448,7 +458,7 @@ class _WorkerSide:
             with self._results:  # before the request is reported finished (vLLM reads errors after finished loads)
                 self.load_errors.update(spec.block_ids[first : last + 1])
 
-    def _load_one(self, spec: LoadSpec, kv: _KVAccess) -> int:
+    def _load_one(self, spec: LoadSpec, kv: _KVAccess, pool: ThreadPoolExecutor | None) -> int:
         """Place what lmcached returns for [start, end) in the paged cache; the end of what was placed."""
         assert self.layout is not None
         started = time.perf_counter()
@@ -458,7 +468,7 @@ class _WorkerSide:
         for first, piece in pieces:  # consecutive pieces of the cached prefix, from token 0
             lo, hi = max(first, spec.start), min(first + piece.shape[2], spec.end)
             if lo < hi:
-                self.layout.scatter(self.layout.slots(spec.block_ids, lo, hi), piece[:, :, lo - first : hi - first], self.pool)
+                self.layout.scatter(self.layout.slots(spec.block_ids, lo, hi), piece[:, :, lo - first : hi - first], pool)
                 available = hi
         if available == spec.start:
             return spec.start
@@ -494,6 +504,7 @@ class _WorkerSide:
             self.connector.recorder.save_queue(self.saves.qsize())
 
     def _save_loop(self) -> None:
+        pin(self.cpus.background)
         saver: _KVAccess = _SocketKV(self.connector) if self.hosted is None else self.kv  # its own connection
         recorder = self.connector.recorder
         while (item := self.saves.get()) is not None:
