@@ -144,8 +144,22 @@ def measure(name: str, server: Any, shape: Shape) -> Outcome:
     return outcome
 
 
-def run(report: Report, quick: bool = False) -> None:
-    from lmcached.fleet.vllm_server import converted_model, free_port, same_binding, start_vllm
+def hosted_config(**extra: Any) -> dict[str, Any]:
+    """start_vllm's arguments for vLLM hosting an lmcached instance (RAM only); `extra` goes into
+    kv_connector_extra_config."""
+    from lmcached.fleet.vllm_server import free_port
+
+    config = {"chunk_size": 256, "local_cpu": True, "max_local_cpu_size": 4, "enable_controller": False, "lmcache_worker_port": free_port()}
+    return {"lmcache_config": config, "extra_config": extra}
+
+
+def default_configs() -> list[tuple[str, dict[str, Any]]]:
+    return [("vLLM alone", {"connector": False}), ("vLLM + lmcached (hosted)", hosted_config())]
+
+
+def run(report: Report, quick: bool = False, configs: list[tuple[str, dict[str, Any]]] | None = None) -> None:
+    """Each configuration (name, start_vllm's arguments; the first is the baseline) REPEATS times, interleaved."""
+    from lmcached.fleet.vllm_server import converted_model, same_binding, start_vllm
 
     shape = Shape(users=8, rounds=3, rate=0.25) if quick else Shape(users=12, rounds=6, rate=0.12)
     working_set = shape.working_set_tokens()
@@ -153,21 +167,7 @@ def run(report: Report, quick: bool = False) -> None:
     args = ["--block-size", str(BLOCK_SIZE), "--num-gpu-blocks-override", str(blocks)]
     model = converted_model()
     bind = same_binding()
-    configs: list[tuple[str, dict[str, Any]]] = [
-        ("vLLM alone", {"connector": False}),
-        (
-            "vLLM + lmcached (hosted)",
-            {
-                "lmcache_config": {
-                    "chunk_size": 256,
-                    "local_cpu": True,
-                    "max_local_cpu_size": 4,
-                    "enable_controller": False,
-                    "lmcache_worker_port": free_port(),
-                }
-            },
-        ),
-    ]
+    configs = configs or default_configs()
     # Interleaved (alone, lmcached, alone, lmcached): two runs of the same configuration here differ by up to a
     # quarter in first-round TTFT, so one run each would book the machine's drift to whichever came first.
     runs: dict[str, list[Outcome]] = {name: [] for name, _ in configs}
