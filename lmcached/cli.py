@@ -809,12 +809,21 @@ def bench(
     curve: bool = typer.Option(
         False, "--curve", help="codec: also the rate–quality curve of every method and setting on held-out text (table and plot)."
     ),
+    kv_share: float | None = typer.Option(
+        None,
+        "--kv-share",
+        help="workload: vLLM's KV capacity as a share of the working set (default 0.33, so vLLM evicts; 1.5: everything fits).",
+    ),
 ) -> None:
     """Measure lmcached beside its baselines in the same run and print the figures."""
     if kind not in BENCH_KINDS:
         fail(f"unknown benchmark {kind!r}; choose one of {', '.join(BENCH_KINDS)}", 2)
     if curve and kind not in ("codec", "all"):
         fail("--curve belongs to the codec benchmark: lmcached bench codec --curve", 2)
+    if kv_share is not None and kind != "workload":
+        fail("--kv-share belongs to the workload benchmark: lmcached bench workload --kv-share 1.5", 2)
+    if kv_share is not None and not 0 < kv_share <= 10:
+        fail(f"--kv-share {kv_share} is not a share of the working set (0 < share <= 10)", 2)
     if kind in ("vllm", "workload"):
         import importlib.util
 
@@ -824,7 +833,7 @@ def bench(
     from lmcached.worker.memory import tune_allocator
 
     tune_allocator()
-    report = run_benchmarks(kind, quick, curve=curve)
+    report = run_benchmarks(kind, quick, curve=curve, kv_share=kv_share)
     if as_json:
         typer.echo(report.as_json())
     else:

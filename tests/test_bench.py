@@ -154,3 +154,21 @@ def test_the_workload_pools_interleaved_runs_and_shows_their_spread() -> None:
     add_rows(report, [both], "t")
     first = next(r for r in report.rows if r.name == "x: TTFT mean, first rounds (t)")
     assert first.value == 2000.0 and (first.extra["min_ms"], first.extra["max_ms"]) == (1000.0, 3000.0)
+
+
+def test_the_workloads_engine_capacity_is_a_share_of_its_working_set() -> None:
+    from lmcached.bench.workload import BLOCK_SIZE, Shape, engine_blocks
+
+    shape = Shape(users=12, rounds=6, rate=0.12)
+    evicting, fitting = engine_blocks(shape, 1 / 3), engine_blocks(shape, 1.5)
+    assert evicting * BLOCK_SIZE < shape.working_set_tokens() / 2 < shape.working_set_tokens() < fitting * BLOCK_SIZE
+    assert engine_blocks(Shape(users=1, rounds=1, rate=1.0), 1 / 3) == 66  # vLLM's floor: one 8,192-token request
+
+
+def test_kv_share_belongs_to_the_workload_bench_and_must_be_a_share() -> None:
+    for args, said in (
+        (["index", "--kv-share", "1.5"], "--kv-share belongs to the workload benchmark"),
+        (["workload", "--kv-share", "0"], "is not a share"),
+    ):
+        done = subprocess.run([sys.executable, "-m", "lmcached", "bench", *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and said in done.stderr, done.stderr

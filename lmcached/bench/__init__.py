@@ -9,13 +9,16 @@ from lmcached.bench.report import Report
 ORDER = ("dataplane", "index", "codec", "engine")
 
 
-def run_benchmarks(kind: str, quick: bool = False, curve: bool = False) -> Report:
-    """`curve` adds the codec's rate–quality curve (lmcached.bench.codec_curve) to the codec benchmark."""
+def run_benchmarks(kind: str, quick: bool = False, curve: bool = False, kv_share: float | None = None) -> Report:
+    """`curve` adds the codec's rate–quality curve (lmcached.bench.codec_curve) to the codec benchmark;
+    `kv_share` sets the workload bench's engine KV capacity as a share of its working set."""
     report = Report()
     for name in ORDER if kind == "all" else (kind,):
         module = importlib.import_module(f"lmcached.bench.{name}")
         if name == "codec":
             module.run(report, quick, curve=curve)
+        elif name == "workload" and kv_share is not None:
+            module.run(report, quick, kv_share=kv_share)
         else:
             module.run(report, quick)
     return report

@@ -154,16 +154,28 @@ def hosted_config(**extra: Any) -> dict[str, Any]:
 
 
 def default_configs() -> list[tuple[str, dict[str, Any]]]:
-    return [("vLLM alone", {"connector": False}), ("vLLM + lmcached (hosted)", hosted_config())]
+    return [
+        ("vLLM alone", {"connector": False}),
+        ("vLLM + lmcached (hosted)", hosted_config()),
+        # A hit loaded while vLLM keeps the request waiting, as LMCache's connector does, instead of in its step.
+        ("vLLM + lmcached (hosted, background loads)", hosted_config(lmcached_load_async=True)),
+    ]
 
 
-def run(report: Report, quick: bool = False, configs: list[tuple[str, dict[str, Any]]] | None = None) -> None:
-    """Each configuration (name, start_vllm's arguments; the first is the baseline) REPEATS times, interleaved."""
+def engine_blocks(shape: Shape, kv_share: float) -> int:
+    """vLLM's KV capacity in blocks for `kv_share` of the working set: a third makes vLLM evict, more than 1
+    holds every user's history. Never below one --max-model-len (8,192-token) request: vLLM refuses less."""
+    return max(66, math.ceil(shape.working_set_tokens() * kv_share / BLOCK_SIZE))
+
+
+def run(report: Report, quick: bool = False, configs: list[tuple[str, dict[str, Any]]] | None = None, kv_share: float = 1 / 3) -> None:
+    """Each configuration (name, start_vllm's arguments; the first is the baseline) REPEATS times, interleaved,
+    with vLLM's KV capacity at `kv_share` of the working set."""
     from lmcached.fleet.vllm_server import converted_model, same_binding, start_vllm
 
     shape = Shape(users=8, rounds=3, rate=0.25) if quick else Shape(users=12, rounds=6, rate=0.12)
     working_set = shape.working_set_tokens()
-    blocks = max(66, math.ceil(working_set / 3 / BLOCK_SIZE))  # about a third of the working set (vLLM's floor: 64)
+    blocks = engine_blocks(shape, kv_share)
     args = ["--block-size", str(BLOCK_SIZE), "--num-gpu-blocks-override", str(blocks)]
     model = converted_model()
     bind = same_binding()
