@@ -1,14 +1,15 @@
 """A serving workload through vLLM's OpenAI API: multi-round chat in the shape of LMCache's
 `benchmarks/multi_round_qa` — N users, a shared system prompt, a long context per user, each user's history
 growing round by round, requests arriving at a target rate — sent with the `openai` SDK (streamed chat
-completions), against vLLM with its own prefix cache **on** and its KV capacity set below the working set
-(`--num-gpu-blocks-override`), so vLLM evicts and an offload tier can pay.
+completions), against vLLM with its own prefix cache **on** and its KV capacity set with
+`--num-gpu-blocks-override` to a share of the working set: a third by default, so vLLM evicts and an offload tier
+can pay; `--kv-share 1.5`, so everything fits and the connector can only cost.
 
 Configurations, each on a fresh server with the same OpenMP binding (fleet.vllm_server.same_binding), run twice
-interleaved: vLLM alone, and vLLM hosting an lmcached instance (LmcachedConnector). Per configuration: TTFT mean /
-p50 / p90 over all requests, first rounds and later rounds apart; output tokens per second; finished and failed
-requests; vLLM's own prefix-cache hit rate, its external (connector) hit tokens and its preemptions — and the
-ratios against vLLM alone.
+interleaved: vLLM alone, vLLM hosting an lmcached instance (LmcachedConnector) loading hits in the step, and the
+same loading them in the background (lmcached_load_async). Per configuration: TTFT mean / p50 / p90 over all
+requests, first rounds and later rounds apart; output tokens per second; finished and failed requests; vLLM's own
+prefix-cache hit rate, its external (connector) hit tokens and its preemptions — and the ratios against vLLM alone.
 
 Not in this slice yet (issue 24): long-document QA, two servers sharing a worker, LMCache's multiprocess mode
 as the peer (its side venv needs vLLM beside LMCache), tiers under pressure and the soak.
