@@ -133,3 +133,55 @@ def test_every_vllm_cache_layout_reads_and_writes_like_the_backend(name: str) ->
     assert torch.equal(paged.gather(slots), fresh.half())
     changed = (raw != before).view(-1, 2).any(dim=1).sum()  # float16 elements that changed
     assert changed <= kv.numel() and changed > kv.numel() * 0.99  # only the slots' own elements
+
+
+def element_by_element(layout: PagedLayout) -> PagedLayout:
+    """The same layout with its grids forgotten: every token moves through torch.take / put_ (the reference)."""
+    twin = PagedLayout(layout.layers, layout.block_size, layout.key_index, layout.value_index, layout.stored)
+    twin.__dict__["grids"] = None  # (a cached property: set before first use)
+    return twin
+
+
+@pytest.mark.parametrize("packing", ["interleaved", "halves", "vnni"])
+def test_whole_blocks_move_as_strided_grids_exactly_as_element_by_element(packing: str) -> None:
+    """Whole kernel blocks move as one strided copy per layer and side; the partial blocks at either end of the
+    range, element by element. Both must read and write exactly what the element-by-element path does."""
+    heads, kernel_block, size = 3, 8, 16
+    layers = tuple(torch.randn(10, heads, kernel_block, 2 * size).to(torch.bfloat16) for _ in range(3))
+    if packing == "vnni":  # AMX's pairing: keys [dim/2, token, 2], values [token/2, dim, 2]
+        head = torch.arange(heads).view(-1, 1, 1) * 2 * kernel_block * size
+        token, dim = torch.arange(kernel_block).view(1, -1, 1), torch.arange(size).view(1, 1, -1)
+        key = head + (dim // 2) * kernel_block * 2 + token * 2 + dim % 2
+        value = head + kernel_block * size + (token // 2) * size * 2 + dim * 2 + token % 2
+        layout = PagedLayout(layers, 2 * kernel_block, key, value)
+    else:
+        layout = PagedLayout.build(layers, 2 * kernel_block, packing)
+    assert layout.grids is not None
+    reference = element_by_element(layout)
+    block_ids = [4, 0, 3, 1]  # scheduler blocks of two kernel blocks, not in order
+    for start, end, whole in ((0, 64, 8), (5, 59, 6), (3, 12, 0), (9, 15, 0)):
+        slots = layout.slots(block_ids, start, end)
+        assert len(layout._whole_blocks(slots)[1]) == whole  # the kernel blocks that move as grids
+        assert torch.equal(layout.gather(slots), reference.gather(slots))
+        kv = torch.randn(2, 3, end - start, heads * size)
+        before = tuple(layer.clone() for layer in layers)
+        layout.scatter(slots, kv)
+        written = tuple(layer.clone() for layer in layers)
+        for layer, old in zip(layers, before, strict=True):
+            layer.copy_(old)
+        reference.scatter(slots, kv)
+        assert all(torch.equal(a, b) for a, b in zip(written, layers, strict=True))
+        assert not all(torch.equal(a, b) for a, b in zip(written, before, strict=True))
+
+
+def test_a_layout_that_is_no_grid_still_moves_element_by_element() -> None:
+    heads, kernel_block, size = 2, 4, 8
+    scrambled = torch.randperm(heads * kernel_block * 2 * size)
+    key, value = scrambled[: heads * kernel_block * size].view(heads, kernel_block, size), scrambled[heads * kernel_block * size :]
+    layers = (torch.zeros(5, heads, kernel_block, 2 * size),)
+    layout = PagedLayout(layers, kernel_block, key, value.view(heads, kernel_block, size))
+    assert layout.grids is None
+    slots = layout.slots([3, 1], 0, 8)
+    kv = torch.randn(2, 1, 8, heads * size)
+    layout.scatter(slots, kv)
+    assert torch.equal(layout.gather(slots), kv)

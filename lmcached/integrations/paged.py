@@ -15,13 +15,19 @@ each (head, token in block, dim), the element's offset in the flattened tile:
 - `halves`: the tile viewed as [kv_heads, 2 * block_size, head_size] holds all keys, then all values;
 - `probed`: whatever vLLM's CPU backend does on this CPU (its AMX kernels, for one, interleave pairs for the
   matrix units): learned by letting vLLM's own cache-write op fill a scratch tile with known values.
+
+Every one of these tables turns out to be a strided grid over the tile (`TileGrid`), so the whole kernel blocks
+in the middle of a request's range move as one strided copy per layer and side (`index_copy_` / `index_select`
+over the blocks); only the partial blocks at either end go element by element through the tables.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -32,6 +38,19 @@ CacheWriter = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 class LayoutError(ValueError):
     """The engine's KV cache is laid out in a way this module cannot read."""
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """One side (keys or values) of a tile as a strided grid: element [head, t_hi, t_lo, d_hi, d_lo] — token
+    t = t_hi * t_lo-size + t_lo, dim d likewise — sits at `base` + the dot product with `strides`, in elements
+    of the layer's storage from the start of its block. Every layout vLLM uses is such a grid (the CPU backend's
+    keys are [head, dim, token], AMX's pair two elements up, the GPUs' are [token, head, dim]), which lets whole
+    blocks move as strided copies instead of one scattered element at a time."""
+
+    sizes: tuple[int, int, int, int, int]
+    strides: tuple[int, int, int, int, int]
+    base: int
 
 
 @dataclass(frozen=True)
@@ -127,6 +146,23 @@ class PagedLayout:
         """A token's keys and values over all layers."""
         return 2 * len(self.layers) * self.channels * self.dtype.itemsize
 
+    @cached_property
+    def grids(self) -> tuple[TileGrid, TileGrid] | None:
+        """Keys' and values' grids in a layer's storage, when both are strided grids (None: element by element)."""
+        layer = self.layers[0]
+        _, _, kernel_block, width = layer.shape
+        grids = []
+        for index in (self.key_index, self.value_index):
+            # The tables count in the view's logical order; a grid needs storage offsets (block-outer layouts
+            # stride over other layers' pages between heads and tokens).
+            head, rest = index // (kernel_block * width), index % (kernel_block * width)
+            physical = head * layer.stride(1) + (rest // width) * layer.stride(2) + (rest % width) * layer.stride(3)
+            grid = tile_grid(physical.cpu())
+            if grid is None:
+                return None
+            grids.append(grid)
+        return grids[0], grids[1]
+
     def slots(self, block_ids: Sequence[int], start: int, end: int) -> torch.Tensor:
         """The cache slot of each token in [start, end), given the request's block ids."""
         positions = torch.arange(start, end, dtype=torch.int64)
@@ -146,13 +182,23 @@ class PagedLayout:
         layers are spread over its threads (torch releases the GIL inside each op)."""
         tokens = len(slots)
         out = torch.empty((2, len(self.layers), tokens, self.channels), dtype=self.layers[0].dtype, device=self.layers[0].device)
-        wheres = [self._where(slots, index) for index in (self.key_index, self.value_index)]
+        first, blocks = self._whole_blocks(slots)
+        whole = len(blocks) * self.layers[0].shape[2]
+        rest = [(lo, hi) for lo, hi in ((0, first), (first + whole, tokens)) if lo < hi]
+        wheres = [(lo, hi, [self._where(slots[lo:hi], index) for index in (self.key_index, self.value_index)]) for lo, hi in rest]
+        grids = self.grids
 
         def one(number: int) -> None:
             layer = self.layers[number]
-            for side, where in enumerate(wheres):
-                picked = torch.take(layer, where)  # [heads, T, head_size]
-                out[side, number].view(tokens, self.kv_heads, self.head_size).copy_(picked.transpose(0, 1))
+            if whole:
+                assert grids is not None
+                for side, grid in enumerate(grids):
+                    picked = _grid_view(layer, grid).index_select(0, blocks)  # [blocks, H, t_hi, t_lo, d_hi, d_lo]
+                    _token_view(out[side, number, first : first + whole], grid).copy_(picked)
+            for lo, hi, (key_where, value_where) in wheres:
+                for side, where in ((0, key_where), (1, value_where)):
+                    picked = torch.take(layer, where)  # [heads, T, head_size]
+                    out[side, number, lo:hi].view(hi - lo, self.kv_heads, self.head_size).copy_(picked.transpose(0, 1))
 
         _each(one, len(self.layers), pool)
         return out.view(self.dtype)
@@ -167,14 +213,74 @@ class PagedLayout:
             raise LayoutError(f"KV has {kv.shape[3]} channels; this cache has {self.channels}")
         tokens = len(slots)
         kv = kv.to(device=self.layers[0].device, dtype=self.dtype).view(self.layers[0].dtype)
-        wheres = [self._where(slots, index) for index in (self.key_index, self.value_index)]
+        first, blocks = self._whole_blocks(slots)
+        whole = len(blocks) * self.layers[0].shape[2]
+        rest = [(lo, hi) for lo, hi in ((0, first), (first + whole, tokens)) if lo < hi]
+        wheres = [(lo, hi, [self._where(slots[lo:hi], index) for index in (self.key_index, self.value_index)]) for lo, hi in rest]
+        grids = self.grids
 
         def one(number: int) -> None:
-            for side, where in enumerate(wheres):
-                values = kv[side, number].reshape(tokens, self.kv_heads, self.head_size).transpose(0, 1).contiguous()
-                self.layers[number].put_(where, values)
+            layer = self.layers[number]
+            if whole:
+                assert grids is not None
+                for side, grid in enumerate(grids):
+                    _grid_view(layer, grid).index_copy_(0, blocks, _token_view(kv[side, number, first : first + whole].contiguous(), grid))
+            for lo, hi, (key_where, value_where) in wheres:
+                for side, where in ((0, key_where), (1, value_where)):
+                    values = kv[side, number, lo:hi].reshape(hi - lo, self.kv_heads, self.head_size).transpose(0, 1).contiguous()
+                    layer.put_(where, values)
 
         _each(one, len(self.layers), pool)
+
+    def _whole_blocks(self, slots: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """(first token, kernel block ids): the run of tokens from `first` that fills these kernel blocks whole,
+        one after another — the middle of a request's range; the tokens before and after it (a partial block at
+        either end) go element by element. No blocks when the layout is not a grid."""
+        kernel_block = self.layers[0].shape[2]
+        none = (0, torch.empty(0, dtype=torch.int64, device=slots.device))
+        if self.grids is None or len(slots) < kernel_block:
+            return none
+        starts = (slots % kernel_block == 0).nonzero().flatten()
+        if not len(starts):
+            return none
+        first = int(starts[0])
+        count = (len(slots) - first) // kernel_block
+        if not count:
+            return none
+        run = slots[first : first + count * kernel_block].view(count, kernel_block)
+        # Consecutive slots inside each kernel block (a scheduler block holds whole kernel blocks, so they are).
+        if not torch.equal(run - run[:, :1], torch.arange(kernel_block, device=slots.device).expand(count, -1)):
+            return none
+        return first, run[:, 0] // kernel_block
+
+
+def tile_grid(offsets: torch.Tensor) -> TileGrid | None:
+    """`offsets` [heads, kernel block, head_size] as a strided grid (TileGrid), splitting the token and dim axes
+    into (hi, lo) pairs of up to 32; None when no such grid gives every offset."""
+    heads, kernel_block, size = offsets.shape
+    for t_lo, d_lo in itertools.product((1, 2, 4, 8, 16, 32), repeat=2):
+        if kernel_block % t_lo or size % d_lo:
+            continue
+        view = offsets.reshape(heads, kernel_block // t_lo, t_lo, size // d_lo, d_lo)
+        base = int(view[0, 0, 0, 0, 0])
+        strides = tuple(int(view[tuple(1 if d == dim else 0 for d in range(5))]) - base if view.shape[dim] > 1 else 0 for dim in range(5))
+        rebuilt = base + sum(
+            torch.arange(view.shape[dim]).view([-1 if d == dim else 1 for d in range(5)]) * strides[dim] for dim in range(5)
+        )
+        if torch.equal(rebuilt, view):
+            return TileGrid(tuple(view.shape), strides, base)  # type: ignore[arg-type]
+    return None
+
+
+def _grid_view(layer: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """A layer's keys or values as [blocks, heads, t_hi, t_lo, d_hi, d_lo], over its own storage."""
+    return layer.as_strided((layer.shape[0], *grid.sizes), (layer.stride(0), *grid.strides), layer.storage_offset() + grid.base)
+
+
+def _token_view(kv: torch.Tensor, grid: TileGrid) -> torch.Tensor:
+    """[n * kernel block, heads * head_size] KV of one side and layer as [n, heads, t_hi, t_lo, d_hi, d_lo]."""
+    heads, t_hi, t_lo, d_hi, d_lo = grid.sizes
+    return kv.view(-1, t_hi, t_lo, heads, d_hi, d_lo).permute(0, 3, 1, 2, 4, 5)
 
 
 def _each(fn: Callable[[int], None], count: int, pool: Executor | None) -> None:
