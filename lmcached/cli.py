@@ -814,6 +814,9 @@ def bench(
         "--kv-share",
         help="workload: vLLM's KV capacity as a share of the working set (default 0.33, so vLLM evicts; 1.5: everything fits).",
     ),
+    servers: int = typer.Option(
+        1, "--servers", help="workload: 2 compares two vLLM servers alone with two sharing one lmcached worker, rounds alternating."
+    ),
 ) -> None:
     """Measure lmcached beside its baselines in the same run and print the figures."""
     if kind not in BENCH_KINDS:
@@ -822,6 +825,10 @@ def bench(
         fail("--curve belongs to the codec benchmark: lmcached bench codec --curve", 2)
     if kv_share is not None and kind != "workload":
         fail("--kv-share belongs to the workload benchmark: lmcached bench workload --kv-share 1.5", 2)
+    if servers != 1 and kind != "workload":
+        fail("--servers belongs to the workload benchmark: lmcached bench workload --servers 2", 2)
+    if servers not in (1, 2):
+        fail(f"--servers {servers}: the workload benchmark compares one server or two", 2)
     if kv_share is not None and not 0 < kv_share <= 10:
         fail(f"--kv-share {kv_share} is not a share of the working set (0 < share <= 10)", 2)
     if kind in ("vllm", "workload"):
@@ -833,7 +840,7 @@ def bench(
     from lmcached.worker.memory import tune_allocator
 
     tune_allocator()
-    report = run_benchmarks(kind, quick, curve=curve, kv_share=kv_share)
+    report = run_benchmarks(kind, quick, curve=curve, kv_share=kv_share, servers=servers)
     if as_json:
         typer.echo(report.as_json())
     else:

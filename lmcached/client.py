@@ -258,17 +258,28 @@ class KVClient:
     def spans(self, tokens: Sequence[int], salt: str | None = None) -> list[ChunkSpan]:
         return self.shard.spans(chunk_spans(tokens, self.chunk_size, self.save_unfull_chunk, salt))
 
-    def store(self, tokens: Sequence[int], kv: torch.Tensor, skip_tokens: int = 0, salt: str | None = None, dedupe: bool = True) -> int:
+    def store(
+        self,
+        tokens: Sequence[int],
+        kv: torch.Tensor,
+        skip_tokens: int = 0,
+        salt: str | None = None,
+        dedupe: bool = True,
+        kv_start: int = 0,
+    ) -> int:
         """Store the chunks of `tokens`' KV, except those wholly inside the first `skip_tokens` (the caller knows
         they are cached) and — with `dedupe`, one small round trip first — those the worker already holds, so
         storing a prompt again moves no KV. Returns the prompt's tokens the worker holds through this call
-        (stored now, or found there). `salt` keys a tenant's chunks apart (vLLM's cache_salt)."""
-        kv = check_kv(kv, len(tokens))
+        (stored now, or found there). `salt` keys a tenant's chunks apart (vLLM's cache_salt). `kv` may cover
+        only tokens [kv_start, len(tokens)) — a chunk boundary at or below `skip_tokens` — so that a caller
+        never copies out KV it is not going to store."""
+        kv = check_kv(kv, len(tokens) - _check_kv_start(kv_start, skip_tokens, self.chunk_size))
         spans = self.spans(tokens, salt)
         lineage = _lineage(spans, tokens, salt) if self.send_lineage else None
         held = self._held(spans) if dedupe and any(s.end > skip_tokens for s in spans) else 0
         found = sum(s.num_tokens for s in spans if s.end <= held)
-        spans = [s for s in spans if s.end > max(skip_tokens, held)]
+        # (Token ranges from here on are in `kv`'s own numbering.)
+        spans = [ChunkSpan(s.key, s.start - kv_start, s.end - kv_start) for s in spans if s.end > max(skip_tokens, held)]
         if not spans:
             return found
         store = _Store(spans, kv, next(self._req_ids), lineage)
@@ -378,6 +389,14 @@ class KVClient:
         if payload_len:
             self._conn().recv(payload_len)
         return _check_reply(kind, header)
+
+
+def _check_kv_start(kv_start: int, skip_tokens: int, chunk_size: int) -> int:
+    """A KV tensor may start late only at a chunk boundary no later than the tokens to store."""
+    if kv_start < 0 or kv_start % chunk_size or kv_start > skip_tokens:
+        said = f"kv_start {kv_start} must be a chunk boundary ({chunk_size} tokens), at most skip_tokens {skip_tokens}"
+        raise InvalidRequest(said, "kv_start")
+    return kv_start
 
 
 def _rows(kv: torch.Tensor) -> Any:

@@ -17,10 +17,10 @@ from lmcached.bench.report import Report
 
 def main() -> None:
     configs = [
-        ("vLLM alone", {"connector": False}),
-        ("hosted, threads inherit", workload.hosted_config(lmcached_cpus="inherit")),
-        ("hosted, threads auto", workload.hosted_config()),
-        ("hosted, auto + async load", workload.hosted_config(lmcached_load_async=True)),
+        workload.Setup("vLLM alone", {"connector": False}),
+        workload.Setup("hosted, threads inherit", workload.hosted_config(lmcached_cpus="inherit")),
+        workload.Setup("hosted, threads auto", workload.hosted_config()),
+        workload.Setup("hosted, auto + async load", workload.hosted_config(lmcached_load_async=True)),
     ]
     report = Report()
     workload.run(report, quick=True, configs=configs)

@@ -169,6 +169,8 @@ def test_kv_share_belongs_to_the_workload_bench_and_must_be_a_share() -> None:
     for args, said in (
         (["index", "--kv-share", "1.5"], "--kv-share belongs to the workload benchmark"),
         (["workload", "--kv-share", "0"], "is not a share"),
+        (["index", "--servers", "2"], "--servers belongs to the workload benchmark"),
+        (["workload", "--servers", "3"], "one server or two"),
     ):
         done = subprocess.run([sys.executable, "-m", "lmcached", "bench", *args], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and said in done.stderr, done.stderr

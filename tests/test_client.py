@@ -30,6 +30,26 @@ async def test_store_lookup_retrieve_is_bit_exact(running: Running, dtype: torch
     await asyncio.to_thread(go)
 
 
+async def test_a_store_may_bring_only_the_kv_past_what_is_cached(running: Running) -> None:
+    """kv_start: the caller copied out only the tokens from the first chunk it is storing (vLLM's connector on
+    a chat's later round); what lands is the same as from the whole prompt's KV, and a bad start is refused."""
+    tokens = list(range(7000, 7050))  # chunks of 16
+    kv = make_kv(len(tokens))
+
+    def go() -> None:
+        with KVClient(running.data) as client:
+            assert client.store(tokens[:32], kv[:, :, :32]) == 32
+            assert client.store(tokens, kv[:, :, 32:], skip_tokens=32, kv_start=32) == 50
+            assert torch.equal(client.retrieve(tokens), kv)
+            for start, skip in ((8, 32), (48, 32), (-16, 0)):
+                with pytest.raises(LmcachedError, match="kv_start"):
+                    client.store(tokens, kv[:, :, max(start, 0) :], skip_tokens=skip, kv_start=start)
+            with pytest.raises(LmcachedError, match="covers 50 tokens but 18"):  # the whole KV, said to start late
+                client.store(tokens, kv, skip_tokens=32, kv_start=32)
+
+    await asyncio.to_thread(go)
+
+
 async def test_async_client_matches_blocking_client(running: Running) -> None:
     kv = make_kv(len(SEED_TOKENS))
     async with AsyncKVClient(running.data) as client:

@@ -9,16 +9,17 @@ from lmcached.bench.report import Report
 ORDER = ("dataplane", "index", "codec", "engine")
 
 
-def run_benchmarks(kind: str, quick: bool = False, curve: bool = False, kv_share: float | None = None) -> Report:
+def run_benchmarks(kind: str, quick: bool = False, curve: bool = False, kv_share: float | None = None, servers: int = 1) -> Report:
     """`curve` adds the codec's rate–quality curve (lmcached.bench.codec_curve) to the codec benchmark;
-    `kv_share` sets the workload bench's engine KV capacity as a share of its working set."""
+    `kv_share` sets the workload bench's engine KV capacity as a share of its working set, `servers` 2 runs its
+    two-server configurations."""
     report = Report()
     for name in ORDER if kind == "all" else (kind,):
         module = importlib.import_module(f"lmcached.bench.{name}")
         if name == "codec":
             module.run(report, quick, curve=curve)
-        elif name == "workload" and kv_share is not None:
-            module.run(report, quick, kv_share=kv_share)
+        elif name == "workload":
+            module.run(report, quick, kv_share=1 / 3 if kv_share is None else kv_share, servers=servers)
         else:
             module.run(report, quick)
     return report

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,12 +91,13 @@ def conversations(shape: Shape) -> tuple[str, list[str]]:
     return system, contexts
 
 
-async def run_users(base_url: str, model: str, shape: Shape, outcome: Outcome) -> None:
+async def run_users(base_urls: list[str], model: str, shape: Shape, outcome: Outcome) -> None:
     """Every user's rounds: user u's round r goes out at (r * users + u) / rate seconds, or when its previous
-    answer has arrived, whichever is later (the history needs the answer)."""
+    answer has arrived, whichever is later (the history needs the answer) — to server (u + r) mod servers, so
+    with two servers each user's rounds alternate between them."""
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", timeout=600, max_retries=0)
+    clients = [AsyncOpenAI(base_url=url + "/v1", api_key="unused", timeout=600, max_retries=0) for url in base_urls]
     system, contexts = conversations(shape)
     started = time.perf_counter()
 
@@ -108,6 +111,7 @@ async def run_users(base_url: str, model: str, shape: Shape, outcome: Outcome) -
             sent = time.perf_counter()
             first: float | None = None
             answer, tokens = [], 0
+            client = clients[(u + r) % len(clients)]
             try:
                 stream = await client.chat.completions.create(
                     model=model,
@@ -132,17 +136,61 @@ async def run_users(base_url: str, model: str, shape: Shape, outcome: Outcome) -
 
     await asyncio.gather(*(user(u) for u in range(shape.users)))
     outcome.seconds = time.perf_counter() - started
-    await client.close()
+    for client in clients:
+        await client.close()
 
 
-def measure(name: str, server: Any, shape: Shape) -> Outcome:
+def measure(name: str, servers: list[Any], shape: Shape) -> Outcome:
+    """One run of the workload against these servers; vLLM's counters summed over them."""
     from lmcached.fleet.vllm_server import MODEL_NAME
 
     outcome = Outcome(name)
-    before = {c: server.metric(c) for c in COUNTERS}
-    asyncio.run(run_users(server.url, MODEL_NAME, shape, outcome))
-    outcome.counters = {c: server.metric(c) - before[c] for c in COUNTERS}
+    before = {c: sum(server.metric(c) for server in servers) for c in COUNTERS}
+    asyncio.run(run_users([server.url for server in servers], MODEL_NAME, shape, outcome))
+    outcome.counters = {c: sum(server.metric(c) for server in servers) - before[c] for c in COUNTERS}
     return outcome
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One configuration: `servers` vLLM servers, each started with start_vllm(**kwargs), requests alternating
+    between them; with `shared_worker` they all use one `lmcached serve` (lmcached_worker), started first."""
+
+    name: str
+    kwargs: dict[str, Any]
+    servers: int = 1
+    shared_worker: bool = False
+
+
+def start_setup(setup: Setup, model: str, args: list[str]) -> tuple[list[Any], Callable[[], None]]:
+    """The setup's servers, started, and what stops them all. Several servers are bound to different cores
+    (the machine's cores in turn), alike in every configuration; one server gets same_binding()."""
+    from lmcached.bench.dataplane import start_daemon
+    from lmcached.fleet.vllm_server import same_binding, start_vllm
+
+    started: list[Any] = []
+    daemon = None
+
+    def stop() -> None:
+        for server in started:
+            server.stop()
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(30)
+
+    try:
+        kwargs = dict(setup.kwargs)
+        if setup.shared_worker:
+            daemon, ports = start_daemon()
+            kwargs["extra_config"] = {**kwargs.get("extra_config", {}), "lmcached_worker": f"127.0.0.1:{ports['data']}"}
+        cores = sorted(os.sched_getaffinity(0))
+        for number in range(setup.servers):
+            bind = same_binding() if setup.servers == 1 else {"VLLM_CPU_OMP_THREADS_BIND": str(cores[number % len(cores)])}
+            started.append(start_vllm(model, prefix_cache=True, args=args, env=bind, **kwargs))
+    except BaseException:
+        stop()
+        raise
+    return started, stop
 
 
 def hosted_config(**extra: Any) -> dict[str, Any]:
@@ -154,12 +202,20 @@ def hosted_config(**extra: Any) -> dict[str, Any]:
     return {"lmcache_config": config, "extra_config": extra}
 
 
-def default_configs() -> list[tuple[str, dict[str, Any]]]:
+def default_configs() -> list[Setup]:
     return [
-        ("vLLM alone", {"connector": False}),
-        ("vLLM + lmcached (hosted)", hosted_config()),
+        Setup("vLLM alone", {"connector": False}),
+        Setup("vLLM + lmcached (hosted)", hosted_config()),
         # A hit loaded while vLLM keeps the request waiting, as LMCache's connector does, instead of in its step.
-        ("vLLM + lmcached (hosted, background loads)", hosted_config(lmcached_load_async=True)),
+        Setup("vLLM + lmcached (hosted, background loads)", hosted_config(lmcached_load_async=True)),
+    ]
+
+
+def two_server_configs() -> list[Setup]:
+    """Two vLLM servers, each user's rounds alternating between them: alone, and sharing one lmcached worker."""
+    return [
+        Setup("two vLLM servers alone", {"connector": False}, servers=2),
+        Setup("two vLLM servers + one shared lmcached worker", {"lmcache_config": {"chunk_size": 256}}, servers=2, shared_worker=True),
     ]
 
 
@@ -169,33 +225,34 @@ def engine_blocks(shape: Shape, kv_share: float) -> int:
     return max(66, math.ceil(shape.working_set_tokens() * kv_share / BLOCK_SIZE))
 
 
-def run(report: Report, quick: bool = False, configs: list[tuple[str, dict[str, Any]]] | None = None, kv_share: float = 1 / 3) -> None:
-    """Each configuration (name, start_vllm's arguments; the first is the baseline) REPEATS times, interleaved,
-    with vLLM's KV capacity at `kv_share` of the working set."""
-    from lmcached.fleet.vllm_server import converted_model, same_binding, start_vllm
+def run(report: Report, quick: bool = False, configs: list[Setup] | None = None, kv_share: float = 1 / 3, servers: int = 1) -> None:
+    """Each configuration (the first is the baseline) REPEATS times, interleaved, with each vLLM's KV capacity
+    at `kv_share` of the working set; `servers` 2: the two-server configurations instead of the default ones."""
+    from lmcached.fleet.vllm_server import converted_model
 
     shape = Shape(users=8, rounds=3, rate=0.25) if quick else Shape(users=12, rounds=6, rate=0.12)
     working_set = shape.working_set_tokens()
     blocks = engine_blocks(shape, kv_share)
     args = ["--block-size", str(BLOCK_SIZE), "--num-gpu-blocks-override", str(blocks)]
     model = converted_model()
-    bind = same_binding()
-    configs = configs or default_configs()
+    configs = configs or (two_server_configs() if servers == 2 else default_configs())
     # Interleaved (alone, lmcached, alone, lmcached): two runs of the same configuration here differ by up to a
     # quarter in first-round TTFT, so one run each would book the machine's drift to whichever came first.
-    runs: dict[str, list[Outcome]] = {name: [] for name, _ in configs}
+    runs: dict[str, list[Outcome]] = {setup.name: [] for setup in configs}
     with progress() as bar:
         task = bar.add_task("workload", total=REPEATS * len(configs))
         for _ in range(REPEATS):
-            for name, kwargs in configs:
-                server = start_vllm(model, prefix_cache=True, args=args, env=bind, **kwargs)
+            for setup in configs:
+                started, stop = start_setup(setup, model, args)
                 try:
-                    runs[name].append(measure(name, server, shape))
+                    runs[setup.name].append(measure(setup.name, started, shape))
                 finally:
-                    server.stop()
+                    stop()
                 bar.advance(task)
     outcomes = [pooled(name, each) for name, each in runs.items()]
     setting = f"{shape.users} users x {shape.rounds} rounds at {shape.rate} req/s, KV {blocks * BLOCK_SIZE:,} of ~{working_set:,} tokens"
+    if max(setup.servers for setup in configs) > 1:
+        setting += " per server"
     add_rows(report, outcomes, setting)
 
 

@@ -44,7 +44,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 
 from lmcached.client import KVClient
 from lmcached.config import Config, load_config
-from lmcached.errors import LmcachedError
+from lmcached.errors import InvalidRequest, LmcachedError
 from lmcached.integrations.cpus import cpu_plan, pin
 from lmcached.integrations.hosted import HostedInstance
 from lmcached.integrations.paged import CacheWriter, LayoutError, PagedLayout
@@ -390,7 +390,8 @@ class _WorkerSide:
             log.info("lmcached instance %s serving on %s inside vLLM%s", connector.config.lmcache_instance_id, address, rank)
         self.kv: _KVAccess = _SocketKV(connector) if self.hosted is None else _InProcessKV(connector.config, self.hosted, connector.shard)
         self.loader_kv: _KVAccess = _SocketKV(connector) if self.hosted is None else self.kv  # (in-process access is thread-safe)
-        self.saves: queue.Queue[tuple[SaveSpec, torch.Tensor] | None] = queue.Queue(MAX_PENDING_SAVES)
+        #: (what to save, its KV from token `start` on, start)
+        self.saves: queue.Queue[tuple[SaveSpec, torch.Tensor, int] | None] = queue.Queue(MAX_PENDING_SAVES)
         self.saver = threading.Thread(target=self._save_loop, name="lmcached-saver", daemon=True)
         self.saver.start()
         self._shut = False
@@ -489,15 +490,18 @@ class _WorkerSide:
     def save(self, saves: list[SaveSpec]) -> None:
         if self.layout is None:
             return
+        chunk_size = self.connector.config.chunk_size
         for spec in saves:
-            # Copied out now, while the blocks are surely the request's; stored later, off the forward path.
+            # Copied out now, while the blocks are surely the request's; stored later, off the forward path. Only
+            # from the first chunk lmcached does not hold: a later round of a chat holds all but its newest turn.
+            start = spec.skip_tokens // chunk_size * chunk_size
             try:
-                kv = self.layout.gather(self.layout.slots(spec.block_ids, 0, len(spec.token_ids)), self.pool).cpu()
+                kv = self.layout.gather(self.layout.slots(spec.block_ids, start, len(spec.token_ids)), self.pool).cpu()
             except (LayoutError, RuntimeError) as exc:  # a save that cannot happen is a future miss, never a failed step
                 log.warning("copying request %s's KV out failed (%s); it is not stored", spec.req_id, exc)
                 continue
             try:
-                self.saves.put_nowait((spec, kv))
+                self.saves.put_nowait((spec, kv, start))
             except queue.Full:
                 self.connector.recorder.count("saves_dropped")
                 log.warning("lmcached saves are backed up; request %s's KV is not stored", spec.req_id)
@@ -508,10 +512,10 @@ class _WorkerSide:
         saver: _KVAccess = _SocketKV(self.connector) if self.hosted is None else self.kv  # its own connection
         recorder = self.connector.recorder
         while (item := self.saves.get()) is not None:
-            spec, kv = item
+            spec, kv, start = item
             started = time.perf_counter()
             try:
-                saver.store(spec.token_ids, kv, spec.skip_tokens, spec.salt)
+                saver.store(spec.token_ids, kv, spec.skip_tokens, spec.salt, kv_start=start)
                 offered = len(spec.token_ids) - spec.skip_tokens
                 recorder.count("saves")
                 recorder.count("save_tokens", offered)
@@ -579,7 +583,8 @@ class _KVAccess:
         """The cached prefix of `tokens` as (first token, [2, L, n, C]) pieces, in order; [] when nothing is cached."""
         raise NotImplementedError
 
-    def store(self, tokens: list[int], kv: torch.Tensor, skip_tokens: int, salt: str | None) -> int:
+    def store(self, tokens: list[int], kv: torch.Tensor, skip_tokens: int, salt: str | None, kv_start: int = 0) -> int:
+        """Store the chunks past `skip_tokens`; `kv` covers tokens [kv_start, len(tokens)) (a chunk boundary)."""
         raise NotImplementedError
 
     def reset(self) -> None:
@@ -611,8 +616,8 @@ class _SocketKV(_KVAccess):
         kv = self._client().retrieve(tokens, salt)
         return [] if kv is None else [(0, kv)]
 
-    def store(self, tokens: list[int], kv: torch.Tensor, skip_tokens: int, salt: str | None) -> int:
-        return self._client().store(tokens, kv, skip_tokens, salt)
+    def store(self, tokens: list[int], kv: torch.Tensor, skip_tokens: int, salt: str | None, kv_start: int = 0) -> int:
+        return self._client().store(tokens, kv, skip_tokens, salt, kv_start=kv_start)
 
     def reset(self) -> None:
         if self.client is not None:
@@ -642,8 +647,10 @@ class _InProcessKV(_KVAccess):
         chunks = self.hosted.call(self._storage().retrieve([s.key for s in spans]))
         return [(span.start, chunk_tensor(chunk)) for span, chunk in zip(spans, chunks, strict=False)]
 
-    def store(self, tokens: list[int], kv: torch.Tensor, skip_tokens: int, salt: str | None) -> int:
-        kv = check_kv(kv, len(tokens))
+    def store(self, tokens: list[int], kv: torch.Tensor, skip_tokens: int, salt: str | None, kv_start: int = 0) -> int:
+        if kv_start < 0 or kv_start % self.config.chunk_size or kv_start > skip_tokens:
+            raise InvalidRequest(f"kv_start {kv_start} is not a chunk boundary at or below skip_tokens {skip_tokens}", "kv_start")
+        kv = check_kv(kv, len(tokens) - kv_start)
         dtype = dtype_name(kv.dtype)
         spans = self._spans(tokens, salt)
         # What the instance holds already (another request may have stored it since the lookup) is not copied again.
@@ -654,7 +661,7 @@ class _InProcessKV(_KVAccess):
                 span.num_tokens,
                 (2, kv.shape[1], span.num_tokens, kv.shape[3]),
                 dtype,
-                bytearray(byte_view(kv[:, :, span.start : span.end])),
+                bytearray(byte_view(kv[:, :, span.start - kv_start : span.end - kv_start])),
             )
             for span in spans
             if span.end > skip_tokens
