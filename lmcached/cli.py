@@ -817,6 +817,9 @@ def bench(
     servers: int = typer.Option(
         1, "--servers", help="workload: 2 compares two vLLM servers alone with two sharing one lmcached worker, rounds alternating."
     ),
+    soak: float | None = typer.Option(
+        None, "--soak", help="workload: instead, this many minutes of chat on vLLM hosting lmcached: failures, TTFT drift, RSS, queues."
+    ),
 ) -> None:
     """Measure lmcached beside its baselines in the same run and print the figures."""
     if kind not in BENCH_KINDS:
@@ -827,6 +830,10 @@ def bench(
         fail("--kv-share belongs to the workload benchmark: lmcached bench workload --kv-share 1.5", 2)
     if servers != 1 and kind != "workload":
         fail("--servers belongs to the workload benchmark: lmcached bench workload --servers 2", 2)
+    if soak is not None and kind != "workload":
+        fail("--soak belongs to the workload benchmark: lmcached bench workload --soak 30", 2)
+    if soak is not None and not 0 < soak <= 24 * 60:
+        fail(f"--soak {soak}: give the soak's length in minutes (0 < minutes <= 1440)", 2)
     if servers not in (1, 2):
         fail(f"--servers {servers}: the workload benchmark compares one server or two", 2)
     if kv_share is not None and not 0 < kv_share <= 10:
@@ -840,7 +847,7 @@ def bench(
     from lmcached.worker.memory import tune_allocator
 
     tune_allocator()
-    report = run_benchmarks(kind, quick, curve=curve, kv_share=kv_share, servers=servers)
+    report = run_benchmarks(kind, quick, curve=curve, kv_share=kv_share, servers=servers, soak=soak)
     if as_json:
         typer.echo(report.as_json())
     else:

@@ -165,12 +165,37 @@ def test_the_workloads_engine_capacity_is_a_share_of_its_working_set() -> None:
     assert engine_blocks(Shape(users=1, rounds=1, rate=1.0), 1 / 3) == 66  # vLLM's floor: one 8,192-token request
 
 
-def test_kv_share_belongs_to_the_workload_bench_and_must_be_a_share() -> None:
+def test_the_workload_benchs_options_belong_to_it_and_are_checked() -> None:
     for args, said in (
         (["index", "--kv-share", "1.5"], "--kv-share belongs to the workload benchmark"),
         (["workload", "--kv-share", "0"], "is not a share"),
         (["index", "--servers", "2"], "--servers belongs to the workload benchmark"),
         (["workload", "--servers", "3"], "one server or two"),
+        (["vllm", "--soak", "30"], "--soak belongs to the workload benchmark"),
+        (["workload", "--soak", "-1"], "length in minutes"),
     ):
         done = subprocess.run([sys.executable, "-m", "lmcached", "bench", *args], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and said in done.stderr, done.stderr
+
+
+def test_the_soak_reports_failures_drift_and_memory_growth_after_warm_up() -> None:
+    from lmcached.bench.workload import COUNTERS, Outcome, Sample, add_soak_rows
+
+    requests = [(0, i % 3, 1.0 if i < 10 else 1.5, 16) for i in range(40)]
+    outcome = Outcome(
+        "soak", requests, ["user 3 round 1: boom"], 400.0, dict.fromkeys(COUNTERS, 0.0), sent_at=[i * 10.0 for i in range(40)]
+    )
+    outcome.counters["vllm:lmcached_saves_dropped_total"] = 2.0
+    mib = 2**20
+    samples = [Sample(at, (1000 + (10 if at > 200 else 0)) * mib, 600 * mib, 3.0 if at == 150 else 0.0) for at in range(0, 401, 15)]
+    report = Report()
+    add_soak_rows(report, outcome, samples, "t")
+    rows = {r.name: r for r in report.rows}
+    assert rows["finished requests (t)"].value == 40 and rows["failed requests"].value == 1
+    drift = rows["TTFT mean, last quarter"]
+    assert (drift.value, drift.baseline) == (1500.0, 1000.0)
+    grown = rows["RSS of all vLLM processes at the end, against the end of the warm-up"]
+    assert grown.value == 1010.0 and grown.baseline == 1000.0 and grown.extra["growth_pct"] == 1.0
+    assert rows["RSS of vLLM's worker (with lmcached inside) at the end, against the end of the warm-up"].extra["growth_pct"] == 0.0
+    assert rows["deepest save queue sampled"].value == 3.0
+    assert rows["lmcached loads short / saves dropped / saves failed"].value == 2.0

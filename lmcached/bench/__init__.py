@@ -9,15 +9,19 @@ from lmcached.bench.report import Report
 ORDER = ("dataplane", "index", "codec", "engine")
 
 
-def run_benchmarks(kind: str, quick: bool = False, curve: bool = False, kv_share: float | None = None, servers: int = 1) -> Report:
+def run_benchmarks(
+    kind: str, quick: bool = False, curve: bool = False, kv_share: float | None = None, servers: int = 1, soak: float | None = None
+) -> Report:
     """`curve` adds the codec's rate–quality curve (lmcached.bench.codec_curve) to the codec benchmark;
     `kv_share` sets the workload bench's engine KV capacity as a share of its working set, `servers` 2 runs its
-    two-server configurations."""
+    two-server configurations, `soak` its soak of that many minutes instead."""
     report = Report()
     for name in ORDER if kind == "all" else (kind,):
         module = importlib.import_module(f"lmcached.bench.{name}")
         if name == "codec":
             module.run(report, quick, curve=curve)
+        elif name == "workload" and soak is not None:
+            module.soak(report, soak)
         elif name == "workload":
             module.run(report, quick, kv_share=1 / 3 if kv_share is None else kv_share, servers=servers)
         else:

@@ -18,11 +18,12 @@ as the peer (its side venv needs vLLM beside LMCache), tiers under pressure and 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,8 @@ class Outcome:
     counters: dict[str, float] = field(default_factory=dict)
     #: round kind -> the mean TTFT (ms) of each run pooled here (pooled())
     run_means: dict[str, list[float]] = field(default_factory=dict)
+    #: when each request of `requests` went out, in seconds from the run's start
+    sent_at: list[float] = field(default_factory=list)
 
     def ttft(self, rounds: str = "all") -> np.ndarray:
         keep = {"all": lambda r: True, "first": lambda r: r == 0, "later": lambda r: r > 0}[rounds]
@@ -75,6 +78,13 @@ COUNTERS = (
     "vllm:external_prefix_cache_queries_total",
     "vllm:external_prefix_cache_hits_total",
     "vllm:num_preemptions_total",
+    # The connector's own (0 without it): what loading a hit held up the forward pass, what was lost.
+    "vllm:lmcached_loads_total",
+    "vllm:lmcached_load_seconds_sum",
+    "vllm:lmcached_load_tokens_total",
+    "vllm:lmcached_load_failed_tokens_total",
+    "vllm:lmcached_saves_dropped_total",
+    "vllm:lmcached_save_failures_total",
 )
 
 
@@ -91,23 +101,33 @@ def conversations(shape: Shape) -> tuple[str, list[str]]:
     return system, contexts
 
 
-async def run_users(base_urls: list[str], model: str, shape: Shape, outcome: Outcome) -> None:
+async def run_users(base_urls: list[str], model: str, shape: Shape, outcome: Outcome, until: float | None = None) -> None:
     """Every user's rounds: user u's round r goes out at (r * users + u) / rate seconds, or when its previous
     answer has arrived, whichever is later (the history needs the answer) — to server (u + r) mod servers, so
-    with two servers each user's rounds alternate between them."""
+    with two servers each user's rounds alternate between them. With `until` (a perf_counter time: the soak)
+    each user starts a new conversation, on a document of its own, after its last round, and no request goes
+    out after `until`."""
     from openai import AsyncOpenAI
 
     clients = [AsyncOpenAI(base_url=url + "/v1", api_key="unused", timeout=600, max_retries=0) for url in base_urls]
-    system, contexts = conversations(shape)
     started = time.perf_counter()
+    rounds_in_time = math.ceil(((until or started) - started) * shape.rate / shape.users) + shape.rounds
+    system, contexts = conversations(replace(shape, users=shape.users * math.ceil(rounds_in_time / shape.rounds)))
 
     async def user(u: int) -> None:
-        messages: list[dict[str, str]] = [{"role": "system", "content": system}]
-        for r in range(shape.rounds):
-            due = started + (r * shape.users + u) / shape.rate
+        for i in itertools.count():  # the user's requests, over all its conversations
+            conversation, r = divmod(i, shape.rounds)
+            if until is None and conversation:
+                return
+            due = started + (i * shape.users + u) / shape.rate
+            if until is not None and due > until:
+                return
+            if r == 0:
+                messages: list[dict[str, str]] = [{"role": "system", "content": system}]
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
             question = f"Question {r + 1}: what does part {r + 1} of the document say?"
-            messages.append({"role": "user", "content": (contexts[u] + "\n\n" + question) if r == 0 else question})
+            context = contexts[u + conversation * shape.users]
+            messages.append({"role": "user", "content": (context + "\n\n" + question) if r == 0 else question})
             sent = time.perf_counter()
             first: float | None = None
             answer, tokens = [], 0
@@ -132,6 +152,7 @@ async def run_users(base_urls: list[str], model: str, shape: Shape, outcome: Out
                 outcome.failures.append(f"user {u} round {r}: no token came back")
                 return
             outcome.requests.append((u, r, first - sent, tokens))
+            outcome.sent_at.append(sent - started)
             messages.append({"role": "assistant", "content": "".join(answer)})
 
     await asyncio.gather(*(user(u) for u in range(shape.users)))
@@ -256,6 +277,103 @@ def run(report: Report, quick: bool = False, configs: list[Setup] | None = None,
     add_rows(report, outcomes, setting)
 
 
+#: The soak's RAM tier (GB): small, so that it fills during the warm-up and LRU eviction runs all along.
+SOAK_RAM_GB = 0.5
+#: Seconds between the soak's samples of memory and queues.
+SOAK_SAMPLE_S = 15.0
+
+
+@dataclass
+class Sample:
+    """One look at the soak's server: seconds from the start, RSS (bytes) of all vLLM's processes and of its
+    worker (where the hosted lmcached instance lives), and the connector's save queue."""
+
+    at: float
+    rss: int
+    worker_rss: int
+    save_queue: float
+
+
+def server_sample(server: Any, at: float) -> Sample:
+    import psutil
+
+    processes = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]
+    rss = {p.pid: (p.name(), p.memory_info().rss) for p in processes if p.is_running()}
+    worker = sum(size for name, size in rss.values() if name.startswith("VLLM::Worker"))
+    return Sample(at, sum(size for _, size in rss.values()), worker, server.metric("vllm:lmcached_save_queue"))
+
+
+def soak(report: Report, minutes: float) -> None:
+    """The multi-round workload on vLLM hosting lmcached for `minutes`: users start new conversations as theirs
+    end, so the working set keeps moving through vLLM's KV (a third of one round's working set), lmcached's RAM
+    tier (SOAK_RAM_GB, filled in the first minutes) and its LRU eviction. Memory and the save queue are sampled
+    every SOAK_SAMPLE_S seconds."""
+    from lmcached.fleet.vllm_server import MODEL_NAME, converted_model
+
+    shape = Shape(users=8, rounds=3, rate=0.2)  # below the rate the 2-core VM saturates at (~0.25/s)
+    blocks = engine_blocks(shape, 1 / 3)
+    args = ["--block-size", str(BLOCK_SIZE), "--num-gpu-blocks-override", str(blocks)]
+    hosted = hosted_config()
+    hosted["lmcache_config"]["max_local_cpu_size"] = SOAK_RAM_GB
+    setup = Setup("vLLM + lmcached (hosted)", hosted)
+    servers, stop = start_setup(setup, converted_model(), args)
+    outcome, samples = Outcome(setup.name), []
+    try:
+        before = {c: servers[0].metric(c) for c in COUNTERS}
+
+        async def sampled() -> None:
+            until = time.perf_counter() + minutes * 60
+            users = asyncio.ensure_future(run_users([servers[0].url], MODEL_NAME, shape, outcome, until))
+            started = time.perf_counter()
+            with progress() as bar:
+                task = bar.add_task("soak", total=minutes * 60)
+                while not users.done():
+                    samples.append(await asyncio.to_thread(server_sample, servers[0], time.perf_counter() - started))
+                    bar.update(task, completed=min(minutes * 60, time.perf_counter() - started))
+                    await asyncio.wait([users], timeout=SOAK_SAMPLE_S)
+            await users
+            samples.append(await asyncio.to_thread(server_sample, servers[0], time.perf_counter() - started))
+
+        asyncio.run(sampled())
+        outcome.counters = {c: servers[0].metric(c) - before[c] for c in COUNTERS}
+    finally:
+        stop()
+    add_soak_rows(report, outcome, samples, f"{minutes:g} min, {shape.users} users at {shape.rate} req/s, RAM tier {SOAK_RAM_GB} GB")
+
+
+def add_soak_rows(report: Report, outcome: Outcome, samples: list[Sample], setting: str) -> None:
+    """Requests finished and failed; TTFT in the first and the last quarter; memory at the end of the warm-up
+    (the first third) against the end, each the median of three samples; the save queue's deepest sample."""
+    quarter = outcome.seconds / 4
+    ttft = np.array([t for _, _, t, _ in outcome.requests]) * 1000
+    sent = np.array(outcome.sent_at)
+    report.add("soak", f"finished requests ({setting})", len(outcome.requests), "finished", extra={"failed": outcome.failures[:20]})
+    report.add("soak", "failed requests", len(outcome.failures), "failed")
+    if len(ttft):
+        early, late = ttft[sent < quarter], ttft[sent >= outcome.seconds - quarter]
+        if len(early) and len(late):
+            report.add("soak", "TTFT mean, last quarter", float(late.mean()), "ms", float(early.mean()), "first quarter", better="lower")
+    warm = [s for s in samples if s.at >= outcome.seconds / 3]
+    if len(warm) >= 6:
+        for what, pick in (("all vLLM processes", lambda s: s.rss), ("vLLM's worker (with lmcached inside)", lambda s: s.worker_rss)):
+            start, end = float(np.median([pick(s) for s in warm[:3]])), float(np.median([pick(s) for s in warm[-3:]]))
+            report.add(
+                "soak",
+                f"RSS of {what} at the end, against the end of the warm-up",
+                end / 2**20,
+                "MiB",
+                start / 2**20,
+                "after warm-up",
+                better="lower",
+                extra={"growth_pct": round((end / start - 1) * 100, 2), "samples": len(samples)},
+            )
+    report.add("soak", "deepest save queue sampled", max((s.save_queue for s in samples), default=0.0), "prompts")
+    c = outcome.counters
+    lost = {k: c.get(f"vllm:lmcached_{k}_total", 0.0) for k in ("load_failed_tokens", "saves_dropped", "save_failures")}
+    report.add("soak", "lmcached loads short / saves dropped / saves failed", sum(lost.values()), "", extra=lost)
+    report.add("soak", "external prefix-cache hits (tokens)", c.get("vllm:external_prefix_cache_hits_total", 0.0), "tokens")
+
+
 def pooled(name: str, runs: list[Outcome]) -> Outcome:
     """The runs of one configuration as one outcome (their requests together), keeping each run's mean TTFT per
     round kind to show the spread between runs."""
@@ -309,3 +427,16 @@ def add_rows(report: Report, outcomes: list[Outcome], setting: str) -> None:
             extra={"asked": c["vllm:external_prefix_cache_queries_total"]},
         )
         report.add("workload", f"{outcome.name}: preemptions", c["vllm:num_preemptions_total"], "")
+        if c.get("vllm:lmcached_loads_total"):
+            loads = c["vllm:lmcached_loads_total"]
+            report.add(
+                "workload",
+                f"{outcome.name}: lmcached load per hit (fetch and placement, in the step)",
+                c["vllm:lmcached_load_seconds_sum"] / loads * 1000,
+                "ms",
+                extra={"loads": loads, "tokens_per_load": c["vllm:lmcached_load_tokens_total"] / loads},
+            )
+            lost = {k: c.get(f"vllm:lmcached_{k}_total", 0.0) for k in ("load_failed_tokens", "saves_dropped", "save_failures")}
+            report.add(
+                "workload", f"{outcome.name}: lmcached loads short / saves dropped / saves failed", sum(lost.values()), "", extra=lost
+            )

@@ -1,0 +1,60 @@
+"""How fast a hit is placed into vLLM's paged cache (and a prompt copied out of it), beside a memcpy of the same
+bytes (issue 24's placement target): SmolLM2's shape (30 layers, 3 KV heads of 64, bfloat16), 1,536 tokens in
+12 scattered blocks of 128, the layout learned from vLLM's own CPU cache-write op on this CPU. Each figure the
+median of eight after a warm-up, with the range; the element-by-element path (the one before whole blocks moved
+as strided grids) beside the grid path, on one thread and on a pool of two.
+
+    .venv/bin/python scripts/placement.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from lmcached.integrations.paged import PagedLayout
+from lmcached.integrations.vllm import cpu_cache_writer
+
+LAYERS, HEADS, BLOCK, HEAD_SIZE, TOKENS = 30, 3, 128, 64, 1536
+
+
+def timed(fn: Callable[[], object], repeats: int = 9) -> tuple[float, float, float]:
+    """(median, min, max) in ms of `repeats` - 1 runs after a warm-up."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1000)
+    kept = sorted(times[1:])
+    return statistics.median(kept), kept[0], kept[-1]
+
+
+def main() -> None:
+    layers = [torch.zeros(80, HEADS, BLOCK, 2 * HEAD_SIZE, dtype=torch.bfloat16) for _ in range(LAYERS)]
+    writer = cpu_cache_writer("auto", torch.bfloat16, layers[0])
+    grid = PagedLayout.build(layers, BLOCK, "probed", writer, None, torch.bfloat16)
+    element = PagedLayout(grid.layers, BLOCK, grid.key_index, grid.value_index)
+    element.__dict__["grids"] = None  # the same layout, element by element
+    slots = grid.slots(list(range(5, 5 + 2 * TOKENS // BLOCK, 2)), 0, TOKENS)
+    kv = torch.randn(2, LAYERS, TOKENS, HEADS * HEAD_SIZE).to(torch.bfloat16)
+    copy = torch.empty_like(kv)
+    memcpy = timed(lambda: copy.copy_(kv))
+    print(f"{kv.numel() * kv.element_size() / 1e6:.1f} MB; memcpy {memcpy[0]:.1f} ms ({memcpy[1]:.1f}-{memcpy[2]:.1f})")
+    with ThreadPoolExecutor(2) as pool:
+        for name, layout in (("element by element", element), ("whole blocks as grids", grid)):
+            for threads, executor in (("1 thread", None), ("2 threads", pool)):
+                place = timed(lambda: layout.scatter(slots, kv, executor))  # noqa: B023
+                copy_out = timed(lambda: layout.gather(slots, executor))  # noqa: B023
+                print(
+                    f"{name}, {threads}: place {place[0]:.1f} ms ({place[1]:.1f}-{place[2]:.1f}) = "
+                    f"{memcpy[0] / place[0]:.0%} of memcpy; copy out {copy_out[0]:.1f} ms ({copy_out[1]:.1f}-{copy_out[2]:.1f}) = "
+                    f"{memcpy[0] / copy_out[0]:.0%}"
+                )
+
+
+if __name__ == "__main__":
+    main()
