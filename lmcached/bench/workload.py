@@ -11,8 +11,12 @@ same loading them in the background (lmcached_load_async). Per configuration: TT
 requests, first rounds and later rounds apart; output tokens per second; finished and failed requests; vLLM's own
 prefix-cache hit rate, its external (connector) hit tokens and its preemptions — and the ratios against vLLM alone.
 
-Not in this slice yet (issue 24): long-document QA, two servers sharing a worker, LMCache's multiprocess mode
-as the peer (its side venv needs vLLM beside LMCache), tiers under pressure and the soak.
+`--servers 2`: two vLLM servers alone against two sharing one `lmcached serve` worker, each user's rounds
+alternating between them. `--soak MINUTES`: the workload for that long on vLLM hosting lmcached, users starting
+new conversations as theirs end; failures, TTFT drift, RSS growth after warm-up and the save queue.
+
+Not here yet (issue 24): long-document QA, LMCache's multiprocess mode as the peer (its side venv needs vLLM
+beside LMCache), tiers under pressure (disk and Redis behind a full RAM tier).
 """
 
 from __future__ import annotations
