@@ -76,3 +76,19 @@ async def test_fp8_chunks_are_kept_bit_exact_and_only_lossless_compresses_them(t
             assert on_disk is not None and on_disk.dtype == "float8_e4m3fn"
     finally:
         await worker.stop()
+
+
+async def test_without_a_controller_no_change_records_pile_up() -> None:
+    """The admit/evict records wait for a controller link to send them; a worker without one (a vLLM-hosted
+    instance with enable_controller off) must not keep one for every chunk it ever held."""
+    worker = Worker(test_config(enable_controller=False, max_local_cpu_size=0.0001))  # ~100 KB: LRU evicts
+    await worker.start(connect=False)
+    try:
+        async with AsyncKVClient(f"127.0.0.1:{worker.data_port}") as client:
+            for prompt in range(20):
+                tokens = list(range(prompt * 1000, prompt * 1000 + 64))
+                assert await client.store(tokens, make_kv(len(tokens))) == 64
+        assert 0 < len(worker.backends[CPU]) < 80  # stored, and most evicted again
+        assert worker.storage.changes == {} and not worker.storage.changed.is_set()
+    finally:
+        await worker.stop()

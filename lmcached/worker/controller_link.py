@@ -42,6 +42,7 @@ class ControllerLink:
 
     def __init__(self, storage: Storage, config: Config, instance_id: str, worker_id: str, data_address: str, shard: Shard = WHOLE) -> None:
         self.storage = storage
+        storage.report_changes = True  # (each connection resyncs everything held, so nothing before this is missed)
         self.shard = shard
         self.config = config
         self.instance_id = instance_id

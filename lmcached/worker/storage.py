@@ -147,8 +147,11 @@ class Storage(StorageCommands):
         if config.local_cpu:
             self.arena = Arena(config.max_local_cpu_bytes) if config.max_local_cpu_bytes > 0 else None
             self.backends[CPU] = LocalCPUBackend(config.max_local_cpu_bytes, self.arena)
-        #: (location, key) -> the chunk's state there now, None when it left; drained by the controller link.
+        #: (location, key) -> the chunk's state there now, None when it left; drained by the controller link, and
+        #: kept only while there is one (`report_changes`): without a controller nothing drains it, and a daemon
+        #: storing ever new prompts would keep an entry for every chunk it ever held.
         self.changes: dict[tuple[str, int], ChunkInfo | None] = {}
+        self.report_changes = False
         self.changed = asyncio.Event()
         #: Awaited after each store, so the controller sees chunks as soon as they land (the link sets it).
         self.after_store: Callable[[], Awaitable[None]] | None = None
@@ -288,8 +291,10 @@ class Storage(StorageCommands):
     # ---------------------------------------------------------------- storage
     def _note(self, location: str, key: int) -> None:
         """Record a chunk's current state at `location` (None when it left), for the next report."""
-        info = self.changes[(location, key)] = self.backends[location].info(key)
-        self.changed.set()
+        info = self.backends[location].info(key)
+        if self.report_changes:
+            self.changes[(location, key)] = info
+            self.changed.set()
         if self.lineage is not None:
             self.lineage.note(location, key, info is not None)
 
