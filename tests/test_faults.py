@@ -169,6 +169,20 @@ async def test_a_silent_worker_is_dropped_after_the_heartbeat_timeout() -> None:
         await daemon.stop()
 
 
+async def test_a_stalled_controller_loop_does_not_drop_its_workers() -> None:
+    """A blocked loop (a slow start on a loaded machine) silences every worker too, the embedded one first: the
+    watchdog does not count that silence against them. A worker silent while the loop runs is still dropped."""
+    daemon = Daemon(test_config(heartbeat_timeout=0.5))
+    await daemon.start()
+    try:
+        sessions = dict(daemon.controller.hub.sessions)
+        time.sleep(1.5)  # the loop cannot run: no heartbeat can arrive, three timeouts long
+        await asyncio.sleep(0.5)
+        assert daemon.controller.hub.sessions == sessions  # the same sessions: nobody was dropped (and came back)
+    finally:
+        await daemon.stop()
+
+
 async def test_a_monitor_that_never_reads_cannot_hold_the_daemon_back(running: Running) -> None:
     """Bounded queues: a stalled monitor loses events (and gets a fresh snapshot later), the daemon goes on."""
     hub = running.daemon.controller.hub

@@ -213,7 +213,8 @@ class Hub:
         finally:
             self._tasks.discard(task)
             writer.close()
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+            # ssl.SSLError too: a TLS peer still sending when we close (a dropped worker's heartbeat) is no fault.
+            with contextlib.suppress(OSError, asyncio.CancelledError):
                 await writer.wait_closed()
 
     async def _serve_worker(self, hello: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -327,9 +328,20 @@ class Hub:
 
     async def _heartbeat_watchdog(self) -> None:
         """Drop workers silent for longer than heartbeat_timeout (heartbeats are on by default: LMCache issue 4808)."""
+        tick = min(1.0, self.config.heartbeat_timeout / 4)
         while True:
-            await asyncio.sleep(min(1.0, self.config.heartbeat_timeout / 4))
+            due = time.monotonic() + tick
+            await asyncio.sleep(tick)
             now = time.monotonic()
+            stalled = now - due
+            if stalled > tick:
+                # This process could not run for that long (a blocked loop, a suspended or starved process): nobody
+                # could be heard meanwhile, the embedded instance could not even send. That silence is ours, not the
+                # workers', so it does not count against them.
+                log.warning("controller loop stalled for %.1fs: heartbeat clocks moved on by as much", stalled)
+                for session in self.sessions.values():
+                    session.record.last_heartbeat = min(now, session.record.last_heartbeat + stalled)
+                continue
             for session in list(self.sessions.values()):
                 if now - session.record.last_heartbeat > self.config.heartbeat_timeout:
                     self._drop(session, f"no heartbeat for {self.config.heartbeat_timeout:.0f}s")
