@@ -820,6 +820,12 @@ def bench(
     soak: float | None = typer.Option(
         None, "--soak", help="workload: instead, this many minutes of chat on vLLM hosting lmcached: failures, TTFT drift, RSS, queues."
     ),
+    docs: bool = typer.Option(False, "--docs", help="workload: long-document QA (documents each asked several questions) instead of chat."),
+    tiers: bool = typer.Option(
+        False,
+        "--tiers",
+        help="workload: vLLM alone against vLLM beside an lmcached worker whose RAM holds half the working set, disk and Redis behind.",
+    ),
 ) -> None:
     """Measure lmcached beside its baselines in the same run and print the figures."""
     if kind not in BENCH_KINDS:
@@ -832,6 +838,13 @@ def bench(
         fail("--servers belongs to the workload benchmark: lmcached bench workload --servers 2", 2)
     if soak is not None and kind != "workload":
         fail("--soak belongs to the workload benchmark: lmcached bench workload --soak 30", 2)
+    for flag, given in (("--docs", docs), ("--tiers", tiers)):
+        if given and kind != "workload":
+            fail(f"{flag} belongs to the workload benchmark: lmcached bench workload {flag}", 2)
+        if given and soak is not None:
+            fail(f"{flag} and --soak: the soak runs chat on vLLM hosting lmcached; run them apart", 2)
+    if tiers and servers != 1:
+        fail("--tiers and --servers 2: the tiers run has one vLLM server; run them apart", 2)
     if soak is not None and not 0 < soak <= 24 * 60:
         fail(f"--soak {soak}: give the soak's length in minutes (0 < minutes <= 1440)", 2)
     if servers not in (1, 2):
@@ -847,7 +860,7 @@ def bench(
     from lmcached.worker.memory import tune_allocator
 
     tune_allocator()
-    report = run_benchmarks(kind, quick, curve=curve, kv_share=kv_share, servers=servers, soak=soak)
+    report = run_benchmarks(kind, quick, curve=curve, kv_share=kv_share, servers=servers, soak=soak, docs=docs, tiers=tiers)
     if as_json:
         typer.echo(report.as_json())
     else:

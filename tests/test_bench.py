@@ -173,6 +173,10 @@ def test_the_workload_benchs_options_belong_to_it_and_are_checked() -> None:
         (["workload", "--servers", "3"], "one server or two"),
         (["vllm", "--soak", "30"], "--soak belongs to the workload benchmark"),
         (["workload", "--soak", "-1"], "length in minutes"),
+        (["index", "--docs"], "--docs belongs to the workload benchmark"),
+        (["codec", "--tiers"], "--tiers belongs to the workload benchmark"),
+        (["workload", "--docs", "--soak", "5"], "run them apart"),
+        (["workload", "--tiers", "--servers", "2"], "run them apart"),
     ):
         done = subprocess.run([sys.executable, "-m", "lmcached", "bench", *args], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and said in done.stderr, done.stderr
@@ -199,3 +203,58 @@ def test_the_soak_reports_failures_drift_and_memory_growth_after_warm_up() -> No
     assert rows["RSS of vLLM's worker (with lmcached inside) at the end, against the end of the warm-up"].extra["growth_pct"] == 0.0
     assert rows["deepest save queue sampled"].value == 3.0
     assert rows["lmcached loads short / saves dropped / saves failed"].value == 2.0
+
+
+def test_document_qa_asks_each_document_again_after_the_others() -> None:
+    from lmcached.bench.workload import BLOCK_SIZE, docqa_shape, document_orders, engine_blocks
+
+    orders = document_orders(8, 4)
+    assert orders[0] == list(range(8)) and all(sorted(order) == list(range(8)) for order in orders)
+    assert all(later[0] != earlier[-1] for earlier, later in zip(orders, orders[1:], strict=False))
+    assert orders == document_orders(8, 4) and orders != document_orders(8, 4, seed=1)  # the same in every configuration
+    shape = docqa_shape(quick=False)
+    assert shape.working_set_tokens() > 2.5 * engine_blocks(shape, 1 / 3) * BLOCK_SIZE  # vLLM evicts a document before its next question
+
+
+def test_the_workload_reports_answers_against_the_baseline_and_hits_per_tier() -> None:
+    from lmcached.bench.workload import COUNTERS, Outcome, add_rows, pooled, same_answers
+
+    counters = dict.fromkeys(COUNTERS, 0.0)
+    alone = Outcome("alone", [(0, 0, 2.0, 16), (0, 1, 2.0, 16)], [], 10.0, counters, answers={(0, 0): "a", (0, 1): "b"})
+    runs = []
+    for answers, tiers in (({(0, 0): "a", (0, 1): "x"}, {"LocalCPUBackend": 3.0}), ({(0, 0): "a", (0, 1): "b"}, {"LocalDiskBackend": 2.0})):
+        run = Outcome("tiers", [(0, 0, 2.0, 16), (0, 1, 1.0, 16)], [], 8.0, counters, answers=answers, tiers={"hits": tiers})
+        run.same = same_answers(run, alone)
+        runs.append(run)
+    assert [run.same for run in runs] == [[1, 2], [2, 2]]
+    both = pooled("tiers", runs)
+    assert both.same == [3, 4] and both.tiers == {"hits": {"LocalCPUBackend": 3.0, "LocalDiskBackend": 2.0}}
+    report = Report()
+    add_rows(report, [pooled("alone", [alone]), both], "t")
+    rows = {r.name: r for r in report.rows}
+    assert rows["tiers: answers equal to alone's (same prompts, temperature 0)"].value == 75.0
+    hits = rows["tiers: lmcached hits by tier (chunks)"]
+    assert hits.value == 5 and hits.extra == {"LocalCPUBackend": 3, "LocalDiskBackend": 2}
+    assert not any(name.startswith("alone: answers") for name in rows)  # the baseline is not compared with itself
+
+
+async def test_tier_counters_reads_a_real_controllers_metrics() -> None:
+    """The per-tier counters --tiers reports, from a running daemon's /metrics through Prometheus' parser."""
+    import asyncio
+
+    from lmcached.bench.workload import tier_counters
+    from lmcached.client import AsyncKVClient
+
+    from .conftest import make_kv, serving, test_config
+
+    async with serving(test_config()) as run:
+        tokens = list(range(64))
+        async with AsyncKVClient(run.data) as client:
+            await client.store(tokens, make_kv(64))
+            assert await client.retrieve(tokens) is not None
+        for _ in range(50):  # the counts travel with the worker's next heartbeat
+            counted = await asyncio.to_thread(tier_counters, run.base + "/metrics")
+            if counted["hits"]:
+                break
+            await asyncio.sleep(0.1)
+        assert counted["hits"] == {"LocalCPUBackend": 4.0} and set(counted) == {"hits", "evictions"}

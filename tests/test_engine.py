@@ -247,3 +247,24 @@ def test_engine_without_a_reachable_worker_still_answers() -> None:
         assert status == 200 and body["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     finally:
         stop_serve(engine)
+
+
+def test_the_workload_benchs_users_through_the_openai_sdk(stack: Stack) -> None:
+    """bench workload's client (multi-round chat and long-document QA) against a real OpenAI-compatible server:
+    every request answered, each under its user (or document) and round, the document QA's rounds in
+    document_orders(). The runs against vLLM are the bench's."""
+    import asyncio
+
+    from lmcached.bench.workload import Outcome, Shape, document_orders, run_users
+
+    for kind in ("chat", "docqa"):
+        shape = Shape(users=3, rounds=2, rate=20.0, system_chars=200, context_chars=300, kind=kind)
+        outcome = Outcome(kind)
+        asyncio.run(run_users([stack.engine], MODEL, shape, outcome))
+        assert outcome.failures == [] and len(outcome.requests) == 6, outcome.failures
+        assert sorted((u, r) for u, r, _, _ in outcome.requests) == [(u, r) for u in range(3) for r in range(2)]
+        assert all(ttft > 0 and tokens > 0 for *_, ttft, tokens in outcome.requests)
+        assert set(outcome.answers) == {(u, r) for u in range(3) for r in range(2)} and all(outcome.answers.values())
+        if kind == "docqa":  # sent in the rounds' document order: the second round's goes out after the first's
+            second = [u for u, r, *_ in sorted(outcome.requests, key=lambda q: outcome.sent_at[outcome.requests.index(q)]) if r == 1]
+            assert second == document_orders(3, 2)[1]
