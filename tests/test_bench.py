@@ -224,15 +224,16 @@ def test_the_workload_reports_answers_against_the_baseline_and_hits_per_tier() -
     runs = []
     for answers, tiers in (({(0, 0): "a", (0, 1): "x"}, {"LocalCPUBackend": 3.0}), ({(0, 0): "a", (0, 1): "b"}, {"LocalDiskBackend": 2.0})):
         run = Outcome("tiers", [(0, 0, 2.0, 16), (0, 1, 1.0, 16)], [], 8.0, counters, answers=answers, tiers={"hits": tiers})
-        run.same = same_answers(run, alone)
+        run.same, run.differing = same_answers(run, alone)
         runs.append(run)
-    assert [run.same for run in runs] == [[1, 2], [2, 2]]
+    assert [run.same for run in runs] == [[1, 2], [2, 2]] and runs[0].differing == ["user 0 request 1"]
     both = pooled("tiers", runs)
     assert both.same == [3, 4] and both.tiers == {"hits": {"LocalCPUBackend": 3.0, "LocalDiskBackend": 2.0}}
     report = Report()
     add_rows(report, [pooled("alone", [alone]), both], "t")
     rows = {r.name: r for r in report.rows}
-    assert rows["tiers: answers equal to alone's (same prompts, temperature 0)"].value == 75.0
+    answers = rows["tiers: answers equal to alone's (same prompts, temperature 0)"]
+    assert answers.value == 75.0 and answers.extra["differing"] == ["run 1: user 0 request 1"]
     hits = rows["tiers: lmcached hits by tier (chunks)"]
     assert hits.value == 5 and hits.extra == {"LocalCPUBackend": 3, "LocalDiskBackend": 2}
     assert not any(name.startswith("alone: answers") for name in rows)  # the baseline is not compared with itself
@@ -258,3 +259,19 @@ async def test_tier_counters_reads_a_real_controllers_metrics() -> None:
                 break
             await asyncio.sleep(0.1)
         assert counted["hits"] == {"LocalCPUBackend": 4.0} and set(counted) == {"hits", "evictions"}
+
+
+def test_the_lmcache_peer_is_skipped_with_a_reason_when_its_venv_is_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from lmcached.bench.workload import PeerMissing, Setup, start_setup
+    from lmcached.fleet import lmcache_mp
+
+    monkeypatch.setenv(lmcache_mp.VENV_ENV, str(tmp_path / "nowhere"))
+    assert lmcache_mp.side_python() is None
+    with pytest.raises(PeerMissing, match="scripts/lmcache_mp_venv.sh"):
+        start_setup(Setup("peer", {}, lmcache_mp=True), "unused-model", [])
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "python").symlink_to(sys.executable)
+    monkeypatch.setenv(lmcache_mp.VENV_ENV, str(tmp_path / "venv"))
+    assert lmcache_mp.side_python() == str(tmp_path / "venv" / "bin" / "python")
+    transfer = lmcache_mp.transfer_config(5555)
+    assert transfer["kv_connector"] == "LMCacheMPConnector" and transfer["kv_connector_extra_config"]["lmcache.mp.port"] == 5555

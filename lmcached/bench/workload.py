@@ -6,8 +6,10 @@ completions), against vLLM with its own prefix cache **on** and its KV capacity 
 can pay; `--kv-share 1.5`, so everything fits and the connector can only cost.
 
 Configurations, each on a fresh server with the same OpenMP binding (fleet.vllm_server.same_binding), run twice
-interleaved: vLLM alone, vLLM hosting an lmcached instance (LmcachedConnector) loading hits in the step, and the
-same loading them in the background (lmcached_load_async). Per configuration: TTFT mean / p50 / p90 over all
+interleaved: vLLM alone, vLLM hosting an lmcached instance (LmcachedConnector) loading hits in the step, the
+same loading them in the background (lmcached_load_async), and the peer to beat: LMCache 0.5.6's multiprocess
+mode (its cache server and LMCacheMPConnector, from the side venv scripts/lmcache_mp_venv.sh makes; without it
+the bench says so and skips that row). Per configuration: TTFT mean / p50 / p90 over all
 requests, first rounds and later rounds apart; output tokens per second; finished and failed requests; vLLM's own
 prefix-cache hit rate, its external (connector) hit tokens and its preemptions — and the ratios against vLLM alone.
 
@@ -19,8 +21,6 @@ holds half the working set, a disk tier behind it holding three quarters and Red
 per tier, evictions per tier, nothing lost. `--soak MINUTES`: the workload for that long on vLLM hosting
 lmcached, users starting new conversations as theirs end; failures, TTFT drift, RSS growth after warm-up and the
 save queue. Every configuration's answers are compared with vLLM alone's in the same repeat (temperature 0).
-
-Not here yet (issue 24): LMCache's multiprocess mode as the peer (its side venv needs vLLM beside LMCache).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -98,6 +99,8 @@ class Outcome:
     answers: dict[tuple[int, int], str] = field(default_factory=dict)
     #: [answers equal to the baseline's in the same repeat, answers both have] (same_answers)
     same: list[int] = field(default_factory=lambda: [0, 0])
+    #: the requests whose answers differed from the baseline's: "user U request I (round R)"
+    differing: list[str] = field(default_factory=list)
     #: the lmcached worker's (--tiers): {"hits": {tier: chunks}, "evictions": {tier: chunks}} in this run
     tiers: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -282,7 +285,9 @@ class Setup:
     """One configuration: `servers` vLLM servers, each started with start_vllm(**kwargs), requests alternating
     between them; with `shared_worker` they all use one `lmcached serve` (lmcached_worker), started first with
     `worker_env` (LMCACHE_* settings), with `disk_gb` a disk tier of that size in a fresh directory and, with
-    `redis`, a fresh Redis server of its own as its remote tier. `env` goes into each vLLM's environment."""
+    `redis`, a fresh Redis server of its own as its remote tier. `env` goes into each vLLM's environment. With
+    `lmcache_mp`, the peer: LMCache's cache server and vLLM with LMCacheMPConnector, both from LMCache's side venv
+    (fleet.lmcache_mp), LMCache's RAM tier as large as a hosted lmcached's."""
 
     name: str
     kwargs: dict[str, Any]
@@ -292,17 +297,23 @@ class Setup:
     worker_env: dict[str, str] = field(default_factory=dict)
     disk_gb: float = 0.0
     redis: bool = False
+    lmcache_mp: bool = False
+
+
+class PeerMissing(RuntimeError):
+    """A configuration's peer cannot run here (its side venv is not installed): the bench skips its row."""
 
 
 def start_setup(setup: Setup, model: str, args: list[str]) -> Running:
     """The setup's servers, started. Several servers are bound to different cores (the machine's cores in turn),
     alike in every configuration; one server gets same_binding()."""
     from lmcached.bench.dataplane import start_daemon
+    from lmcached.fleet import lmcache_mp
     from lmcached.fleet.redis_servers import RedisServer, free_port
     from lmcached.fleet.vllm_server import same_binding, start_vllm
 
     started: list[Any] = []
-    daemon = redis = None
+    daemon = redis = peer = None
     disk = tempfile.TemporaryDirectory(prefix="lmcached-bench-disk-")  # a fresh disk tier each run (it survives restarts)
 
     def stop() -> None:
@@ -313,6 +324,9 @@ def start_setup(setup: Setup, model: str, args: list[str]) -> Running:
             daemon.wait(30)
         if redis is not None:
             redis.stop()
+        if peer is not None:
+            peer.terminate()
+            peer.wait(30)
         disk.cleanup()
 
     running = Running(started, stop)
@@ -328,6 +342,14 @@ def start_setup(setup: Setup, model: str, args: list[str]) -> Running:
             daemon, ports = start_daemon(env)
             running.worker_metrics = f"http://127.0.0.1:{ports['http']}/metrics"
             kwargs["extra_config"] = {**kwargs.get("extra_config", {}), "lmcached_worker": f"127.0.0.1:{ports['data']}"}
+        if setup.lmcache_mp:
+            python = lmcache_mp.side_python()
+            if python is None:
+                where = f"{lmcache_mp.DEFAULT_VENV} or ${lmcache_mp.VENV_ENV}"
+                raise PeerMissing(f"no LMCache side venv ({where}): scripts/lmcache_mp_venv.sh makes it")
+            port = free_port()
+            peer = lmcache_mp.start_server(python, port, HOSTED_RAM_GB, Path(disk.name) / "lmcache-server.log")
+            kwargs |= {"python": python, "transfer": lmcache_mp.transfer_config(port)}
         cores = sorted(os.sched_getaffinity(0))
         for number in range(setup.servers):
             bind = same_binding() if setup.servers == 1 else {"VLLM_CPU_OMP_THREADS_BIND": str(cores[number % len(cores)])}
@@ -338,12 +360,22 @@ def start_setup(setup: Setup, model: str, args: list[str]) -> Running:
     return running
 
 
+#: The RAM tier (GB) of the hosted lmcached instance and of LMCache's cache server: more than any run's working set.
+HOSTED_RAM_GB = 4
+
+
 def hosted_config(**extra: Any) -> dict[str, Any]:
     """start_vllm's arguments for vLLM hosting an lmcached instance (RAM only); `extra` goes into
     kv_connector_extra_config."""
     from lmcached.fleet.vllm_server import free_port
 
-    config = {"chunk_size": 256, "local_cpu": True, "max_local_cpu_size": 4, "enable_controller": False, "lmcache_worker_port": free_port()}
+    config = {
+        "chunk_size": 256,
+        "local_cpu": True,
+        "max_local_cpu_size": HOSTED_RAM_GB,
+        "enable_controller": False,
+        "lmcache_worker_port": free_port(),
+    }
     return {"lmcache_config": config, "extra_config": extra}
 
 
@@ -353,6 +385,7 @@ def default_configs() -> list[Setup]:
         Setup("vLLM + lmcached (hosted)", hosted_config()),
         # A hit loaded while vLLM keeps the request waiting, as LMCache's connector does, instead of in its step.
         Setup("vLLM + lmcached (hosted, background loads)", hosted_config(lmcached_load_async=True)),
+        Setup("vLLM + LMCache 0.5.6 multiprocess mode", {}, lmcache_mp=True),
     ]
 
 
@@ -410,25 +443,37 @@ def run(
     # Interleaved (alone, lmcached, alone, lmcached): two runs of the same configuration here differ by up to a
     # quarter in first-round TTFT, so one run each would book the machine's drift to whichever came first.
     runs: dict[str, list[Outcome]] = {setup.name: [] for setup in configs}
+    skipped: dict[str, str] = {}
     with progress() as bar:
         task = bar.add_task("workload", total=REPEATS * len(configs))
         for _ in range(REPEATS):
             for setup in configs:
-                running = start_setup(setup, model, args)
+                if setup.name in skipped:
+                    bar.advance(task)
+                    continue
+                try:
+                    running = start_setup(setup, model, args)
+                except PeerMissing as exc:
+                    skipped[setup.name] = str(exc)
+                    bar.console.print(f"{setup.name}: skipped, {exc}")
+                    bar.advance(task)
+                    continue
                 try:
                     outcome = measure(setup.name, running, shape)
                 finally:
                     running.stop()
                 if runs[configs[0].name] and setup is not configs[0]:
-                    outcome.same = same_answers(outcome, runs[configs[0].name][-1])
+                    outcome.same, outcome.differing = same_answers(outcome, runs[configs[0].name][-1])
                 runs[setup.name].append(outcome)
                 bar.advance(task)
-    outcomes = [pooled(name, each) for name, each in runs.items()]
+    outcomes = [pooled(name, each) for name, each in runs.items() if name not in skipped]
     who = "documents x questions" if shape.kind == "docqa" else "users x rounds"
     setting = f"{shape.users}x{shape.rounds} {who} at {shape.rate} req/s, KV {blocks * BLOCK_SIZE:,} of ~{working_set:,} tokens"
     if max(setup.servers for setup in configs) > 1:
         setting += " per server"
     add_rows(report, outcomes, setting)
+    for name, reason in skipped.items():
+        report.add("workload", f"{name}: not run ({reason})", 0, "skipped")
 
 
 #: The soak's RAM tier (GB): small, so that it fills during the warm-up and LRU eviction runs all along.
@@ -536,11 +581,13 @@ def add_soak_rows(report: Report, outcome: Outcome, samples: list[Sample], setti
     report.add("soak", "external prefix-cache hits (tokens)", c.get("vllm:external_prefix_cache_hits_total", 0.0), "tokens")
 
 
-def same_answers(outcome: Outcome, base: Outcome) -> list[int]:
-    """[answers equal to the baseline's, answers both runs have]: the same prompts at temperature 0. A stale or
-    misplaced hit (another prompt's KV) answers differently; so, rarely, does a recomputation whose batch differs."""
-    both = outcome.answers.keys() & base.answers.keys()
-    return [sum(outcome.answers[k] == base.answers[k] for k in both), len(both)]
+def same_answers(outcome: Outcome, base: Outcome) -> tuple[list[int], list[str]]:
+    """[answers equal to the baseline's, answers both runs have] and the requests that differed: the same
+    prompts at temperature 0. A stale or misplaced hit (another prompt's KV) answers differently; so, now and
+    then, does a prompt computed in a batch of another shape (its floating-point sums in another order)."""
+    both = sorted(outcome.answers.keys() & base.answers.keys())
+    differing = [k for k in both if outcome.answers[k] != base.answers[k]]
+    return [len(both) - len(differing), len(both)], [f"user {u} request {i}" for u, i in differing]
 
 
 def pooled(name: str, runs: list[Outcome]) -> Outcome:
@@ -549,6 +596,7 @@ def pooled(name: str, runs: list[Outcome]) -> Outcome:
     out = Outcome(name, [r for o in runs for r in o.requests], [f for o in runs for f in o.failures], sum(o.seconds for o in runs))
     out.counters = {c: sum(o.counters.get(c, 0.0) for o in runs) for c in COUNTERS}
     out.same = [sum(o.same[0] for o in runs), sum(o.same[1] for o in runs)]
+    out.differing = [f"run {n + 1}: {what}" for n, o in enumerate(runs) for what in o.differing]
     for o in runs:
         for what, per_tier in o.tiers.items():
             for tier, n in per_tier.items():
@@ -608,7 +656,7 @@ def add_rows(report: Report, outcomes: list[Outcome], setting: str) -> None:
                 f"{outcome.name}: answers equal to {base.name}'s (same prompts, temperature 0)",
                 equal / compared * 100,
                 "%",
-                extra={"equal": equal, "compared": compared},
+                extra={"equal": equal, "compared": compared, "differing": outcome.differing[:20]},
             )
         for what, per_tier in outcome.tiers.items():
             report.add(

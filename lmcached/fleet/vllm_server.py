@@ -146,11 +146,14 @@ def start_vllm(
     args: list[str] | None = None,
     env: dict[str, str] | None = None,
     prefix_cache: bool = False,
+    python: str | None = None,
+    transfer: dict[str, Any] | None = None,
 ) -> VllmServer:
     """vLLM's OpenAI server with vLLM's own prefix cache off unless `prefix_cache` (off, the external cache is what
     gets measured; on, as vLLM is deployed),
     LmcachedConnector configured by `lmcache_config` (written as LMCACHE_CONFIG_FILE) and `extra_config`;
-    `args` go on vLLM's command line (e.g. --kv-cache-dtype fp8), `env` into its environment."""
+    `args` go on vLLM's command line (e.g. --kv-cache-dtype fp8), `env` into its environment. `python` runs it
+    from another environment (a peer's side venv) and `transfer` is then its whole --kv-transfer-config."""
     port = port or free_port()
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     if OMP_WAIT_POLICY_DEFAULTED:  # lmcached's choice for its codec threads, not vLLM's: vLLM keeps its own default
@@ -160,11 +163,13 @@ def start_vllm(
         config_file.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in lmcache_config.items()))
         env["LMCACHE_CONFIG_FILE"] = str(config_file)
     # The CPU build's package is `vllm-cpu`, so its `vllm` command cannot find its own version: run the module.
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", MODEL_NAME]
+    cmd = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", MODEL_NAME]
     cmd += ["--port", str(port), "--host", "127.0.0.1", "--enforce-eager", "--max-model-len", "8192"]
     cmd += ["--enable-prefix-caching" if prefix_cache else "--no-enable-prefix-caching"]
     cmd += ["--enable-prompt-tokens-details", *(args or [])]
-    if connector:
+    if transfer is not None:
+        cmd += ["--kv-transfer-config", json.dumps(transfer)]
+    elif connector:
         cmd += ["--kv-transfer-config", json.dumps({**CONNECTOR, "kv_connector_extra_config": extra_config or {}})]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     server = VllmServer(proc, port)
