@@ -99,7 +99,7 @@ class Outcome:
     answers: dict[tuple[int, int], str] = field(default_factory=dict)
     #: [answers equal to the baseline's in the same repeat, answers both have] (same_answers)
     same: list[int] = field(default_factory=lambda: [0, 0])
-    #: the requests whose answers differed from the baseline's: "user U request I (round R)"
+    #: the requests whose answers differed from the baseline's: "user U request I" ("run N: " once pooled)
     differing: list[str] = field(default_factory=list)
     #: the lmcached worker's (--tiers): {"hits": {tier: chunks}, "evictions": {tier: chunks}} in this run
     tiers: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -599,8 +599,9 @@ def pooled(name: str, runs: list[Outcome]) -> Outcome:
     out.differing = [f"run {n + 1}: {what}" for n, o in enumerate(runs) for what in o.differing]
     for o in runs:
         for what, per_tier in o.tiers.items():
+            total = out.tiers.setdefault(what, {})
             for tier, n in per_tier.items():
-                out.tiers.setdefault(what, {})[tier] = out.tiers.get(what, {}).get(tier, 0.0) + n
+                total[tier] = total.get(tier, 0.0) + n
     out.run_means = {kind: [float(o.ttft(kind).mean() * 1000) for o in runs if len(o.ttft(kind))] for kind in ("all", "first", "later")}
     return out
 
