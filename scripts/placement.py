@@ -1,8 +1,9 @@
 """How fast a hit is placed into vLLM's paged cache (and a prompt copied out of it), beside a memcpy of the same
 bytes (issue 24's placement target): SmolLM2's shape (30 layers, 3 KV heads of 64, bfloat16), 1,536 tokens in
 12 scattered blocks of 128, the layout learned from vLLM's own CPU cache-write op on this CPU. Each figure the
-median of eight after a warm-up, with the range; the element-by-element path (the one before whole blocks moved
-as strided grids) beside the grid path, on one thread and on a pool of two.
+median of eight after a warm-up, with the range; the element-by-element path, whole blocks as torch's strided
+copies, and whole blocks by grid_copy's compiled loop (the CPU default), on one thread and on a pool of two.
+memcpy is measured twice: into a warm buffer, and into one of eight in turn (a cold destination, as the cache is).
 
     .venv/bin/python scripts/placement.py
 """
@@ -39,19 +40,31 @@ def main() -> None:
     grid = PagedLayout.build(layers, BLOCK, "probed", writer, None, torch.bfloat16)
     element = PagedLayout(grid.layers, BLOCK, grid.key_index, grid.value_index)
     element.__dict__["grids"] = None  # the same layout, element by element
+    strided = PagedLayout(grid.layers, BLOCK, grid.key_index, grid.value_index)
+    strided.__dict__["compiled"] = None  # the same grids, as torch's strided copies
     slots = grid.slots(list(range(5, 5 + 2 * TOKENS // BLOCK, 2)), 0, TOKENS)
     kv = torch.randn(2, LAYERS, TOKENS, HEADS * HEAD_SIZE).to(torch.bfloat16)
     copy = torch.empty_like(kv)
     memcpy = timed(lambda: copy.copy_(kv))
-    print(f"{kv.numel() * kv.element_size() / 1e6:.1f} MB; memcpy {memcpy[0]:.1f} ms ({memcpy[1]:.1f}-{memcpy[2]:.1f})")
+    # A paged cache is far larger than the caches of the CPU: a memcpy into a destination not touched lately
+    # (one of eight buffers in turn, 280 MB) is the other baseline.
+    fresh = [torch.zeros_like(kv) for _ in range(8)]
+    turn = iter(range(10**9))
+    cold = timed(lambda: fresh[next(turn) % 8].copy_(kv), 17)
+    print(
+        f"{kv.numel() * kv.element_size() / 1e6:.1f} MB; memcpy {memcpy[0]:.1f} ms ({memcpy[1]:.1f}-{memcpy[2]:.1f}), "
+        f"into a cold destination {cold[0]:.1f} ms ({cold[1]:.1f}-{cold[2]:.1f}); torch's threads: {torch.get_num_threads()}"
+    )
     with ThreadPoolExecutor(2) as pool:
-        for name, layout in (("element by element", element), ("whole blocks as grids", grid)):
+        layouts = (("element by element", element), ("whole blocks as torch strided grids", strided), ("whole blocks, compiled", grid))
+        for name, layout in layouts:
             for threads, executor in (("1 thread", None), ("2 threads", pool)):
                 place = timed(lambda: layout.scatter(slots, kv, executor))  # noqa: B023
                 copy_out = timed(lambda: layout.gather(slots, executor))  # noqa: B023
                 print(
                     f"{name}, {threads}: place {place[0]:.1f} ms ({place[1]:.1f}-{place[2]:.1f}) = "
-                    f"{memcpy[0] / place[0]:.0%} of memcpy; copy out {copy_out[0]:.1f} ms ({copy_out[1]:.1f}-{copy_out[2]:.1f}) = "
+                    f"{memcpy[0] / place[0]:.0%} of memcpy ({cold[0] / place[0]:.0%} of a cold one); "
+                    f"copy out {copy_out[0]:.1f} ms ({copy_out[1]:.1f}-{copy_out[2]:.1f}) = "
                     f"{memcpy[0] / copy_out[0]:.0%}"
                 )
 

@@ -185,3 +185,46 @@ def test_a_layout_that_is_no_grid_still_moves_element_by_element() -> None:
     kv = torch.randn(2, 1, 8, heads * size)
     layout.scatter(slots, kv)
     assert torch.equal(layout.gather(slots), kv)
+
+
+def torch_strided(layout: PagedLayout) -> PagedLayout:
+    """The same layout with its grids moved by torch's strided copies instead of the compiled loop."""
+    twin = PagedLayout(layout.layers, layout.block_size, layout.key_index, layout.value_index, layout.stored)
+    twin.__dict__["compiled"] = None
+    return twin
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.uint8])
+@pytest.mark.parametrize("packing", ["interleaved", "halves", "vnni"])
+def test_the_compiled_copy_moves_whole_blocks_exactly_as_torch_and_element_by_element(packing: str, dtype: torch.dtype) -> None:
+    """grid_copy's loop (the CPU default) against torch's strided copies and the element path, for 1-, 2- and
+    4-byte elements (fp8 caches are bytes): the same reads, the same writes, nothing else touched. AMX's dim
+    pairs move as one wider integer."""
+    heads, kernel_block, size = 3, 8, 16
+    layers = tuple(torch.randint(0, 200, (10, heads, kernel_block, 2 * size)).to(dtype) for _ in range(2))
+    if packing == "vnni":
+        head = torch.arange(heads).view(-1, 1, 1) * 2 * kernel_block * size
+        token, dim = torch.arange(kernel_block).view(1, -1, 1), torch.arange(size).view(1, 1, -1)
+        key = head + (dim // 2) * kernel_block * 2 + token * 2 + dim % 2
+        value = head + kernel_block * size + (token // 2) * size * 2 + dim * 2 + token % 2
+        layout = PagedLayout(layers, 2 * kernel_block, key, value)
+    else:
+        layout = PagedLayout.build(layers, 2 * kernel_block, packing)
+    assert layout.compiled is not None
+    if packing == "vnni":
+        assert layout.compiled[0].widen == 2  # keys' dim pairs move as one integer
+    others = (torch_strided(layout), element_by_element(layout))
+    slots = layout.slots([4, 0, 3], 3, 46)  # partial blocks at both ends, four whole kernel blocks between
+    assert len(layout._whole_blocks(slots)[1]) == 4
+    for other in others:
+        assert torch.equal(layout.gather(slots), other.gather(slots))
+    kv = torch.randint(0, 200, (2, 2, len(slots), heads * size)).to(dtype)
+    before = tuple(layer.clone() for layer in layers)
+    layout.scatter(slots, kv)
+    written = tuple(layer.clone() for layer in layers)
+    assert torch.equal(layout.gather(slots), kv)
+    for other in others:
+        for layer, old in zip(layers, before, strict=True):
+            layer.copy_(old)
+        other.scatter(slots, kv)
+        assert all(torch.equal(a, b) for a, b in zip(written, layers, strict=True))

@@ -31,6 +31,8 @@ from functools import cached_property
 
 import torch
 
+from lmcached.integrations.grid_copy import GridPlan
+
 #: Writes keys and values [tokens, heads, head_size] into the given [1, heads, block_size, 2*head_size] tile
 #: at slots 0..tokens-1, exactly as the engine does.
 CacheWriter = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -163,6 +165,21 @@ class PagedLayout:
             grids.append(grid)
         return grids[0], grids[1]
 
+    @cached_property
+    def compiled(self) -> tuple[GridPlan, GridPlan] | None:
+        """The grids as compiled copies (grid_copy), 2-3x faster than torch's strided copy on vLLM's CPU layouts;
+        None where the grids are not (or the cache is not on the CPU): torch moves them."""
+        grids = self.grids
+        if grids is None:
+            return None
+        plans = [GridPlan.build(grid.sizes, grid.strides, grid.base, self.layers[0]) for grid in grids]
+        if plans[0] is None or plans[1] is None:
+            return None
+        for layer in self.layers[1:]:  # every layer's storage must allow the same widening
+            if layer.storage_offset() % plans[0].widen or layer.storage_offset() % plans[1].widen:
+                return None
+        return plans[0], plans[1]
+
     def slots(self, block_ids: Sequence[int], start: int, end: int) -> torch.Tensor:
         """The cache slot of each token in [start, end), given the request's block ids."""
         positions = torch.arange(start, end, dtype=torch.int64)
@@ -186,11 +203,14 @@ class PagedLayout:
         whole = len(blocks) * self.layers[0].shape[2]
         rest = [(lo, hi) for lo, hi in ((0, first), (first + whole, tokens)) if lo < hi]
         wheres = [(lo, hi, [self._where(slots[lo:hi], index) for index in (self.key_index, self.value_index)]) for lo, hi in rest]
-        grids = self.grids
+        grids, compiled = self.grids, self.compiled
 
         def one(number: int) -> None:
             layer = self.layers[number]
-            if whole:
+            if whole and compiled is not None:
+                for side, plan in enumerate(compiled):
+                    plan.take(layer, blocks, out[side, number, first : first + whole])
+            elif whole:
                 assert grids is not None
                 for side, grid in enumerate(grids):
                     picked = _grid_view(layer, grid).index_select(0, blocks)  # [blocks, H, t_hi, t_lo, d_hi, d_lo]
@@ -217,11 +237,14 @@ class PagedLayout:
         whole = len(blocks) * self.layers[0].shape[2]
         rest = [(lo, hi) for lo, hi in ((0, first), (first + whole, tokens)) if lo < hi]
         wheres = [(lo, hi, [self._where(slots[lo:hi], index) for index in (self.key_index, self.value_index)]) for lo, hi in rest]
-        grids = self.grids
+        grids, compiled = self.grids, self.compiled
 
         def one(number: int) -> None:
             layer = self.layers[number]
-            if whole:
+            if whole and compiled is not None:
+                for side, plan in enumerate(compiled):
+                    plan.place(layer, blocks, kv[side, number, first : first + whole])
+            elif whole:
                 assert grids is not None
                 for side, grid in enumerate(grids):
                     _grid_view(layer, grid).index_copy_(0, blocks, _token_view(kv[side, number, first : first + whole].contiguous(), grid))
