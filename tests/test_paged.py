@@ -228,3 +228,19 @@ def test_the_compiled_copy_moves_whole_blocks_exactly_as_torch_and_element_by_el
             layer.copy_(old)
         other.scatter(slots, kv)
         assert all(torch.equal(a, b) for a, b in zip(written, layers, strict=True))
+
+
+def test_warming_up_compiles_without_touching_the_cache() -> None:
+    import numba
+
+    from lmcached.integrations.grid_copy import _copy
+
+    layers = tuple(torch.randn(4, 2, 4, 16).to(torch.bfloat16) for _ in range(2))
+    before = tuple(layer.clone() for layer in layers)
+    layout = PagedLayout.build(layers, 4, "halves")
+    layout.warm()
+    compiled = layout.compiled
+    assert compiled is not None
+    bits = numba.from_dtype(compiled[0].storage(layers[0]).dtype)
+    assert any(signature[0].dtype == bits for signature in _copy.signatures)  # compiled for this cache's elements
+    assert all(torch.equal(a, b) for a, b in zip(layers, before, strict=True))

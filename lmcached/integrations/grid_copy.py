@@ -93,6 +93,12 @@ class GridPlan:
             True,
         )
 
+    def warm(self, layer: torch.Tensor) -> None:
+        """Compile both directions for this layer's element type by copying no blocks."""
+        cache = self.storage(layer)
+        for into_cache in (True, False):
+            _copy(cache, np.empty(0, np.uint64), self.sizes, self.cache_strides, cache[:0], 1, self.token_strides, into_cache)
+
     def take(self, layer: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> None:
         """Read these blocks of this side into `out`, token-major [len(blocks) * kernel block, heads * head_size]
         and contiguous."""

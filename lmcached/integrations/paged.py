@@ -180,6 +180,14 @@ class PagedLayout:
                 return None
         return plans[0], plans[1]
 
+    def warm(self) -> None:
+        """Compile the block copies for this cache's element type (a second or two the first time; Numba caches
+        it on disk after that), so that no model step waits for it."""
+        compiled = self.compiled
+        if compiled is not None:
+            for plan in compiled:
+                plan.warm(self.layers[0])
+
     def slots(self, block_ids: Sequence[int], start: int, end: int) -> torch.Tensor:
         """The cache slot of each token in [start, end), given the request's block ids."""
         positions = torch.arange(start, end, dtype=torch.int64)

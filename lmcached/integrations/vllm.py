@@ -409,6 +409,7 @@ class _WorkerSide:
             self.layout = PagedLayout.build(layers, self.connector.block_size, self.packing, writer, stored, model_dtype)
         except LayoutError as exc:
             raise ValueError(f"LmcachedConnector cannot use this KV cache: {exc}") from None
+        self.layout.warm()  # compile the block copies now, not in the first hit's model step
         log.info(
             "lmcached connector: %d layers, %d KV heads x %d, %s, block size %d, packing %s",
             len(self.layout.layers),
