@@ -32,7 +32,6 @@ import os
 import random
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -238,17 +237,14 @@ TIER_METRICS = {"hits": "lmcached_retrieve_chunks_found_total", "evictions": "lm
 def tier_counters(metrics_url: str) -> dict[str, dict[str, float]]:
     """{"hits": {tier: chunks}, "evictions": {tier: chunks}} from an lmcached controller's /metrics, read with
     Prometheus' own parser (summed over instances and workers)."""
-    from prometheus_client.parser import text_string_to_metric_families
+    from lmcached.fleet.vllm_server import scrape
 
-    with urllib.request.urlopen(metrics_url, timeout=30) as response:
-        text = response.read().decode()
     out: dict[str, dict[str, float]] = {what: {} for what in TIER_METRICS}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            for what, name in TIER_METRICS.items():
-                if sample.name == name:
-                    tier = sample.labels.get("tier", "?")
-                    out[what][tier] = out[what].get(tier, 0.0) + sample.value
+    for sample in scrape(metrics_url):
+        for what, name in TIER_METRICS.items():
+            if sample.name == name:
+                tier = sample.labels.get("tier", "?")
+                out[what][tier] = out[what].get(tier, 0.0) + sample.value
     return out
 
 

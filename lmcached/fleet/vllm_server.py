@@ -105,12 +105,8 @@ class VllmServer:
         raise RuntimeError("the stream ended without a token")
 
     def metric(self, name: str) -> float:
-        """A sample from vLLM's own /metrics (summed over its labels), read with Prometheus' own parser."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        with urllib.request.urlopen(self.url + "/metrics", timeout=30) as response:
-            text = response.read().decode()
-        return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name)
+        """A sample from vLLM's own /metrics, summed over its labels."""
+        return sum(sample.value for sample in scrape(self.url + "/metrics") if sample.name == name)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -123,6 +119,16 @@ class VllmServer:
             self.reader.join(10)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+def scrape(url: str) -> list[Any]:
+    """Every sample (prometheus_client's Sample: name, labels, value) of a /metrics page, read with Prometheus'
+    own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
 
 
 def startup_failure(log: list[str]) -> str:
