@@ -142,18 +142,23 @@ def element_by_element(layout: PagedLayout) -> PagedLayout:
     return twin
 
 
+def vnni_tables(heads: int, kernel_block: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """AMX's pairing as index tables: keys [dim/2, token, 2], values [token/2, dim, 2] in each head's tile."""
+    head = torch.arange(heads).view(-1, 1, 1) * 2 * kernel_block * size
+    token, dim = torch.arange(kernel_block).view(1, -1, 1), torch.arange(size).view(1, 1, -1)
+    key = head + (dim // 2) * kernel_block * 2 + token * 2 + dim % 2
+    value = head + kernel_block * size + (token // 2) * size * 2 + dim * 2 + token % 2
+    return key, value
+
+
 @pytest.mark.parametrize("packing", ["interleaved", "halves", "vnni"])
 def test_whole_blocks_move_as_strided_grids_exactly_as_element_by_element(packing: str) -> None:
     """Whole kernel blocks move as one strided copy per layer and side; the partial blocks at either end of the
     range, element by element. Both must read and write exactly what the element-by-element path does."""
     heads, kernel_block, size = 3, 8, 16
     layers = tuple(torch.randn(10, heads, kernel_block, 2 * size).to(torch.bfloat16) for _ in range(3))
-    if packing == "vnni":  # AMX's pairing: keys [dim/2, token, 2], values [token/2, dim, 2]
-        head = torch.arange(heads).view(-1, 1, 1) * 2 * kernel_block * size
-        token, dim = torch.arange(kernel_block).view(1, -1, 1), torch.arange(size).view(1, 1, -1)
-        key = head + (dim // 2) * kernel_block * 2 + token * 2 + dim % 2
-        value = head + kernel_block * size + (token // 2) * size * 2 + dim * 2 + token % 2
-        layout = PagedLayout(layers, 2 * kernel_block, key, value)
+    if packing == "vnni":
+        layout = PagedLayout(layers, 2 * kernel_block, *vnni_tables(heads, kernel_block, size))
     else:
         layout = PagedLayout.build(layers, 2 * kernel_block, packing)
     assert layout.grids is not None
@@ -203,11 +208,7 @@ def test_the_compiled_copy_moves_whole_blocks_exactly_as_torch_and_element_by_el
     heads, kernel_block, size = 3, 8, 16
     layers = tuple(torch.randint(0, 200, (10, heads, kernel_block, 2 * size)).to(dtype) for _ in range(2))
     if packing == "vnni":
-        head = torch.arange(heads).view(-1, 1, 1) * 2 * kernel_block * size
-        token, dim = torch.arange(kernel_block).view(1, -1, 1), torch.arange(size).view(1, 1, -1)
-        key = head + (dim // 2) * kernel_block * 2 + token * 2 + dim % 2
-        value = head + kernel_block * size + (token // 2) * size * 2 + dim * 2 + token % 2
-        layout = PagedLayout(layers, 2 * kernel_block, key, value)
+        layout = PagedLayout(layers, 2 * kernel_block, *vnni_tables(heads, kernel_block, size))
     else:
         layout = PagedLayout.build(layers, 2 * kernel_block, packing)
     assert layout.compiled is not None

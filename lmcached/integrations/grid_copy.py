@@ -81,17 +81,12 @@ class GridPlan:
 
     def place(self, layer: torch.Tensor, blocks: torch.Tensor, kv: torch.Tensor) -> None:
         """Write token-major KV [len(blocks) * kernel block, heads * head_size] of this side into these blocks."""
-        tokens = kv.contiguous().view(_BITS[kv.element_size()]).view(-1).view(_BITS[kv.element_size() * self.widen]).numpy()
-        _copy(
-            self.storage(layer),
-            self.starts(blocks),
-            self.sizes,
-            self.cache_strides,
-            tokens,
-            tokens.size // len(blocks),
-            self.token_strides,
-            True,
-        )
+        self._move(layer, blocks, kv.contiguous(), into_cache=True)
+
+    def take(self, layer: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> None:
+        """Read these blocks of this side into `out`, token-major [len(blocks) * kernel block, heads * head_size]
+        and contiguous."""
+        self._move(layer, blocks, out, into_cache=False)
 
     def warm(self, layer: torch.Tensor) -> None:
         """Compile both directions for this layer's element type by copying no blocks."""
@@ -99,20 +94,10 @@ class GridPlan:
         for into_cache in (True, False):
             _copy(cache, np.empty(0, np.uint64), self.sizes, self.cache_strides, cache[:0], 1, self.token_strides, into_cache)
 
-    def take(self, layer: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> None:
-        """Read these blocks of this side into `out`, token-major [len(blocks) * kernel block, heads * head_size]
-        and contiguous."""
-        tokens = out.view(_BITS[out.element_size()]).view(-1).view(_BITS[out.element_size() * self.widen]).numpy()
-        _copy(
-            self.storage(layer),
-            self.starts(blocks),
-            self.sizes,
-            self.cache_strides,
-            tokens,
-            tokens.size // len(blocks),
-            self.token_strides,
-            False,
-        )
+    def _move(self, layer: torch.Tensor, blocks: torch.Tensor, kv: torch.Tensor, into_cache: bool) -> None:
+        tokens = kv.view(_BITS[kv.element_size()]).view(-1).view(_BITS[kv.element_size() * self.widen]).numpy()
+        per_block = tokens.size // len(blocks)
+        _copy(self.storage(layer), self.starts(blocks), self.sizes, self.cache_strides, tokens, per_block, self.token_strides, into_cache)
 
 
 def _span(layer: torch.Tensor) -> int:
