@@ -17,8 +17,9 @@ each (head, token in block, dim), the element's offset in the flattened tile:
   matrix units): learned by letting vLLM's own cache-write op fill a scratch tile with known values.
 
 Every one of these tables turns out to be a strided grid over the tile (`TileGrid`), so the whole kernel blocks
-in the middle of a request's range move as one strided copy per layer and side (`index_copy_` / `index_select`
-over the blocks); only the partial blocks at either end go element by element through the tables.
+in the middle of a request's range move as one strided copy per layer and side — on a CPU cache through
+grid_copy's compiled loop, on a GPU's through torch (`index_copy_` / `index_select` over the blocks); only the
+partial blocks at either end go element by element through the tables.
 """
 
 from __future__ import annotations
