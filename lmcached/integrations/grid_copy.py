@@ -48,12 +48,12 @@ class GridPlan:
         token_strides = [head_size, t_lo * channels, channels, d_lo, 1]
         cache_strides = list(strides)
         sizes_ = list(sizes)
-        widen = _widest_run(sizes_, cache_strides, token_strides, base, layer)
+        inner = 4 if sizes_[4] > 1 else 3  # the dims' innermost axis: d_lo, or d_hi when d_lo is 1
+        widen = _widest_run(inner, sizes_, cache_strides, token_strides, base, layer)
         span = _span(layer)
         if span % widen and layer.storage_offset() + span + widen > layer.untyped_storage().nbytes() // layer.element_size():
             widen = 1  # the layer's last integer would reach past its storage
         if widen > 1:
-            inner = 4 if sizes_[4] > 1 and cache_strides[4] == 1 else 3  # the run's axis: d_lo, or d_hi when d_lo is 1
             sizes_[inner] //= widen
             cache_strides = [s // widen if a != inner else s for a, s in enumerate(cache_strides)]
             token_strides = [s // widen if a != inner else s for a, s in enumerate(token_strides)]
@@ -105,10 +105,10 @@ def _span(layer: torch.Tensor) -> int:
     return 1 + sum((size - 1) * stride for size, stride in zip(layer.shape, layer.stride(), strict=True))
 
 
-def _widest_run(sizes: list[int], cache_strides: list[int], token_strides: list[int], base: int, layer: torch.Tensor) -> int:
-    """How many elements (a power of two, at most 8 bytes' worth) of a dim run contiguous on both sides can
-    move as one integer: every other stride, the base, the block stride and the layer's offset must be multiples."""
-    inner = 4 if sizes[4] > 1 else 3
+def _widest_run(inner: int, sizes: list[int], cache_strides: list[int], token_strides: list[int], base: int, layer: torch.Tensor) -> int:
+    """How many elements (a power of two, at most 8 bytes' worth) of the dims' innermost axis `inner`, when it is
+    contiguous on both sides, can move as one integer: every other stride, the base, the block stride and the
+    layer's offset must be multiples."""
     if cache_strides[inner] != 1 or token_strides[inner] != 1:
         return 1
     widen = 1
