@@ -245,3 +245,57 @@ def test_warming_up_compiles_without_touching_the_cache() -> None:
     bits = numba.from_dtype(compiled[0].storage(layers[0]).dtype)
     assert any(signature[0].dtype == bits for signature in _copy.signatures)  # compiled for this cache's elements
     assert all(torch.equal(a, b) for a, b in zip(layers, before, strict=True))
+
+
+@pytest.mark.parametrize("path", ["compiled", "torch", "element"])
+def test_a_hit_in_several_buffers_lands_exactly_as_in_one(path: str) -> None:
+    """A hit arrives as chunks, each its own buffer (read in place from the RAM tier): scatter_parts places them
+    in one pass over the layers, exactly as one scatter of the joined KV — the first part cut to start mid-way,
+    a part whose rows are not contiguous (copied first), partial blocks at the ends — on one thread and a pool."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    heads, kernel_block, size = 3, 8, 16
+    layers = tuple(torch.randint(0, 200, (12, heads, kernel_block, 2 * size)).to(torch.bfloat16) for _ in range(2))
+    layout = PagedLayout(layers, 2 * kernel_block, *vnni_tables(heads, kernel_block, size))
+    layout = {"compiled": layout, "torch": torch_strided(layout), "element": element_by_element(layout)}[path]
+    assert (layout.compiled is not None) == (path == "compiled")
+    block_ids = [5, 0, 3, 1]
+    kv = torch.randint(0, 200, (2, 2, 64, heads * size)).to(torch.bfloat16)
+    chunks = [kv[:, :, i : i + 16].clone() for i in range(0, 64, 16)]
+    chunks[2] = kv[:, :, 32:48].transpose(2, 3).contiguous().transpose(2, 3)  # same values, rows not contiguous
+    start, end = 8, 61
+    parts = [
+        (layout.slots(block_ids, max(lo, start), min(lo + 16, end)), chunk[:, :, max(lo, start) - lo : min(lo + 16, end) - lo])
+        for lo, chunk in zip(range(0, 64, 16), chunks, strict=True)
+    ]
+    untouched = layout.slots(block_ids, 0, start)
+    outside = layout.gather(untouched)
+    before = tuple(layer.clone() for layer in layers)
+    with ThreadPoolExecutor(2) as pool:
+        for executor in (None, pool):
+            for layer, old in zip(layers, before, strict=True):
+                layer.copy_(old)
+            layout.scatter_parts(parts, executor)
+            in_parts = tuple(layer.clone() for layer in layers)
+            for layer, old in zip(layers, before, strict=True):
+                layer.copy_(old)
+            layout.scatter(layout.slots(block_ids, start, end), kv[:, :, start:end], executor)
+            assert all(torch.equal(a, b) for a, b in zip(in_parts, layers, strict=True))
+            assert torch.equal(layout.gather(layout.slots(block_ids, start, end), executor), kv[:, :, start:end])
+    assert torch.equal(layout.gather(untouched), outside)
+
+
+def test_layers_laid_out_unlike_the_first_move_element_by_element() -> None:
+    """Grids (and the compiled plans) are found in the first layer's strides: when another layer has other
+    strides, every layer goes element by element, and each still holds what its backend reads."""
+    first = torch.zeros(6, 2, 4, 16, dtype=torch.bfloat16)
+    other = torch.zeros(6, 4, 2, 16, dtype=torch.bfloat16).transpose(1, 2)  # same shape, heads and tokens swapped in memory
+    layout = PagedLayout.build((first, other), 4, "interleaved")
+    assert layout.grids is None and layout.compiled is None
+    slots = layout.slots([3, 1], 0, 8)
+    kv = torch.randn(2, 2, 8, 2 * 8).to(torch.bfloat16)
+    layout.scatter(slots, kv)
+    assert torch.equal(layout.gather(slots), kv)
+    for t, slot in enumerate(slots.tolist()):
+        key, value = reference_kv(other, "interleaved", slot // 4, slot % 4)
+        assert torch.equal(key.reshape(-1), kv[0, 1, t]) and torch.equal(value.reshape(-1), kv[1, 1, t])

@@ -431,3 +431,35 @@ def test_a_hosted_instance_on_port_0_is_refused_with_the_reason(model_dir: str, 
     config = VllmConfig(model_config=model, kv_transfer_config=transfer, device_config=DeviceConfig("cpu"))
     with pytest.raises(ValueError, match="fixed lmcache_worker_port"):
         LmcachedConnector(config, KVConnectorRole.SCHEDULER)
+
+
+def test_a_chunk_in_the_ram_tiers_arena_is_read_in_place_and_its_block_kept_while_read() -> None:
+    """A hit is read straight from the RAM tier's arena (copying it cost more than placing it); the block is
+    not reused while the tensor over it lives, so an eviction mid-load cannot change what is being placed."""
+    from lmcached.integrations.vllm import chunk_tensor
+    from lmcached.wire.chunk import Chunk
+    from lmcached.worker.arena import Arena
+
+    arena = Arena(1 << 20)
+    try:
+        kv = torch.randn(2, 3, 16, 8).to(torch.bfloat16)
+        view = arena.alloc(kv.numel() * 2)
+        assert view is not None
+        view[:] = kv.view(torch.uint8).reshape(-1).numpy()
+        chunk = Chunk(7, 16, tuple(kv.shape), "bfloat16", view)
+        read = chunk_tensor(chunk)
+        assert torch.equal(read, kv) and read.data_ptr() == view.ctypes.data  # no copy
+        where = arena.offset_of(view)
+        del chunk
+        arena.free(view)  # evicted while the tensor is still being read
+        del view
+        again = arena.alloc(kv.numel() * 2)
+        assert again is not None and arena.offset_of(again) != where  # not handed out while read
+        assert torch.equal(read, kv)
+        arena.free(again)
+        del again, read
+        last = arena.alloc(kv.numel() * 2)
+        assert last is not None and arena.offset_of(last) == where  # reused once nothing reads it
+        del last
+    finally:
+        arena.close()

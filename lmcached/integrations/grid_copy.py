@@ -77,27 +77,62 @@ class GridPlan:
         return flat.view(_BITS[layer.element_size() * self.widen]).numpy()
 
     def starts(self, blocks: torch.Tensor) -> np.ndarray:
+        """Where each of these blocks' grids starts in a layer's storage (widened elements)."""
         return (self.base + blocks.cpu().numpy().astype(np.int64) * self.block_stride).astype(np.uint64)
 
-    def place(self, layer: torch.Tensor, blocks: torch.Tensor, kv: torch.Tensor) -> None:
-        """Write token-major KV [len(blocks) * kernel block, heads * head_size] of this side into these blocks."""
-        self._move(layer, blocks, kv.contiguous(), into_cache=True)
+    def rows(self, kv: torch.Tensor) -> TokenRows:
+        """Token-major KV [2, L, T, C] as this plan reads and writes it (see TokenRows)."""
+        return TokenRows.of(kv, self.widen)
 
-    def take(self, layer: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> None:
-        """Read these blocks of this side into `out`, token-major [len(blocks) * kernel block, heads * head_size]
-        and contiguous."""
-        self._move(layer, blocks, out, into_cache=False)
+    def move(self, cache: np.ndarray, starts: np.ndarray, rows: TokenRows, side: int, layer: int, first: int, into_cache: bool) -> None:
+        """Between the blocks at `starts` of a layer's `cache` (storage()) and `rows`' tokens from `first` on, of
+        this side and layer: into the cache or out of it."""
+        per_block = int(self.sizes.prod())  # a block's elements of this side, widened
+        tokens, at = rows.array, rows.at(side, layer, first)
+        _copy(cache, starts, self.sizes, self.cache_strides, tokens, at, per_block, self.token_strides, into_cache)
 
     def warm(self, layer: torch.Tensor) -> None:
         """Compile both directions for this layer's element type by copying no blocks."""
         cache = self.storage(layer)
         for into_cache in (True, False):
-            _copy(cache, np.empty(0, np.uint64), self.sizes, self.cache_strides, cache[:0], 1, self.token_strides, into_cache)
+            _copy(cache, np.empty(0, np.uint64), self.sizes, self.cache_strides, cache[:0], 0, 1, self.token_strides, into_cache)
 
-    def _move(self, layer: torch.Tensor, blocks: torch.Tensor, kv: torch.Tensor, into_cache: bool) -> None:
-        tokens = kv.view(_BITS[kv.element_size()]).view(-1).view(_BITS[kv.element_size() * self.widen]).numpy()
-        per_block = tokens.size // len(blocks)
-        _copy(self.storage(layer), self.starts(blocks), self.sizes, self.cache_strides, tokens, per_block, self.token_strides, into_cache)
+
+@dataclass(frozen=True)
+class TokenRows:
+    """Token-major KV [2, L, T, C] (sides, layers, tokens, channels) as one flat array of widened integers over
+    its whole storage, with the strides that find a side's and layer's tokens in it: what grid_copy's loop reads
+    or writes, made once for all of a hit's layers rather than once per layer and side. A chunk read in place
+    from lmcached's RAM tier is used as it is (no copy); KV whose rows are not contiguous is copied first."""
+
+    tensor: torch.Tensor  # keeps the storage alive while `array` is in use
+    array: np.ndarray
+    offset: int
+    strides: tuple[int, int, int]
+
+    @classmethod
+    def of(cls, kv: torch.Tensor, widen: int) -> TokenRows:
+        itemsize = kv.element_size()
+        if not cls._fits(kv, widen):
+            kv = kv.contiguous()
+        storage = kv.untyped_storage()
+        flat = torch.empty(0, dtype=_BITS[itemsize]).set_(storage, 0, (storage.nbytes() // itemsize,))
+        if widen > 1:
+            flat = flat[: flat.numel() // widen * widen].view(_BITS[itemsize * widen])
+        stride = kv.stride()
+        return cls(kv, flat.numpy(), kv.storage_offset() // widen, (stride[0] // widen, stride[1] // widen, stride[2] // widen))
+
+    @staticmethod
+    def _fits(kv: torch.Tensor, widen: int) -> bool:
+        """Whether kv's rows can be read where they are: each token's channels contiguous, every offset a
+        whole number of widened elements."""
+        if kv.device.type != "cpu" or kv.stride(3) != 1 or (kv.shape[2] > 1 and kv.stride(2) != kv.shape[3]):
+            return False
+        return all(n % widen == 0 for n in (kv.storage_offset(), *kv.stride()[:3], kv.shape[3]))
+
+    def at(self, side: int, layer: int, token: int) -> int:
+        """Where this side's and layer's `token` starts in `array`."""
+        return self.offset + side * self.strides[0] + layer * self.strides[1] + token * self.strides[2]
 
 
 def _span(layer: torch.Tensor) -> int:
@@ -124,7 +159,7 @@ def _widest_run(inner: int, sizes: list[int], cache_strides: list[int], token_st
 # Offsets are unsigned: with signed ones Numba checks each index for Python's negative wrap-around, which
 # doubled the loop's time. The direction's branch is hoisted out of the loops by the compiler.
 @njit(nogil=True, cache=True)
-def _copy(cache, starts, sizes, cache_strides, tokens, per_block, token_strides, into_cache):  # pragma: no cover - compiled
+def _copy(cache, starts, sizes, cache_strides, tokens, first, per_block, token_strides, into_cache):  # pragma: no cover - compiled
     n0, n1, n2, n3, n4 = sizes[0], sizes[1], sizes[2], sizes[3], sizes[4]
     c0, c1, c2 = np.uint64(cache_strides[0]), np.uint64(cache_strides[1]), np.uint64(cache_strides[2])
     c3, c4 = np.uint64(cache_strides[3]), np.uint64(cache_strides[4])
@@ -132,7 +167,7 @@ def _copy(cache, starts, sizes, cache_strides, tokens, per_block, token_strides,
     t3, t4 = np.uint64(token_strides[3]), np.uint64(token_strides[4])
     for block in range(starts.shape[0]):
         o0 = starts[block]
-        s0 = np.uint64(block) * np.uint64(per_block)
+        s0 = np.uint64(first) + np.uint64(block) * np.uint64(per_block)
         for x0 in range(n0):
             o1, s1 = o0 + np.uint64(x0) * c0, s0 + np.uint64(x0) * t0
             for x1 in range(n1):

@@ -30,6 +30,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 
 from lmcached.integrations.grid_copy import GridPlan
@@ -153,6 +154,8 @@ class PagedLayout:
     def grids(self) -> tuple[TileGrid, TileGrid] | None:
         """Keys' and values' grids in a layer's storage, when both are strided grids (None: element by element)."""
         layer = self.layers[0]
+        if any(other.shape != layer.shape or other.stride() != layer.stride() for other in self.layers[1:]):
+            return None  # a grid is found in the first layer's strides: another layer laid out otherwise would not fit it
         _, _, kernel_block, width = layer.shape
         grids = []
         for index in (self.key_index, self.value_index):
@@ -176,10 +179,16 @@ class PagedLayout:
         plans = [GridPlan.build(grid.sizes, grid.strides, grid.base, self.layers[0]) for grid in grids]
         if plans[0] is None or plans[1] is None:
             return None
-        for layer in self.layers[1:]:  # every layer's storage must allow the same widening
+        for layer in self.layers[1:]:  # every layer's storage must allow the same widening (grids: the same strides)
             if layer.storage_offset() % plans[0].widen or layer.storage_offset() % plans[1].widen:
                 return None
         return plans[0], plans[1]
+
+    @cached_property
+    def storages(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each layer's storage as the compiled keys' and values' plans read it (made once: the caches stay put)."""
+        assert self.compiled is not None
+        return [(self.compiled[0].storage(layer), self.compiled[1].storage(layer)) for layer in self.layers]
 
     def warm(self) -> None:
         """Compile the block copies for this cache's element type (a second or two the first time; Numba caches
@@ -213,12 +222,15 @@ class PagedLayout:
         rest = [(lo, hi) for lo, hi in ((0, first), (first + whole, tokens)) if lo < hi]
         wheres = [(lo, hi, [self._where(slots[lo:hi], index) for index in (self.key_index, self.value_index)]) for lo, hi in rest]
         grids, compiled = self.grids, self.compiled
+        if whole and compiled is not None:
+            rows = [plan.rows(out) for plan in compiled]
+            starts = [plan.starts(blocks) for plan in compiled]
 
         def one(number: int) -> None:
             layer = self.layers[number]
             if whole and compiled is not None:
                 for side, plan in enumerate(compiled):
-                    plan.take(layer, blocks, out[side, number, first : first + whole])
+                    plan.move(self.storages[number][side], starts[side], rows[side], side, number, first, into_cache=False)
             elif whole:
                 assert grids is not None
                 for side, grid in enumerate(grids):
@@ -236,6 +248,39 @@ class PagedLayout:
         """Write [2, L, T, kv_heads * head_size] (any device and float dtype) into these slots. KV of the
         cache's own element type goes in bit for bit; other dtypes are converted (into an fp8 cache with a scale
         of 1, as vLLM's default k_scale / v_scale)."""
+        self.scatter_parts([(slots, kv)], pool)
+
+    def scatter_parts(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], pool: Executor | None = None) -> None:
+        """`scatter` of several (slots, KV) parts — a hit's chunks, each its own buffer — in one pass over the
+        layers: one task per layer for all parts, not one per layer and part (six 256-token chunks placed one
+        scatter each took 3-4x as long as the same tokens in one, in scripts/placement.py)."""
+        prepared = [self._scatter_part(slots, kv) for slots, kv in parts]
+        grids, compiled = self.grids, self.compiled
+
+        def one(number: int) -> None:
+            layer = self.layers[number]
+            for kv, first, blocks, wheres, copies in prepared:
+                whole = len(blocks) * layer.shape[2]
+                if whole and compiled is not None:
+                    for side, plan in enumerate(compiled):
+                        starts, rows = copies[side]
+                        plan.move(self.storages[number][side], starts, rows, side, number, first, into_cache=True)
+                elif whole:
+                    assert grids is not None
+                    for side, grid in enumerate(grids):
+                        view = _token_view(kv[side, number, first : first + whole].contiguous(), grid)
+                        _grid_view(layer, grid).index_copy_(0, blocks, view)
+                for lo, hi, (key_where, value_where) in wheres:
+                    for side, where in ((0, key_where), (1, value_where)):
+                        values = kv[side, number, lo:hi].reshape(hi - lo, self.kv_heads, self.head_size).transpose(0, 1).contiguous()
+                        layer.put_(where, values)
+
+        _each(one, len(self.layers), pool)
+
+    def _scatter_part(self, slots: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor, list, list]:
+        """A part checked and on the cache's device as its element type, with its whole kernel blocks (first
+        token, block ids), the element offsets of the tokens before and after them and, for the compiled copies,
+        each side's block starts and token rows (made here once, not once per layer)."""
         if kv.ndim != 4 or kv.shape[0] != 2 or kv.shape[1] != len(self.layers) or kv.shape[2] != len(slots):
             raise LayoutError(f"KV of shape {list(kv.shape)} does not fit {len(self.layers)} layers and {len(slots)} slots")
         if kv.shape[3] != self.channels:
@@ -246,23 +291,9 @@ class PagedLayout:
         whole = len(blocks) * self.layers[0].shape[2]
         rest = [(lo, hi) for lo, hi in ((0, first), (first + whole, tokens)) if lo < hi]
         wheres = [(lo, hi, [self._where(slots[lo:hi], index) for index in (self.key_index, self.value_index)]) for lo, hi in rest]
-        grids, compiled = self.grids, self.compiled
-
-        def one(number: int) -> None:
-            layer = self.layers[number]
-            if whole and compiled is not None:
-                for side, plan in enumerate(compiled):
-                    plan.place(layer, blocks, kv[side, number, first : first + whole])
-            elif whole:
-                assert grids is not None
-                for side, grid in enumerate(grids):
-                    _grid_view(layer, grid).index_copy_(0, blocks, _token_view(kv[side, number, first : first + whole].contiguous(), grid))
-            for lo, hi, (key_where, value_where) in wheres:
-                for side, where in ((0, key_where), (1, value_where)):
-                    values = kv[side, number, lo:hi].reshape(hi - lo, self.kv_heads, self.head_size).transpose(0, 1).contiguous()
-                    layer.put_(where, values)
-
-        _each(one, len(self.layers), pool)
+        compiled = self.compiled
+        copies = [(plan.starts(blocks), plan.rows(kv)) for plan in compiled] if whole and compiled is not None else []
+        return kv, first, blocks, wheres, copies
 
     def _whole_blocks(self, slots: torch.Tensor) -> tuple[int, torch.Tensor]:
         """(first token, kernel block ids): the run of tokens from `first` that fills these kernel blocks whole,
