@@ -11,6 +11,7 @@ KV travels as raw bytes in frames. The blocking client reads payloads straight i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import socket
@@ -331,6 +332,38 @@ class KVClient:
                 _copy(rows[:, start : start + tokens], block)
                 start += tokens
             return True, retrieve.out
+        finally:  # the worker may reuse the blocks now (no reply: nothing to wait for)
+            self._send(frame_parts(Kind.SHM_RELEASE, {"lease": reply["lease"]}, []))
+
+    @contextlib.contextmanager
+    def retrieve_in_place(self, tokens: Sequence[int], salt: str | None = None) -> Iterator[list[tuple[int, torch.Tensor]] | None]:
+        """The cached prefix as (first token, [2, L, T, C]) tensors over the worker's own memory — no copy — to
+        be read only, and only inside the with-block: the worker keeps the blocks under a lease until it ends.
+        None where its memory is not shared with this process (another host, a chunk outside its arena): use
+        retrieve(). A placement into an engine's cache reads each byte once, so a copy first would double it
+        (and fault in fresh pages for it)."""
+        if self._arena is None:
+            yield None
+            return
+        keys = [s.key for s in self.spans(tokens, salt)]
+        self._send(frame_parts(Kind.SHM_RETRIEVE, {"req_id": next(self._req_ids), "keys": keys}, []))
+        reply = self._reply()
+        if reply.get("fallback"):
+            yield None
+            return
+        try:
+            metas = chunk_headers(reply)
+            pieces: list[tuple[int, torch.Tensor]] = []
+            start = 0
+            whole = torch.from_numpy(self._arena.array)  # all pieces slices of one tensor: one batch to place
+            for meta, offset in zip(metas, reply["offsets"], strict=True):
+                dtype, shape = dtype_from_name(meta["dtype"]), tuple(meta["shape"])
+                if meta["nbytes"] != math.prod(shape) * dtype.itemsize:
+                    raise ProtocolError(f"a chunk of {meta['nbytes']} bytes cannot be {list(shape)} {meta['dtype']}")
+                self._arena.populate(offset, meta["nbytes"])  # its pages mapped in one call, not a fault a page
+                pieces.append((start, whole[offset : offset + meta["nbytes"]].view(dtype).view(shape)))
+                start += shape[2]
+            yield pieces
         finally:  # the worker may reuse the blocks now (no reply: nothing to wait for)
             self._send(frame_parts(Kind.SHM_RELEASE, {"lease": reply["lease"]}, []))
 

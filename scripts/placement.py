@@ -4,6 +4,7 @@ bytes (issue 24's placement target): SmolLM2's shape (30 layers, 3 KV heads of 6
 median of eight after a warm-up, with the range; the element-by-element path, whole blocks as torch's strided
 copies, and whole blocks by grid_copy's compiled loop (the CPU default), on one thread and on a pool of two.
 memcpy is measured twice: into a warm buffer, and into one of eight in turn (a cold destination, as the cache is).
+Last, a hit as lmcached lends it to the connector: 256-token chunks, slices of one buffer (its arena).
 
     .venv/bin/python scripts/placement.py
 """
@@ -21,6 +22,7 @@ from lmcached.integrations.paged import PagedLayout
 from lmcached.integrations.vllm import cpu_cache_writer
 
 LAYERS, HEADS, BLOCK, HEAD_SIZE, TOKENS = 30, 3, 128, 64, 1536
+CHUNK = 256  # lmcached's chunk size in the workload bench
 
 
 def timed(fn: Callable[[], object], repeats: int = 9) -> tuple[float, float, float]:
@@ -67,6 +69,18 @@ def main() -> None:
                     f"copy out {copy_out[0]:.1f} ms ({copy_out[1]:.1f}-{copy_out[2]:.1f}) = "
                     f"{memcpy[0] / copy_out[0]:.0%}"
                 )
+        # A hit as lmcached lends it: 256-token chunks, slices of one buffer (its arena), in another order there.
+        arena = torch.empty(2 * kv.numel(), dtype=kv.dtype)
+        chunk = kv[:, :, :CHUNK].numel()
+        parts = []
+        for number, first in enumerate(range(0, TOKENS, CHUNK)):
+            piece = arena[(2 * number + 1) % (2 * TOKENS // CHUNK) * chunk :][:chunk].view(2, LAYERS, CHUNK, -1)
+            piece.copy_(kv[:, :, first : first + CHUNK])
+            parts.append((slots[first : first + CHUNK], piece))
+        for threads, executor in (("1 thread", None), ("2 threads", pool)):
+            place = timed(lambda: grid.scatter_parts(parts, executor))  # noqa: B023
+            name = f"a hit as {len(parts)} chunks of {CHUNK} in one buffer, compiled, {threads}"
+            print(f"{name}: place {place[0]:.1f} ms ({place[1]:.1f}-{place[2]:.1f}) = {memcpy[0] / place[0]:.0%} of memcpy")
 
 
 if __name__ == "__main__":

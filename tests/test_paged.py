@@ -247,11 +247,13 @@ def test_warming_up_compiles_without_touching_the_cache() -> None:
     assert all(torch.equal(a, b) for a, b in zip(layers, before, strict=True))
 
 
+@pytest.mark.parametrize("storage", ["own", "shared"])
 @pytest.mark.parametrize("path", ["compiled", "torch", "element"])
-def test_a_hit_in_several_buffers_lands_exactly_as_in_one(path: str) -> None:
-    """A hit arrives as chunks, each its own buffer (read in place from the RAM tier): scatter_parts places them
-    in one pass over the layers, exactly as one scatter of the joined KV — the first part cut to start mid-way,
-    a part whose rows are not contiguous (copied first), partial blocks at the ends — on one thread and a pool."""
+def test_a_hit_in_several_buffers_lands_exactly_as_in_one(path: str, storage: str) -> None:
+    """A hit arrives as chunks, each its own buffer or all slices of one (lmcached's arena, read in place):
+    scatter_parts places them in one pass over the layers, exactly as one scatter of the joined KV — the first
+    part cut to start mid-way, a part whose rows are not contiguous (copied first), partial blocks at the ends
+    — on one thread and a pool. Slices of one storage go as one batch of blocks."""
     from concurrent.futures import ThreadPoolExecutor
 
     heads, kernel_block, size = 3, 8, 16
@@ -261,13 +263,25 @@ def test_a_hit_in_several_buffers_lands_exactly_as_in_one(path: str) -> None:
     assert (layout.compiled is not None) == (path == "compiled")
     block_ids = [5, 0, 3, 1]
     kv = torch.randint(0, 200, (2, 2, 64, heads * size)).to(torch.bfloat16)
-    chunks = [kv[:, :, i : i + 16].clone() for i in range(0, 64, 16)]
-    chunks[2] = kv[:, :, 32:48].transpose(2, 3).contiguous().transpose(2, 3)  # same values, rows not contiguous
+    if storage == "own":
+        chunks = [kv[:, :, i : i + 16].clone() for i in range(0, 64, 16)]
+        chunks[2] = kv[:, :, 32:48].transpose(2, 3).contiguous().transpose(2, 3)  # same values, rows not contiguous
+    else:  # one buffer, the chunks in another order inside it, a gap between them
+        arena = torch.zeros(5 * kv[:, :, :16].numel(), dtype=torch.bfloat16)
+        chunks = []
+        for slot, i in zip((3, 0, 4, 1), range(0, 64, 16), strict=True):
+            chunk = arena[slot * kv[:, :, :16].numel() :][: kv[:, :, :16].numel()].view(2, 2, 16, heads * size)
+            chunk.copy_(kv[:, :, i : i + 16])
+            chunks.append(chunk)
     start, end = 8, 61
     parts = [
         (layout.slots(block_ids, max(lo, start), min(lo + 16, end)), chunk[:, :, max(lo, start) - lo : min(lo + 16, end) - lo])
         for lo, chunk in zip(range(0, 64, 16), chunks, strict=True)
     ]
+    if path == "compiled":
+        prepared = [layout._scatter_part(slots, part) for slots, part in parts]
+        batches = layout.compiled[0].batches([(part, first, blocks) for part, first, blocks, _ in prepared])  # type: ignore[index]
+        assert len(batches) == (1 if storage == "shared" else 4)
     untouched = layout.slots(block_ids, 0, start)
     outside = layout.gather(untouched)
     before = tuple(layer.clone() for layer in layers)

@@ -83,6 +83,43 @@ async def test_compressed_and_disk_chunks_come_back_over_either_transport(runnin
     assert (out[:, :, :32].float() - kv[:, :, :32].float()).norm() < 0.3 * kv[:, :, :32].float().norm()
 
 
+@TRANSPORTS
+async def test_a_hit_is_lent_in_place_over_shared_memory_and_kept_until_the_reader_is_done(running: Running, shared_memory: bool) -> None:
+    """retrieve_in_place: over shared memory, the chunks as tensors over the worker's arena (no copy), held
+    under a lease — a clear and new stores meanwhile write elsewhere — and given back when the block ends; over
+    the socket, None (the caller retrieves)."""
+    worker = running.daemon.worker
+    assert worker is not None
+    tokens = list(range(16 * 3 + 5))
+    kv = make_kv(len(tokens), seed=11)
+    await running.store(tokens, kv)
+
+    def run() -> None:
+        c = client(running, shared_memory)
+        try:
+            with c.retrieve_in_place(tokens) as pieces:
+                if not shared_memory:
+                    assert pieces is None
+                    return
+                assert pieces is not None and [first for first, _ in pieces] == [0, 16, 32, 48]
+                arena = c._arena
+                assert arena is not None
+                low, high = arena.array.ctypes.data, arena.array.ctypes.data + arena.array.size
+                assert all(low <= piece.data_ptr() < high for _, piece in pieces)  # the worker's memory, not a copy
+                asyncio.run_coroutine_threadsafe(worker.execute("clear", {"location": CPU, "keys": None}), loop).result(30)
+                for i in range(6):  # fill the arena with other chunks
+                    other = list(range(100_000 * (i + 1), 100_000 * (i + 1) + 16 * 3))
+                    asyncio.run_coroutine_threadsafe(worker.store(chunks_of(other, make_kv(len(other), seed=50 + i))), loop).result(30)
+                assert torch.equal(torch.cat([piece for _, piece in pieces], dim=2), kv)  # untouched while lent
+            again = c.retrieve(tokens)  # the lease given back, the connection answers (from the disk tier now)
+            assert again is not None and torch.equal(again, kv)
+        finally:
+            c.close()
+
+    loop = asyncio.get_running_loop()
+    await asyncio.to_thread(run)
+
+
 async def test_a_worker_can_refuse_shared_memory(tmp_path: Path) -> None:
     async with serving(test_config(shared_memory=False)) as run:
         c = KVClient(run.data)

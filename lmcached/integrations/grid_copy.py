@@ -12,6 +12,7 @@ release the GIL, so paged.PagedLayout spreads the layers over its pool.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,59 +81,80 @@ class GridPlan:
         """Where each of these blocks' grids starts in a layer's storage (widened elements)."""
         return (self.base + blocks.cpu().numpy().astype(np.int64) * self.block_stride).astype(np.uint64)
 
-    def rows(self, kv: torch.Tensor) -> TokenRows:
-        """Token-major KV [2, L, T, C] as this plan reads and writes it (see TokenRows)."""
-        return TokenRows.of(kv, self.widen)
+    def batches(self, parts: Sequence[tuple[torch.Tensor, int, torch.Tensor]]) -> list[BlockBatch]:
+        """The whole blocks of these parts — (token-major KV [2, L, T, C], the first token of its whole blocks,
+        their block ids) — as the loop moves them: one batch per storage among the parts (a hit read in place
+        from lmcached's arena is one), each moved by one call per layer and side however many chunks it holds.
+        KV whose token rows are not contiguous is copied first."""
+        groups: dict[int, list[tuple[torch.Tensor, int, torch.Tensor]]] = {}
+        for kv, first, blocks in parts:
+            if len(blocks):
+                kv = kv if self._rows_fit(kv) else kv.contiguous()
+                groups.setdefault(kv.untyped_storage().data_ptr(), []).append((kv, first, blocks))
+        per_block = int(self.sizes.prod())  # a block's elements of one side, widened: its rows, one after another
+        batches = []
+        for group in groups.values():
+            storage = group[0][0].untyped_storage()
+            itemsize = group[0][0].element_size()
+            flat = torch.empty(0, dtype=_BITS[itemsize]).set_(storage, 0, (storage.nbytes() // itemsize,))
+            flat = flat[: flat.numel() // self.widen * self.widen].view(_BITS[itemsize * self.widen])
+            origins, layer_steps, side_steps = [], [], []
+            for kv, first, blocks in group:
+                count = len(blocks)
+                row = (kv.storage_offset() + first * kv.stride(2)) // self.widen
+                origins.append(row + np.arange(count, dtype=np.uint64) * np.uint64(per_block))
+                layer_steps.append(np.full(count, kv.stride(1) // self.widen, dtype=np.uint64))
+                side_steps.append(np.full(count, kv.stride(0) // self.widen, dtype=np.uint64))
+            batches.append(
+                BlockBatch(
+                    tuple(kv for kv, _, _ in group),
+                    flat.numpy(),
+                    np.concatenate([self.starts(blocks) for _, _, blocks in group]),
+                    np.concatenate(origins),
+                    np.concatenate(layer_steps),
+                    np.concatenate(side_steps),
+                )
+            )
+        return batches
 
-    def move(self, cache: np.ndarray, starts: np.ndarray, rows: TokenRows, side: int, layer: int, first: int, into_cache: bool) -> None:
-        """Between the blocks at `starts` of a layer's `cache` (storage()) and `rows`' tokens from `first` on, of
-        this side and layer: into the cache or out of it."""
-        per_block = int(self.sizes.prod())  # a block's elements of this side, widened
-        tokens, at = rows.array, rows.at(side, layer, first)
-        _copy(cache, starts, self.sizes, self.cache_strides, tokens, at, per_block, self.token_strides, into_cache)
+    def _rows_fit(self, kv: torch.Tensor) -> bool:
+        """Whether kv's token rows can be read where they are: each token's channels contiguous, the rows one
+        after another, every offset a whole number of widened elements."""
+        if kv.device.type != "cpu" or kv.stride(3) != 1 or kv.stride(2) != kv.shape[3]:
+            return False
+        return all(n % self.widen == 0 for n in (kv.storage_offset(), *kv.stride()[:3]))
+
+    def move(self, cache: np.ndarray, batch: BlockBatch, side: int, layer: int, into_cache: bool) -> None:
+        """Between a layer's `cache` (storage()) and the batch's token rows of this side and layer, all its
+        blocks: into the cache or out of it."""
+        sources = batch.sources(side, layer)
+        _copy(cache, batch.starts, self.sizes, self.cache_strides, batch.array, sources, self.token_strides, into_cache)
 
     def warm(self, layer: torch.Tensor) -> None:
         """Compile both directions for this layer's element type by copying no blocks."""
         cache = self.storage(layer)
+        none = np.empty(0, np.uint64)
         for into_cache in (True, False):
-            _copy(cache, np.empty(0, np.uint64), self.sizes, self.cache_strides, cache[:0], 0, 1, self.token_strides, into_cache)
+            _copy(cache, none, self.sizes, self.cache_strides, cache[:0], none, self.token_strides, into_cache)
 
 
 @dataclass(frozen=True)
-class TokenRows:
-    """Token-major KV [2, L, T, C] (sides, layers, tokens, channels) as one flat array of widened integers over
-    its whole storage, with the strides that find a side's and layer's tokens in it: what grid_copy's loop reads
-    or writes, made once for all of a hit's layers rather than once per layer and side. A chunk read in place
-    from lmcached's RAM tier is used as it is (no copy); KV whose rows are not contiguous is copied first."""
+class BlockBatch:
+    """Whole blocks of token-major KV [2, L, T, C] parts that share one storage, as grid_copy's loop moves
+    them: `starts`, where each block's grid starts in a layer's cache storage; `array`, the parts' storage as
+    flat widened integers; per block, where its first token's keys of layer 0 sit in `array` (`origins`) and
+    how much further the same token's row is a layer on (`layer_steps`) and among the values (`side_steps`)."""
 
-    tensor: torch.Tensor  # keeps the storage alive while `array` is in use
+    parts: tuple[torch.Tensor, ...]  # keep the storage alive while `array` is read or written
     array: np.ndarray
-    offset: int
-    strides: tuple[int, int, int]
+    starts: np.ndarray
+    origins: np.ndarray
+    layer_steps: np.ndarray
+    side_steps: np.ndarray
 
-    @classmethod
-    def of(cls, kv: torch.Tensor, widen: int) -> TokenRows:
-        itemsize = kv.element_size()
-        if not cls._fits(kv, widen):
-            kv = kv.contiguous()
-        storage = kv.untyped_storage()
-        flat = torch.empty(0, dtype=_BITS[itemsize]).set_(storage, 0, (storage.nbytes() // itemsize,))
-        if widen > 1:
-            flat = flat[: flat.numel() // widen * widen].view(_BITS[itemsize * widen])
-        stride = kv.stride()
-        return cls(kv, flat.numpy(), kv.storage_offset() // widen, (stride[0] // widen, stride[1] // widen, stride[2] // widen))
-
-    @staticmethod
-    def _fits(kv: torch.Tensor, widen: int) -> bool:
-        """Whether kv's rows can be read where they are: each token's channels contiguous, every offset a
-        whole number of widened elements."""
-        if kv.device.type != "cpu" or kv.stride(3) != 1 or (kv.shape[2] > 1 and kv.stride(2) != kv.shape[3]):
-            return False
-        return all(n % widen == 0 for n in (kv.storage_offset(), *kv.stride()[:3], kv.shape[3]))
-
-    def at(self, side: int, layer: int, token: int) -> int:
-        """Where this side's and layer's `token` starts in `array`."""
-        return self.offset + side * self.strides[0] + layer * self.strides[1] + token * self.strides[2]
+    def sources(self, side: int, layer: int) -> np.ndarray:
+        """Where each block's rows of this side and layer start in `array`."""
+        return self.origins + np.uint64(side) * self.side_steps + np.uint64(layer) * self.layer_steps
 
 
 def _span(layer: torch.Tensor) -> int:
@@ -159,7 +181,7 @@ def _widest_run(inner: int, sizes: list[int], cache_strides: list[int], token_st
 # Offsets are unsigned: with signed ones Numba checks each index for Python's negative wrap-around, which
 # doubled the loop's time. The direction's branch is hoisted out of the loops by the compiler.
 @njit(nogil=True, cache=True)
-def _copy(cache, starts, sizes, cache_strides, tokens, first, per_block, token_strides, into_cache):  # pragma: no cover - compiled
+def _copy(cache, starts, sizes, cache_strides, tokens, sources, token_strides, into_cache):  # pragma: no cover - compiled
     n0, n1, n2, n3, n4 = sizes[0], sizes[1], sizes[2], sizes[3], sizes[4]
     c0, c1, c2 = np.uint64(cache_strides[0]), np.uint64(cache_strides[1]), np.uint64(cache_strides[2])
     c3, c4 = np.uint64(cache_strides[3]), np.uint64(cache_strides[4])
@@ -167,7 +189,7 @@ def _copy(cache, starts, sizes, cache_strides, tokens, first, per_block, token_s
     t3, t4 = np.uint64(token_strides[3]), np.uint64(token_strides[4])
     for block in range(starts.shape[0]):
         o0 = starts[block]
-        s0 = np.uint64(first) + np.uint64(block) * np.uint64(per_block)
+        s0 = sources[block]
         for x0 in range(n0):
             o1, s1 = o0 + np.uint64(x0) * c0, s0 + np.uint64(x0) * t0
             for x1 in range(n1):

@@ -222,15 +222,14 @@ class PagedLayout:
         rest = [(lo, hi) for lo, hi in ((0, first), (first + whole, tokens)) if lo < hi]
         wheres = [(lo, hi, [self._where(slots[lo:hi], index) for index in (self.key_index, self.value_index)]) for lo, hi in rest]
         grids, compiled = self.grids, self.compiled
-        if whole and compiled is not None:
-            rows = [plan.rows(out) for plan in compiled]
-            starts = [plan.starts(blocks) for plan in compiled]
+        batches = [plan.batches([(out, first, blocks)]) for plan in compiled] if compiled is not None else None
 
         def one(number: int) -> None:
             layer = self.layers[number]
-            if whole and compiled is not None:
+            if batches is not None:
                 for side, plan in enumerate(compiled):
-                    plan.move(self.storages[number][side], starts[side], rows[side], side, number, first, into_cache=False)
+                    for batch in batches[side]:
+                        plan.move(self.storages[number][side], batch, side, number, into_cache=False)
             elif whole:
                 assert grids is not None
                 for side, grid in enumerate(grids):
@@ -251,21 +250,24 @@ class PagedLayout:
         self.scatter_parts([(slots, kv)], pool)
 
     def scatter_parts(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], pool: Executor | None = None) -> None:
-        """`scatter` of several (slots, KV) parts — a hit's chunks, each its own buffer — in one pass over the
-        layers: one task per layer for all parts, not one per layer and part (six 256-token chunks placed one
-        scatter each took 3-4x as long as the same tokens in one, in scripts/placement.py)."""
+        """`scatter` of several (slots, KV) parts — a hit's chunks — in one pass over the layers: one task per
+        layer for all parts, and with the compiled copies one call per layer and side for all the parts that
+        share a storage (lmcached's arena lends a hit as slices of one). Six 256-token chunks placed one scatter
+        each took 4x as long as the same tokens in one; as one batch, as long (scripts/placement.py)."""
         prepared = [self._scatter_part(slots, kv) for slots, kv in parts]
         grids, compiled = self.grids, self.compiled
+        whole_blocks = [(kv, first, blocks) for kv, first, blocks, _ in prepared]
+        batches = [plan.batches(whole_blocks) for plan in compiled] if compiled is not None else None
 
         def one(number: int) -> None:
             layer = self.layers[number]
-            for kv, first, blocks, wheres, copies in prepared:
+            if batches is not None:
+                for side, plan in enumerate(compiled):
+                    for batch in batches[side]:
+                        plan.move(self.storages[number][side], batch, side, number, into_cache=True)
+            for kv, first, blocks, wheres in prepared:
                 whole = len(blocks) * layer.shape[2]
-                if whole and compiled is not None:
-                    for side, plan in enumerate(compiled):
-                        starts, rows = copies[side]
-                        plan.move(self.storages[number][side], starts, rows, side, number, first, into_cache=True)
-                elif whole:
+                if whole and batches is None:
                     assert grids is not None
                     for side, grid in enumerate(grids):
                         view = _token_view(kv[side, number, first : first + whole].contiguous(), grid)
@@ -277,10 +279,9 @@ class PagedLayout:
 
         _each(one, len(self.layers), pool)
 
-    def _scatter_part(self, slots: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor, list, list]:
+    def _scatter_part(self, slots: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor, list]:
         """A part checked and on the cache's device as its element type, with its whole kernel blocks (first
-        token, block ids), the element offsets of the tokens before and after them and, for the compiled copies,
-        each side's block starts and token rows (made here once, not once per layer)."""
+        token, block ids) and the element offsets of the tokens before and after them."""
         if kv.ndim != 4 or kv.shape[0] != 2 or kv.shape[1] != len(self.layers) or kv.shape[2] != len(slots):
             raise LayoutError(f"KV of shape {list(kv.shape)} does not fit {len(self.layers)} layers and {len(slots)} slots")
         if kv.shape[3] != self.channels:
@@ -291,9 +292,7 @@ class PagedLayout:
         whole = len(blocks) * self.layers[0].shape[2]
         rest = [(lo, hi) for lo, hi in ((0, first), (first + whole, tokens)) if lo < hi]
         wheres = [(lo, hi, [self._where(slots[lo:hi], index) for index in (self.key_index, self.value_index)]) for lo, hi in rest]
-        compiled = self.compiled
-        copies = [(plan.starts(blocks), plan.rows(kv)) for plan in compiled] if whole and compiled is not None else []
-        return kv, first, blocks, wheres, copies
+        return kv, first, blocks, wheres
 
     def _whole_blocks(self, slots: torch.Tensor) -> tuple[int, torch.Tensor]:
         """(first token, kernel block ids): the run of tokens from `first` that fills these kernel blocks whole,

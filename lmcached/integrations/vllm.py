@@ -30,11 +30,13 @@ one vLLM's GPU backends use. Tensor parallelism is supported, pipeline paralleli
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -465,18 +467,18 @@ class _WorkerSide:
         """Place what lmcached returns for [start, end) in the paged cache; the end of what was placed."""
         assert self.layout is not None
         started = time.perf_counter()
-        pieces = kv.retrieve(spec.token_ids, spec.salt)
-        fetched = time.perf_counter()
-        available = spec.start
-        parts = []
-        for first, piece in pieces:  # consecutive pieces of the cached prefix, from token 0
-            lo, hi = max(first, spec.start), min(first + piece.shape[2], spec.end)
-            if lo < hi:
-                parts.append((self.layout.slots(spec.block_ids, lo, hi), piece[:, :, lo - first : hi - first]))
-                available = hi
-        if available == spec.start:
-            return spec.start
-        self.layout.scatter_parts(parts, pool)
+        with kv.hit(spec.token_ids, spec.salt) as pieces:
+            fetched = time.perf_counter()
+            available = spec.start
+            parts = []
+            for first, piece in pieces:  # consecutive pieces of the cached prefix, from token 0
+                lo, hi = max(first, spec.start), min(first + piece.shape[2], spec.end)
+                if lo < hi:
+                    parts.append((self.layout.slots(spec.block_ids, lo, hi), piece[:, :, lo - first : hi - first]))
+                    available = hi
+            if available == spec.start:
+                return spec.start
+            self.layout.scatter_parts(parts, pool)
         log.info(
             "loaded %d tokens of request %s from lmcached (fetch %.0f ms, place %.0f ms)",
             available - spec.start,
@@ -587,6 +589,11 @@ class _KVAccess:
         """The cached prefix of `tokens` as (first token, [2, L, n, C]) pieces, in order; [] when nothing is cached."""
         raise NotImplementedError
 
+    @contextlib.contextmanager
+    def hit(self, tokens: list[int], salt: str | None) -> Iterator[list[tuple[int, torch.Tensor]]]:
+        """retrieve()'s pieces, to be read inside the with-block only (they may be lmcached's own memory)."""
+        yield self.retrieve(tokens, salt)
+
     def store(self, tokens: list[int], kv: torch.Tensor, skip_tokens: int, salt: str | None, kv_start: int = 0) -> int:
         """Store the chunks past `skip_tokens`; `kv` covers tokens [kv_start, len(tokens)) (a chunk boundary)."""
         raise NotImplementedError
@@ -620,6 +627,12 @@ class _SocketKV(_KVAccess):
         kv = self._client().retrieve(tokens, salt)
         return [] if kv is None else [(0, kv)]
 
+    @contextlib.contextmanager
+    def hit(self, tokens: list[int], salt: str | None) -> Iterator[list[tuple[int, torch.Tensor]]]:
+        # A worker on this host lends its chunks in place (shared memory, under a lease until the block ends).
+        with self._client().retrieve_in_place(tokens, salt) as pieces:
+            yield self.retrieve(tokens, salt) if pieces is None else pieces
+
     def store(self, tokens: list[int], kv: torch.Tensor, skip_tokens: int, salt: str | None, kv_start: int = 0) -> int:
         return self._client().store(tokens, kv, skip_tokens, salt, kv_start=kv_start)
 
@@ -650,6 +663,26 @@ class _InProcessKV(_KVAccess):
         spans = self._spans(tokens, salt)
         chunks = self.hosted.call(self._storage().retrieve([s.key for s in spans]))
         return [(span.start, chunk_tensor(chunk)) for span, chunk in zip(spans, chunks, strict=False)]
+
+    @contextlib.contextmanager
+    def hit(self, tokens: list[int], salt: str | None) -> Iterator[list[tuple[int, torch.Tensor]]]:
+        # The chunks of the RAM tier as slices of one tensor over its whole arena, so that the placement moves
+        # all of them in one batch (grid_copy.BlockBatch); held here until the block ends, so that the arena
+        # reuses none of their blocks meanwhile (it waits until nothing holds a block's view).
+        spans = self._spans(tokens, salt)
+        storage = self._storage()
+        chunks = self.hosted.call(storage.retrieve([s.key for s in spans]))
+        arena = storage.arena
+        whole = torch.from_numpy(arena.array) if arena is not None else None
+        pieces = []
+        for span, chunk in zip(spans, chunks, strict=False):
+            offset = arena.offset_of(chunk.data) if arena is not None and chunk.method is None else None
+            if whole is None or offset is None:
+                pieces.append((span.start, chunk_tensor(chunk)))
+            else:
+                data = whole[offset : offset + chunk.nbytes]
+                pieces.append((span.start, data.view(dtype_from_name(chunk.dtype)).view(chunk.shape)))
+        yield pieces  # (`chunks` lives in this frame until the block ends)
 
     def store(self, tokens: list[int], kv: torch.Tensor, skip_tokens: int, salt: str | None, kv_start: int = 0) -> int:
         if kv_start < 0 or kv_start % self.config.chunk_size or kv_start > skip_tokens:
