@@ -433,33 +433,33 @@ def test_a_hosted_instance_on_port_0_is_refused_with_the_reason(model_dir: str, 
         LmcachedConnector(config, KVConnectorRole.SCHEDULER)
 
 
-def test_a_chunk_in_the_ram_tiers_arena_is_read_in_place_and_its_block_kept_while_read() -> None:
-    """A hit is read straight from the RAM tier's arena (copying it cost more than placing it); the block is
-    not reused while the tensor over it lives, so an eviction mid-load cannot change what is being placed."""
-    from lmcached.integrations.vllm import chunk_tensor
-    from lmcached.wire.chunk import Chunk
-    from lmcached.worker.arena import Arena
+def test_a_hosted_hit_is_read_in_place_and_its_blocks_kept_until_placed(instance: HostedInstance) -> None:
+    """The hosted instance lends a hit straight from its RAM tier's arena (copying it cost more than placing
+    it), all chunks slices of one storage (one batch to place); a clear and new stores while it is being read
+    write elsewhere, and its blocks are reused once the reader is done."""
+    from lmcached.integrations.vllm import _InProcessKV
+    from lmcached.wire.chunk import CPU
+    from lmcached.wire.chunks import WHOLE
 
-    arena = Arena(1 << 20)
-    try:
-        kv = torch.randn(2, 3, 16, 8).to(torch.bfloat16)
-        view = arena.alloc(kv.numel() * 2)
-        assert view is not None
-        view[:] = kv.view(torch.uint8).reshape(-1).numpy()
-        chunk = Chunk(7, 16, tuple(kv.shape), "bfloat16", view)
-        read = chunk_tensor(chunk)
-        assert torch.equal(read, kv) and read.data_ptr() == view.ctypes.data  # no copy
-        where = arena.offset_of(view)
-        del chunk
-        arena.free(view)  # evicted while the tensor is still being read
-        del view
-        again = arena.alloc(kv.numel() * 2)
-        assert again is not None and arena.offset_of(again) != where  # not handed out while read
-        assert torch.equal(read, kv)
-        arena.free(again)
-        del again, read
-        last = arena.alloc(kv.numel() * 2)
-        assert last is not None and arena.offset_of(last) == where  # reused once nothing reads it
-        del last
-    finally:
-        arena.close()
+    worker = instance.worker
+    assert worker is not None and worker.storage.arena is not None
+    access = _InProcessKV(instance.config, instance, WHOLE)
+    tokens = list(range(3 * CHUNK))
+    kv = known_kv(tokens, 0, len(tokens))
+    assert access.store(tokens, kv, 0, None) == len(tokens)
+    arena = worker.storage.arena
+    with access.hit(tokens, None) as pieces:
+        assert [first for first, _ in pieces] == [0, CHUNK, 2 * CHUNK]
+        storages = {piece.untyped_storage().data_ptr() for _, piece in pieces}
+        assert storages == {arena.array.ctypes.data}  # the arena itself, one storage for all
+        lent = {arena.offset_of(chunk.data) for chunk in worker.storage.backends[CPU]._data.values()}
+        instance.call(worker.execute("clear", {"location": CPU, "keys": None}))
+        for n in range(1, 6):  # new chunks, which must not land in the lent blocks
+            other = list(range(10_000 * n, 10_000 * n + 3 * CHUNK))
+            access.store(other, known_kv(other, 0, len(other)), 0, None)
+        assert torch.equal(torch.cat([piece for _, piece in pieces], dim=2), kv)
+    reused = {arena.offset_of(chunk.data) for chunk in worker.storage.backends[CPU]._data.values()}
+    assert not lent & reused
+    newest = list(range(90_000, 90_000 + 3 * CHUNK))
+    access.store(newest, known_kv(newest, 0, len(newest)), 0, None)
+    assert lent & {arena.offset_of(chunk.data) for chunk in worker.storage.backends[CPU]._data.values()}  # free again

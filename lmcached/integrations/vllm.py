@@ -41,7 +41,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 
@@ -585,14 +584,10 @@ def cpu_cache_writer(cache_dtype: str, model_dtype: torch.dtype, layer: torch.Te
 class _KVAccess:
     """How the model-runner side reads and writes chunks."""
 
-    def retrieve(self, tokens: list[int], salt: str | None) -> list[tuple[int, torch.Tensor]]:
-        """The cached prefix of `tokens` as (first token, [2, L, n, C]) pieces, in order; [] when nothing is cached."""
+    def hit(self, tokens: list[int], salt: str | None) -> contextlib.AbstractContextManager[list[tuple[int, torch.Tensor]]]:
+        """The cached prefix of `tokens` as (first token, [2, L, n, C]) pieces, in order ([] when nothing is
+        cached), to be read inside the with-block only: they may be lmcached's own memory, lent until then."""
         raise NotImplementedError
-
-    @contextlib.contextmanager
-    def hit(self, tokens: list[int], salt: str | None) -> Iterator[list[tuple[int, torch.Tensor]]]:
-        """retrieve()'s pieces, to be read inside the with-block only (they may be lmcached's own memory)."""
-        yield self.retrieve(tokens, salt)
 
     def store(self, tokens: list[int], kv: torch.Tensor, skip_tokens: int, salt: str | None, kv_start: int = 0) -> int:
         """Store the chunks past `skip_tokens`; `kv` covers tokens [kv_start, len(tokens)) (a chunk boundary)."""
@@ -623,15 +618,17 @@ class _SocketKV(_KVAccess):
             self.client = client
         return self.client
 
-    def retrieve(self, tokens: list[int], salt: str | None) -> list[tuple[int, torch.Tensor]]:
-        kv = self._client().retrieve(tokens, salt)
-        return [] if kv is None else [(0, kv)]
-
     @contextlib.contextmanager
     def hit(self, tokens: list[int], salt: str | None) -> Iterator[list[tuple[int, torch.Tensor]]]:
-        # A worker on this host lends its chunks in place (shared memory, under a lease until the block ends).
-        with self._client().retrieve_in_place(tokens, salt) as pieces:
-            yield self.retrieve(tokens, salt) if pieces is None else pieces
+        # A worker on this host lends its chunks in place (shared memory, under a lease until the block ends);
+        # one elsewhere sends them over the socket into a tensor of our own.
+        client = self._client()
+        with client.retrieve_in_place(tokens, salt) as pieces:
+            if pieces is not None:
+                yield pieces
+                return
+        kv = client.retrieve(tokens, salt)
+        yield [] if kv is None else [(0, kv)]
 
     def store(self, tokens: list[int], kv: torch.Tensor, skip_tokens: int, salt: str | None, kv_start: int = 0) -> int:
         return self._client().store(tokens, kv, skip_tokens, salt, kv_start=kv_start)
@@ -659,16 +656,12 @@ class _InProcessKV(_KVAccess):
     def _spans(self, tokens: list[int], salt: str | None) -> list[ChunkSpan]:
         return self.shard.spans(chunk_spans(tokens, self.config.chunk_size, self.config.save_unfull_chunk, salt))
 
-    def retrieve(self, tokens: list[int], salt: str | None) -> list[tuple[int, torch.Tensor]]:
-        spans = self._spans(tokens, salt)
-        chunks = self.hosted.call(self._storage().retrieve([s.key for s in spans]))
-        return [(span.start, chunk_tensor(chunk)) for span, chunk in zip(spans, chunks, strict=False)]
-
     @contextlib.contextmanager
     def hit(self, tokens: list[int], salt: str | None) -> Iterator[list[tuple[int, torch.Tensor]]]:
-        # The chunks of the RAM tier as slices of one tensor over its whole arena, so that the placement moves
-        # all of them in one batch (grid_copy.BlockBatch); held here until the block ends, so that the arena
-        # reuses none of their blocks meanwhile (it waits until nothing holds a block's view).
+        # The RAM tier's chunks are read in place (copying them into fresh pages cost more than placing them:
+        # ~20 ms for 1,400 SmolLM2 tokens), as slices of one tensor over the whole arena, so that the placement
+        # moves them in one batch (grid_copy.BlockBatch). The chunks are held here until the block ends: the
+        # arena reuses no block while anything holds its view, so an eviction meanwhile changes nothing read.
         spans = self._spans(tokens, salt)
         storage = self._storage()
         chunks = self.hosted.call(storage.retrieve([s.key for s in spans]))
@@ -712,13 +705,7 @@ class _InProcessKV(_KVAccess):
 
 
 def chunk_tensor(chunk: Chunk) -> torch.Tensor:
-    """A raw chunk's KV as a tensor, for reading only: over its own buffer when that is writable (no copy), else
-    over a copy. A chunk of the RAM tier's arena is read in place: the tensor holds the block's view, and the
-    arena reuses no block while anything holds its view, so an eviction meanwhile cannot change what is read.
-    (Copying it cost more than placing it: ~20 ms for 1,400 SmolLM2 tokens, faulting in fresh pages.)"""
-    data = chunk.data
-    if isinstance(data, np.ndarray) and data.size and data.flags.writeable and data.flags.c_contiguous:
-        return torch.from_numpy(data).view(dtype_from_name(chunk.dtype)).view(chunk.shape)
-    if isinstance(data, bytearray) and data:
-        return torch.frombuffer(data, dtype=dtype_from_name(chunk.dtype)).view(chunk.shape)
-    return from_bytes(data, chunk.shape, chunk.dtype)
+    """A raw chunk's KV as a tensor: over its own buffer when that is writable (no copy), else over a copy."""
+    if isinstance(chunk.data, bytearray) and chunk.data:
+        return torch.frombuffer(chunk.data, dtype=dtype_from_name(chunk.dtype)).view(chunk.shape)
+    return from_bytes(chunk.data, chunk.shape, chunk.dtype)
