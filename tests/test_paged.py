@@ -135,11 +135,17 @@ def test_every_vllm_cache_layout_reads_and_writes_like_the_backend(name: str) ->
     assert changed <= kv.numel() and changed > kv.numel() * 0.99  # only the slots' own elements
 
 
-def element_by_element(layout: PagedLayout) -> PagedLayout:
-    """The same layout with its grids forgotten: every token moves through torch.take / put_ (the reference)."""
+def without(layout: PagedLayout, path: str) -> PagedLayout:
+    """The same layout with one way of moving whole blocks forgotten (a cached property, set before first use):
+    without "grids" every token moves through torch.take / put_ (the reference); without "compiled" the grids
+    move as torch's strided copies."""
     twin = PagedLayout(layout.layers, layout.block_size, layout.key_index, layout.value_index, layout.stored)
-    twin.__dict__["grids"] = None  # (a cached property: set before first use)
+    twin.__dict__[path] = None
     return twin
+
+
+def element_by_element(layout: PagedLayout) -> PagedLayout:
+    return without(layout, "grids")
 
 
 def vnni_tables(heads: int, kernel_block: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,10 +199,7 @@ def test_a_layout_that_is_no_grid_still_moves_element_by_element() -> None:
 
 
 def torch_strided(layout: PagedLayout) -> PagedLayout:
-    """The same layout with its grids moved by torch's strided copies instead of the compiled loop."""
-    twin = PagedLayout(layout.layers, layout.block_size, layout.key_index, layout.value_index, layout.stored)
-    twin.__dict__["compiled"] = None
-    return twin
+    return without(layout, "compiled")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.uint8])
