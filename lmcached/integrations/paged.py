@@ -223,6 +223,8 @@ class PagedLayout:
         wheres = [(lo, hi, [self._where(slots[lo:hi], index) for index in (self.key_index, self.value_index)]) for lo, hi in rest]
         grids, compiled = self.grids, self.compiled
         batches = [plan.batches([(out, first, blocks)]) for plan in compiled] if compiled is not None else None
+        # (A batch copies KV whose rows it cannot address; `out` is fresh and contiguous, so it is written in place.)
+        assert batches is None or all(batch.parts[0] is out for side in batches for batch in side)
 
         def one(number: int) -> None:
             layer = self.layers[number]
