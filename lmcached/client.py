@@ -312,28 +312,39 @@ class KVClient:
         self._send(frame_parts(Kind.SHM_COMMIT, {"req_id": next(self._req_ids), "store": reply["store"]}, []))
         return int(self._reply()["num_tokens"])
 
-    def _retrieve_shm(self, keys: list[int], out: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
-        """(True, the KV) read out of the worker's arena under a lease, or (False, None) to use the socket."""
+    @contextlib.contextmanager
+    def _lease(self, keys: list[int]) -> Iterator[tuple[list[dict[str, Any]], list[int]] | None]:
+        """The worker's arena blocks of the cached prefix of `keys` — (chunk metadata, their offsets) — which
+        it reuses for nothing else until the block ends; None when the worker asks for the socket."""
         assert self._arena is not None
         self._send(frame_parts(Kind.SHM_RETRIEVE, {"req_id": next(self._req_ids), "keys": keys}, []))
         reply = self._reply()
         if reply.get("fallback"):
-            return False, None
+            yield None
+            return
         try:
-            metas = chunk_headers(reply)
+            yield chunk_headers(reply), reply["offsets"]
+        finally:  # the worker may reuse the blocks now (no reply: nothing to wait for)
+            self._send(frame_parts(Kind.SHM_RELEASE, {"lease": reply["lease"]}, []))
+
+    def _retrieve_shm(self, keys: list[int], out: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
+        """(True, the KV) read out of the worker's arena under a lease, or (False, None) to use the socket."""
+        assert self._arena is not None
+        with self._lease(keys) as lease:
+            if lease is None:
+                return False, None
+            metas, offsets = lease
             retrieve = _Retrieve(metas, out)
             if retrieve.out is None:
                 return True, None
             rows = _rows(retrieve.out if out is None else out)
             start = 0
-            for meta, offset in zip(metas, reply["offsets"], strict=True):
+            for meta, offset in zip(metas, offsets, strict=True):
                 tokens = meta["shape"][2]
                 block = self._arena.view(offset, meta["nbytes"]).reshape(rows.shape[0], tokens, rows.shape[2])
                 _copy(rows[:, start : start + tokens], block)
                 start += tokens
             return True, retrieve.out
-        finally:  # the worker may reuse the blocks now (no reply: nothing to wait for)
-            self._send(frame_parts(Kind.SHM_RELEASE, {"lease": reply["lease"]}, []))
 
     @contextlib.contextmanager
     def retrieve_in_place(self, tokens: Sequence[int], salt: str | None = None) -> Iterator[list[tuple[int, torch.Tensor]] | None]:
@@ -345,18 +356,14 @@ class KVClient:
         if self._arena is None:
             yield None
             return
-        keys = [s.key for s in self.spans(tokens, salt)]
-        self._send(frame_parts(Kind.SHM_RETRIEVE, {"req_id": next(self._req_ids), "keys": keys}, []))
-        reply = self._reply()
-        if reply.get("fallback"):
-            yield None
-            return
-        try:
-            metas = chunk_headers(reply)
+        with self._lease([s.key for s in self.spans(tokens, salt)]) as lease:
+            if lease is None:
+                yield None
+                return
             pieces: list[tuple[int, torch.Tensor]] = []
             start = 0
             whole = torch.from_numpy(self._arena.array)  # all pieces slices of one tensor: one batch to place
-            for meta, offset in zip(metas, reply["offsets"], strict=True):
+            for meta, offset in zip(*lease, strict=True):
                 dtype, shape = dtype_from_name(meta["dtype"]), tuple(meta["shape"])
                 if meta["nbytes"] != math.prod(shape) * dtype.itemsize:
                     raise ProtocolError(f"a chunk of {meta['nbytes']} bytes cannot be {list(shape)} {meta['dtype']}")
@@ -364,8 +371,6 @@ class KVClient:
                 pieces.append((start, whole[offset : offset + meta["nbytes"]].view(dtype).view(shape)))
                 start += shape[2]
             yield pieces
-        finally:  # the worker may reuse the blocks now (no reply: nothing to wait for)
-            self._send(frame_parts(Kind.SHM_RELEASE, {"lease": reply["lease"]}, []))
 
     def _held(self, spans: list[ChunkSpan]) -> int:
         """How many tokens of these chunks' prefix the worker holds (in any tier)."""
