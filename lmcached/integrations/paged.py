@@ -33,7 +33,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from lmcached.integrations.grid_copy import GridPlan
+from lmcached.integrations.grid_copy import BlockBatch, GridPlan
 
 #: Writes keys and values [tokens, heads, head_size] into the given [1, heads, block_size, 2*head_size] tile
 #: at slots 0..tokens-1, exactly as the engine does.
@@ -221,17 +221,15 @@ class PagedLayout:
         whole = len(blocks) * self.layers[0].shape[2]
         rest = [(lo, hi) for lo, hi in ((0, first), (first + whole, tokens)) if lo < hi]
         wheres = [(lo, hi, [self._where(slots[lo:hi], index) for index in (self.key_index, self.value_index)]) for lo, hi in rest]
-        grids, compiled = self.grids, self.compiled
-        batches = [plan.batches([(out, first, blocks)]) for plan in compiled] if compiled is not None else None
+        grids = self.grids
+        batches = self._batches([(out, first, blocks)])
         # (A batch copies KV whose rows it cannot address; `out` is fresh and contiguous, so it is written in place.)
         assert batches is None or all(batch.parts[0] is out for side in batches for batch in side)
 
         def one(number: int) -> None:
             layer = self.layers[number]
             if batches is not None:
-                for side, plan in enumerate(compiled):
-                    for batch in batches[side]:
-                        plan.move(self.storages[number][side], batch, side, number, into_cache=False)
+                self._move_batches(batches, number, into_cache=False)
             elif whole:
                 assert grids is not None
                 for side, grid in enumerate(grids):
@@ -257,16 +255,13 @@ class PagedLayout:
         share a storage (lmcached's arena lends a hit as slices of one). Six 256-token chunks placed one scatter
         each took 4x as long as the same tokens in one; as one batch, as long (scripts/placement.py)."""
         prepared = [self._scatter_part(slots, kv) for slots, kv in parts]
-        grids, compiled = self.grids, self.compiled
-        whole_blocks = [(kv, first, blocks) for kv, first, blocks, _ in prepared]
-        batches = [plan.batches(whole_blocks) for plan in compiled] if compiled is not None else None
+        grids = self.grids
+        batches = self._batches([(kv, first, blocks) for kv, first, blocks, _ in prepared])
 
         def one(number: int) -> None:
             layer = self.layers[number]
             if batches is not None:
-                for side, plan in enumerate(compiled):
-                    for batch in batches[side]:
-                        plan.move(self.storages[number][side], batch, side, number, into_cache=True)
+                self._move_batches(batches, number, into_cache=True)
             for kv, first, blocks, wheres in prepared:
                 whole = len(blocks) * layer.shape[2]
                 if whole and batches is None:
@@ -295,6 +290,19 @@ class PagedLayout:
         rest = [(lo, hi) for lo, hi in ((0, first), (first + whole, tokens)) if lo < hi]
         wheres = [(lo, hi, [self._where(slots[lo:hi], index) for index in (self.key_index, self.value_index)]) for lo, hi in rest]
         return kv, first, blocks, wheres
+
+    def _batches(self, parts: list[tuple[torch.Tensor, int, torch.Tensor]]) -> list[list[BlockBatch]] | None:
+        """Keys' and values' batches (grid_copy) of these parts' whole blocks — (KV, first token of its whole
+        blocks, their ids) — for the compiled copies; None where whole blocks move otherwise."""
+        compiled = self.compiled
+        return None if compiled is None else [plan.batches(parts) for plan in compiled]
+
+    def _move_batches(self, batches: list[list[BlockBatch]], number: int, into_cache: bool) -> None:
+        """Layer `number`'s part of every batch, keys and values, into its cache or out of it."""
+        assert self.compiled is not None
+        for side, plan in enumerate(self.compiled):
+            for batch in batches[side]:
+                plan.move(self.storages[number][side], batch, side, number, into_cache)
 
     def _whole_blocks(self, slots: torch.Tensor) -> tuple[int, torch.Tensor]:
         """(first token, kernel block ids): the run of tokens from `first` that fills these kernel blocks whole,
