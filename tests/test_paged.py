@@ -217,6 +217,7 @@ def test_the_compiled_copy_moves_whole_blocks_exactly_as_torch_and_element_by_el
     assert layout.compiled is not None
     if packing == "vnni":
         assert layout.compiled[0].widen == 2  # keys' dim pairs move as one integer
+        assert layout.compiled[1].pack == 2  # values' token pairs are packed into one integer in the cache
     others = (torch_strided(layout), element_by_element(layout))
     slots = layout.slots([4, 0, 3], 3, 46)  # partial blocks at both ends, four whole kernel blocks between
     assert len(layout._whole_blocks(slots)[1]) == 4
@@ -235,18 +236,16 @@ def test_the_compiled_copy_moves_whole_blocks_exactly_as_torch_and_element_by_el
 
 
 def test_warming_up_compiles_without_touching_the_cache() -> None:
-    import numba
-
-    from lmcached.integrations.grid_copy import _copy
-
     layers = tuple(torch.randn(4, 2, 4, 16).to(torch.bfloat16) for _ in range(2))
     before = tuple(layer.clone() for layer in layers)
     layout = PagedLayout.build(layers, 4, "halves")
-    layout.warm()
     compiled = layout.compiled
     assert compiled is not None
-    bits = numba.from_dtype(compiled[0].storage(layers[0]).dtype)
-    assert any(signature[0].dtype == bits for signature in _copy.signatures)  # compiled for this cache's elements
+    layout.warm()
+    for plan in compiled:
+        for kernel in plan.kernels.values():
+            (signature,) = kernel.signatures  # compiled once, for this cache's integers
+            assert str(signature[0].dtype) == f"uint{8 * plan.itemsize * plan.pack}"
     assert all(torch.equal(a, b) for a, b in zip(layers, before, strict=True))
 
 
