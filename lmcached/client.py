@@ -24,7 +24,7 @@ import torch
 
 from lmcached.errors import InvalidRequest, LmcachedError, ProtocolError, Unauthorized
 from lmcached.wire.chunk import Chunk
-from lmcached.wire.chunks import WHOLE, ChunkSpan, Shard, chunk_spans, tokens_array
+from lmcached.wire.chunks import WHOLE, ChunkSpan, Shard, chunk_spans, continuation_spans, tokens_array
 from lmcached.wire.dataplane import CLIENT_ROLE, chunk_headers
 from lmcached.wire.frame_socket import FrameSocket
 from lmcached.wire.frames import (
@@ -377,11 +377,23 @@ class KVClient:
         self._send(frame_parts(Kind.LOOKUP, {"req_id": next(self._req_ids), "keys": [s.key for s in spans], "dedupe": True}, []))
         return int(self._reply()["num_tokens"])
 
-    def lookup(self, tokens: Sequence[int], salt: str | None = None) -> int:
-        """The length of `tokens`' prefix that the worker holds."""
-        keys = [s.key for s in self.spans(tokens, salt)]
+    def lookup(self, tokens: Sequence[int], salt: str | None = None, continued: bool = False) -> int:
+        """The length of `tokens`' prefix that the worker holds. `continued`: where that prefix ends at a whole
+        chunk, ask once more whether a shorter prompt's last, partial chunk carries it further (a chat's previous
+        round, stored with save_unfull_chunk): retrieve(tokens[:the answer]) then reads it."""
+        spans = chunk_spans(tokens, self.chunk_size, self.save_unfull_chunk, salt)
+        keys = [s.key for s in self.shard.spans(spans)]
         self._send(frame_parts(Kind.LOOKUP, {"req_id": next(self._req_ids), "keys": keys}, []))
-        return int(self._reply()["num_tokens"])
+        held = int(self._reply()["num_tokens"])
+        whole = [s for s in spans if s.end <= held and s.num_tokens == self.chunk_size]
+        if not continued or (whole[-1].end if whole else 0) != held:
+            return held
+        candidates = continuation_spans(tokens, whole, self.chunk_size, salt)
+        if not candidates:
+            return held
+        header = {"req_id": next(self._req_ids), "keys": keys[: len(whole)], "then": [s.key for s in self.shard.spans(candidates)]}
+        self._send(frame_parts(Kind.LOOKUP, header, []))
+        return max(held, int(self._reply()["num_tokens"]))
 
     def retrieve(self, tokens: Sequence[int], salt: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The KV of the cached prefix [2, L, n, C] (compressed chunks come back decoded), or None.

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lmcached.errors import InvalidRequest
-from lmcached.wire.chunks import chunk_spans
+from lmcached.wire.chunks import chunk_spans, continuation_spans
 
 from .conftest import SEED_TOKENS
 
@@ -61,3 +61,21 @@ def test_bad_token_ids_are_refused(bad: list[object]) -> None:
 
 
 GOLDEN_SEED_KEY = "bed3f9cec8da59f4"
+
+
+def test_continuation_keys_are_the_keys_a_shorter_prompt_stored_its_partial_chunk_under() -> None:
+    """For every length short of a chunk (and of the prompt), the continuation key past the whole chunks is
+    the key chunk_spans gives the prompt cut there: what that shorter prompt's partial last chunk was stored
+    under. Longest first; none where no token is left to continue with."""
+    tokens = list(range(100, 171))  # chunks of 16: four whole ones, then 7 tokens
+    for salt in (None, "tenant"):
+        spans = chunk_spans(tokens, 16, salt=salt)
+        for whole in (0, 2, 4):
+            candidates = continuation_spans(tokens, spans[:whole], 16, salt)
+            left = len(tokens) - 16 * whole
+            assert [c.end - c.start for c in candidates] == list(range(min(15, left - 1), 0, -1))
+            for candidate in candidates:
+                assert candidate == chunk_spans(tokens[: candidate.end], 16, salt=salt)[-1]
+    assert continuation_spans(tokens[:33], chunk_spans(tokens[:33], 16)[:2], 16) == []  # one token left: the prompt's own
+    salted = continuation_spans(tokens, chunk_spans(tokens, 16, salt="a")[:1], 16, "a")
+    assert salted[0] != continuation_spans(tokens, chunk_spans(tokens, 16)[:1], 16)[0]

@@ -50,6 +50,38 @@ async def test_a_store_may_bring_only_the_kv_past_what_is_cached(running: Runnin
     await asyncio.to_thread(go)
 
 
+@pytest.mark.parametrize("rank", [None, 1])
+async def test_a_longer_prompt_continues_a_stored_prompts_partial_last_chunk(running: Running, rank: int | None) -> None:
+    """A chat's next round is its previous prompt plus more: with `continued`, a lookup matches the previous
+    prompt's partial last chunk too (only its exact tokens after the same prefix), and retrieving the prompt
+    cut there returns that KV. Also for a tensor-parallel rank's own keys."""
+    from lmcached.wire.chunks import Shard
+
+    shard = Shard() if rank is None else Shard(rank, 2)
+    previous = list(range(3000, 3050))  # chunks of 16: three whole ones and a partial one of 2 tokens
+    kv = make_kv(len(previous))
+
+    def go() -> None:
+        with KVClient(running.data, shard=shard) as client:
+            assert client.store(previous, kv) == 50
+            for more in (7, 20, 40):  # the next prompt ends in the same chunk, the next one, two further on
+                prompt = previous + list(range(5000, 5000 + more))
+                assert client.lookup(prompt) == 48  # whole chunks only
+                assert client.lookup(prompt, continued=True) == 50
+                out = client.retrieve(prompt[:50])
+                assert out is not None and torch.equal(out, kv)
+            changed = previous[:49] + [1] + list(range(5000, 5010))  # differs inside the partial chunk
+            assert client.lookup(changed, continued=True) == 48
+            assert client.lookup(previous, continued=True) == 50  # the stored prompt itself, as before
+            assert client.lookup(previous[:40] + [7] * 30, continued=True) == 32  # nothing continued past chunk 2
+            assert client.lookup(previous + [1, 2], salt="another tenant", continued=True) == 0
+            short = list(range(8000, 8005))
+            assert client.store(short, make_kv(5)) == 5
+            assert client.lookup(short + [9, 9], continued=True) == 5  # a partial chunk right at the start
+
+    await asyncio.to_thread(go)
+
+
 async def test_async_client_matches_blocking_client(running: Running) -> None:
     kv = make_kv(len(SEED_TOKENS))
     async with AsyncKVClient(running.data) as client:

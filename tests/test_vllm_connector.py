@@ -226,19 +226,30 @@ def test_a_prompt_stored_by_one_request_is_loaded_into_the_next(engine: Engine, 
     assert [s for m in engine.metas[-3:] for s in m.saves] == []  # nothing new to store
 
 
-def test_a_longer_prompt_reuses_the_whole_chunks_it_shares(engine: Engine, instance: HostedInstance) -> None:
+def test_a_longer_prompt_reuses_the_chunks_it_shares_and_continues_the_partial_one(engine: Engine, instance: HostedInstance) -> None:
+    """A chat's next round: the longer prompt shares chunks 0-1 and goes on past A's partial chunk 2 (tokens
+    64-79), which is loaded too (KVClient.lookup's `continued`); one that differs inside it gets the whole
+    chunks only."""
     engine.add("a", PROMPT)
     engine.run()
     engine.saved()
-    longer = PROMPT + list(range(2000, 2060))  # shares chunks 0-1; A's partial chunk 2 differs from its chunk 2
+    longer = PROMPT + list(range(2000, 2060))
     engine.add("b", longer)
     output = engine.step()
-    assert output.scheduled_new_reqs[0].num_computed_tokens == 64
-    assert torch.equal(engine.paged_kv("b", 64), known_kv(longer, 0, 64))
+    assert output.scheduled_new_reqs[0].num_computed_tokens == 80
+    (load,) = engine.metas[-1].loads
+    assert (load.start, load.end, len(load.token_ids)) == (0, 80, 80)
+    assert torch.equal(engine.paged_kv("b", 80), known_kv(longer, 0, 80))
     engine.run()
     engine.saved()
-    assert [s.skip_tokens for m in engine.metas for s in m.saves] == [0, 64]  # only the new chunks were stored
+    assert [s.skip_tokens for m in engine.metas for s in m.saves] == [0, 80]  # only the new chunks were stored
     assert cached(instance, longer) == 140
+    other = PROMPT[:70] + list(range(3000, 3060))  # differs from A's partial chunk at token 70
+    engine.add("c", other)
+    output = engine.step()
+    assert output.scheduled_new_reqs[0].num_computed_tokens == 64
+    assert torch.equal(engine.paged_kv("c", 64), known_kv(other, 0, 64))
+    engine.run()
 
 
 def test_an_abort_mid_prefill_saves_nothing_and_leaves_no_state(model_dir: str, instance: HostedInstance) -> None:

@@ -81,8 +81,9 @@ MAX_PENDING_SAVES = 64
 # ---------------------------------------------------------------------------------------------- metadata
 @dataclass
 class LoadSpec:
-    """Load tokens [start, end) of the prompt `token_ids` into the request's blocks: before this step's forward
-    pass, or (`background`) while vLLM keeps the request waiting, until get_finished says it has arrived."""
+    """Load tokens [start, end) of `token_ids` (the prompt as far as lmcached holds it) into the request's blocks:
+    before this step's forward pass, or (`background`) while vLLM keeps the request waiting, until get_finished
+    says it has arrived."""
 
     req_id: str
     token_ids: list[int]
@@ -121,6 +122,12 @@ class _Tracked:
     local: int  # tokens vLLM's own prefix cache held then (loads start after them)
     block_ids: list[int] = field(default_factory=list)
     saved: bool = False
+
+    @property
+    def held_tokens(self) -> list[int]:
+        """The prompt as far as lmcached held it: a load reads the chunks of this, whose last may be an earlier
+        prompt's partial chunk that this one continues (KVClient.lookup's `continued`)."""
+        return self.token_ids[: self.cached]
 
 
 # ---------------------------------------------------------------------------------------------- the connector
@@ -273,7 +280,10 @@ class _SchedulerSide:
                 for address, shard in zip(self.connector.rank_addresses, shards(self.connector.world), strict=True):
                     self._connect(address, shard)
             # A prefix is cached only as far as every rank holds its part of it.
-            held = min(client.lookup(tokens, salt) for client in self.clients)
+            # `continued`: a chat's later round also matches its previous prompt's partial last chunk (stored
+            # when save_unfull_chunk is on), which the load then reads as the end of `held_tokens`.
+            continued = self.connector.config.save_unfull_chunk
+            held = min(client.lookup(tokens, salt, continued=continued) for client in self.clients)
             recorder.count("lookups")
             recorder.time("lookup", time.perf_counter() - started)
             return held
@@ -308,7 +318,8 @@ class _SchedulerSide:
             if block_ids is None:
                 self.pending_loads[request.request_id] = span
             else:
-                self.background_loads.append(LoadSpec(request.request_id, tracked.token_ids, tracked.salt, block_ids, *span, background=True))
+                load = LoadSpec(request.request_id, tracked.held_tokens, tracked.salt, block_ids, *span, background=True)
+                self.background_loads.append(load)
 
     def build(self, output: SchedulerOutput) -> LmcachedConnectorMetadata:
         meta = LmcachedConnectorMetadata(loads=self.background_loads)
@@ -336,9 +347,7 @@ class _SchedulerSide:
     def _plan(self, meta: LmcachedConnectorMetadata, req_id: str, tracked: _Tracked, computed_after_step: int) -> None:
         span = self.pending_loads.get(req_id)
         if span is not None:
-            # The whole prompt, not just [:end): chunk keys cover whole chunks, and a prefix cut inside the
-            # last chunk would hash to a key nothing was stored under.
-            meta.loads.append(LoadSpec(req_id, tracked.token_ids, tracked.salt, list(tracked.block_ids), *span))
+            meta.loads.append(LoadSpec(req_id, tracked.held_tokens, tracked.salt, list(tracked.block_ids), *span))
         # The step that finishes the prompt's prefill writes the last of its KV: then it can be saved whole.
         if not tracked.saved and tracked.token_ids and computed_after_step >= len(tracked.token_ids):
             tracked.saved = True

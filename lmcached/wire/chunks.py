@@ -85,6 +85,29 @@ def chunk_spans(
     return spans
 
 
+def continuation_spans(
+    tokens: Sequence[int] | np.ndarray, held: list[ChunkSpan], chunk_size: int, salt: str | None = None
+) -> list[ChunkSpan]:
+    """The keys under which a shorter prompt's last, partial chunk would be stored if `tokens` continues it past
+    the whole chunks `held` (the first spans of chunk_spans(tokens)): one span per length from the longest to
+    the shortest, each short of a whole chunk and of `tokens`' end (those keys the prompt's own spans have).
+
+    A chat's next round is its previous prompt plus an answer and a question: the previous prompt's whole
+    chunks match as usual, and its partial last chunk (stored with save_unfull_chunk) under one of these keys.
+    The chain's hash is extended a token at a time, so all of them cost about one chunk's hashing."""
+    arr = tokens_array(tokens)
+    start = held[-1].end if held else 0
+    longest = min(chunk_size - 1, len(arr) - start - 1)
+    if longest < 1:
+        return []
+    digest = hashlib.blake2b(held[-1].key.to_bytes(KEY_BYTES, "little") if held else root_key(salt), digest_size=KEY_BYTES)
+    spans = []
+    for end in range(start + 1, start + longest + 1):
+        digest.update(arr[end - 1 : end].tobytes())
+        spans.append(ChunkSpan(int.from_bytes(digest.digest(), "little"), start, end))
+    return spans[::-1]
+
+
 @dataclass(frozen=True, slots=True)
 class Shard:
     """One tensor-parallel rank's part of every chunk (its own KV heads), stored under keys of its own.

@@ -31,8 +31,8 @@ def chunk_headers(header: dict[str, Any]) -> list[dict[str, Any]]:
     return chunks
 
 
-def check_keys(header: dict[str, Any]) -> list[int]:
-    keys = header.get("keys")
+def check_keys(header: dict[str, Any], field: str = "keys") -> list[int]:
+    keys = header.get(field)
     if not isinstance(keys, list) or not all(isinstance(k, int) and 0 <= k < 2**64 for k in keys):
-        raise ProtocolError("frame needs 'keys', a list of 64-bit chunk keys")
+        raise ProtocolError(f"frame needs {field!r}, a list of 64-bit chunk keys")
     return keys

@@ -27,6 +27,7 @@ COUNTS = {
     "lookup_chunks_asked": "Chunks engines looked up",
     "lookup_chunks_found": "Chunks a lookup found (the cached prefix)",
     "lookup_tokens_found": "Tokens a lookup found",
+    "lookup_tails_found": "Lookups whose prefix went on into a shorter prompt's last, partial chunk",
     "retrieves": "Retrieves engines made",
     "retrieve_chunks_asked": "Chunks engines asked to retrieve",
     "retrieve_tokens_found": "Tokens a retrieve returned",

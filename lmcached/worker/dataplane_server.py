@@ -137,7 +137,8 @@ class DataPlaneServer:
             await self._answer_shm(stream, kind, header, shm)
         elif kind == Kind.LOOKUP:
             # A client's store asks first what is held already ("dedupe"): not a lookup an engine made.
-            held = await self.storage.lookup(check_keys(header), engine=not header.get("dedupe"))
+            then = check_keys(header, "then") if "then" in header else None
+            held = await self.storage.lookup(check_keys(header), engine=not header.get("dedupe"), then=then)
             await self._reply(stream, {"req_id": req_id, "num_tokens": held})
         elif kind == Kind.RETRIEVE:
             try:

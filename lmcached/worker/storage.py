@@ -496,25 +496,36 @@ class Storage(StorageCommands):
         except StoreFull:
             pass  # RAM is full of pinned chunks: serve it without keeping a copy
 
-    async def lookup(self, keys: list[int], engine: bool = True) -> int:
+    async def lookup(self, keys: list[int], engine: bool = True, then: list[int] | None = None) -> int:
         """Tokens of the longest prefix of `keys` held here: local tiers first, then one batched existence
         check in the remote tier for the rest. `engine` False for a store's own check of what is held already,
-        which is not counted as a lookup."""
+        which is not counted as a lookup. `then`: where all of `keys` are held, keys that may follow them, best
+        first (wire.chunks.continuation_spans: a shorter prompt's partial last chunk); the first one held in a
+        local tier extends the prefix (the remote tier is not asked: one round trip per candidate)."""
         with self.usage.timed("lookup") if engine else contextlib.nullcontext():
             infos = await self._held(keys)
+            if then and len(infos) == len(keys):
+                tail = next((info for key in then if (info := self._local_info(key)) is not None), None)
+                if tail is not None:
+                    infos.append(tail)
+                    if engine:
+                        self.usage.add("lookup_tails_found")
         tokens = sum(i.num_tokens for i in infos)
         if engine:
             self.usage.add("lookups")
-            self.usage.add("lookup_chunks_asked", len(keys))
+            self.usage.add("lookup_chunks_asked", len(keys) + (1 if then else 0))
             self.usage.add("lookup_chunks_found", len(infos))
             self.usage.add("lookup_tokens_found", tokens)
         return tokens
+
+    def _local_info(self, key: int) -> ChunkInfo | None:
+        return next((b.info(key) for loc, b in self.backends.items() if loc != REMOTE and key in b), None)
 
     async def _held(self, keys: list[int]) -> list[ChunkInfo]:
         """What is known of the chunks of the longest prefix of `keys` held here."""
         held: list[ChunkInfo] = []
         for i, key in enumerate(keys):
-            info = next((b.info(key) for loc, b in self.backends.items() if loc != REMOTE and key in b), None)
+            info = self._local_info(key)
             if info is None:
                 return held + await self._remote_held(keys[i:])
             held.append(info)
