@@ -41,7 +41,7 @@ class Config:
     max_local_cpu_size: float = 5.0  # GB of the RAM tier
     local_disk: str | None = None  # the disk tier's directory (LocalDiskBackend); LMCache's "file:///path/" works too
     max_local_disk_size: float = 5.0  # GB of the disk tier
-    save_unfull_chunk: bool = True  # store a prompt's last, partial chunk too
+    save_unfull_chunk: bool = True  # store a prompt's last, partial chunk too (vLLM's connector continues it in a chat's next round)
     enable_controller: bool = True  # a worker registers with the controller at controller_url
     lmcache_instance_id: str = DEFAULT_INSTANCE_ID  # the instance a worker serves (the controller's name for it)
     # where a worker dials the controller: its worker/monitor port; several, comma-separated, for a failover group
