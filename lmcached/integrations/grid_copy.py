@@ -74,9 +74,9 @@ class GridPlan:
         block_stride = layer.stride(0) // widen
         pack, pack_stride = 1, 0
         packed = _packable(sizes_, cache_strides, [base, block_stride, layer.storage_offset() // widen], widen * layer.element_size())
-        if packed is not None and _fits(layer, widen * packed):
-            pack, pack_stride = packed, token_strides[cache_strides.index(1)]
-            axis = cache_strides.index(1)
+        if packed is not None and _fits(layer, widen * packed[1]):
+            axis, pack = packed
+            pack_stride = token_strides[axis]
             sizes_[axis] = 1
             cache_strides = [s // pack for s in cache_strides]
             base //= pack
@@ -219,18 +219,19 @@ def _fits(layer: torch.Tensor, elements: int) -> bool:
     return span % elements == 0 or layer.storage_offset() + span + elements <= layer.untyped_storage().nbytes() // layer.element_size()
 
 
-def _packable(sizes: list[int], cache_strides: list[int], offsets: list[int], itemsize: int) -> int | None:
-    """How many integers of `itemsize` bytes the cache's contiguous axis packs into one (its whole size, a power of
-    two up to 8 bytes' worth), when the cache has such an axis and no other that it alone fills: every other
-    stride and `offsets` (the base, the block stride, the layer's offset) must be multiples. None: no packing."""
+def _packable(sizes: list[int], cache_strides: list[int], offsets: list[int], itemsize: int) -> tuple[int, int] | None:
+    """(the cache's contiguous axis, its size): how many integers of `itemsize` bytes that axis packs into one
+    (its whole size, a power of two up to 8 bytes' worth), when the cache has one such axis: every other stride
+    and `offsets` (the base, the block stride, the layer's offset) must be multiples. None: no packing."""
     contiguous = [a for a in range(5) if sizes[a] > 1 and cache_strides[a] == 1]
     if len(contiguous) != 1:
         return None
-    run = sizes[contiguous[0]]
+    axis = contiguous[0]
+    run = sizes[axis]
     if run & (run - 1) or run * itemsize > 8:
         return None
-    others = [s for a, s in enumerate(cache_strides) if sizes[a] > 1 and a != contiguous[0]]
-    return None if any(s % run for s in [*others, *offsets]) else run
+    others = [s for a, s in enumerate(cache_strides) if sizes[a] > 1 and a != axis]
+    return None if any(s % run for s in [*others, *offsets]) else (axis, run)
 
 
 @functools.cache
