@@ -391,9 +391,11 @@ class KVClient:
         candidates = continuation_spans(tokens, whole, self.chunk_size, salt)
         if not candidates:
             return held
-        header = {"req_id": next(self._req_ids), "keys": keys[: len(whole)], "then": [s.key for s in self.shard.spans(candidates)]}
+        # Only the candidates: the prefix before them was just found held, and asking for it again would check
+        # (and count) it twice, the remote tier's part included.
+        header = {"req_id": next(self._req_ids), "keys": [], "then": [s.key for s in self.shard.spans(candidates)]}
         self._send(frame_parts(Kind.LOOKUP, header, []))
-        return max(held, int(self._reply()["num_tokens"]))
+        return held + int(self._reply()["num_tokens"])
 
     def retrieve(self, tokens: Sequence[int], salt: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The KV of the cached prefix [2, L, n, C] (compressed chunks come back decoded), or None.

@@ -437,3 +437,23 @@ async def test_metrics_say_whether_the_cache_helps(tmp_path: Path) -> None:
         assert _total(samples, "lmcached_codec_seconds_total", method="cachegen", direction="encode") > 0
         assert _total(samples, "lmcached_codec_bytes_total", method="cachegen", direction="encode") == kv.numel() * 2
         assert _total(samples, "lmcached_codec_bytes_total", method="cachegen", direction="decode") == kv.numel() * 2
+
+
+async def test_a_continued_lookup_counts_as_one_and_its_prefix_once(running: Running) -> None:
+    """KVClient.lookup's `continued` asks twice (the prefix, then the partial chunk that may follow it): the
+    metrics still see one lookup, the prefix's chunks and tokens once, plus the partial chunk it found."""
+    from lmcached.client import KVClient
+
+    kv = make_kv(60, layers=2, channels=16)
+
+    def go() -> int:
+        with KVClient(running.data) as client:
+            client.store(TOKENS, kv)
+            return client.lookup(TOKENS + list(range(9000, 9010)), continued=True)  # 4 whole chunks + 6 tokens asked
+
+    assert await asyncio.to_thread(go) == 60  # 3 whole chunks, then TOKENS' partial one of 12
+    samples = await _scrape(running, lambda s: _total(s, "lmcached_lookup_tails_found_total") == 1)
+    assert _total(samples, "lmcached_lookups_total") == 1
+    assert _total(samples, "lmcached_lookup_chunks_asked_total") == 5 + 1
+    assert _total(samples, "lmcached_lookup_chunks_found_total") == 3 + 1
+    assert _total(samples, "lmcached_lookup_tokens_found_total") == 60

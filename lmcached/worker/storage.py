@@ -501,7 +501,9 @@ class Storage(StorageCommands):
         check in the remote tier for the rest. `engine` False for a store's own check of what is held already,
         which is not counted as a lookup. `then`: where all of `keys` are held, keys that may follow them, best
         first (wire.chunks.continuation_spans: a shorter prompt's partial last chunk); the first one held in a
-        local tier extends the prefix (the remote tier is not asked: one round trip per candidate)."""
+        local tier extends the prefix (the remote tier is not asked: one round trip per candidate). `then`
+        without `keys` carries on a lookup already made and counted (KVClient.lookup's `continued`): only what
+        it asks and finds is counted."""
         with self.usage.timed("lookup") if engine else contextlib.nullcontext():
             infos = await self._held(keys)
             if then and len(infos) == len(keys):
@@ -512,7 +514,8 @@ class Storage(StorageCommands):
                         self.usage.add("lookup_tails_found")
         tokens = sum(i.num_tokens for i in infos)
         if engine:
-            self.usage.add("lookups")
+            if keys or not then:
+                self.usage.add("lookups")
             self.usage.add("lookup_chunks_asked", len(keys) + (1 if then else 0))
             self.usage.add("lookup_chunks_found", len(infos))
             self.usage.add("lookup_tokens_found", tokens)
